@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CORES ?= all
+SNAKEMAKE := $(VENV)/bin/snakemake
+
+.PHONY: venv demo test bench report clean-results
+
+# The venv sees system site-packages so a GPU machine's own torch is used; CPU torch 2.13.0 only if none.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(SNAKEMAKE) --cores $(CORES)
+	$(SNAKEMAKE) --cores $(CORES) --report results/report.html
+	@echo "Report: $(CURDIR)/results/report.html"
+
+test: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) -m notice.bench
+
+clean-results:
+	rm -rf results/* .snakemake
