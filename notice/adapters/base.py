@@ -48,6 +48,7 @@ class VLMAdapter(ABC):
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # Hugging Face `config.model_type` values handled
+    model_class: ClassVar[type]             # transformers class that `from_pretrained` loads
     default_prompt_template: ClassVar[str]  # "{question}" is replaced by the question
 
     def __init__(self, model: torch.nn.Module, processor, prompt_template: str | None = None):

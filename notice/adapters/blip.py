@@ -1,0 +1,141 @@
+"""BLIP VQA (`BlipForQuestionAnswering`): ViT → image-grounded text encoder → text decoder.
+
+The patched stream is the text encoder (BERT-style, post-LayerNorm; each layer has self-attention,
+cross-attention to the image patches and an MLP). The fusion heads are the cross-attention heads.
+The answer score is the text decoder's first step: decoder input = the BOS token
+(`text_config.bos_token_id`, what `BlipForQuestionAnswering.generate` starts from), cross-attending
+to the text encoder's output under the question's attention mask.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from PIL import Image
+from transformers import BlipForQuestionAnswering
+
+from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, VLMAdapter, register
+
+
+@register
+class BlipAdapter(VLMAdapter):
+    family: ClassVar[str] = "blip"
+    model_types: ClassVar[tuple[str, ...]] = ("blip",)
+    model_class: ClassVar[type] = BlipForQuestionAnswering
+    default_prompt_template: ClassVar[str] = "{question}"
+    module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn", "cross_attn")
+    head_site: ClassVar[str] = "cross_attn_head"
+
+    @property
+    def _text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def _layers(self) -> torch.nn.ModuleList:
+        return self.model.text_encoder.encoder.layer
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def n_heads(self) -> int:
+        return self._layers[0].crossattention.self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._layers[0].crossattention.self.attention_head_size
+
+    # -- inputs -----------------------------------------------------------------------------
+    def prepare(self, image: Image.Image, prompt: str) -> ModelInput:
+        enc = self.processor(images=image, text=prompt, return_tensors="pt")
+        input_ids = enc["input_ids"].to(self.device)
+        return ModelInput(
+            input_ids=input_ids,
+            attention_mask=enc["attention_mask"].to(self.device),
+            pixel_values=enc["pixel_values"].to(self.device, self.dtype),
+            tokens=self.processor.tokenizer.convert_ids_to_tokens(input_ids[0].tolist()),
+        )
+
+    def option_token_id(self, option: str) -> int:
+        # The decoder produces answers as plain WordPiece text after BOS, so no context is needed.
+        ids = self.processor.tokenizer(option, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"option {option!r} tokenises to no tokens")
+        return int(ids[0])
+
+    def patch_positions(self, inp: ModelInput) -> list[int]:
+        return list(range(inp.input_ids.shape[1]))
+
+    def head_position(self, inp: ModelInput, answer_token_id: int) -> int:
+        ids = inp.input_ids[0].tolist()
+        # Position 0 is [CLS]; the answer is named in the question after it.
+        for position in range(1, len(ids)):
+            if ids[position] == answer_token_id:
+                return position
+        raise ValueError(
+            f"answer token id {answer_token_id} does not occur in the question tokens {inp.tokens}; "
+            "BLIP head patching needs the correct option to be named in the question"
+        )
+
+    # -- running ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, inp: ModelInput) -> torch.Tensor:
+        """Text-encoder output [1, T, D] (question embeddings that the decoder cross-attends to)."""
+        image_embeds = self.model.vision_model(pixel_values=inp.pixel_values)[0]
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        return self.model.text_encoder(
+            input_ids=inp.input_ids,
+            attention_mask=inp.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_mask,
+        )[0]
+
+    @torch.no_grad()
+    def _decoder_logits(self, question_embeds: torch.Tensor, inp: ModelInput, decoder_ids: torch.Tensor) -> torch.Tensor:
+        """Decoder logits [V] for the token after `decoder_ids` [1, n]."""
+        logits = self.model.text_decoder(
+            input_ids=decoder_ids,
+            encoder_hidden_states=question_embeds,
+            encoder_attention_mask=inp.attention_mask,
+        ).logits
+        return logits[0, -1].float()
+
+    def _bos(self) -> torch.Tensor:
+        return torch.tensor([[self._text_config.bos_token_id]], device=self.device)
+
+    def answer_logits(self, inp: ModelInput) -> torch.Tensor:
+        return self._decoder_logits(self._encode(inp), inp, self._bos())
+
+    def generate_answer(self, inp: ModelInput, max_new_tokens: int = 5) -> str:
+        # Greedy, without a key/value cache: answers are a few tokens, and the first step is then
+        # computed exactly as in `answer_logits`. Stops at [SEP] like `BlipForQuestionAnswering.generate`
+        # (which passes sep_token_id as its eos; text_config.eos_token_id is an unused id in BLIP).
+        question_embeds = self._encode(inp)
+        decoder_ids = self._bos()
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            next_id = int(self._decoder_logits(question_embeds, inp, decoder_ids).argmax())
+            if next_id == self._text_config.sep_token_id:
+                break
+            generated.append(next_id)
+            decoder_ids = torch.cat([decoder_ids, torch.tensor([[next_id]], device=self.device)], dim=1)
+        return self.processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+    def site_module(self, site: str, layer: int) -> tuple[torch.nn.Module, Literal["input", "output"]]:
+        block = self._layers[layer]
+        site = HEAD_SITE_PARENT.get(site, site)
+        if site == "mlp":
+            return block.output.dense, "output"
+        if site == "self_attn":
+            return block.attention.output.dense, "input"
+        if site == "cross_attn":
+            return block.crossattention.output.dense, "input"
+        if site == "layer":
+            return block, "output"
+        raise ValueError(f"unknown BLIP site {site!r}")
+
+    def image_embedding_module(self) -> torch.nn.Module:
+        # Its `last_hidden_state` is what the text encoder's cross-attention reads.
+        return self.model.vision_model

@@ -1,0 +1,63 @@
+"""Load a model (Hugging Face id or local directory) and wrap it in its family's adapter.
+
+Nothing is downloaded here: a model id must already be in the local Hugging Face cache, so a
+missing model fails at once with a message instead of hanging on the network inside a workflow job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoConfig, AutoProcessor
+
+# Importing the family modules registers their adapters in ADAPTERS.
+from notice.adapters import blip, llava  # noqa: F401
+from notice.adapters.base import ADAPTERS, VLMAdapter
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model is neither a local directory nor in the local Hugging Face cache."""
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Return `name_or_path` if it can be loaded offline; raise ModelNotFoundError otherwise."""
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    hint = (
+        "Provide it either by setting HF_HOME (or HF_HUB_CACHE) to a Hugging Face cache that contains it "
+        "(e.g. run `huggingface-cli download <id>` on a machine with internet and copy the cache), "
+        "or by putting the path of a local model directory (from `save_pretrained`) in the config."
+    )
+    if name_or_path.startswith(("/", ".", "~")):
+        raise ModelNotFoundError(f"model directory {name_or_path!r} does not exist. {hint}")
+    if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+        raise ModelNotFoundError(f"model {name_or_path!r} is not in the local Hugging Face cache. {hint}")
+    return name_or_path
+
+
+def load_adapter(
+    name_or_path: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    prompt_template: str | None = None,
+    attn_implementation: str = "eager",
+) -> VLMAdapter:
+    """Load model and processor offline and return the adapter for the model's family.
+
+    `attn_implementation` defaults to "eager" because attention-pattern scoring needs the weights
+    and the patching oracle's exactness is established with it.
+    """
+    source = resolve_model(name_or_path)
+    model_type = AutoConfig.from_pretrained(source, local_files_only=True).model_type
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"model {name_or_path!r} has model_type {model_type!r}; supported model types: {sorted(ADAPTERS)}"
+        )
+    adapter_cls = ADAPTERS[model_type]
+    model = adapter_cls.model_class.from_pretrained(
+        source, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, local_files_only=True
+    )
+    processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+    return adapter_cls(model.to(device), processor, prompt_template=prompt_template)

@@ -1,0 +1,62 @@
+"""Tiny random adapters for tests, on top of the shared toy builders (notice.toy_models).
+
+Tiny random models with the default std barely react to the image (BRIEF §6), so weights are
+re-initialised with a larger std to make patching effects visible.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from notice.adapters.blip import BlipAdapter
+from notice.adapters.llava import LlavaAdapter
+from notice.toy_models import ToyModelConfig, build_blip, build_llava
+
+QUESTION = "is the object red or green?"
+STR_QUESTION = "is the object blue or yellow?"  # same token length as QUESTION in both toy tokenizers
+
+SMALL = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
+             vision_intermediate=64, text_hidden=32, text_intermediate=64)
+
+
+def reinit(model: torch.nn.Module, std: float, seed: int) -> torch.nn.Module:
+    """Every weight matrix and bias ~ N(0, std²); norm weights stay 1 so activations stay bounded."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name.lower() and param.dim() == 1 and name.endswith("weight"):
+                continue
+            param.normal_(0.0, std)
+    return model.eval()
+
+
+def blip_adapter(seed: int = 0, std: float = 0.3, **overrides) -> BlipAdapter:
+    model, processor = build_blip(ToyModelConfig(**{**SMALL, "text_heads": 4, "seed": seed, **overrides}))
+    return BlipAdapter(reinit(model, std, seed), processor)
+
+
+def llava_adapter(seed: int = 0, std: float = 0.3, **overrides) -> LlavaAdapter:
+    cfg = ToyModelConfig(**{**SMALL, "text_heads": 4, "text_kv_heads": 2, "seed": seed, **overrides})
+    model, processor = build_llava(cfg)
+    return LlavaAdapter(reinit(model, std, seed), processor)
+
+
+def noise_image(seed: int, size: int = 32) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run ~10x faster on one thread than on two busy shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
