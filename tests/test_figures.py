@@ -1,0 +1,110 @@
+"""Every figure function writes non-empty PNG, SVG and offline HTML files."""
+
+import re
+
+import pandas as pd
+import pytest
+from test_heads import module_rows, planted_results
+
+from notice.figures import (
+    accuracy_chart,
+    bootstrap_stability,
+    corruption_comparison,
+    head_heatmaps,
+    module_heatmaps,
+    safe_stem,
+)
+from notice.heads import (
+    bootstrap_heads,
+    head_effects,
+    module_effects,
+    significant_heads,
+    universal_heads,
+    universal_heads_table,
+)
+
+# what a browser would fetch: script/img/link sources, CSS url(...) and JavaScript imports
+NETWORK_LOAD = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?(?:https?:)?//|"""
+                          r"""import\s*(?:\(|[^;]*?from)\s*["'](?:https?:)?//""", re.IGNORECASE)
+
+
+def accuracy_table() -> pd.DataFrame:
+    df = pd.DataFrame({"task": ["A", "A", "A", "B", "B"], "category": ["red", "blue", "all", "happy", "all"],
+                       "n": [10, 10, 20, 5, 5], "n_correct": [9, 8, 17, 5, 5]})
+    return df.assign(accuracy=df["n_correct"] / df["n"])
+
+
+def module_table() -> pd.DataFrame:
+    sip = module_rows()
+    noise = sip.assign(corruption="gaussian_noise", prob_restoration=-sip["prob_restoration"] / 10)
+    return module_effects(pd.concat([sip, noise]), metric="prob_restoration")
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> dict[str, list]:
+    out = tmp_path_factory.mktemp("figures")
+    results = planted_results()
+    sig = significant_heads(head_effects(results))
+    universal = universal_heads(sig)
+    table = universal_heads_table(sig, universal, bootstrap_heads(results, n_draws=50, seed=0))
+    modules = module_table()
+    return {
+        "module": module_heatmaps(modules, out),
+        "heads": head_heatmaps(sig, universal, out),
+        "corruptions": corruption_comparison(modules, out),
+        "bootstrap": bootstrap_stability(table, out),
+        "accuracy": accuracy_chart(accuracy_table(), out, model="Salesforce/blip-vqa-base"),
+    }
+
+
+def test_file_names(written):
+    names = {kind: sorted(p.name for p in paths) for kind, paths in written.items()}
+    assert names["module"] == sorted(f"module_toy_A_{c}_image.{ext}" for c in ("sip", "gaussian_noise")
+                                     for ext in ("png", "svg", "html"))
+    assert names["heads"] == sorted(f"heads_toy_cross_attn_head.{ext}" for ext in ("png", "svg", "html"))
+    assert names["corruptions"] == sorted(f"corruptions_toy_A_image.{ext}" for ext in ("png", "svg", "html"))
+    assert names["bootstrap"] == sorted(f"bootstrap_toy_cross_attn_head.{ext}" for ext in ("png", "svg", "html"))
+    assert names["accuracy"] == sorted(f"accuracy_Salesforce_blip-vqa-base.{ext}" for ext in ("png", "svg", "html"))
+
+
+def test_files_are_non_empty_images_and_offline_html(written):
+    for path in (p for paths in written.values() for p in paths):
+        data = path.read_bytes()
+        assert len(data) > 1000, path
+        if path.suffix == ".png":
+            assert data.startswith(b"\x89PNG\r\n\x1a\n"), path
+        elif path.suffix == ".svg":
+            assert b"<svg" in data[:500] and (b"<rect" in data or b"<path" in data), path
+        else:
+            text = data.decode("utf-8")
+            assert "vegaEmbed" in text and not NETWORK_LOAD.search(text), path
+
+
+def test_titles_and_labels_readable(written):
+    svg = next(p for p in written["heads"] if p.suffix == ".svg").read_text()
+    assert "Letters mark universal heads" in svg and "Layer" in svg and "Head" in svg
+    module_svg = next(p for p in written["module"] if p.name.endswith("sip_image.svg")).read_text()
+    assert "red/blue" in module_svg and "Restoration probability" in module_svg
+
+
+def test_corruption_comparison_needs_two_corruptions(tmp_path):
+    only_sip = module_table().query("corruption == 'sip'")
+    assert corruption_comparison(only_sip, tmp_path) == []
+
+
+def test_safe_stem():
+    assert safe_stem("module", "llava-hf/llava-1.5-7b-hf", "svo probes") == "module_llava-hf_llava-1.5-7b-hf_svo_probes"
+
+
+def test_head_heatmap_of_a_large_model(tmp_path):
+    # LLaVA-7B size: 32 layers × 32 heads × 3 tasks × 2 modalities = 6,144 rows
+    grid = pd.MultiIndex.from_product([["A", "B", "C"], ["image", "text"], range(32), range(32)],
+                                      names=["task", "modality", "layer", "head"]).to_frame(index=False)
+    effects = grid.assign(model="llava", site="self_attn_head", metric="logit_diff",
+                          corruption=grid["modality"].map({"image": "sip", "text": "str"}),
+                          mean=(grid["layer"] - grid["head"]) / 32.0)
+    universal = pd.DataFrame({"model": ["llava"], "site": ["self_attn_head"], "layer": [28], "head": [2],
+                              "kind": ["multimodal"]})
+    paths = head_heatmaps(significant_heads(effects), universal, tmp_path)
+    assert [p.name for p in paths] == [f"heads_llava_self_attn_head.{ext}" for ext in ("png", "svg", "html")]
+    assert all(p.stat().st_size > 1000 for p in paths)

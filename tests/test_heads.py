@@ -1,0 +1,242 @@
+"""Head statistics on results tables with planted effects, so every expected set is known by hand."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from notice.heads import (
+    bootstrap_heads,
+    bootstrap_indices,
+    head_effects,
+    module_effects,
+    significant_heads,
+    token_label,
+    universal_heads,
+    universal_heads_table,
+)
+from notice.tables import RESULT_COLUMNS
+
+LAYERS, HEADS, N_SAMPLES = 3, 6, 20
+# 18 heads per condition: the 2-sigma rule lets at most 3 equal planted heads through
+# (three 10s among zeros: threshold = 1.667 + 2·3.727 = 9.12).
+MULTIMODAL, VISION, TEXT, PARTIAL = (2, 0), (1, 2), (0, 3), (2, 1)
+PLANTED = {
+    ("A", "image"): [MULTIMODAL, VISION, PARTIAL],  # PARTIAL: significant in one task only
+    ("B", "image"): [MULTIMODAL, VISION],
+    ("A", "text"): [MULTIMODAL, TEXT],
+    ("B", "text"): [MULTIMODAL, TEXT],
+}
+CORRUPTION = {"image": "sip", "text": "str"}
+
+
+def row(**values) -> dict:
+    base = dict.fromkeys(RESULT_COLUMNS, 0.0)
+    base.update(model="toy", dataset="synthetic", head=-1, token="x", ld_clean=2.0, ld_corrupt=-1.0)
+    base.update(values)
+    return base
+
+
+def head_rows(task: str, corruption: str, modality: str, planted: list, n_samples: int = N_SAMPLES) -> list[dict]:
+    rows = []
+    for i in range(n_samples):
+        for layer in range(LAYERS):
+            for head in range(HEADS):
+                # ±0.2 noise whose sign depends on the head, so resampling moves heads differently;
+                # it averages to exactly 0 over the 20 samples
+                effect = (10.0 if (layer, head) in planted else 0.0) + 0.2 * (-1) ** (i + head)
+                rows.append(row(
+                    task=task, corruption=corruption, modality=modality, sample_id=f"{task}{i:02d}",
+                    site="cross_attn_head", layer=layer, head=head, position=3 + i % 2,
+                    token="red" if i % 2 else "blue", logit_diff=effect, prob_restoration=effect / 20,
+                ))
+    return rows
+
+
+def planted_results() -> pd.DataFrame:
+    rows = []
+    for (task, modality), planted in PLANTED.items():
+        rows += head_rows(task, CORRUPTION[modality], modality, planted)
+    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+
+
+def heads_of(universal: pd.DataFrame, kind: str) -> set:
+    picked = universal[universal["kind"] == kind]
+    return set(zip(picked["layer"], picked["head"]))
+
+
+def test_head_effects_mean_std_n():
+    effects = head_effects(planted_results())
+    assert len(effects) == 4 * LAYERS * HEADS
+    cell = effects.set_index(["task", "modality", "layer", "head"]).loc[("A", "image", 2, 0)]
+    assert cell["mean"] == pytest.approx(10.0)
+    assert cell["std"] == pytest.approx(0.2 * math.sqrt(N_SAMPLES / (N_SAMPLES - 1)))
+    assert cell["n"] == N_SAMPLES and cell["metric"] == "logit_diff"
+
+
+def test_noise_draws_are_averaged_per_sample_first():
+    # sample s0 has three draws (1, 2, 3 → 2), sample s1 one draw (10): mean of samples = 6, not 4
+    rows = [row(task="A", corruption="gaussian_noise", modality="image", sample_id=s, site="self_attn_head",
+                layer=0, head=0, position=5, logit_diff=v) for s, v in [("s0", 1), ("s0", 2), ("s0", 3), ("s1", 10)]]
+    effects = head_effects(pd.DataFrame(rows))
+    assert effects["mean"].item() == pytest.approx(6.0)
+    assert effects["n"].item() == 2
+
+
+def test_two_sigma_threshold_by_hand():
+    effects = pd.DataFrame({
+        "model": "m", "task": "t", "corruption": "sip", "modality": "image", "site": "cross_attn_head",
+        "layer": 0, "head": [0, 1, 2, 3], "mean": [1.0, 2.0, 3.0, 10.0],
+    })
+    # mean 4, population variance (9 + 4 + 1 + 36) / 4 = 12.5
+    two = significant_heads(effects, k=2.0)
+    assert two["threshold"].tolist() == pytest.approx([4 + 2 * math.sqrt(12.5)] * 4)  # 11.0711
+    assert not two["significant"].any()
+    one = significant_heads(effects, k=1.0)
+    assert one["threshold"].iloc[0] == pytest.approx(7.5355339)
+    assert one["significant"].tolist() == [False, False, False, True]
+
+
+def test_significant_sets_per_condition():
+    sig = significant_heads(head_effects(planted_results()))
+    for (task, modality), planted in PLANTED.items():
+        cond = sig[(sig["task"] == task) & (sig["modality"] == modality)]
+        assert set(zip(cond.loc[cond["significant"], "layer"], cond.loc[cond["significant"], "head"])) == set(planted)
+
+
+def test_universal_heads_kinds():
+    universal = universal_heads(significant_heads(head_effects(planted_results())))
+    assert list(universal.columns) == ["model", "site", "layer", "head", "kind"]
+    assert heads_of(universal, "vision") == {VISION}
+    assert heads_of(universal, "text") == {TEXT}
+    assert heads_of(universal, "multimodal") == {MULTIMODAL}  # not also listed as vision or text
+    assert PARTIAL not in set(zip(universal["layer"], universal["head"]))
+    assert len(universal) == 3
+
+
+def test_tasks_counted_are_those_present_for_the_modality():
+    results = planted_results()
+    only_text_a = results[~((results["modality"] == "text") & (results["task"] == "B"))]
+    universal = universal_heads(significant_heads(head_effects(only_text_a)))
+    assert heads_of(universal, "text") == {TEXT}
+    assert heads_of(universal, "multimodal") == {MULTIMODAL}
+
+
+def test_corruption_filter_for_universality():
+    # Gaussian noise on task A plants only the multimodal head: counted, it removes the vision head
+    results = pd.concat([planted_results(), pd.DataFrame(head_rows("A", "gaussian_noise", "image", [MULTIMODAL]))])
+    sig = significant_heads(head_effects(results))
+    assert heads_of(universal_heads(sig), "vision") == set()
+    assert heads_of(universal_heads(sig), "multimodal") == {MULTIMODAL}
+    assert heads_of(universal_heads(sig, corruptions=["sip", "str"]), "vision") == {VISION}
+
+
+def test_bootstrap_planted_heads_are_stable():
+    results = planted_results()
+    boot = bootstrap_heads(results, n_draws=200, seed=1, k=2.0, metric="logit_diff")
+    per_head = boot.set_index(["task", "modality", "layer", "head"])
+    assert per_head.loc[("A", "image", *MULTIMODAL), "frac_universal_multimodal"] == 1.0
+    assert per_head.loc[("A", "image", *VISION), "frac_universal_vision"] == 1.0
+    assert per_head.loc[("A", "text", *TEXT), "frac_universal_text"] == 1.0
+    assert per_head.loc[("A", "image", *PARTIAL), "frac_significant"] == 1.0
+    assert per_head.loc[("B", "image", *PARTIAL), "frac_significant"] == 0.0
+    assert per_head.loc[("A", "image", *PARTIAL), "frac_universal"] == 0.0
+    assert per_head.loc[("A", "image", 0, 0), "frac_significant"] == 0.0
+    low, high = per_head.loc[("A", "image", *MULTIMODAL), ["ci_low", "ci_high"]]
+    assert 9.8 <= low <= 10.0 <= high <= 10.2
+    # the same seed gives the same draws
+    pd.testing.assert_frame_equal(boot, bootstrap_heads(results, n_draws=200, seed=1, k=2.0, metric="logit_diff"))
+
+
+def borderline_results(n: int = 5) -> pd.DataFrame:
+    """One head with effect 30 in the first sample only, every other effect 0.
+
+    Alone among 18 zero-mean heads, the head is significant iff its first sample is drawn at
+    least once (threshold = 0.514 · its mean), so P(significant) = 1 − (1 − 1/n)^n.
+    """
+    rows = []
+    for modality, task in [("image", "A"), ("text", "A")]:
+        for i in range(n):
+            for layer in range(LAYERS):
+                for head in range(HEADS):
+                    effect = 30.0 if (layer, head) == (1, 1) and i == 0 else 0.0
+                    rows.append(row(task=task, corruption=CORRUPTION[modality], modality=modality,
+                                    sample_id=f"s{i}", site="cross_attn_head", layer=layer, head=head,
+                                    position=4, logit_diff=effect))
+    return pd.DataFrame(rows)
+
+
+def test_bootstrap_borderline_fraction():
+    n, n_draws, seed = 5, 2000, 7
+    boot = bootstrap_heads(borderline_results(n), n_draws=n_draws, seed=seed, k=2.0, metric="logit_diff")
+    head = boot[(boot["layer"] == 1) & (boot["head"] == 1)].set_index("modality")
+    # direct re-implementation with the same generator: significant iff sample s0 is drawn
+    drawn = {
+        modality: (bootstrap_indices(seed, ("toy", "A", CORRUPTION[modality], modality, "cross_attn_head"),
+                                     n, n_draws) == 0).any(axis=1)
+        for modality in ("image", "text")
+    }
+    assert head.loc["image", "frac_significant"] == drawn["image"].mean()
+    assert head.loc["text", "frac_significant"] == drawn["text"].mean()
+    assert head.loc["image", "frac_universal_multimodal"] == (drawn["image"] & drawn["text"]).mean()
+    assert head.loc["image", "frac_universal_vision"] == (drawn["image"] & ~drawn["text"]).mean()
+    assert head.loc["image", "frac_universal_text"] == (~drawn["image"] & drawn["text"]).mean()
+    # and the analytic probability, within 4 binomial standard errors
+    p = 1 - (1 - 1 / n) ** n
+    assert abs(head.loc["image", "frac_significant"] - p) < 4 * math.sqrt(p * (1 - p) / n_draws)
+    assert abs(head.loc["image", "frac_universal_multimodal"] - p * p) < 4 * math.sqrt(p * p * (1 - p * p) / n_draws)
+
+
+def test_universal_heads_table_merges_stability():
+    results = planted_results()
+    sig = significant_heads(head_effects(results))
+    universal = universal_heads(sig)
+    boot = bootstrap_heads(results, n_draws=50, seed=0, k=2.0, metric="logit_diff")
+    table = universal_heads_table(sig, universal, boot)
+    assert set(table["label"]) == {"L2.H0", "L1.H2", "L0.H3"}
+    assert len(table) == 3 * 4  # one row per universal head and condition
+    assert (table["frac_universal_kind"] == 1.0).all()
+    assert table["kind"].tolist()[:4] == ["vision"] * 4  # ordered vision, text, multimodal
+    vision = table[table["kind"] == "vision"].set_index(["task", "modality"])
+    assert vision.loc[("A", "image"), "significant"] and not vision.loc[("A", "text"), "significant"]
+
+
+def test_universal_heads_table_lists_frequent_bootstrap_heads():
+    sig = significant_heads(head_effects(borderline_results()))
+    universal = universal_heads(sig)  # on the full data, the head is multimodal
+    boot = bootstrap_heads(borderline_results(), n_draws=200, seed=3, k=2.0, metric="logit_diff")
+    table = universal_heads_table(sig, universal.iloc[0:0], boot, min_frac_universal=0.5)
+    assert set(table["label"]) == {"L1.H1"} and set(table["kind"]) == {"none"}
+    assert table["frac_universal_kind"].isna().all()
+
+
+def module_rows() -> pd.DataFrame:
+    rows = []
+    for i, (first, second) in enumerate([("red", "blue"), ("blue", "red"), ("red", "blue")]):
+        tokens = ["[CLS]", "is", first, "or", second]
+        for site in ("mlp", "self_attn"):
+            for layer in range(2):
+                for position, token in enumerate(tokens):
+                    rows.append(row(task="A", corruption="sip", modality="image", sample_id=f"s{i}", site=site,
+                                    layer=layer, position=position, token=token,
+                                    prob_restoration=float(i + layer + position)))
+    rows.append(row(task="A", corruption="sip", modality="image", sample_id="s0", site="cross_attn_head",
+                    layer=0, head=1, position=2, token="red", prob_restoration=99.0))
+    return pd.DataFrame(rows)
+
+
+def test_module_effects_mean_and_token_labels():
+    effects = module_effects(module_rows(), metric="prob_restoration")
+    assert set(effects["site"]) == {"mlp", "self_attn"}  # head rows are not module rows
+    assert len(effects) == 2 * 2 * 5
+    cell = effects.set_index(["site", "layer", "position"]).loc[("mlp", 1, 2)]
+    assert cell["mean"] == pytest.approx(np.mean([0, 1, 2]) + 1 + 2)
+    assert cell["n"] == 3 and cell["token"] == "red/blue" and cell["metric"] == "prob_restoration"
+    assert effects.set_index(["site", "layer", "position"]).loc[("mlp", 0, 0), "token"] == "[CLS]"
+
+
+def test_token_label_orders_by_frequency_and_truncates():
+    assert token_label(["b", "a", "b"]) == "b/a"
+    assert token_label(["a", "b"]) == "a/b"
+    assert token_label(list("abcdd")) == "d/a/b/…"

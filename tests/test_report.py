@@ -1,0 +1,78 @@
+"""The report is one offline HTML file holding every figure, table and the generated summary."""
+
+import base64
+import re
+
+import pandas as pd
+import pytest
+from test_figures import accuracy_table
+from test_heads import borderline_results, planted_results
+
+from notice.figures import accuracy_chart, bootstrap_stability, head_heatmaps
+from notice.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
+from notice.report import Figure, Section, Table, build_report, summarise_findings
+
+
+@pytest.fixture(scope="module")
+def analysis(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    results = planted_results()
+    sig = significant_heads(head_effects(results))
+    universal = universal_heads(sig)
+    table = universal_heads_table(sig, universal, bootstrap_heads(results, n_draws=40, seed=0))
+    pngs = [p for p in head_heatmaps(sig, universal, out) + bootstrap_stability(table, out)
+            + accuracy_chart(accuracy_table(), out) if p.suffix == ".png"]
+    return out, table, pngs
+
+
+def test_report_contains_every_figure_and_is_offline(analysis):
+    out, table, pngs = analysis
+    summary = summarise_findings(table, accuracy_table())
+    sections = [
+        Section("Summary", html=summary),
+        Section("Heads", text="Patching single heads.\n\nSource: https://example.org/data.csv",
+                figures=[Figure(p, f"Caption for {p.stem}") for p in pngs]),
+        Section("Tables", tables=[Table(table, "Universal heads"), Table(accuracy_table(), "Accuracy")]),
+    ]
+    html = build_report(sections, out / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html
+    assert "example.org/data.csv" in html  # the URL is shown as text, not as a reference
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert sorted(embedded) == sorted(base64.b64encode(p.read_bytes()).decode() for p in pngs)
+    for p in pngs:
+        assert f"Caption for {p.stem}</figcaption>" in html
+    assert html.count("<table") == 2 and "<caption>Universal heads</caption>" in html
+    assert "L2.H0" in html and "multimodal" in html
+    assert not re.search(r'(?:src|href)="(?!data:|#)', html)
+
+
+def test_report_refuses_external_references(tmp_path):
+    with pytest.raises(ValueError, match="external"):
+        build_report([Section("x", html='<img src="logo.png">')], tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_summary_numbers(analysis):
+    _, table, _ = analysis
+    summary = summarise_findings(table, accuracy_table(), models=["toy", "other"])
+    assert "vision: L1.H2 (vision in 100% of 40 resamples)" in summary
+    assert "text: L0.H3 (text in 100% of 40 resamples)" in summary
+    assert "multimodal: L2.H0 (multimodal in 100% of 40 resamples)" in summary
+    assert "<b>other</b>: no universal heads." in summary
+    assert "Conditions: image corruption: A (sip), B (sip); text corruption: A (str), B (str)" in summary
+    assert "A 85.0% (17/20), lowest category blue 80.0%" in summary
+    assert "B 100.0% (5/5), lowest category happy 100.0%" in summary
+    assert "2 standard deviations" in summary
+
+
+def test_summary_lists_frequent_candidates():
+    results = borderline_results()
+    sig = significant_heads(head_effects(results))
+    boot = bootstrap_heads(results, n_draws=100, seed=3)
+    table = universal_heads_table(sig, universal_heads(sig).iloc[0:0], boot, min_frac_universal=0.5)
+    accuracy = pd.DataFrame({"model": ["toy"], "task": ["A"], "category": ["(all)"], "n": [4], "n_correct": [3],
+                             "accuracy": [0.75]})
+    summary = summarise_findings(table, accuracy)
+    frac = boot.loc[(boot["layer"] == 1) & (boot["head"] == 1), "frac_universal"].iloc[0]
+    assert f"often under resampling: L1.H1 (universal in {frac:.0%} of 100 resamples)" in summary
+    assert "toy: A 75.0% (3/4)." in summary
