@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -159,6 +162,22 @@ def test_save_pretrained_then_load_adapter(tmp_path, make):
     prompt = adapter.format_prompt(QUESTION)
     expected = adapter.answer_logits(adapter.prepare(noise_image(3), prompt))
     torch.testing.assert_close(loaded.answer_logits(loaded.prepare(noise_image(3), prompt)), expected, rtol=0, atol=1e-6)
+
+
+def test_model_id_found_in_the_hf_cache_named_by_hf_home(tmp_path):
+    # The layout `huggingface-cli download` leaves: hub/models--<org>--<name>/{refs/main, snapshots/<rev>/}.
+    adapter = blip_adapter()
+    repo = tmp_path / "hub" / "models--toy-org--tiny-blip"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    adapter.model.save_pretrained(snapshot)
+    adapter.processor.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    code = "from notice.adapters.loading import load_adapter; print(type(load_adapter('toy-org/tiny-blip')).__name__)"
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "BlipAdapter"
 
 
 def test_bogus_model_id_fails_fast_offline(monkeypatch):
