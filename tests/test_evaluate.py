@@ -12,7 +12,6 @@ TEMPLATES = {"colour": "is the {subject} {a} or {b}?", "shape": "is the {subject
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle", "cross"]
 
-# First letter as "first token": red/rose and circle/cross collide on purpose.
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -21,6 +20,7 @@ def _one_thread():
         yield
 
 
+# First letter as "first token": red/rose and circle/cross collide on purpose.
 STUB = SimpleNamespace(format_prompt=lambda q: f"Q: {q} A:", option_token_id=lambda option: ord(option[0]))
 
 
