@@ -20,8 +20,8 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(SNAKEMAKE) --cores $(CORES)
-	$(SNAKEMAKE) --cores $(CORES) --report results/report.html
-	@echo "Report: $(CURDIR)/results/report.html"
+	$(SNAKEMAKE) --cores $(CORES) --report results/snakemake_report.html
+	@echo "Report: $(CURDIR)/results/report.html (Snakemake report: $(CURDIR)/results/snakemake_report.html)"
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -210,3 +210,29 @@ def summarise_findings(
         "same holds when the samples are resampled with replacement.</p>"
         f"<ul>{''.join(heads)}</ul><h3>Clean accuracy per task</h3><ul>{''.join(accuracy)}</ul></div>"
     )
+
+
+# Caption of every figure kind that notice.figures writes, by file-name prefix.
+FIGURE_CAPTIONS: dict[str, str] = {
+    "module": "Module-wise activation patching (paper Fig. 3): mean effect of patching each module's clean "
+              "output into the corrupt run, per text position (columns) and layer (rows), one panel per module.",
+    "heads": "Head-wise activation patching (paper Fig. 5): mean logit-difference effect of each attention head "
+             "(layer × head) per task and corruption; universal heads are lettered (V vision, T text, M multimodal) "
+             "and heads above the k-sigma threshold outlined.",
+    "corruptions": "Semantic image pairs against Gaussian noise (paper Fig. 4/10): the same module-wise patching "
+                   "under each image corruption, one row per corruption.",
+    "bootstrap": "Stability of the top heads: fraction of bootstrap resamples of the samples in which each head "
+                 "is significant / universal, with the 95% interval of its mean effect.",
+    "accuracy": "Exact-match accuracy on the clean prompts per task and category (paper Table 2).",
+}
+
+
+def figure_sections(model: str, figure_dir: Path) -> list[Section]:
+    """One section per figure kind found in `figure_dir` (PNG files), each figure with its caption."""
+    sections = []
+    pngs = sorted(Path(figure_dir).glob("*.png"))
+    for prefix, caption in FIGURE_CAPTIONS.items():
+        figures = [Figure(png, f"{caption} File: {png.stem}.") for png in pngs if png.stem.split("_", 1)[0] == prefix]
+        if figures:
+            sections.append(Section(f"{model}: {prefix} figures", figures=figures))
+    return sections

@@ -140,19 +140,23 @@ def patch_sample(
     tau: int,
     tau_p: int,
     corrupt_image_fn: ImageFn | None = None,
+    clean: tuple[torch.Tensor, dict[SiteKey, torch.Tensor]] | None = None,
 ) -> list[dict]:
     """One result row (metrics.ROW_COLUMNS) per patch, in the order of `patches`.
 
     The clean run is `clean_inp` as is; the corrupt run is `corrupt_inp` with `corrupt_image_fn`
     (SIP: other image; STR: other prompt of equal token length; noise: same input plus the fn).
-    `token` is the clean prompt's token at the patched position.
+    `clean` is the clean run's (logits, activations) when already computed (the workflow's clean
+    cache); it must hold every patched site. `token` is the clean prompt's token at the patched position.
     """
     if clean_inp.input_ids.shape != corrupt_inp.input_ids.shape:
         raise ValueError(
             f"clean and corrupt prompts have different token lengths ({clean_inp.input_ids.shape[1]} vs "
             f"{corrupt_inp.input_ids.shape[1]}): positions would not line up"
         )
-    clean_logits, clean_acts = capture(adapter, clean_inp, [(p.site, p.layer) for p in patches])
+    if clean is None:
+        clean = capture(adapter, clean_inp, [(p.site, p.layer) for p in patches])
+    clean_logits, clean_acts = clean
     with image_embeddings_replaced(adapter, corrupt_image_fn):
         corrupt_logits = adapter.answer_logits(corrupt_inp)
     clean, corrupt = scores(clean_logits, tau, tau_p), scores(corrupt_logits, tau, tau_p)

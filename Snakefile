@@ -1,0 +1,31 @@
+# NOTICE workflow: causal activation patching of VLMs with semantic corruptions.
+# Stages live in rules/*.smk; the science lives in the `notice` package.
+import os
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# The embedded demo is the default; a --configfile replaces it (no merging of the two).
+if not config:
+
+    configfile: os.path.join(workflow.basedir, "config/config.yaml")
+
+
+
+include: "rules/common.smk"
+include: "rules/datasets.smk"
+include: "rules/models.smk"
+include: "rules/distractors.smk"
+include: "rules/evaluate.smk"
+include: "rules/pairs.smk"
+include: "rules/patching.smk"
+include: "rules/analysis.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,99 @@
+"""One patching experiment over a corruption manifest: the loop the workflow's patching rules run.
+
+The clean run of every selected sample is computed once (`cache_clean_runs`) and shared by every
+corruption; `patch_pairs` then runs the chosen engine on each (clean, corrupt) pair and returns the
+results table (tables.RESULT_COLUMNS).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Mapping
+
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
+from notice.patching import get_engine
+from notice.patching.reference import (
+    ImageFn, SiteKey, additive_noise, capture, default_patches, multiplicative_noise,
+)
+from notice.tables import RESULT_COLUMNS
+
+log = logging.getLogger(__name__)
+
+CleanRun = tuple[torch.Tensor, dict[SiteKey, torch.Tensor]]  # (answer logits [V], activations [T, D])
+
+
+def all_sites(adapter: VLMAdapter) -> list[SiteKey]:
+    """Every (module site, layer) a default experiment can patch; head sites live in their parent."""
+    sites = set(adapter.module_sites) | {HEAD_SITE_PARENT[adapter.head_site]}
+    return [(site, layer) for site in sorted(sites) for layer in range(adapter.n_layers)]
+
+
+def cache_clean_runs(
+    adapter: VLMAdapter, prompts: pd.DataFrame, load_image: Callable[[str], Image.Image]
+) -> dict[str, CleanRun]:
+    """Clean logits and activations of every sample (PROMPT_COLUMNS rows), on the CPU, by sample_id."""
+    cache: dict[str, CleanRun] = {}
+    sites = all_sites(adapter)
+    for row in tqdm(prompts.itertuples(index=False), total=len(prompts), desc="clean runs", mininterval=5):
+        logits, acts = capture(adapter, adapter.prepare(load_image(row.image_path), row.prompt), sites)
+        cache[str(row.sample_id)] = (logits.cpu(), {key: value.cpu() for key, value in acts.items()})
+    return cache
+
+
+def select_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int, settings: Mapping) -> list[Patch]:
+    """The default experiment's patches, restricted to the families the config asks for."""
+    keep_modules = settings.get("module_sites", True)
+    keep_heads = settings.get("head_sites", True)
+    return [
+        patch for patch in default_patches(adapter, inp, answer_token_id)
+        if (keep_heads if patch.site == adapter.head_site else keep_modules)
+    ]
+
+
+def corrupt_image_fn(corruption: str, settings: Mapping, noise_seed: int) -> ImageFn | None:
+    """The image-embedding corruption of a Gaussian-noise pair (None for SIP / STR)."""
+    if corruption == "gn_mult":
+        return multiplicative_noise(float(settings.get("nu", 5.0)), noise_seed)
+    if corruption == "gn_add":
+        return additive_noise(float(settings.get("sigma_multiplier", 3.0)), noise_seed)
+    return None
+
+
+def patch_pairs(
+    adapter: VLMAdapter,
+    pairs: pd.DataFrame,
+    clean_runs: Mapping[str, CleanRun],
+    load_image: Callable[[str], Image.Image],
+    *,
+    engine: str,
+    corruption_settings: Mapping,
+    patching_settings: Mapping,
+    labels: Mapping[str, str],
+) -> pd.DataFrame:
+    """The results table of every pair (PAIR_COLUMNS rows) with `labels` (model, dataset) as columns."""
+    run = get_engine(engine, int(patching_settings.get("batch_size", 64)))
+    frames = []
+    for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc=f"patching ({engine})", mininterval=5):
+        clean_inp = adapter.prepare(load_image(pair.clean_image_path), pair.clean_prompt)
+        corrupt_inp = adapter.prepare(load_image(pair.corrupt_image_path), pair.corrupt_prompt)
+        patches = select_patches(adapter, clean_inp, int(pair.answer_token_id), patching_settings)
+        rows = run(
+            adapter, clean_inp, corrupt_inp, patches, int(pair.answer_token_id), int(pair.distractor_token_id),
+            corrupt_image_fn=corrupt_image_fn(pair.corruption, corruption_settings, int(pair.noise_seed)),
+            clean=clean_runs[str(pair.sample_id)],
+        )
+        frame = pd.DataFrame(rows)
+        for column, value in {
+            **labels, "task": pair.task, "corruption": pair.corruption, "modality": pair.modality,
+            "sample_id": pair.sample_id,
+        }.items():
+            frame[column] = value
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in RESULT_COLUMNS})
+    return pd.concat(frames, ignore_index=True)[list(RESULT_COLUMNS)]

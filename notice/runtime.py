@@ -1,0 +1,72 @@
+"""What every workflow script needs around the science: logging, device choice, model loading."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+
+@contextlib.contextmanager
+def logged(log_path: str | os.PathLike) -> Iterator[logging.Logger]:
+    """Send stdout, stderr and `logging` of a workflow job to its Snakemake log file.
+
+    An exception is logged with its traceback before it propagates, so the log says why a job failed.
+    """
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", buffering=1) as stream, contextlib.redirect_stdout(stream), \
+            contextlib.redirect_stderr(stream):
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            yield logging.getLogger("notice")
+        except BaseException:
+            logging.getLogger("notice").exception("job failed")
+            raise
+        finally:
+            root.removeHandler(handler)
+
+
+def resolve_device(spec: str = "auto") -> str:
+    """`auto` means the GPU this job was given (CUDA_VISIBLE_DEVICES) when there is one, else the CPU."""
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"config asks for device {spec!r} but torch sees no CUDA device")
+    return spec
+
+
+def load_model(model_path: str, section: dict):
+    """The model's adapter, loaded with the device, dtype and prompt template of its config section."""
+    from notice.adapters.loading import load_adapter
+
+    return load_adapter(
+        model_path,
+        device=resolve_device(section.get("device", "auto")),
+        dtype=section.get("dtype", "float32"),
+        prompt_template=section.get("prompt_template"),
+    )
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image as RGB, naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot decode image ({error})") from error
+
+
+def set_threads(n: int) -> None:
+    """Use the cores Snakemake gave the job, no more (jobs run side by side)."""
+    torch.set_num_threads(max(1, n))
+    print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)

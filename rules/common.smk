@@ -1,0 +1,135 @@
+# Helpers shared by every stage: config validation, paths, per-section params, target list.
+import os
+import re
+
+from snakemake.utils import validate
+
+
+validate(config, schema="../config/schemas/config.schema.yaml", set_default=True)
+
+RESULTS = config.get("results_dir", "results")
+RESOURCES = config.get("resources_dir", "resources")
+DATASETS = sorted(config["datasets"])
+MODELS = sorted(config["models"])
+CORRUPTIONS = sorted(config["corruptions"])
+
+
+wildcard_constraints:
+    dataset="|".join(map(re.escape, DATASETS)),
+    model="|".join(map(re.escape, MODELS)),
+    corruption="|".join(map(re.escape, CORRUPTIONS)),
+
+
+def check_config_references():
+    """Names used inside sections must exist: fail at start, naming the key."""
+    for name, section in config["models"].items():
+        train = section.get("train")
+        if train and train["dataset"] not in config["datasets"]:
+            raise ValueError(
+                f"config: models.{name}.train.dataset = {train['dataset']!r} is not a dataset "
+                f"(expected one of {DATASETS})"
+            )
+    for name, section in config["datasets"].items():
+        for corruption in section.get("corruptions", []):
+            if corruption not in config["corruptions"]:
+                raise ValueError(
+                    f"config: datasets.{name}.corruptions has {corruption!r}, which is not in the "
+                    f"top-level corruptions section (expected one of {CORRUPTIONS})"
+                )
+    for name, section in config["datasets"].items():
+        if section["kind"] == "synthetic":
+            continue
+        if "path" not in section:
+            raise ValueError(f"config: datasets.{name}.path is required for kind {section['kind']!r}")
+        for table in ("samples.parquet", "image_pool.parquet"):
+            if not os.path.exists(os.path.join(section["path"], table)):
+                raise ValueError(
+                    f"config: datasets.{name}.path = {section['path']!r}: {table} not found there "
+                    f"(expected a directory with samples.parquet and image_pool.parquet)"
+                )
+
+
+def check_models_available():
+    """A provided model that cannot be loaded stops the run now, not hours into it.
+
+    Local paths are always checked; hub ids only offline (online, Hugging Face may download them).
+    """
+    from notice.adapters.loading import resolve_model
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    for name, section in config["models"].items():
+        path = section.get("path")
+        if path and (offline or path.startswith(("/", ".", "~"))):
+            try:
+                resolve_model(path)
+            except FileNotFoundError as error:
+                raise ValueError(f"config: models.{name}.path: {error}") from None
+
+
+check_config_references()
+check_models_available()
+
+
+def dataset_section(wildcards):
+    return config["datasets"][wildcards.dataset]
+
+
+def model_section(wildcards):
+    return config["models"][wildcards.model]
+
+
+def dataset_dir(dataset):
+    """Where the dataset's samples.parquet and image_pool.parquet are (generated or the user's)."""
+    section = config["datasets"][dataset]
+    return section["path"] if section["kind"] == "samples_table" else f"{RESOURCES}/datasets/{dataset}"
+
+
+def samples_table(wildcards):
+    return f"{dataset_dir(wildcards.dataset)}/samples.parquet"
+
+
+def image_pool(wildcards):
+    return f"{dataset_dir(wildcards.dataset)}/image_pool.parquet"
+
+
+def trained_model_dir(model):
+    return f"{RESOURCES}/models/{model}"
+
+
+def model_path(model):
+    """What the adapter loads: a Hugging Face id, a local directory, or the trained toy model."""
+    section = config["models"][model]
+    return section["path"] if "path" in section else trained_model_dir(model)
+
+
+def model_input(wildcards):
+    """The trained toy model's directory; nothing for a model the user provides."""
+    if "train" in config["models"][wildcards.model]:
+        return [trained_model_dir(wildcards.model)]
+    return []
+
+
+def dataset_corruptions(dataset):
+    return config["datasets"][dataset].get("corruptions", CORRUPTIONS)
+
+
+def corruption_section(wildcards):
+    return config["corruptions"][wildcards.corruption]
+
+
+def patching_tables(model):
+    return [
+        f"{RESULTS}/{model}/{dataset}/patching/{corruption}.parquet"
+        for dataset in DATASETS
+        for corruption in dataset_corruptions(dataset)
+    ]
+
+
+def all_targets():
+    targets = [f"{RESULTS}/report.html"]
+    for model in MODELS:
+        targets += [
+            f"{RESULTS}/{model}/analysis/universal_heads.csv",
+            f"{RESULTS}/{model}/figures",
+        ]
+    return targets

@@ -1,0 +1,17 @@
+# Datasets -> samples table + image pool (the SIP corrupt images).
+
+
+rule synthetic_dataset:
+    output:
+        samples=f"{RESOURCES}/datasets/{{dataset}}/samples.parquet",
+        pool=f"{RESOURCES}/datasets/{{dataset}}/image_pool.parquet",
+    params:
+        section=dataset_section,
+        seed=config["seed"],
+        out_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+    log:
+        f"{RESULTS}/logs/synthetic_dataset/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/synthetic_dataset/{{dataset}}.tsv"
+    script:
+        "../workflow_scripts/synthetic_dataset.py"

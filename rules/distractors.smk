@@ -1,0 +1,17 @@
+# Distractors (the incorrect option of every question), filtered by word-vector similarity.
+
+
+rule distractors:
+    input:
+        samples=samples_table,
+    output:
+        distractors=f"{RESULTS}/datasets/{{dataset}}/distractors.parquet",
+        rejections=f"{RESULTS}/datasets/{{dataset}}/distractor_rejections.parquet",
+        exclusions=f"{RESULTS}/datasets/{{dataset}}/distractor_exclusions.parquet",
+    params:
+        section=dataset_section,
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/distractors/{{dataset}}.log",
+    script:
+        "../workflow_scripts/distractors.py"

@@ -1,0 +1,59 @@
+# Clean prompts, the model's answers, accuracy (paper Table 2) and the balanced selection.
+
+
+rule prompts:
+    input:
+        model_input,
+        samples=samples_table,
+        distractors=f"{RESULTS}/datasets/{{dataset}}/distractors.parquet",
+    output:
+        prompts=f"{RESULTS}/{{model}}/{{dataset}}/prompts.parquet",
+        exclusions=f"{RESULTS}/{{model}}/{{dataset}}/prompt_exclusions.parquet",
+    params:
+        model=model_section,
+        model_path=lambda wildcards: model_path(wildcards.model),
+        tasks=lambda wildcards: config["datasets"][wildcards.dataset]["tasks"],
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/prompts/{{model}}/{{dataset}}.log",
+    script:
+        "../workflow_scripts/prompts.py"
+
+
+rule evaluate:
+    input:
+        model_input,
+        prompts=f"{RESULTS}/{{model}}/{{dataset}}/prompts.parquet",
+    output:
+        answers=f"{RESULTS}/{{model}}/{{dataset}}/answers.parquet",
+        accuracy=report(
+            f"{RESULTS}/{{model}}/{{dataset}}/accuracy.csv",
+            caption="../report/accuracy.rst",
+            category="Accuracy",
+            labels={"model": "{model}", "dataset": "{dataset}"},
+        ),
+    params:
+        model=model_section,
+        model_path=lambda wildcards: model_path(wildcards.model),
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/evaluate/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{model}}/{{dataset}}.tsv"
+    script:
+        "../workflow_scripts/evaluate.py"
+
+
+rule select_samples:
+    input:
+        answers=f"{RESULTS}/{{model}}/{{dataset}}/answers.parquet",
+    output:
+        selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
+    params:
+        selection=config["selection"],
+        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/select_samples/{{model}}/{{dataset}}.log",
+    script:
+        "../workflow_scripts/select_samples.py"

@@ -1,0 +1,18 @@
+# Toy models trained from scratch on the synthetic dataset (the embedded default).
+
+
+rule train_toy_model:
+    output:
+        directory(f"{RESOURCES}/models/{{model}}"),
+    params:
+        train=lambda wildcards: config["models"][wildcards.model]["train"],
+        dataset=lambda wildcards: config["datasets"][
+            config["models"][wildcards.model]["train"]["dataset"]
+        ],
+    threads: workflow.cores
+    log:
+        f"{RESULTS}/logs/train_toy_model/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_toy_model/{{model}}.tsv"
+    script:
+        "../workflow_scripts/train_toy_model.py"

@@ -1,0 +1,68 @@
+"""Bad configs stop the run at start with a message naming the key and what was expected."""
+
+import copy
+
+import pytest
+import yaml
+
+from workflow_helpers import REPO, snakemake, write_config
+
+DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def dry_run(tmp_path, config):
+    """(return code, everything Snakemake printed): it reports config errors on stdout."""
+    result = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "config.yaml", config), timeout=120)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_demo_config_plans(tmp_path):
+    code, output = dry_run(tmp_path, DEMO)
+    assert code == 0, output
+    for rule in ("synthetic_dataset", "train_toy_model", "distractors", "prompts", "evaluate", "select_samples",
+                 "pairs", "cache_clean", "patch", "analyse_heads", "figures", "report"):
+        assert rule in output, f"rule {rule} missing from the plan"
+
+
+def test_unknown_key_is_named(tmp_path):
+    config = copy.deepcopy(DEMO)
+    config["patching"]["engnie"] = "fast"
+    code, output = dry_run(tmp_path, config)
+    assert code != 0
+    assert "engnie" in output and "Additional properties are not allowed" in output
+
+
+def test_wrong_type_is_named(tmp_path):
+    config = copy.deepcopy(DEMO)
+    config["selection"]["n_per_task"] = "many"
+    code, output = dry_run(tmp_path, config)
+    assert code != 0
+    assert "'many' is not of type 'integer'" in output and "n_per_task" in output
+
+
+def test_missing_dataset_path_is_named(tmp_path):
+    config = copy.deepcopy(DEMO)
+    config["datasets"]["mine"] = {
+        "kind": "samples_table", "path": str(tmp_path / "nowhere"),
+        "tasks": {"colour": {"question": "is it {a} or {b}?", "values": ["red", "blue"]}},
+    }
+    code, output = dry_run(tmp_path, config)
+    assert code != 0
+    assert "datasets.mine.path" in output and "samples.parquet not found" in output
+
+
+def test_missing_model_is_named(tmp_path):
+    config = copy.deepcopy(DEMO)
+    config["models"]["real_blip"] = {"path": "Salesforce/blip-vqa-base-not-cached"}
+    code, output = dry_run(tmp_path, config)
+    assert code != 0
+    assert "models.real_blip.path" in output and "HF_HOME" in output
+
+
+@pytest.mark.parametrize("corruption", ["gaussian"])
+def test_unknown_corruption_is_named(tmp_path, corruption):
+    config = copy.deepcopy(DEMO)
+    config["corruptions"][corruption] = {}
+    code, output = dry_run(tmp_path, config)
+    assert code != 0
+    assert corruption in output

@@ -1,0 +1,28 @@
+"""Head effects, k-sigma heads, universal heads with bootstrap stability, module effects (rule `analyse_heads`)."""
+
+import pandas as pd
+
+from notice.heads import (
+    bootstrap_heads, head_effects, module_effects, significant_heads, universal_heads, universal_heads_table,
+)
+from notice.runtime import logged
+from notice.tables import RESULT_COLUMNS, read_table
+
+with logged(snakemake.log[0]) as log:
+    settings, seed = snakemake.params.analysis, snakemake.params.seed
+    metric, k = settings.get("metric", "logit_diff"), settings.get("k_sigma", 2.0)
+    corruptions = settings.get("universal_corruptions", ["sip", "str"])
+    results = pd.concat([read_table(path, RESULT_COLUMNS) for path in snakemake.input.results], ignore_index=True)
+    log.info("%d patched runs from %d tables", len(results), len(snakemake.input.results))
+
+    effects = head_effects(results, metric)
+    significant = significant_heads(effects, k)
+    universal = universal_heads(significant, corruptions)
+    bootstrap = bootstrap_heads(results, settings.get("bootstrap_draws", 200), seed, k, metric, corruptions)
+    table = universal_heads_table(significant, universal, bootstrap)
+    log.info("universal heads:\n%s", universal.to_string(index=False))
+
+    effects.to_parquet(snakemake.output.head_effects, index=False)
+    module_effects(results, metric).to_parquet(snakemake.output.module_effects, index=False)
+    significant.to_csv(snakemake.output.significant, index=False)
+    table.to_csv(snakemake.output.universal, index=False)

@@ -1,0 +1,32 @@
+"""Choose every sample's distractor, filtered by word-vector similarity (rule `distractors`)."""
+
+from notice.distractors import choose_distractors
+from notice.runtime import logged
+from notice.tables import (
+    DISTRACTOR_COLUMNS, DISTRACTOR_REJECTION_COLUMNS, EXCLUSION_COLUMNS, SAMPLE_COLUMNS, read_table,
+    write_table,
+)
+from notice.vectors import load_vectors
+
+with logged(snakemake.log[0]) as log:
+    section = snakemake.params.section
+    options = section.get("distractors", {})
+    tasks = section["tasks"]
+    samples = read_table(snakemake.input.samples, SAMPLE_COLUMNS)
+    distractors, rejections, exclusions = choose_distractors(
+        samples,
+        values_by_task={task: spec["values"] for task, spec in tasks.items()},
+        groups={task: spec.get("groups", {}) for task, spec in tasks.items()},
+        rule={task: spec.get("distractor_rule", "any") for task, spec in tasks.items()},
+        kv=load_vectors(options.get("vectors", "glove-6b-50d")),
+        cosine_threshold=options.get("cosine_threshold", 0.8),
+        near_synonyms=options.get("near_synonyms", []),
+        seed=snakemake.params.seed,
+    )
+    log.info(
+        "%d samples: %d with a distractor, %d excluded, %d candidate rejections",
+        len(samples), len(distractors), len(exclusions), len(rejections),
+    )
+    write_table(distractors, snakemake.output.distractors, DISTRACTOR_COLUMNS)
+    write_table(rejections, snakemake.output.rejections, DISTRACTOR_REJECTION_COLUMNS)
+    write_table(exclusions, snakemake.output.exclusions, EXCLUSION_COLUMNS)

@@ -1,0 +1,22 @@
+"""Download the images of an SVO-Probes CSV into the cache (rule `download_svo_images`)."""
+
+from notice.datasets.svo_probes import image_urls
+from notice.download import DOWNLOAD_COLUMNS, Settings, download_images
+from notice.runtime import logged
+from notice.tables import write_table
+
+with logged(snakemake.log[0]) as log:
+    options = snakemake.params.download
+    urls = image_urls(snakemake.input.csv, snakemake.params.max_rows)
+    settings = Settings(
+        timeout=options.get("timeout_s", Settings.timeout),
+        retries=options.get("retries", Settings.retries),
+        backoff=options.get("backoff_s", Settings.backoff),
+    )
+    log.info("%d distinct image URLs -> %s (%s)", len(urls), snakemake.params.cache_dir, settings)
+    table = download_images(urls, snakemake.params.cache_dir, options.get("workers", 8), settings)
+    failed = table[~table["ok"]]
+    log.info("%d ok (%d from the cache), %d failed", table["ok"].sum(), table["cached"].sum(), len(failed))
+    log.info("failure reasons:\n%s", failed["reason"].str.replace(r"\d+(\.\d+)?s$", "Ns", regex=True)
+             .value_counts().to_string())
+    write_table(table, snakemake.output.downloads, DOWNLOAD_COLUMNS)

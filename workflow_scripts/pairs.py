@@ -1,0 +1,43 @@
+"""Corruption manifest of the selected samples for one corruption (rule `pairs`)."""
+
+import pandas as pd
+
+from notice.pairs import gaussian_pairs, sip_pairs, str_pairs
+from notice.runtime import load_model, logged
+from notice.tables import (
+    EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, PAIR_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, read_table,
+    write_table,
+)
+
+with logged(snakemake.log[0]) as log:
+    corruption, settings, seed = snakemake.wildcards.corruption, snakemake.params.corruption, snakemake.params.seed
+    selected = read_table(snakemake.input.selected, PROMPT_COLUMNS)
+    samples = read_table(snakemake.input.samples, SAMPLE_COLUMNS)
+    if corruption == "sip":
+        pool = read_table(snakemake.input.pool, IMAGE_POOL_COLUMNS)
+        pairs, exclusions = sip_pairs(selected, samples, pool)
+    elif corruption == "str":
+        adapter = load_model(snakemake.params.model_path, snakemake.params.model)
+        templates = {task: spec["question"] for task, spec in snakemake.params.tasks.items()}
+        template_and_subject = {
+            row.sample_id: (templates[row.task], row.subject) for row in samples.itertuples(index=False)
+        }
+
+        def format_question(sample_id: str, a: str, b: str) -> str:
+            template, subject = template_and_subject[sample_id]
+            return template.format(subject=subject, a=a, b=b)
+
+        pairs, exclusions = str_pairs(
+            selected,
+            tokenize=lambda prompt: adapter.processor.tokenizer(prompt)["input_ids"],
+            format_question=format_question,
+            format_prompt=adapter.format_prompt,
+            seed=seed,
+        )
+    else:  # gn_mult / gn_add: same input, noise on the image embeddings at patching time
+        kind = {"gn_mult": "multiplicative", "gn_add": "additive"}[corruption]
+        pairs = gaussian_pairs(selected, kind, settings.get("n_draws", 3), seed)
+        exclusions = pd.DataFrame({column: pd.Series(dtype=str) for column in EXCLUSION_COLUMNS})
+    log.info("%s: %d pairs from %d selected samples, %d excluded", corruption, len(pairs), len(selected), len(exclusions))
+    write_table(pairs, snakemake.output.pairs, PAIR_COLUMNS)
+    write_table(exclusions, snakemake.output.exclusions, EXCLUSION_COLUMNS)

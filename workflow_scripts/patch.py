@@ -1,0 +1,26 @@
+"""Activation patching of every pair of one corruption manifest (rule `patch`)."""
+
+import torch
+
+from notice.patching.experiment import patch_pairs
+from notice.runtime import load_image, load_model, logged, set_threads
+from notice.tables import PAIR_COLUMNS, RESULT_COLUMNS, read_table, write_table
+
+with logged(snakemake.log[0]) as log:
+    set_threads(snakemake.threads)
+    adapter = load_model(snakemake.params.model_path, snakemake.params.model)
+    pairs = read_table(snakemake.input.pairs, PAIR_COLUMNS)
+    clean_runs = torch.load(snakemake.input.cache)
+    missing = sorted(set(pairs["sample_id"]) - set(clean_runs))
+    if missing:
+        raise ValueError(f"{snakemake.input.cache}: no clean run for samples {missing[:5]} (of {len(missing)})")
+    with torch.inference_mode():
+        results = patch_pairs(
+            adapter, pairs, clean_runs, load_image,
+            engine=snakemake.params.patching.get("engine", "reference"),
+            corruption_settings=snakemake.params.corruption,
+            patching_settings=snakemake.params.patching,
+            labels={"model": snakemake.wildcards.model, "dataset": snakemake.wildcards.dataset},
+        )
+    log.info("%d patched runs over %d pairs", len(results), len(pairs))
+    write_table(results, snakemake.output.results, RESULT_COLUMNS)

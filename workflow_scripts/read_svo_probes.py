@@ -1,0 +1,28 @@
+"""SVO-Probes CSV + downloaded images -> samples, image pool, exclusions (rule `read_dataset_svo_probes`)."""
+
+from notice.datasets.svo_probes import TASKS, read_svo_probes
+from notice.download import DOWNLOAD_COLUMNS
+from notice.runtime import logged
+from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, read_table, write_table
+
+with logged(snakemake.log[0]) as log:
+    section, dataset = snakemake.params.section, snakemake.wildcards.dataset
+    missing = sorted(set(TASKS.values()) - set(section["tasks"]))
+    if missing:
+        raise ValueError(
+            f"config: datasets.{dataset}.tasks lacks {missing}: SVO-Probes asks one question per role "
+            f"({sorted(TASKS.values())}), each needs its question template"
+        )
+    samples, pool, exclusions = read_svo_probes(
+        snakemake.input.csv,
+        read_table(snakemake.input.downloads, DOWNLOAD_COLUMNS),
+        dataset=dataset,
+        max_rows=section.get("max_rows"),
+        exclude_words=section.get("exclude_words", []),
+    )
+    rows = (len(samples) + len(exclusions)) // 2  # two samples (one per image) per CSV row
+    log.info("%d rows -> %d samples kept, %d excluded; %d pool images", rows, len(samples), len(exclusions), len(pool))
+    log.info("samples per task:\n%s", samples["task"].value_counts().sort_index().to_string())
+    write_table(samples, snakemake.output.samples, SAMPLE_COLUMNS)
+    write_table(pool, snakemake.output.pool, IMAGE_POOL_COLUMNS)
+    write_table(exclusions, snakemake.output.exclusions, EXCLUSION_COLUMNS)
