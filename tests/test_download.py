@@ -1,0 +1,180 @@
+"""The image downloader against a local HTTP server (127.0.0.1, random port) with good and bad answers."""
+
+import hashlib
+import io
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from notice.datasets.svo_probes import CSV_COLUMNS, read_svo_probes
+from notice.download import DOWNLOAD_COLUMNS, Settings, download_images, url_key
+
+TIMEOUT = 0.5
+SETTINGS = Settings(timeout=TIMEOUT, retries=1, backoff=0.01)
+
+
+def _image_bytes(fmt: str, seed: int) -> bytes:
+    array = np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+GOOD = {
+    "/a.png": ("image/png", _image_bytes("PNG", 1)),
+    "/b.jpg": ("image/jpeg", _image_bytes("JPEG", 2)),
+    "/c.png": ("image/png", _image_bytes("PNG", 3)),
+    "/photo?id=7": ("image/jpeg", _image_bytes("JPEG", 4)),  # no extension in the URL
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    requests: Counter = Counter()
+    lock = threading.Lock()
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        with self.lock:
+            self.requests[self.path] += 1
+            count = self.requests[self.path]
+        if self.path in GOOD:
+            return self._send(200, *GOOD[self.path])
+        if self.path == "/missing.png":
+            return self._send(404, "text/html", b"<html>not found</html>")
+        if self.path == "/page.jpg":
+            return self._send(200, "text/html", b"<html><body>consent page</body></html>")
+        if self.path == "/truncated.jpg":
+            data = _image_bytes("JPEG", 5)
+            return self._send(200, "image/jpeg", data[: len(data) // 2])
+        if self.path == "/slow.png":
+            time.sleep(TIMEOUT * 3)
+            return self._send(200, *GOOD["/a.png"])
+        if self.path == "/deleted.jpg":  # how Flickr answers a deleted photo
+            self.send_response(302)
+            self.send_header("Location", "/images/photo_unavailable.png")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        if self.path == "/images/photo_unavailable.png":
+            return self._send(200, *GOOD["/a.png"])
+        if self.path == "/flaky.png":  # fails once, then works: retried
+            return self._send(503, "text/plain", b"busy") if count == 1 else self._send(200, *GOOD["/c.png"])
+        return self._send(500, "text/plain", b"unexpected path")
+
+    def _send(self, status: int, content_type: str, body: bytes):
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout test): nothing left to answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+BAD_REASONS = {
+    "/missing.png": "HTTP 404",
+    "/page.jpg": "not an image: PIL cannot identify the file (content-type text/html)",
+    "/truncated.jpg": "truncated image",
+    "/slow.png": f"timeout after {TIMEOUT:g}s",
+    "/deleted.jpg": "placeholder image (redirected to {server}/images/photo_unavailable.png)",
+}
+
+
+def test_download_reasons_no_placeholders_and_resume(server, tmp_path):
+    Handler.requests.clear()
+    urls = [server + path for path in [*GOOD, *BAD_REASONS, "/flaky.png"]]
+    cache = tmp_path / "cache"
+    table = download_images(urls + urls[:2], cache, workers=4, settings=SETTINGS, progress=False)
+
+    assert list(table.columns) == list(DOWNLOAD_COLUMNS)
+    assert table["url"].tolist() == sorted(urls)  # one row per distinct URL
+    rows = table.set_index("url")
+    for path, reason in BAD_REASONS.items():
+        row = rows.loc[server + path]
+        assert (row.ok, row.path, row.reason) == (False, "", reason.format(server=server)), path
+    assert rows.loc[server + "/missing.png", "attempts"] == 1  # a 404 is not retried
+    assert rows.loc[server + "/slow.png", "attempts"] == 2  # a timeout is
+    assert (rows.loc[server + "/flaky.png", ["ok", "attempts"]] == [True, 2]).all()
+
+    # Every success is the server's file, named sha256(url) + the decoded format's extension.
+    good = {server + path: body for path, (_, body) in GOOD.items()} | {server + "/flaky.png": GOOD["/c.png"][1]}
+    for url, body in good.items():
+        row = rows.loc[url]
+        assert row.ok and row.reason == "" and not row.cached
+        path = Path(row.path)
+        assert path.read_bytes() == body
+        assert path.name == url_key(url) + (".jpg" if body[:2] == b"\xff\xd8" else ".png")
+        assert row.sha256 == hashlib.sha256(body).hexdigest()
+    # No placeholder, partial or temporary file for any failure.
+    assert sorted(p.name for p in cache.iterdir()) == sorted(Path(rows.loc[u, "path"]).name for u in good)
+
+    # Resume: nothing good is requested again; cached files are reported as such.
+    before = Counter(Handler.requests)
+    again = download_images(urls, cache, workers=4, settings=SETTINGS, progress=False).set_index("url")
+    for url in good:
+        assert again.loc[url, "ok"] and again.loc[url, "cached"] and again.loc[url, "attempts"] == 0
+    for path in [*GOOD, "/flaky.png"]:
+        assert Handler.requests[path] == before[path], path
+    assert again.loc[[server + p for p in BAD_REASONS], "reason"].tolist() == [
+        reason.format(server=server) for reason in BAD_REASONS.values()]
+
+    # A damaged cache file is not trusted: it is downloaded again and replaced.
+    damaged = Path(rows.loc[server + "/a.png", "path"])
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    third = download_images([server + "/a.png"], cache, settings=SETTINGS, progress=False)
+    assert third.loc[0, "ok"] and not third.loc[0, "cached"]
+    assert damaged.read_bytes() == GOOD["/a.png"][1]
+
+
+def test_unreachable_and_invalid_urls_are_recorded(tmp_path):
+    table = download_images(["ftp://example.org/x.png", "http://127.0.0.1:9/x.png"], tmp_path,
+                            settings=Settings(timeout=TIMEOUT, retries=0), progress=False).set_index("url")
+    assert table.loc["ftp://example.org/x.png", "reason"] == "invalid URL (only http/https): 'ftp://example.org/x.png'"
+    assert table.loc["http://127.0.0.1:9/x.png", "reason"].startswith("connection error:")
+    assert not table["ok"].any()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_svo_samples_of_failed_images_are_excluded_with_the_download_reason(server, tmp_path):
+    rows = [
+        ["A child crossing the street.", "child,cross,street", "lady,cross,street", "True", "False", "False",
+         server + "/a.png", server + "/b.jpg", "101", "102"],
+        ["A dog lying on grass.", "dog,lie,grass", "goat,lie,grass", "True", "False", "False",
+         server + "/c.png", server + "/missing.png", "103", "104"],
+        ["A man riding a horse.", "man,ride,horse", "man,feed,horse", "False", "True", "False",
+         server + "/slow.png", server + "/b.jpg", "105", "102"],
+    ]
+    csv_path = tmp_path / "svo_probes.csv"
+    pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(csv_path, index=False)
+    urls = sorted({row[6] for row in rows} | {row[7] for row in rows})
+    downloads = download_images(urls, tmp_path / "cache", settings=SETTINGS, progress=False)
+    samples, pool, exclusions = read_svo_probes(csv_path, downloads, dataset="svo")
+
+    assert samples["sample_id"].tolist() == ["svo_r000000_pos", "svo_r000000_neg"]
+    assert len(samples) + len(exclusions) == 2 * len(rows)
+    reasons = dict(zip(exclusions["sample_id"], exclusions["reason"]))
+    missing = f"row 1: negative image failed to download: HTTP 404 ({server}/missing.png)"
+    slow = f"row 2: positive image failed to download: timeout after {TIMEOUT:g}s ({server}/slow.png)"
+    assert reasons == {"svo_r000001_pos": missing, "svo_r000001_neg": missing,
+                       "svo_r000002_pos": slow, "svo_r000002_neg": slow}
+    assert set(pool["pool_key"]) == {"svo_r000000"}
