@@ -255,10 +255,14 @@ class Question:
     text: str
 
 
-def draw_question(rng: np.random.Generator, scene: Scene, shape_fraction: float = 0.5) -> Question:
-    """A question about `scene`: shape with probability `shape_fraction`, else colour; a random
-    distractor of the same task; the correct option first or second with equal probability."""
-    task = "shape" if rng.random() < shape_fraction else "colour"
+def draw_question(
+    rng: np.random.Generator, scene: Scene, shape_fraction: float = 0.5, task: str | None = None
+) -> Question:
+    """A question about `scene`: about `task`, or if None shape with probability `shape_fraction`,
+    else colour; a random distractor of the same task; the correct option first or second with equal
+    probability."""
+    if task is None:
+        task = "shape" if rng.random() < shape_fraction else "colour"
     answer = scene.shape if task == "shape" else scene.colour
     others = [v for v in TASK_VALUES[task] if v != answer]
     distractor = others[int(rng.integers(len(others)))]
