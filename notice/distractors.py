@@ -4,9 +4,11 @@ For every sample, the candidates are the other values of its task allowed by the
 (``same_group``: MIT-States states of the same group; ``other_group``: facial expressions of an
 opposing group; ``any``). A candidate is rejected, with a recorded reason, when it is a listed
 near-synonym of the answer, has no word vector, or its cosine with the answer exceeds the threshold.
-One of the remaining candidates is drawn with an RNG seeded by (seed, sample_id) only, so a sample's
-choice does not change when other samples are added or removed. Samples with nothing left are
-excluded with a reason. Where the dataset gives the distractor (``distractor_given``, SVO-Probes'
+Given the image pool, a candidate is also rejected when the pool has no image of it for the sample's
+``pool_key`` (the SIP corrupt image could not exist: most MIT-States nouns come in only a few states,
+and the authors chose among the states that exist for the noun). One of the remaining candidates is
+drawn with an RNG seeded by (seed, sample_id) only, so a sample's choice does not change when other
+samples are added or removed. Samples with nothing left are excluded with a reason. Where the dataset gives the distractor (``distractor_given``, SVO-Probes'
 negative triplet) it is used as is, and its cosine is still recorded.
 """
 
@@ -47,14 +49,17 @@ def choose_distractors(
     cosine_threshold: float,
     near_synonyms: Sequence[Sequence[str]],
     seed: int,
+    pool_df: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Return (distractors, rejections, exclusions) tables for `samples_df` (SAMPLE_COLUMNS).
 
     `values_by_task[task]` lists the task's options, `groups[task][value]` their attribute group
     (the answer's group is the sample's ``group``), `rule[task]` the group rule. Candidates are
-    considered in the order of `values_by_task`, so the draw is reproducible.
+    considered in the order of `values_by_task`, so the draw is reproducible. With `pool_df`
+    (IMAGE_POOL_COLUMNS), only candidates with a pool image for the sample's (task, pool_key) are kept.
     """
     synonyms = _synonym_sets(near_synonyms)
+    pictured = None if pool_df is None else pool_values(pool_df)
     filtered: dict[tuple[str, str, str], tuple[list[tuple[str, float]], list[dict], str]] = {}
     chosen, rejections, exclusions = [], [], []
     for sample in samples_df.itertuples(index=False):
@@ -73,6 +78,10 @@ def choose_distractors(
                 task, answer, str(sample.group), values_by_task, groups, rule, kv, cosine_threshold, synonyms
             )
         kept, rejected, reason = filtered[key]
+        if pictured is not None:
+            kept, rejected, reason = _with_pool_image(
+                kept, rejected, reason, pictured.get((task, str(sample.pool_key)), frozenset()), str(sample.pool_key)
+            )
         rejections.extend({"sample_id": sample_id, **row} for row in rejected)
         if not kept:
             exclusions.append(_exclusion(sample_id, reason))
@@ -134,10 +143,35 @@ def _filter_candidates(
     return kept, rejected, "" if kept else _all_rejected(rejected)
 
 
+def pool_values(pool_df: pd.DataFrame) -> dict[tuple[str, str], frozenset[str]]:
+    """(task, pool_key) -> the values the image pool has an image of."""
+    values: dict[tuple[str, str], set[str]] = {}
+    for task, pool_key, value in pool_df[["task", "pool_key", "value"]].itertuples(index=False, name=None):
+        values.setdefault((str(task), str(pool_key)), set()).add(str(value))
+    return {key: frozenset(found) for key, found in values.items()}
+
+
+def _with_pool_image(
+    kept: list[tuple[str, float]], rejected: list[dict], reason: str, pictured: frozenset[str], pool_key: str
+) -> tuple[list[tuple[str, float]], list[dict], str]:
+    """Reject the kept candidates without a pool image (an earlier rejection's reason stays)."""
+    if not kept:
+        return kept, rejected, reason
+    without = [(c, cos) for c, cos in kept if c not in pictured]
+    if not without:
+        return kept, rejected, reason
+    rejected = rejected + [
+        {"candidate": c, "cosine": cos, "reason": f"no image of {c} for {pool_key}"} for c, cos in without
+    ]
+    kept = [(c, cos) for c, cos in kept if c in pictured]
+    return kept, rejected, "" if kept else _all_rejected(rejected)
+
+
 def _all_rejected(rejected: list[dict]) -> str:
     """E.g. "all 3 candidates rejected: 2 cosine above threshold, 1 near-synonym"."""
     kinds = [row["reason"].split(" ")[0] for row in rejected]
-    labels = {"cosine": "cosine above threshold", "near-synonym": "near-synonym", "not": "not in vocabulary"}
+    labels = {"cosine": "cosine above threshold", "near-synonym": "near-synonym", "not": "not in vocabulary",
+              "no": "no pool image"}
     counts = ", ".join(f"{kinds.count(kind)} {labels.get(kind, kind)}" for kind in dict.fromkeys(kinds))
     return f"all {len(rejected)} candidates rejected: {counts}"
 

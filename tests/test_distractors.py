@@ -85,6 +85,31 @@ def test_sample_with_nothing_left_is_excluded_with_reason(kv):
     assert "a" in set(rejected["sample_id"])
 
 
+def test_with_the_pool_only_values_pictured_for_the_pool_key_are_kept(kv):
+    # MIT-States: a noun exists in a few states only; a distractor without its image has no SIP pair.
+    samples = _samples([(f"s{i}", "colour", "red") for i in range(20)] + [("t", "colour", "red")])
+    samples.loc[samples["sample_id"] == "t", "pool_key"] = "bare"
+    pool = pd.DataFrame([
+        {"dataset": "d", "task": "colour", "pool_key": "k", "value": value, "image_path": f"k_{value}.png",
+         "mask_path": ""}
+        for value in ("red", "green", "crimson")
+    ] + [{"dataset": "d", "task": "shape", "pool_key": "bare", "value": "blue", "image_path": "b.png",
+          "mask_path": ""}])
+    chosen, rejected, excluded = choose_distractors(samples, VALUES, GROUPS, RULE, kv, 0.8, SYNONYMS, 0, pool)
+    assert set(chosen["distractor"]) == {"green"} and len(chosen) == 20
+    reasons = rejected[rejected["sample_id"] == "s0"].set_index("candidate")["reason"].to_dict()
+    assert reasons == {"crimson": "cosine 0.950 > threshold 0.8", "scarlet": "near-synonym",
+                       "mauve": "not in vocabulary: mauve", "blue": "no image of blue for k"}
+    # The other task's image of blue does not count: the pool is looked up by (task, pool_key).
+    assert excluded.to_dict("records") == [{
+        "sample_id": "t", "stage": "distractors",
+        "reason": "all 5 candidates rejected: 1 cosine above threshold, 1 near-synonym, 1 not in vocabulary, "
+                  "2 no pool image",
+    }]
+    without_pool = _choose(kv, samples)[0].set_index("sample_id")["distractor"]
+    assert set(without_pool) == {"blue", "green"}
+
+
 def test_answer_without_vector_is_excluded(kv):
     samples = _samples([("m", "colour", "mauve")])
     chosen, _, excluded = _choose(kv, samples)
