@@ -97,3 +97,12 @@ def write_table(df: pd.DataFrame, path: str | Path, columns: Iterable[str]) -> N
     tmp = path.with_name(path.name + ".tmp")
     df.reset_index(drop=True).to_parquet(tmp, index=False)
     tmp.replace(path)
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a CSV atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)

@@ -133,3 +133,27 @@ def all_targets():
             f"{RESULTS}/{model}/figures",
         ]
     return targets
+
+
+# -- shards: per-sample GPU work is split into `sharding.n_shards` jobs, then gathered ----------
+N_SHARDS = config.get("sharding", {}).get("n_shards", 1)
+SHARDS = [f"shard{index}-of{N_SHARDS}" for index in range(N_SHARDS)]
+
+
+wildcard_constraints:
+    shard=r"shard\d+-of\d+",
+
+
+def shard_index_count(wildcards):
+    """(index, count) of the job's shard wildcard, e.g. shard2-of4 -> (2, 4)."""
+    index, count = wildcards.shard[len("shard") :].split("-of")
+    return int(index), int(count)
+
+
+def shard_files(pattern):
+    """Input function: `pattern` (with {model}, {dataset}, {corruption}, {shard}) for every shard."""
+
+    def files(wildcards):
+        return [pattern.format(**dict(wildcards.items()), shard=shard) for shard in SHARDS]
+
+    return files

@@ -20,10 +20,29 @@ rule prompts:
         "../workflow_scripts/prompts.py"
 
 
-rule evaluate:
+rule evaluate_shard:
     input:
         model_input,
         prompts=f"{RESULTS}/{{model}}/{{dataset}}/prompts.parquet",
+    output:
+        answers=f"{RESULTS}/{{model}}/{{dataset}}/answers/{{shard}}.parquet",
+    params:
+        model=model_section,
+        model_path=lambda wildcards: model_path(wildcards.model),
+        shard=shard_index_count,
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/evaluate/{{model}}/{{dataset}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{model}}/{{dataset}}/{{shard}}.tsv"
+    script:
+        "../workflow_scripts/evaluate.py"
+
+
+rule gather_answers:
+    input:
+        shard_files(f"{RESULTS}/{{model}}/{{dataset}}/answers/{{shard}}.parquet"),
     output:
         answers=f"{RESULTS}/{{model}}/{{dataset}}/answers.parquet",
         accuracy=report(
@@ -32,17 +51,10 @@ rule evaluate:
             category="Accuracy",
             labels={"model": "{model}", "dataset": "{dataset}"},
         ),
-    params:
-        model=model_section,
-        model_path=lambda wildcards: model_path(wildcards.model),
-    resources:
-        gpu=1,
     log:
-        f"{RESULTS}/logs/evaluate/{{model}}/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{model}}/{{dataset}}.tsv"
+        f"{RESULTS}/logs/gather_answers/{{model}}/{{dataset}}.log",
     script:
-        "../workflow_scripts/evaluate.py"
+        "../workflow_scripts/gather_answers.py"
 
 
 rule select_samples:

@@ -1,4 +1,5 @@
-# Clean activations cached once per (model, dataset); patching per corruption.
+# Clean runs cached once per (model, dataset, shard) and shared by every corruption; patching per
+# (corruption, shard); shards gathered into one results table per corruption.
 
 
 rule cache_clean:
@@ -6,16 +7,17 @@ rule cache_clean:
         model_input,
         selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
     output:
-        cache=f"{RESULTS}/{{model}}/{{dataset}}/clean_cache.pt",
+        cache=f"{RESULTS}/{{model}}/{{dataset}}/clean_cache/{{shard}}.pt",
     params:
         model=model_section,
         model_path=lambda wildcards: model_path(wildcards.model),
+        shard=shard_index_count,
     resources:
         gpu=1,
     log:
-        f"{RESULTS}/logs/cache_clean/{{model}}/{{dataset}}.log",
+        f"{RESULTS}/logs/cache_clean/{{model}}/{{dataset}}/{{shard}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/cache_clean/{{model}}/{{dataset}}.tsv"
+        f"{RESULTS}/benchmarks/cache_clean/{{model}}/{{dataset}}/{{shard}}.tsv"
     script:
         "../workflow_scripts/cache_clean.py"
 
@@ -23,20 +25,33 @@ rule cache_clean:
 rule patch:
     input:
         model_input,
+        selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
         pairs=f"{RESULTS}/{{model}}/{{dataset}}/pairs/{{corruption}}.parquet",
-        cache=f"{RESULTS}/{{model}}/{{dataset}}/clean_cache.pt",
+        cache=f"{RESULTS}/{{model}}/{{dataset}}/clean_cache/{{shard}}.pt",
     output:
-        results=f"{RESULTS}/{{model}}/{{dataset}}/patching/{{corruption}}.parquet",
+        results=f"{RESULTS}/{{model}}/{{dataset}}/patching/{{corruption}}/{{shard}}.parquet",
     params:
         model=model_section,
         model_path=lambda wildcards: model_path(wildcards.model),
         corruption=corruption_section,
         patching=config["patching"],
+        shard=shard_index_count,
     resources:
         gpu=1,
     log:
-        f"{RESULTS}/logs/patch/{{model}}/{{dataset}}/{{corruption}}.log",
+        f"{RESULTS}/logs/patch/{{model}}/{{dataset}}/{{corruption}}/{{shard}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/patch/{{model}}/{{dataset}}/{{corruption}}.tsv"
+        f"{RESULTS}/benchmarks/patch/{{model}}/{{dataset}}/{{corruption}}/{{shard}}.tsv"
     script:
         "../workflow_scripts/patch.py"
+
+
+rule gather_patching:
+    input:
+        shard_files(f"{RESULTS}/{{model}}/{{dataset}}/patching/{{corruption}}/{{shard}}.parquet"),
+    output:
+        results=f"{RESULTS}/{{model}}/{{dataset}}/patching/{{corruption}}.parquet",
+    log:
+        f"{RESULTS}/logs/gather_patching/{{model}}/{{dataset}}/{{corruption}}.log",
+    script:
+        "../workflow_scripts/gather_patching.py"

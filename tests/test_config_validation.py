@@ -19,8 +19,9 @@ def dry_run(tmp_path, config):
 def test_demo_config_plans(tmp_path):
     code, output = dry_run(tmp_path, DEMO)
     assert code == 0, output
-    for rule in ("synthetic_dataset", "train_toy_model", "distractors", "prompts", "evaluate", "select_samples",
-                 "pairs", "cache_clean", "patch", "analyse_heads", "figures", "report"):
+    for rule in ("synthetic_dataset", "train_toy_model", "distractors", "prompts", "evaluate_shard", "gather_answers",
+                 "select_samples", "pairs", "cache_clean", "patch", "gather_patching", "analyse_heads", "figures",
+                 "report"):
         assert rule in output, f"rule {rule} missing from the plan"
 
 

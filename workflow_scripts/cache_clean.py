@@ -1,16 +1,17 @@
-"""Clean run of every selected sample, once per (model, dataset) (rule `cache_clean`)."""
+"""Clean runs of one shard of the selected samples, shared by every corruption (rule `cache_clean`)."""
 
 import torch
 
 from notice.patching.experiment import cache_clean_runs
 from notice.runtime import load_image, load_model, logged, set_threads
+from notice.sharding import save_torch, take_shard
 from notice.tables import PROMPT_COLUMNS, read_table
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
     adapter = load_model(snakemake.params.model_path, snakemake.params.model)
-    selected = read_table(snakemake.input.selected, PROMPT_COLUMNS)
+    selected = take_shard(read_table(snakemake.input.selected, PROMPT_COLUMNS), *snakemake.params.shard)
     with torch.inference_mode():
         cache = cache_clean_runs(adapter, selected, load_image)
     log.info("cached clean runs of %d samples", len(cache))
-    torch.save(cache, snakemake.output.cache)
+    save_torch(cache, snakemake.output.cache)

@@ -1,15 +1,22 @@
-"""Activation patching of every pair of one corruption manifest (rule `patch`)."""
+"""Activation patching of one shard of one corruption manifest (rule `patch`).
+
+NOTICE_FAIL_AT_SAMPLE=<sample_id> makes the job fail on purpose at that sample (crash-resume tests).
+"""
+
+import os
 
 import torch
 
 from notice.patching.experiment import patch_pairs
 from notice.runtime import load_image, load_model, logged, set_threads
-from notice.tables import PAIR_COLUMNS, RESULT_COLUMNS, read_table, write_table
+from notice.sharding import take_shard
+from notice.tables import PAIR_COLUMNS, PROMPT_COLUMNS, RESULT_COLUMNS, read_table, write_table
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
     adapter = load_model(snakemake.params.model_path, snakemake.params.model)
-    pairs = read_table(snakemake.input.pairs, PAIR_COLUMNS)
+    selected = read_table(snakemake.input.selected, PROMPT_COLUMNS)["sample_id"]
+    pairs = take_shard(read_table(snakemake.input.pairs, PAIR_COLUMNS), *snakemake.params.shard, universe=selected)
     clean_runs = torch.load(snakemake.input.cache)
     missing = sorted(set(pairs["sample_id"]) - set(clean_runs))
     if missing:
@@ -21,6 +28,7 @@ with logged(snakemake.log[0]) as log:
             corruption_settings=snakemake.params.corruption,
             patching_settings=snakemake.params.patching,
             labels={"model": snakemake.wildcards.model, "dataset": snakemake.wildcards.dataset},
+            fail_at=os.environ.get("NOTICE_FAIL_AT_SAMPLE"),
         )
     log.info("%d patched runs over %d pairs", len(results), len(pairs))
     write_table(results, snakemake.output.results, RESULT_COLUMNS)

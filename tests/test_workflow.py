@@ -1,0 +1,200 @@
+"""The whole DAG on a tiny config in a temporary directory: outputs, contracts, incremental reruns."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from notice.tables import RESULT_COLUMNS
+from workflow_helpers import snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("toy_blip", "toy_llava")
+TINY = {
+    "seed": 0,
+    "datasets": {
+        "synthetic": {
+            "kind": "synthetic",
+            "n_scenes": 16,
+            "tasks": {
+                "colour": {"question": "is the {subject} {a} or {b}?",
+                           "values": ["red", "green", "blue", "yellow", "purple"]},
+                "shape": {"question": "is the {subject} a {a} or a {b}?",
+                          "values": ["circle", "square", "triangle", "cross"]},
+            },
+            "distractors": {"cosine_threshold": 0.88},
+        },
+    },
+    "models": {
+        name: {"train": {"family": family, "dataset": "synthetic", "steps": 250, "seed": 0,
+                         "n_train_images": 2000, "n_eval_images": 200}}
+        for name, family in zip(MODELS, ("blip", "llava"))
+    },
+    "corruptions": {"sip": {}, "str": {}, "gn_mult": {"nu": 5.0, "n_draws": 2}},
+    "selection": {"n_per_task": 3},
+    "patching": {"engine": "reference"},
+    "analysis": {"bootstrap_draws": 20},
+}
+
+
+def synthetic_dataset(n_scenes: int, threshold: float = 0.88) -> dict:
+    return {**copy.deepcopy(TINY["datasets"]["synthetic"]), "n_scenes": n_scenes,
+            "distractors": {"cosine_threshold": threshold}}
+
+
+# Two datasets, so that "only this dataset's chain reruns" means something.
+TINY["datasets"]["synthetic_b"] = synthetic_dataset(8)
+
+
+def planned(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job in a dry run's output."""
+    jobs = []
+    for block in re.split(r"\n(?=\[[^\]]+\]\n)", output):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, re.MULTILINE)
+        if rule:
+            wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.MULTILINE)
+            pairs = [item.split("=", 1) for item in wildcards.group(1).split(", ")] if wildcards else []
+            jobs.append((rule.group(1), dict(pairs)))
+    return jobs
+
+
+def dry_run(workdir: Path, config: dict, name: str) -> list[tuple[str, dict[str, str]]]:
+    result = snakemake(workdir, "-n", configfile=write_config(workdir / name, config))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return planned(result.stdout + result.stderr)
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Snakemake's own 'Job stats' table of a dry run: rule -> count."""
+    stats = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE) if m.group(1) != "total"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("workflow")
+    result = snakemake(work, "--cores", "2", configfile=write_config(work / "config.yaml", TINY))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return work
+
+
+def test_results_tables_follow_the_contract(workdir):
+    for model in MODELS:
+        tables = {c: pd.read_parquet(workdir / f"results/{model}/synthetic/patching/{c}.parquet") for c in TINY["corruptions"]}
+        for corruption, table in tables.items():
+            assert list(table.columns) == list(RESULT_COLUMNS)
+            assert len(table) > 0, f"{model} {corruption}: no patched runs"
+            assert (table["logit_diff"] - (table["ld_patched"] - table["ld_corrupt"])).abs().max() < 1e-6
+            assert (table["prob_restoration"] - (table["p_patched"] - table["p_corrupt"])).abs().max() < 1e-6
+        assert set(tables["sip"]["modality"]) == {"image"} and set(tables["str"]["modality"]) == {"text"}
+        head_site = "cross_attn_head" if model == "toy_blip" else "self_attn_head"
+        assert head_site in set(tables["sip"]["site"])
+        assert set(tables["gn_mult"].groupby("sample_id")["ld_corrupt"].nunique()) <= {1, 2}
+
+
+def test_analysis_figures_and_report_exist(workdir):
+    for model in MODELS:
+        analysis = workdir / f"results/{model}/analysis"
+        significant = pd.read_csv(analysis / "significant_heads.csv")
+        assert {"threshold", "significant"} <= set(significant.columns)
+        assert "kind" in pd.read_csv(analysis / "universal_heads.csv").columns
+        accuracy = pd.read_csv(workdir / f"results/{model}/synthetic/accuracy.csv")
+        assert set(accuracy["task"]) == {"colour", "shape"}
+        figures = workdir / f"results/{model}/figures"
+        for prefix in ("module", "heads", "accuracy"):
+            pngs = list(figures.glob(f"{prefix}_*.png"))
+            assert pngs and all(p.stat().st_size > 0 for p in pngs), f"{model}: no {prefix} figure"
+            assert all(p.with_suffix(".html").exists() for p in pngs)
+    report = (workdir / "results/report.html").read_text()
+    assert "http://" not in report and "https://" not in report
+    assert report.count("<img") >= 6
+
+
+def test_nothing_to_do_after_a_run(workdir):
+    result = snakemake(workdir, "-n", configfile=workdir / "config.yaml")
+    assert result.returncode == 0
+    assert planned_jobs(result.stdout + result.stderr) == {}, result.stdout[-3000:]
+
+
+def test_changing_patching_settings_reruns_only_patching_and_after(workdir):
+    config = copy.deepcopy(TINY)
+    config["patching"]["head_sites"] = False
+    changed = write_config(workdir / "changed.yaml", config)
+    result = snakemake(workdir, "-n", configfile=changed)
+    assert result.returncode == 0
+    jobs = planned_jobs(result.stdout + result.stderr)
+    assert jobs.get("patch") == 6
+    assert set(jobs) <= {"patch", "gather_patching", "analyse_heads", "figures", "report", "all"}, jobs
+
+
+GATHERING = {"analyse_heads", "figures", "report", "all"}
+
+
+def test_adding_a_dataset_plans_only_its_jobs_and_the_gathering(workdir):
+    config = copy.deepcopy(TINY)
+    config["datasets"]["synthetic_c"] = synthetic_dataset(6)
+    jobs = dry_run(workdir, config, "add_dataset.yaml")
+    assert {rule for rule, _ in jobs} >= {"synthetic_dataset", "patch", "report"}
+    for rule, wildcards in jobs:
+        assert rule in GATHERING or wildcards.get("dataset") == "synthetic_c", (rule, wildcards)
+
+
+def test_adding_a_model_plans_only_its_jobs_and_the_report(workdir):
+    config = copy.deepcopy(TINY)
+    config["models"]["toy_blip_2"] = copy.deepcopy(config["models"]["toy_blip"])
+    config["models"]["toy_blip_2"]["train"]["seed"] = 1
+    jobs = dry_run(workdir, config, "add_model.yaml")
+    assert ("train_toy_model", {"model": "toy_blip_2"}) in jobs
+    for rule, wildcards in jobs:
+        assert rule in {"report", "all"} or wildcards.get("model") == "toy_blip_2", (rule, wildcards)
+
+
+def test_changing_a_threshold_reruns_that_datasets_chain_only(workdir):
+    config = copy.deepcopy(TINY)
+    config["datasets"]["synthetic_b"]["distractors"]["cosine_threshold"] = 0.87
+    jobs = dry_run(workdir, config, "threshold.yaml")
+    assert ("distractors", {"dataset": "synthetic_b"}) in jobs
+    for rule, wildcards in jobs:
+        assert rule not in {"synthetic_dataset", "train_toy_model"}, (rule, wildcards)
+        assert rule in GATHERING or wildcards.get("dataset") == "synthetic_b", (rule, wildcards)
+
+
+RESULT_KEYS = ["sample_id", "site", "layer", "head", "position"]
+
+
+def test_a_crashed_shard_is_resumed_without_recomputing_finished_ones(workdir, tmp_path):
+    work = tmp_path / "copy"
+    shutil.copytree(workdir, work, symlinks=True)
+    config = copy.deepcopy(TINY)
+    config["sharding"] = {"n_shards": 2}
+    configfile = write_config(work / "sharded.yaml", config)
+    ids = sorted(pd.read_parquet(work / "results/toy_blip/synthetic/selected.parquet")["sample_id"])
+    failing = ids[-1]  # the last id lands in shard 1 of 2
+    failed = snakemake(work, "--cores", "2", "--keep-going", configfile=configfile,
+                       env={"NOTICE_FAIL_AT_SAMPLE": failing})
+    assert failed.returncode != 0
+    shards = work / "results/toy_blip/synthetic/patching/sip"
+    assert (shards / "shard0-of2.parquet").exists()
+    assert not (shards / "shard1-of2.parquet").exists() and not list(shards.glob("*.tmp"))
+    assert "failing on purpose" in (work / "results/logs/patch/toy_blip/synthetic/sip/shard1-of2.log").read_text()
+    finished = {path: path.stat().st_mtime_ns for path in work.glob("results/*/*/patching/*/shard*-of2.parquet")}
+
+    jobs = dry_run(work, config, "sharded.yaml")
+    assert {rule for rule, _ in jobs} <= {"patch", "gather_patching"} | GATHERING
+    assert all(wildcards.get("shard") == "shard1-of2" for rule, wildcards in jobs if rule == "patch")
+
+    resumed = snakemake(work, "--cores", "2", configfile=configfile)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished.items())
+    for model in MODELS:
+        for corruption in TINY["corruptions"]:
+            table = f"results/{model}/synthetic/patching/{corruption}.parquet"
+            uninterrupted = pd.read_parquet(workdir / table).sort_values(RESULT_KEYS).reset_index(drop=True)
+            resumed_table = pd.read_parquet(work / table).sort_values(RESULT_KEYS).reset_index(drop=True)
+            pd.testing.assert_frame_equal(uninterrupted, resumed_table, check_exact=False, atol=1e-6, rtol=0)
