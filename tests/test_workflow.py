@@ -198,3 +198,28 @@ def test_a_crashed_shard_is_resumed_without_recomputing_finished_ones(workdir, t
             uninterrupted = pd.read_parquet(workdir / table).sort_values(RESULT_KEYS).reset_index(drop=True)
             resumed_table = pd.read_parquet(work / table).sort_values(RESULT_KEYS).reset_index(drop=True)
             pd.testing.assert_frame_equal(uninterrupted, resumed_table, check_exact=False, atol=1e-6, rtol=0)
+
+
+COMPARED = ["ld_clean", "ld_corrupt", "ld_patched", "p_clean", "p_corrupt", "p_patched", "logit_diff", "prob_restoration"]
+
+
+def test_fast_engine_gives_the_reference_engines_tables(workdir, tmp_path):
+    # The module's run patched with the reference engine; switching the engine reruns patching only.
+    work = tmp_path / "fast"
+    shutil.copytree(workdir, work, symlinks=True)
+    config = copy.deepcopy(TINY)
+    config["patching"]["engine"] = "fast"
+    jobs = dry_run(work, config, "fast.yaml")
+    assert {rule for rule, _ in jobs} <= {"patch", "gather_patching"} | GATHERING, jobs
+    result = snakemake(work, "--cores", "2", configfile=work / "fast.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for model in MODELS:
+        for corruption in TINY["corruptions"]:
+            table = f"results/{model}/synthetic/patching/{corruption}.parquet"
+            reference = pd.read_parquet(workdir / table)
+            fast = pd.read_parquet(work / table)
+            # Same rows in the same order, same keys; numbers equal up to float32 rounding.
+            key_columns = [c for c in RESULT_COLUMNS if c not in COMPARED]
+            pd.testing.assert_frame_equal(reference[key_columns], fast[key_columns])
+            scale = reference[COMPARED].abs().clip(lower=1.0)
+            assert ((fast[COMPARED] - reference[COMPARED]).abs() / scale).max().max() <= 1e-5, (model, corruption)
