@@ -19,14 +19,19 @@ all layers' full T×T maps. Models must be loaded with `attn_implementation="eag
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
 from notice.adapters.base import ModelInput, VLMAdapter
+from notice.head_functions import query_labels
+from notice.tables import check_columns, read_table, write_table
 
 
 @dataclass(frozen=True)
@@ -166,3 +171,106 @@ def mask_view(adapter: VLMAdapter, mask: Image.Image) -> np.ndarray:
     """
     out = adapter.processor.image_processor(images=mask.convert("RGB"), return_tensors="pt", do_normalize=False)
     return (out["pixel_values"][0].float().mean(0) > 0.5).float().numpy()
+
+
+# -- per-sample attention records (rule `attention_patterns`) ----------------------------------------
+
+RECORD_INDEX_COLUMNS: tuple[str, ...] = (
+    "sample_id", "task", "category", "answer", "distractor", "file", "has_object_mask", "head_query_index",
+)
+
+
+def choose_samples(selected: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """Up to `n` selected samples, spread over the tasks in turn, those with an object mask first.
+
+    Seeded and independent of the table's row order, so a rerun picks the same samples.
+    """
+    check_columns(selected, ["sample_id", "task", "mask_path"], "selected samples")
+    rng = np.random.default_rng(seed)
+    queues = []
+    for _, group in selected.sort_values("sample_id").groupby("task", sort=True):
+        shuffled = group.iloc[rng.permutation(len(group))]
+        has_mask = shuffled["mask_path"].fillna("").astype(str) != ""
+        queues.append(pd.concat([shuffled[has_mask], shuffled[~has_mask]]))
+    rows = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        rows += [q.iloc[depth] for q in queues if depth < len(q)]
+    return pd.DataFrame(rows[:n], columns=selected.columns).reset_index(drop=True)
+
+
+def attention_record(adapter: VLMAdapter, row: pd.Series, load_image: Callable[[str], Image.Image]) -> dict:
+    """Fusion attention of every head from every default query position of one selected sample.
+
+    The record holds the PatchAttention arrays, `average` [L, Q, P] (the mean over the layer's heads,
+    the paper's "average head"), `all_heads_average` [Q, P] (over every fusion head of the model), the
+    image as the model sees it, the mask on the same pixels (empty [0, 0] without a mask), the query
+    tokens and labels (`head_functions.query_labels`) and which query is the head-patching position.
+    """
+    inp = adapter.prepare(load_image(row["image_path"]), row["prompt"])
+    attention = patch_attention(adapter, inp)
+    ids = inp.input_ids[0].tolist()
+    head_position = adapter.head_position(inp, int(row["answer_token_id"]))
+    if head_position not in attention.query_positions:
+        raise ValueError(f"sample {row['sample_id']}: head position {head_position} is not a query position")
+    mask_path = str(row["mask_path"] or "")
+    mask = mask_view(adapter, Image.open(mask_path)) if mask_path else np.zeros((0, 0), np.float32)
+    weights = attention.weights.numpy()
+    return {
+        "sample_id": str(row["sample_id"]), "task": str(row["task"]), "site": adapter.head_site,
+        "weights": weights, "mass": attention.mass.numpy(),
+        "average": weights.mean(axis=1), "all_heads_average": weights.mean(axis=(0, 1)),
+        "layers": np.asarray(attention.layers), "heads": np.asarray(attention.heads),
+        "query_positions": np.asarray(attention.query_positions), "grid": np.asarray(attention.grid),
+        "query_tokens": np.asarray([inp.tokens[p] for p in attention.query_positions]),
+        "query_labels": np.asarray(query_labels(ids, inp.tokens, attention.query_positions,
+                                                int(row["answer_token_id"]), int(row["distractor_token_id"]))),
+        "head_query_index": attention.query_positions.index(head_position),
+        "image": model_view(adapter, inp), "mask": mask,
+    }
+
+
+def save_record(record: dict, path: str | Path) -> Path:
+    """One sample's record as a compressed .npz, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **record)
+    tmp.replace(path)
+    return path
+
+
+def load_record(path: str | Path) -> dict:
+    """A record written by `save_record`; scalars come back as Python values."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: attention record not found")
+    with np.load(path) as data:
+        record = {key: data[key] for key in data.files}
+    for key in ("sample_id", "task", "site"):
+        record[key] = str(record[key])
+    record["head_query_index"] = int(record["head_query_index"])
+    return record
+
+
+def write_records(
+    adapter: VLMAdapter, chosen: pd.DataFrame, load_image: Callable[[str], Image.Image], out_dir: str | Path
+) -> pd.DataFrame:
+    """An attention record per row of `chosen` as <sample_id>.npz in `out_dir`, and index.parquet listing them."""
+    out = Path(out_dir)
+    rows = []
+    for _, row in chosen.iterrows():
+        record = attention_record(adapter, row, load_image)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", record["sample_id"]) + ".npz"
+        save_record(record, out / name)
+        rows.append({**{key: row[key] for key in ("sample_id", "task", "category", "answer", "distractor")},
+                     "file": name, "has_object_mask": bool(record["mask"].size),
+                     "head_query_index": record["head_query_index"]})
+    index = pd.DataFrame(rows, columns=list(RECORD_INDEX_COLUMNS))
+    write_table(index, out / "index.parquet", RECORD_INDEX_COLUMNS)
+    return index
+
+
+def load_records(attention_dir: str | Path) -> list[dict]:
+    """Every record listed in `attention_dir`/index.parquet (the rule's output directory)."""
+    index = read_table(Path(attention_dir) / "index.parquet", RECORD_INDEX_COLUMNS)
+    return [load_record(Path(attention_dir) / name) for name in index["file"]]

@@ -8,13 +8,17 @@ incorrect one.
 
 from __future__ import annotations
 
+import base64
+import io
 import re
 from pathlib import Path
 
 import altair as alt
 import numpy as np
 import pandas as pd
+from PIL import Image
 
+from notice.head_functions import object_fraction
 from notice.heads import KINDS, head_label
 from notice.tables import check_columns
 
@@ -331,3 +335,139 @@ def accuracy_chart(accuracy_df: pd.DataFrame, out_dir: str | Path, model: str | 
             )
         )
     return save_chart(chart, Path(out_dir) / (safe_stem("accuracy", model) if model else "accuracy"))
+
+
+# "inferno"-like ramp (dark → bright) for attention overlays; written out so no plotting library is needed
+OVERLAY_RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=float)
+MASK_EDGE_COLOUR = np.array([0, 255, 255], dtype=float)
+OVERLAY_PIXELS = 160
+
+
+def _ramp(values: np.ndarray) -> np.ndarray:
+    """Colours [..., 3] of values in [0, 1] on OVERLAY_RAMP."""
+    stops = np.linspace(0, 1, len(OVERLAY_RAMP))
+    return np.stack([np.interp(values, stops, OVERLAY_RAMP[:, c]) for c in range(3)], axis=-1)
+
+
+def overlay_image(image: np.ndarray, attention: np.ndarray, grid: tuple[int, int],
+                  mask: np.ndarray | None = None, size: int = OVERLAY_PIXELS) -> Image.Image:
+    """The image (greyed) with the per-patch attention as a heatmap on top, the mask's edge in cyan.
+
+    `attention` [rows · cols] (row-major patches) is scaled to its maximum, so each panel shows where
+    its own head looks; the numbers are in the panel's label. `image` is uint8 [H, W, 3] at the
+    model's input resolution, `mask` [H, W] in [0, 1] on the same pixels (or None / empty).
+    """
+    rows, cols = grid
+    height, width = image.shape[:2]
+    if height % rows or width % cols:
+        raise ValueError(f"image {height}×{width} does not tile into a {rows}×{cols} patch grid")
+    peak = float(attention.max())
+    heat = np.asarray(attention, dtype=float).reshape(rows, cols) / (peak if peak > 0 else 1.0)
+    heat = np.repeat(np.repeat(heat, height // rows, axis=0), width // cols, axis=1)
+    grey = np.repeat(image.astype(float).mean(axis=-1, keepdims=True), 3, axis=-1)
+    alpha = 0.8 * heat[..., None]
+    out = (1 - alpha) * grey + alpha * _ramp(heat)
+    if mask is not None and np.size(mask):
+        inside = np.asarray(mask) > 0.5
+        padded = np.pad(inside, 1)  # outside the image counts as background: a border object is outlined
+        interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        out[inside & ~interior] = MASK_EDGE_COLOUR
+    picture = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+    return picture.resize((size, size * height // width), Image.NEAREST)
+
+
+def _data_uri(picture: Image.Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _query_index(record: dict, query: str) -> int | None:
+    labels = [str(label) for label in record["query_labels"]]
+    return labels.index(query) if query in labels else None
+
+
+def attention_overlays(records: list[dict], panels: pd.DataFrame, out_stem: str | Path, title: str,
+                       subtitle: str = "") -> list[Path]:
+    """Paper Fig. 6/7: attention of chosen heads vs the average head, overlaid on sample images.
+
+    One row per record (`notice.attention.attention_record`); columns: the image with the object's
+    mask outlined, the average over all fusion heads at the head-patching position, then one per
+    row of `panels` (columns layer, head, query, title: the head's attention from the query with
+    that label; a sample without that query leaves the cell empty). Each cell's label gives the
+    share of patch attention on the object (×uniform = share / object area) where a mask exists.
+    """
+    check_columns(panels, ["layer", "head", "query", "title"], "overlay panels")
+    cells = []
+    for number, record in enumerate(records):
+        grid = (int(record["grid"][0]), int(record["grid"][1]))
+        mask = np.asarray(record["mask"])
+        frac = object_fraction(mask, grid) if mask.size else None
+        row = f"{number + 1}. {record['sample_id']} ({record['task']})"
+        head_query = int(record["head_query_index"])
+        maps = [("image", None, ""), ("average head", record["all_heads_average"][head_query],
+                                     f"from {record['query_labels'][head_query]}")]
+        layers, heads = list(record["layers"]), list(record["heads"])
+        for panel in panels.itertuples():
+            q = _query_index(record, str(panel.query))
+            attention = None if q is None else record["weights"][layers.index(panel.layer), heads.index(panel.head), q]
+            maps.append((panel.title, attention, f"from {panel.query}"))
+        for column, (name, attention, note) in enumerate(maps):
+            if name != "image" and attention is None:
+                continue
+            shown = np.zeros(grid[0] * grid[1]) if attention is None else attention
+            label = note
+            if attention is not None and frac is not None and frac.mean() > 0:
+                share = float(attention @ frac)
+                label = f"{note}: {share:.0%} on object ({share / frac.mean():.1f}× uniform)"
+            elif attention is None:
+                label = "object outlined" if frac is not None else "no object mask"
+            cells.append({"row": row, "column": name, "order": column, "x": 0.5, "y": 0.5, "label": label,
+                          "url": _data_uri(overlay_image(record["image"], shown, grid, mask))})
+    if not cells:
+        raise ValueError(f"{out_stem}: no attention records to draw")
+    df = pd.DataFrame(cells)
+    order = list(df.sort_values("order")["column"].drop_duplicates())
+    axis = dict(scale=alt.Scale(domain=[0, 1]), axis=None)
+    base = alt.Chart().properties(width=OVERLAY_PIXELS, height=OVERLAY_PIXELS + 14)
+    images = base.mark_image(width=OVERLAY_PIXELS, height=OVERLAY_PIXELS).encode(
+        x=alt.X("x:Q", **axis), y=alt.Y("y:Q", **axis), url="url:N", tooltip=["row:N", "column:N", "label:N"])
+    labels = base.mark_text(fontSize=9, baseline="top", dy=OVERLAY_PIXELS / 2 + 2).encode(
+        x=alt.X("x:Q", **axis), y=alt.Y("y:Q", **axis), text="label:N")
+    chart = alt.layer(images, labels, data=df).facet(
+        row=alt.Row("row:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left")),
+        column=alt.Column("column:N", title=None, sort=order),
+    ).properties(title=alt.TitleParams(title, subtitle=subtitle, anchor="start"))
+    return save_chart(chart, out_stem)
+
+
+def overlay_panels(universal_df: pd.DataFrame, scores: pd.DataFrame, max_heads: int = 4) -> pd.DataFrame:
+    """Heads to overlay for one (model, site, dataset): its universal heads, then the best detector.
+
+    `universal_df` (model, site, layer, head, kind) and `scores` (`head_function_scores`) are already
+    restricted to that model, site and dataset. Universal heads (at most `max_heads`, vision / text /
+    multimodal order) are shown at the head-patching query with their function there; the head with
+    the highest detection score (any query) is added as "best detector", so the figure answers the
+    grounding question even when no head is universal. Columns: layer, head, query, title.
+    """
+    check_columns(scores, ["layer", "head", "label", "query", "is_head_position", "detection_score", "function"],
+                  "head function scores")
+    heads = scores[scores["head"] >= 0]
+    at_head = heads[heads["is_head_position"]]
+    head_query = at_head["query"].mode().iloc[0] if len(at_head) else None
+    rank = {kind: i for i, kind in enumerate(KINDS)}
+    chosen = universal_df[["layer", "head", "kind"]].drop_duplicates(["layer", "head"])
+    chosen = chosen.assign(rank=chosen["kind"].map(rank)).sort_values(["rank", "layer", "head"]).head(max_heads)
+    rows = []
+    if head_query is not None:
+        for head in chosen.itertuples():
+            found = at_head[(at_head["layer"] == head.layer) & (at_head["head"] == head.head)]
+            function = found["function"].iloc[0] if len(found) else "not scored"
+            rows.append({"layer": head.layer, "head": head.head, "query": head_query,
+                         "title": f"{head_label(head.layer, head.head)} {head.kind}: {function}"})
+    scored = heads.dropna(subset=["detection_score"])
+    if len(scored):
+        best = scored.loc[scored["detection_score"].idxmax()]
+        rows.append({"layer": int(best["layer"]), "head": int(best["head"]), "query": best["query"],
+                     "title": f"{best['label']} best detector: {best['function']}"})
+    return pd.DataFrame(rows, columns=["layer", "head", "query", "title"])

@@ -53,6 +53,12 @@ SCORE_COLUMNS: tuple[str, ...] = (
     "rest_entropy", "entropy_gain", "function",
 )
 
+GROUNDING_COLUMNS: tuple[str, ...] = (
+    "best_label", "best_query", "best_tokens", "best_detection", "best_object_lift", "best_function",
+    "mean_detection", "mean_detection_at_best_query", "best_detection_at_head_position", "n_detection_heads",
+    "grounds_objects",
+)
+
 
 @dataclass(frozen=True)
 class HeadFunctionConfig:
@@ -260,4 +266,67 @@ def grounding_summary(scores: pd.DataFrame, group_keys: Sequence[str]) -> pd.Dat
             "best_detection_at_head_position": df.loc[df["is_head_position"], "detection_score"].max(),
             "n_detection_heads": len(detectors), "grounds_objects": len(detectors) > 0,
         })
+    return pd.DataFrame(rows, columns=keys + list(GROUNDING_COLUMNS))
+
+
+def record_scores(record: Mapping, config: HeadFunctionConfig, labels: Mapping[str, str]) -> pd.DataFrame:
+    """Per-sample scores of one attention record (`notice.attention.attention_record`).
+
+    Adds what `head_function_scores` needs: sample_id, task, query (label), token, is_head_position,
+    and the constant `labels` columns (e.g. model, site, dataset). Object scores need the record's mask.
+    """
+    mask = np.asarray(record["mask"])
+    frac = object_fraction(mask, tuple(int(g) for g in record["grid"])) if mask.size else None
+    table, _ = sample_scores(np.asarray(record["weights"]), np.asarray(record["mass"]),
+                             list(record["layers"]), list(record["heads"]), config, frac)
+    query = table["query_index"].to_numpy()
+    return table.assign(
+        sample_id=str(record["sample_id"]), task=str(record["task"]),
+        query=np.asarray(record["query_labels"])[query], token=np.asarray(record["query_tokens"])[query],
+        is_head_position=query == int(record["head_query_index"]), **labels,
+    )
+
+
+def scores_from_records(
+    records_by_group: Mapping[tuple, Sequence[Mapping]], group_keys: Sequence[str], config: HeadFunctionConfig
+) -> pd.DataFrame:
+    """`head_function_scores` over records grouped as {group key values: records}."""
+    per_sample = [record_scores(record, config, dict(zip(group_keys, group)))
+                  for group, records in records_by_group.items() for record in records]
+    if not per_sample:
+        raise ValueError("head functions: no attention records to score")
+    return head_function_scores(pd.concat(per_sample, ignore_index=True), group_keys, config)
+
+
+def universal_head_functions(scores: pd.DataFrame, universal: pd.DataFrame) -> pd.DataFrame:
+    """Each universal head's scores at the head-patching position (the paper's query), per dataset.
+
+    `universal` has model, site, layer, head, kind (one row per head or per condition). Columns:
+    model, site, dataset, layer, head, label, kind, function and the scores; universal heads
+    without attention records (another model, no dataset) do not appear.
+    """
+    check_columns(scores, ["model", "site", "dataset", "layer", "head", "is_head_position"], "head function scores")
+    check_columns(universal, ["model", "site", "layer", "head", "kind"], "universal heads")
+    heads = universal[["model", "site", "layer", "head", "kind"]].drop_duplicates()
+    at_head = scores[scores["is_head_position"] & (scores["head"] != AVERAGE_HEAD)]
+    merged = heads.merge(at_head, on=["model", "site", "layer", "head"], how="inner")
+    columns = ["model", "site", "dataset", "layer", "head", "label", "kind", "function", "query", "tokens",
+               "n_samples", "has_object_mask", "detection_score", "object_lift", "outlier_attention",
+               "outlier_lift", "entropy_gain"]
+    return merged[columns].sort_values(["model", "site", "dataset", "layer", "head"]).reset_index(drop=True)
+
+
+def function_table(functions: pd.DataFrame) -> pd.DataFrame:
+    """Paper Table 3: per (model, site, function), the universal heads with that function per dataset.
+
+    `functions` is `universal_head_functions` output. Cells list head labels ("" when none); every
+    function of FUNCTIONS gets a row, so an absent function is visible as such.
+    """
+    check_columns(functions, ["model", "site", "dataset", "label", "function"], "universal head functions")
+    rows = []
+    for (model, site), df in functions.groupby(["model", "site"], sort=True):
+        datasets = sorted(df["dataset"].unique())
+        for function in FUNCTIONS:
+            cells = {d: ", ".join(df.loc[(df["dataset"] == d) & (df["function"] == function), "label"]) for d in datasets}
+            rows.append({"model": model, "site": site, "function": function, **cells})
     return pd.DataFrame(rows)

@@ -275,3 +275,54 @@ def module_effects(results_df: pd.DataFrame, metric: str = "logit_diff") -> pd.D
     )
     out["metric"] = metric
     return out[list(MODULE_KEYS) + ["token", "metric", "mean", "n"]]
+
+
+KIND_MODALITIES: dict[str, tuple[str, ...]] = {
+    "vision": ("image",), "text": ("text",), "multimodal": ("image", "text"), "none": ("image", "text"),
+}
+
+
+def universal_heads_summary(universal_table: pd.DataFrame, corruptions: Collection[str] | None = None) -> pd.DataFrame:
+    """Paper Table 1 with stability: one row per head of `universal_heads_table`.
+
+    The conditions that define a head's kind are those of its modalities (vision: image, text: text,
+    multimodal and "none": both) whose corruption counts for universality (`corruptions`; None: all).
+    Over them: frac_significant_min (the least stable condition), mean_effect (mean of the condition
+    means), ci_low_min / ci_high_max (widest bounds of the 95% intervals), and `conditions`, one
+    "task/corruption: mean [low, high], significant in x%" per condition. frac_universal is the
+    fraction of resamples in which the head is universal of its own kind (any kind for "none").
+    """
+    check_columns(universal_table, ["model", "site", "layer", "head", "label", "kind", "task", "corruption",
+                                    "modality", "mean", "frac_significant", "ci_low", "ci_high",
+                                    "frac_universal", "frac_universal_kind", "n_draws"], "universal heads table")
+    rows = []
+    for (model, site, layer, head), df in universal_table.groupby(list(UNIVERSAL_KEYS), sort=True):
+        kind = df["kind"].iloc[0]
+        own = _only(df[df["modality"].isin(KIND_MODALITIES[kind])], corruptions).sort_values(["modality", "task", "corruption"])
+        frac = df["frac_universal_kind"].iloc[0]
+        rows.append({
+            "model": model, "site": site, "layer": layer, "head": head, "label": head_label(layer, head), "kind": kind,
+            "frac_universal": df["frac_universal"].iloc[0] if pd.isna(frac) else frac,
+            "frac_significant_min": own["frac_significant"].min(), "mean_effect": own["mean"].mean(),
+            "ci_low_min": own["ci_low"].min(), "ci_high_max": own["ci_high"].max(),
+            "n_conditions": len(own), "n_draws": int(df["n_draws"].iloc[0]),
+            "conditions": "; ".join(
+                f"{r.task}/{r.corruption}: {r.mean:.3g} [{r.ci_low:.3g}, {r.ci_high:.3g}], significant in {r.frac_significant:.0%}"
+                for r in own.itertuples()),
+        })
+    rank = {kind: i for i, kind in enumerate(KINDS + ("none",))}
+    out = pd.DataFrame(rows, columns=["model", "site", "layer", "head", "label", "kind", "frac_universal",
+                                      "frac_significant_min", "mean_effect", "ci_low_min", "ci_high_max",
+                                      "n_conditions", "n_draws", "conditions"])
+    return out.sort_values(["model", "site", "kind", "layer", "head"],
+                           key=lambda s: s.map(rank) if s.name == "kind" else s).reset_index(drop=True)
+
+
+def universal_heads_by_kind(summary: pd.DataFrame) -> pd.DataFrame:
+    """Paper Table 1's layout: one row per (model, site), the head labels of each kind in a column."""
+    check_columns(summary, ["model", "site", "label", "kind"], "universal heads summary")
+    rows = []
+    for (model, site), df in summary.groupby(["model", "site"], sort=True):
+        rows.append({"model": model, "site": site,
+                     **{f"{kind} heads": ", ".join(df.loc[df["kind"] == kind, "label"]) for kind in KINDS}})
+    return pd.DataFrame(rows, columns=["model", "site"] + [f"{kind} heads" for kind in KINDS])

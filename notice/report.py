@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from notice.figures import SITE_TITLES, TOTAL_CATEGORIES
-from notice.heads import KINDS
+from notice.head_functions import HeadFunctionConfig, function_table, universal_head_functions
+from notice.heads import KINDS, universal_heads_by_kind, universal_heads_summary
 from notice.tables import check_columns
 
 MIME_TYPES: dict[str, str] = {".png": "image/png", ".svg": "image/svg+xml"}
@@ -224,6 +225,11 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "bootstrap": "Stability of the top heads: fraction of bootstrap resamples of the samples in which each head "
                  "is significant / universal, with the 95% interval of its mean effect.",
     "accuracy": "Exact-match accuracy on the clean prompts per task and category (paper Table 2).",
+    "attention": "Attention patterns (paper Fig. 6/7): per sample (rows), the image with the object's mask outlined "
+                 "in cyan, the average over all fusion-attention heads from the head-patching position, each "
+                 "universal head there (with its scored function) and the best object detector (at its own query "
+                 "token), overlaid on the image as the model sees it; each panel is scaled to its own maximum and "
+                 "labelled with the share of patch attention on the object and its multiple of uniform attention.",
 }
 
 
@@ -236,3 +242,124 @@ def figure_sections(model: str, figure_dir: Path) -> list[Section]:
         if figures:
             sections.append(Section(f"{model}: {prefix} figures", figures=figures))
     return sections
+
+
+def write_tables(csv: pd.DataFrame, tables: Sequence[Table], csv_path: str | Path, md_path: str | Path) -> None:
+    """`csv` as a CSV file; `tables` as Markdown, each under its caption in bold, in one file."""
+    csv_path, md_path = Path(csv_path), Path(md_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    csv.to_csv(csv_path, index=False)
+    parts = [f"**{t.caption}**\n\n" + (t.df.to_markdown(index=False, floatfmt=".4g") if len(t.df) else "(none)")
+             for t in tables]
+    md_path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
+
+
+def _times(value: float) -> str:
+    return f"{value:.1f}×" if pd.notna(value) else "n/a"
+
+
+def _grounding_item(row: pd.Series) -> str:
+    site = SITE_TITLES.get(row["site"], row["site"])
+    return (
+        f"{row['model']} ({site}, {row['dataset']}): best head {row['best_label']} from {row['best_query']} "
+        f"(tokens {row['best_tokens']}) puts {_times(row['best_detection'])} uniform attention on the object "
+        f"(detection score; {_times(row['best_object_lift'])} its layer's average head); at the head-patching "
+        f"position the best is {_times(row['best_detection_at_head_position'])}; mean over all heads and queries "
+        f"{_times(row['mean_detection'])}; {int(row['n_detection_heads'])} head(s) are object detectors at some query."
+    )
+
+
+def _function_item(row: pd.Series) -> str:
+    return (f"{row['model']} {row['label']} ({row['kind']}), {row['dataset']}: {row['function']} at {row['query']} "
+            f"(detection {_times(row['detection_score'])} uniform, outlier attention "
+            f"{_times(row['outlier_lift'])} the average head's)")
+
+
+def _verdict(grounding: pd.DataFrame, config: HeadFunctionConfig) -> str:
+    """The paper's question answered from the numbers: cross-attention (BLIP) vs self-attention (LLaVA)."""
+    cross = grounding[grounding["site"] == "cross_attn_head"]
+    self_ = grounding[grounding["site"] == "self_attn_head"]
+    rule = (f"a head is an object detector when its detection score is at least {config.detection_threshold:g}× "
+            f"uniform and {config.lift_threshold:g}× its layer's average head")
+    if cross.empty or self_.empty:
+        present = ", ".join(sorted(SITE_TITLES.get(s, s) for s in grounding["site"].unique())) or "no"
+        return f"Cannot be answered from this run: only {present} heads were scored on images with object masks."
+    best_cross, best_self = cross.loc[cross["best_detection"].idxmax()], self_.loc[self_["best_detection"].idxmax()]
+    numbers = (f"best cross-attention head {best_cross['best_label']} ({best_cross['model']}) "
+               f"{_times(best_cross['best_detection'])} uniform attention on the object vs best self-attention head "
+               f"{best_self['best_label']} ({best_self['model']}) {_times(best_self['best_detection'])}; "
+               f"object detectors: {int(cross['n_detection_heads'].sum())} cross-attention, "
+               f"{int(self_['n_detection_heads'].sum())} self-attention ({rule})")
+    cross_grounds, self_grounds = bool(cross["grounds_objects"].any()), bool(self_["grounds_objects"].any())
+    if cross_grounds and not self_grounds:
+        answer = "Yes, in this run: cross-attention grounds objects and self-attention does not"
+    elif cross_grounds:
+        answer = "No, not in this run: both cross-attention and self-attention heads ground objects"
+    elif self_grounds:
+        answer = "No, the reverse in this run: self-attention heads ground objects and cross-attention heads do not"
+    else:
+        answer = "No head of either kind grounds objects in this run"
+    return f"{answer}: {numbers}."
+
+
+def grounding_findings(grounding: pd.DataFrame, functions: pd.DataFrame, config: HeadFunctionConfig) -> str:
+    """HTML fragment: what the universal heads do, and does cross-attention ground objects while self-attention does not?
+
+    `grounding` is `head_functions.grounding_summary` output over (model, site, dataset);
+    `functions` is `head_functions.universal_head_functions` output.
+    """
+    check_columns(grounding, ["model", "site", "dataset", "best_label", "best_query", "best_tokens", "best_detection",
+                              "best_object_lift", "best_detection_at_head_position", "mean_detection",
+                              "n_detection_heads", "grounds_objects"], "grounding summary")
+    check_columns(functions, ["model", "site", "dataset", "label", "kind", "function", "query", "detection_score",
+                              "outlier_lift"], "universal head functions")
+    heads = [f"<li>{_escape(_function_item(row))}</li>" for _, row in functions.iterrows()]
+    items = [f"<li>{_escape(_grounding_item(row))}</li>" for _, row in grounding.iterrows()]
+    return (
+        '<div class="summary"><h3>What the universal heads do</h3>'
+        f"<ul>{''.join(heads) or '<li>No universal head has attention records.</li>'}</ul>"
+        "<h3>Does cross-attention ground objects while self-attention does not?</h3>"
+        f"<p><b>{_escape(_verdict(grounding, config))}</b></p>"
+        "<p>Detection score: the head's share of patch attention on the object's patches divided by the object's "
+        "share of the image (1× = uniform attention), averaged over the samples with an object mask.</p>"
+        f"<ul>{''.join(items) or '<li>No images with object masks were scored.</li>'}</ul></div>"
+    )
+
+
+TABLE_FILES: tuple[str, ...] = ("table1_universal_heads", "table2_accuracy", "table3_head_functions")
+
+
+def workflow_report(
+    universal: pd.DataFrame, accuracy: pd.DataFrame, scores: pd.DataFrame, grounding: pd.DataFrame,
+    figure_dirs: dict[str, Path], settings: dict, out_html: str | Path, tables_dir: str | Path,
+) -> Path:
+    """The workflow's report and the paper's Tables 1-3 (`tables_dir`/<TABLE_FILES>.csv and .md).
+
+    Inputs are the concatenated per-model tables: universal heads (`universal_heads_table`),
+    accuracy, head-function scores and grounding summaries; `figure_dirs` maps every model, in
+    report order, to its figure directory; `settings` is the config's `analysis` section.
+    """
+    config = HeadFunctionConfig.from_dict(settings.get("head_functions"))
+    summary = universal_heads_summary(universal, settings.get("universal_corruptions", ["sip", "str"]))
+    functions = universal_head_functions(scores, universal)
+    table1 = [Table(universal_heads_by_kind(summary), "Universal heads per model and kind (paper Table 1)."),
+              Table(summary, "Universal heads with bootstrap stability: fraction of resamples universal (own kind), "
+                             "least fraction significant over the defining conditions, widest 95% interval of the "
+                             "mean effect, and every defining condition.")]
+    table2 = [Table(accuracy, "Exact-match accuracy on the clean prompts (paper Table 2).")]
+    table3 = [Table(function_table(functions), "Functions of the universal heads per dataset, scored at the "
+                                               "head-patching position (paper Table 3)."),
+              Table(functions, "Head-function scores of the universal heads at the head-patching position.")]
+    for name, csv, tables in zip(TABLE_FILES, (summary, accuracy, functions), (table1, table2, table3)):
+        write_tables(csv, tables, Path(tables_dir) / f"{name}.csv", Path(tables_dir) / f"{name}.md")
+    models = list(figure_dirs)
+    sections = [
+        Section("Summary", html=summarise_findings(universal, accuracy, models, settings.get("k_sigma", 2.0))
+                + grounding_findings(grounding, functions, config)),
+        Section("Accuracy", tables=table2),
+        Section("Universal heads", tables=[*table1, Table(universal, "Universal heads per condition.")]),
+        Section("Head functions", tables=[*table3, Table(grounding, "Best object detector per model, site and dataset.")]),
+    ]
+    for model, figure_dir in figure_dirs.items():
+        sections += figure_sections(model, Path(figure_dir))
+    return build_report(sections, out_html)

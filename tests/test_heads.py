@@ -14,6 +14,8 @@ from notice.heads import (
     significant_heads,
     token_label,
     universal_heads,
+    universal_heads_by_kind,
+    universal_heads_summary,
     universal_heads_table,
 )
 from notice.tables import RESULT_COLUMNS
@@ -240,3 +242,22 @@ def test_token_label_orders_by_frequency_and_truncates():
     assert token_label(["b", "a", "b"]) == "b/a"
     assert token_label(["a", "b"]) == "a/b"
     assert token_label(list("abcdd")) == "d/a/b/…"
+
+
+def test_universal_heads_summary_table1():
+    results = planted_results()
+    sig = significant_heads(head_effects(results))
+    boot = bootstrap_heads(results, n_draws=50, seed=0, k=2.0, metric="logit_diff")
+    table = universal_heads_table(sig, universal_heads(sig), boot)
+    summary = universal_heads_summary(table, corruptions=["sip", "str"]).set_index("label")
+    assert summary["kind"].to_dict() == {"L1.H2": "vision", "L0.H3": "text", "L2.H0": "multimodal"}
+    # vision: defined by the image conditions only (tasks A and B under SIP), multimodal by all four
+    assert summary.loc["L1.H2", "n_conditions"] == 2 and summary.loc["L2.H0", "n_conditions"] == 4
+    vision = table[(table["label"] == "L1.H2") & (table["modality"] == "image")]
+    assert summary.loc["L1.H2", "mean_effect"] == pytest.approx(vision["mean"].mean())
+    assert summary.loc["L1.H2", "ci_low_min"] == vision["ci_low"].min()
+    assert summary.loc["L1.H2", "frac_significant_min"] == vision["frac_significant"].min() == 1.0
+    assert summary.loc["L1.H2", "frac_universal"] == 1.0
+    assert summary.loc["L1.H2", "conditions"].startswith("A/sip: 10 [")
+    by_kind = universal_heads_by_kind(universal_heads_summary(table)).iloc[0]
+    assert (by_kind["vision heads"], by_kind["text heads"], by_kind["multimodal heads"]) == ("L1.H2", "L0.H3", "L2.H0")
