@@ -1,4 +1,5 @@
-# From patching tables to findings: head effects, two-sigma heads, universal heads, figures.
+# From patching tables to findings: head effects, two-sigma heads, universal heads, figures;
+# fusion-attention records of a few samples and the head functions scored from them.
 
 
 rule analyse_heads:
@@ -38,6 +39,8 @@ rule figures:
         accuracy=lambda wildcards: [
             f"{RESULTS}/{wildcards.model}/{dataset}/accuracy.csv" for dataset in DATASETS
         ],
+        attention=lambda wildcards: attention_dirs(wildcards.model),
+        head_functions=f"{RESULTS}/{{model}}/analysis/head_functions.csv",
     output:
         figures=report(
             directory(f"{RESULTS}/{{model}}/figures"),
@@ -48,7 +51,49 @@ rule figures:
         ),
     params:
         analysis=config["analysis"],
+        datasets=DATASETS,
     log:
         f"{RESULTS}/logs/figures/{{model}}.log",
     script:
         "../workflow_scripts/figures.py"
+
+
+def attention_dirs(model):
+    return [f"{RESULTS}/{model}/{dataset}/attention" for dataset in DATASETS]
+
+
+rule attention_patterns:
+    input:
+        model_input,
+        selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
+    output:
+        attention=directory(f"{RESULTS}/{{model}}/{{dataset}}/attention"),
+    params:
+        model=model_section,
+        model_path=lambda wildcards: model_path(wildcards.model),
+        n_samples=config["analysis"]["attention_samples"],
+        seed=config["seed"],
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/attention_patterns/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/attention_patterns/{{model}}/{{dataset}}.tsv"
+    script:
+        "../workflow_scripts/attention_patterns.py"
+
+
+rule head_functions:
+    input:
+        attention=lambda wildcards: attention_dirs(wildcards.model),
+    output:
+        scores=f"{RESULTS}/{{model}}/analysis/head_functions.csv",
+        markdown=f"{RESULTS}/{{model}}/analysis/head_functions.md",
+        grounding=f"{RESULTS}/{{model}}/analysis/grounding.csv",
+    params:
+        datasets=DATASETS,
+        thresholds=config["analysis"]["head_functions"],
+    log:
+        f"{RESULTS}/logs/head_functions/{{model}}.log",
+    script:
+        "../workflow_scripts/head_functions.py"

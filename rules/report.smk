@@ -1,4 +1,5 @@
-# One self-contained HTML report over every model (the `snakemake --report` report is made by `make demo`).
+# One self-contained HTML report over every model, and the paper's Tables 1-3 as CSV + Markdown
+# (the `snakemake --report` report is made by `make demo`).
 
 
 rule report:
@@ -9,8 +10,13 @@ rule report:
         accuracy=expand(
             f"{RESULTS}/{{model}}/{{dataset}}/accuracy.csv", model=MODELS, dataset=DATASETS
         ),
+        head_functions=expand(f"{RESULTS}/{{model}}/analysis/head_functions.csv", model=MODELS),
+        grounding=expand(f"{RESULTS}/{{model}}/analysis/grounding.csv", model=MODELS),
     output:
-        f"{RESULTS}/report.html",
+        report=f"{RESULTS}/report.html",
+        table1=multiext(f"{RESULTS}/tables/table1_universal_heads", ".csv", ".md"),
+        table2=multiext(f"{RESULTS}/tables/table2_accuracy", ".csv", ".md"),
+        table3=multiext(f"{RESULTS}/tables/table3_head_functions", ".csv", ".md"),
     params:
         models=MODELS,
         analysis=config["analysis"],

@@ -1,23 +1,22 @@
-"""The workflow's own report: one self-contained HTML file over every model (rule `report`)."""
+"""The workflow's own report: one self-contained HTML file over every model, and the paper's Tables 1-3 (rule `report`)."""
 
 from pathlib import Path
 
 import pandas as pd
 
-from notice.report import Section, Table, build_report, figure_sections, summarise_findings
+from notice.report import workflow_report
 from notice.runtime import logged
 
+
+def read_all(paths) -> pd.DataFrame:
+    return pd.concat([pd.read_csv(path) for path in paths], ignore_index=True)
+
+
 with logged(snakemake.log[0]) as log:
-    models = list(snakemake.params.models)
-    universal = pd.concat([pd.read_csv(path) for path in snakemake.input.universal], ignore_index=True)
-    accuracy = pd.concat([pd.read_csv(path) for path in snakemake.input.accuracy], ignore_index=True)
-    k = snakemake.params.analysis.get("k_sigma", 2.0)
-    sections = [
-        Section("Summary", html=summarise_findings(universal, accuracy, models, k)),
-        Section("Accuracy", tables=[Table(accuracy, "Exact-match accuracy on the clean prompts (paper Table 2).")]),
-        Section("Universal heads", tables=[Table(universal, "Universal heads with bootstrap stability (paper Tables 1 and 3).")]),
-    ]
-    for model, figure_dir in zip(models, snakemake.input.figures):
-        sections += figure_sections(model, Path(figure_dir))
-    path = build_report(sections, snakemake.output[0])
+    inputs = snakemake.input
+    path = workflow_report(
+        read_all(inputs.universal), read_all(inputs.accuracy), read_all(inputs.head_functions),
+        read_all(inputs.grounding), dict(zip(snakemake.params.models, map(Path, inputs.figures))),
+        snakemake.params.analysis, snakemake.output.report, Path(snakemake.output.table1[0]).parent,
+    )
     log.info("report written to %s", path)
