@@ -111,9 +111,17 @@ def test_analysis_figures_and_report_exist(workdir):
             pngs = list(figures.glob(f"{prefix}_*.png"))
             assert pngs and all(p.stat().st_size > 0 for p in pngs), f"{model}: no {prefix} figure"
             assert all(p.with_suffix(".html").exists() for p in pngs)
+        functions = pd.read_csv(analysis / "head_functions.csv")
+        assert functions["has_object_mask"].all() and functions["detection_score"].notna().all()  # synthetic masks
+        assert (workdir / f"results/{model}/synthetic/attention/index.parquet").exists()
+        overlays = list(figures.glob(f"attention_{model}_*.png"))
+        assert overlays and all(p.with_suffix(".html").exists() for p in overlays), f"{model}: no attention overlay"
     report = (workdir / "results/report.html").read_text()
     assert "http://" not in report and "https://" not in report
     assert report.count("<img") >= 6
+    assert "Does cross-attention ground objects while self-attention does not?" in report
+    assert "attention_toy_blip_synthetic" in report and "attention_toy_llava_synthetic" in report
+    assert (workdir / "results/tables/table1_universal_heads.md").exists()
 
 
 def test_nothing_to_do_after_a_run(workdir):
@@ -133,7 +141,7 @@ def test_changing_patching_settings_reruns_only_patching_and_after(workdir):
     assert set(jobs) <= {"patch", "gather_patching", "analyse_heads", "figures", "report", "all"}, jobs
 
 
-GATHERING = {"analyse_heads", "figures", "report", "all"}
+GATHERING = {"analyse_heads", "head_functions", "figures", "report", "all"}
 
 
 def test_adding_a_dataset_plans_only_its_jobs_and_the_gathering(workdir):
