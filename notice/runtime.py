@@ -37,21 +37,31 @@ def logged(log_path: str | os.PathLike) -> Iterator[logging.Logger]:
 
 
 def resolve_device(spec: str = "auto") -> str:
-    """`auto` means the GPU this job was given (CUDA_VISIBLE_DEVICES) when there is one, else the CPU."""
+    """The torch device of a GPU job for the model section's `device` value.
+
+    `auto` is the GPU this job holds (`notice.gpu.job_device`: a local lease, or under SLURM the
+    scheduler's CUDA_VISIBLE_DEVICES), else the CPU. Call it only in jobs with `resources: gpu=1`.
+    """
     if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        from notice.gpu import job_device
+
+        return job_device()
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"config asks for device {spec!r} but torch sees no CUDA device")
     return spec
 
 
-def load_model(model_path: str, section: dict):
-    """The model's adapter, loaded with the device, dtype and prompt template of its config section."""
+def load_model(model_path: str, section: dict, device: str | None = None):
+    """The model's adapter, loaded with the device, dtype and prompt template of its config section.
+
+    `device` overrides the section's: jobs without a GPU (tokenising, building prompts) pass "cpu" so
+    that they never take a GPU that Snakemake did not count for them.
+    """
     from notice.adapters.loading import load_adapter
 
     return load_adapter(
         model_path,
-        device=resolve_device(section.get("device", "auto")),
+        device=device or resolve_device(section.get("device", "auto")),
         dtype=section.get("dtype", "float32"),
         prompt_template=section.get("prompt_template"),
     )

@@ -157,3 +157,7 @@ def shard_files(pattern):
         return [pattern.format(**dict(wildcards.items()), shard=shard) for shard in SHARDS]
 
     return files
+
+
+# -- GPU jobs (resources: gpu=1): cores, host memory (MB) and wall time (minutes), config `gpu_jobs` --
+GPU_JOBS = {"threads": 2, "mem_mb": 16000, "runtime": 240, **config.get("gpu_jobs", {})}

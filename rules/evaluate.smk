@@ -30,8 +30,11 @@ rule evaluate_shard:
         model=model_section,
         model_path=lambda wildcards: model_path(wildcards.model),
         shard=shard_index_count,
+    threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
+        mem_mb=GPU_JOBS["mem_mb"],
+        runtime=GPU_JOBS["runtime"],
     log:
         f"{RESULTS}/logs/evaluate/{{model}}/{{dataset}}/{{shard}}.log",
     benchmark:

@@ -12,8 +12,11 @@ rule cache_clean:
         model=model_section,
         model_path=lambda wildcards: model_path(wildcards.model),
         shard=shard_index_count,
+    threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
+        mem_mb=GPU_JOBS["mem_mb"],
+        runtime=GPU_JOBS["runtime"],
     log:
         f"{RESULTS}/logs/cache_clean/{{model}}/{{dataset}}/{{shard}}.log",
     benchmark:
@@ -36,8 +39,11 @@ rule patch:
         corruption=corruption_section,
         patching=config["patching"],
         shard=shard_index_count,
+    threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
+        mem_mb=GPU_JOBS["mem_mb"],
+        runtime=GPU_JOBS["runtime"],
     log:
         f"{RESULTS}/logs/patch/{{model}}/{{dataset}}/{{corruption}}/{{shard}}.log",
     benchmark:

@@ -116,8 +116,11 @@ rule inpaint_sip:
         settings=lambda wildcards: config["corruptions"]["sd_inpaint"],
         seed=config["seed"],
         out_dir=lambda wildcards: f"{RESULTS}/{wildcards.model}/{wildcards.dataset}/sd_inpaint",
+    threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
+        mem_mb=GPU_JOBS["mem_mb"],
+        runtime=GPU_JOBS["runtime"],
     log:
         f"{RESULTS}/logs/inpaint_sip/{{model}}/{{dataset}}.log",
     benchmark:

@@ -17,7 +17,7 @@ with logged(snakemake.log[0]) as log:
         pool = read_table(snakemake.input.pool, IMAGE_POOL_COLUMNS)
         pairs, exclusions = sip_pairs(selected, samples, pool)
     elif corruption == "str":
-        adapter = load_model(snakemake.params.model_path, snakemake.params.model)
+        adapter = load_model(snakemake.params.model_path, snakemake.params.model, device="cpu")
         templates = {task: spec["question"] for task, spec in snakemake.params.tasks.items()}
         template_and_subject = {
             row.sample_id: (templates[row.task], row.subject) for row in samples.itertuples(index=False)

@@ -7,7 +7,7 @@ from notice.tables import (
 )
 
 with logged(snakemake.log[0]) as log:
-    adapter = load_model(snakemake.params.model_path, snakemake.params.model)
+    adapter = load_model(snakemake.params.model_path, snakemake.params.model, device="cpu")
     samples = read_table(snakemake.input.samples, SAMPLE_COLUMNS)
     distractors = read_table(snakemake.input.distractors, DISTRACTOR_COLUMNS)
     templates = {task: spec["question"] for task, spec in snakemake.params.tasks.items()}
