@@ -290,11 +290,14 @@ def record_scores(record: Mapping, config: HeadFunctionConfig, labels: Mapping[s
 def scores_from_records(
     records_by_group: Mapping[tuple, Sequence[Mapping]], group_keys: Sequence[str], config: HeadFunctionConfig
 ) -> pd.DataFrame:
-    """`head_function_scores` over records grouped as {group key values: records}."""
+    """`head_function_scores` over records grouped as {group key values: records}.
+
+    No records (a model that answered no sample correctly has none) give an empty table with the columns.
+    """
     per_sample = [record_scores(record, config, dict(zip(group_keys, group)))
                   for group, records in records_by_group.items() for record in records]
     if not per_sample:
-        raise ValueError("head functions: no attention records to score")
+        return pd.DataFrame(columns=list(group_keys) + list(SCORE_COLUMNS[:5]) + ["tokens"] + list(SCORE_COLUMNS[5:]))
     return head_function_scores(pd.concat(per_sample, ignore_index=True), group_keys, config)
 
 

@@ -124,3 +124,9 @@ def test_overlay_figure_from_records(pipeline):
     assert all(p.stat().st_size > 1000 for p in paths)
     html = paths[2].read_text()
     assert html.count("data:image/png;base64,") >= len(records) * 2  # overlays are inline, not files
+
+
+def test_no_records_give_empty_tables_with_columns():
+    scores = scores_from_records({}, ["model", "site", "dataset"], HeadFunctionConfig())
+    assert scores.empty and {"detection_score", "has_object_mask", "function"} <= set(scores.columns)
+    assert grounding_summary(scores, ["model", "site", "dataset"]).empty
