@@ -49,6 +49,11 @@ def check_config_references():
                 )
 
 
+def is_local_path(path):
+    """A filesystem path (absolute, ./, ../ or ~), not a Hugging Face id."""
+    return os.path.isabs(path) or path.startswith((".", "~"))
+
+
 def check_models_available():
     """A provided model that cannot be loaded stops the run now, not hours into it.
 
@@ -59,7 +64,7 @@ def check_models_available():
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     for name, section in config["models"].items():
         path = section.get("path")
-        if path and (offline or path.startswith(("/", ".", "~"))):
+        if path and (offline or is_local_path(path)):
             try:
                 resolve_model(path)
             except FileNotFoundError as error:
