@@ -16,6 +16,7 @@ if not config:
 
 include: "rules/common.smk"
 include: "rules/datasets.smk"
+include: "rules/real_datasets.smk"
 include: "rules/models.smk"
 include: "rules/distractors.smk"
 include: "rules/evaluate.smk"

@@ -20,6 +20,33 @@ wildcard_constraints:
     corruption="|".join(map(re.escape, CORRUPTIONS)),
 
 
+# -- dataset kinds: what each reads, and the keys only some kinds have ------------------------------
+SOURCE_LAYOUTS = {
+    "samples_table": "a directory with samples.parquet and image_pool.parquet",
+    "svo_probes": "the SVO-Probes CSV file (svo_probes.csv)",
+    "mit_states": "the MIT-States directory holding images/<adjective> <noun>/*.jpg",
+    "facial_expressions": "the FER-2013 fer2013.csv file, or a directory holding images/<split>/<emotion>/*.jpg",
+}
+KIND_ONLY_KEYS = {
+    "path": ("samples_table", "svo_probes", "mit_states", "facial_expressions"),
+    "n_scenes": ("synthetic",),
+    "exclude_words": ("svo_probes",),
+    "download": ("svo_probes",),
+    "max_rows": ("svo_probes",),
+    "splits": ("facial_expressions",),
+}
+
+
+def datasets_of_kind(kind):
+    return sorted(name for name, section in config["datasets"].items() if section["kind"] == kind)
+
+
+def kind_constraint(kind):
+    """Wildcard regex of the datasets of `kind` (matches nothing when there are none)."""
+    names = datasets_of_kind(kind)
+    return "|".join(map(re.escape, names)) if names else "(?!)"
+
+
 def check_config_references():
     """Names used inside sections must exist: fail at start, naming the key."""
     for name, section in config["models"].items():
@@ -37,16 +64,45 @@ def check_config_references():
                     f"top-level corruptions section (expected one of {CORRUPTIONS})"
                 )
     for name, section in config["datasets"].items():
-        if section["kind"] == "synthetic":
+        kind = section["kind"]
+        for key in sorted(set(section) & set(KIND_ONLY_KEYS)):
+            if kind not in KIND_ONLY_KEYS[key]:
+                raise ValueError(
+                    f"config: datasets.{name}.{key} is only for kind {' / '.join(KIND_ONLY_KEYS[key])}, "
+                    f"not {kind!r}"
+                )
+        if "sd_inpaint" in section.get("corruptions", CORRUPTIONS) and kind != "svo_probes":
+            raise ValueError(
+                f"config: datasets.{name}.corruptions has 'sd_inpaint', which needs SVO-Probes triplets "
+                f"(kind svo_probes), not kind {kind!r}; list the dataset's corruptions without it"
+            )
+        if kind == "synthetic":
             continue
         if "path" not in section:
-            raise ValueError(f"config: datasets.{name}.path is required for kind {section['kind']!r}")
-        for table in ("samples.parquet", "image_pool.parquet"):
-            if not os.path.exists(os.path.join(section["path"], table)):
-                raise ValueError(
-                    f"config: datasets.{name}.path = {section['path']!r}: {table} not found there "
-                    f"(expected a directory with samples.parquet and image_pool.parquet)"
-                )
+            raise ValueError(f"config: datasets.{name}.path is required for kind {kind!r} ({SOURCE_LAYOUTS[kind]})")
+        path = section["path"]
+        if kind == "samples_table":
+            for table in ("samples.parquet", "image_pool.parquet"):
+                if not os.path.exists(os.path.join(path, table)):
+                    raise ValueError(
+                        f"config: datasets.{name}.path = {path!r}: {table} not found there "
+                        f"(expected {SOURCE_LAYOUTS[kind]})"
+                    )
+            continue
+        is_file, has_images = os.path.isfile(path), os.path.isdir(os.path.join(path, "images"))
+        wanted_file = kind == "svo_probes" or (kind == "facial_expressions" and not os.path.isdir(path))
+        if not os.path.exists(path):
+            problem = "does not exist"
+        elif wanted_file and not is_file:
+            problem = "is not a file"
+        elif not wanted_file and not has_images:
+            problem = "has no images/ folder"
+        else:
+            continue
+        raise ValueError(
+            f"config: datasets.{name}.path = {path!r} {problem} (kind {kind}: expected {SOURCE_LAYOUTS[kind]}; "
+            "see config/README.md, Real datasets)"
+        )
 
 
 def is_local_path(path):
@@ -69,6 +125,18 @@ def check_models_available():
                 resolve_model(path)
             except FileNotFoundError as error:
                 raise ValueError(f"config: models.{name}.path: {error}") from None
+    inpainted = [name for name in DATASETS if "sd_inpaint" in config["datasets"][name].get("corruptions", CORRUPTIONS)]
+    if inpainted:
+        from notice.inpainting import DEFAULT_MODEL, resolve_inpaint_model
+
+        model = config["corruptions"]["sd_inpaint"].get("model", DEFAULT_MODEL)
+        if offline or is_local_path(model):
+            try:
+                resolve_inpaint_model(model)
+            except FileNotFoundError as error:
+                raise ValueError(
+                    f"config: corruptions.sd_inpaint.model (used by datasets {inpainted}): {error}"
+                ) from None
 
 
 check_config_references()
@@ -94,7 +162,22 @@ def samples_table(wildcards):
 
 
 def image_pool(wildcards):
+    """SIP corrupt images: the dataset's pool; for sd_inpaint, the images the inpaint rule generated."""
+    if wildcards.get("corruption") == "sd_inpaint":
+        return f"{inpaint_dir(wildcards)}/image_pool.parquet"
     return f"{dataset_dir(wildcards.dataset)}/image_pool.parquet"
+
+
+def inpaint_dir(wildcards):
+    return f"{RESULTS}/{wildcards.model}/{wildcards.dataset}/sd_inpaint"
+
+
+def corruption_inputs(wildcards):
+    """Inputs of the pairs rule that depend on the corruption (unpack): the pool, and inpaint exclusions."""
+    inputs = {"pool": image_pool(wildcards)}
+    if wildcards.corruption == "sd_inpaint":
+        inputs["inpaint_exclusions"] = f"{inpaint_dir(wildcards)}/exclusions.parquet"
+    return inputs
 
 
 def trained_model_dir(model):

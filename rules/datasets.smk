@@ -5,6 +5,8 @@ rule synthetic_dataset:
     output:
         samples=f"{RESOURCES}/datasets/{{dataset}}/samples.parquet",
         pool=f"{RESOURCES}/datasets/{{dataset}}/image_pool.parquet",
+    wildcard_constraints:
+        dataset=kind_constraint("synthetic"),
     params:
         section=dataset_section,
         seed=config["seed"],

@@ -4,6 +4,7 @@
 rule distractors:
     input:
         samples=samples_table,
+        pool=image_pool,  # a candidate without a pool image for the sample could give no SIP pair
     output:
         distractors=f"{RESULTS}/datasets/{{dataset}}/distractors.parquet",
         rejections=f"{RESULTS}/datasets/{{dataset}}/distractor_rejections.parquet",

@@ -4,9 +4,9 @@
 rule pairs:
     input:
         model_input,
+        unpack(corruption_inputs),  # pool (sd_inpaint: the generated images) and inpaint exclusions
         selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
         samples=samples_table,
-        pool=image_pool,
     output:
         pairs=f"{RESULTS}/{{model}}/{{dataset}}/pairs/{{corruption}}.parquet",
         exclusions=f"{RESULTS}/{{model}}/{{dataset}}/pairs/{{corruption}}.exclusions.parquet",

@@ -3,14 +3,7 @@
 # synthetic generator, and an exclusions table with the reason for every unusable row.
 
 
-def datasets_of_kind(kind):
-    return sorted(name for name, section in config["datasets"].items() if section["kind"] == kind)
-
-
-def kind_constraint(kind):
-    """Wildcard regex of the datasets of `kind` (matches nothing when there are none)."""
-    names = datasets_of_kind(kind)
-    return "|".join(map(re.escape, names)) if names else "(?!)"
+# datasets_of_kind / kind_constraint (which rule reads which dataset) live in common.smk.
 
 
 def dataset_source(wildcards):

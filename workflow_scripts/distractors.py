@@ -3,8 +3,8 @@
 from notice.distractors import choose_distractors
 from notice.runtime import logged
 from notice.tables import (
-    DISTRACTOR_COLUMNS, DISTRACTOR_REJECTION_COLUMNS, EXCLUSION_COLUMNS, SAMPLE_COLUMNS, read_table,
-    write_table,
+    DISTRACTOR_COLUMNS, DISTRACTOR_REJECTION_COLUMNS, EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS,
+    read_table, write_table,
 )
 from notice.vectors import load_vectors
 
@@ -15,13 +15,14 @@ with logged(snakemake.log[0]) as log:
     samples = read_table(snakemake.input.samples, SAMPLE_COLUMNS)
     distractors, rejections, exclusions = choose_distractors(
         samples,
-        values_by_task={task: spec["values"] for task, spec in tasks.items()},
+        values_by_task={task: spec.get("values", []) for task, spec in tasks.items()},  # SVO: given per sample
         groups={task: spec.get("groups", {}) for task, spec in tasks.items()},
         rule={task: spec.get("distractor_rule", "any") for task, spec in tasks.items()},
         kv=load_vectors(options.get("vectors", "glove-6b-50d")),
         cosine_threshold=options.get("cosine_threshold", 0.8),
         near_synonyms=options.get("near_synonyms", []),
         seed=snakemake.params.seed,
+        pool_df=read_table(snakemake.input.pool, IMAGE_POOL_COLUMNS),
     )
     log.info(
         "%d samples: %d with a distractor, %d excluded, %d candidate rejections",

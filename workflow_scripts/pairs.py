@@ -16,6 +16,18 @@ with logged(snakemake.log[0]) as log:
     if corruption == "sip":
         pool = read_table(snakemake.input.pool, IMAGE_POOL_COLUMNS)
         pairs, exclusions = sip_pairs(selected, samples, pool)
+    elif corruption == "sd_inpaint":
+        # SIP whose corrupt images the inpaint rule generated; samples it could not inpaint keep its reason.
+        pool = read_table(snakemake.input.pool, IMAGE_POOL_COLUMNS)
+        not_inpainted = read_table(snakemake.input.inpaint_exclusions, EXCLUSION_COLUMNS)
+        unknown = sorted(set(not_inpainted["sample_id"]) - set(selected["sample_id"]))
+        if unknown:
+            raise ValueError(f"{snakemake.input.inpaint_exclusions}: samples {unknown[:5]} are not selected ones")
+        inpainted = selected[~selected["sample_id"].isin(not_inpainted["sample_id"])]
+        pairs, exclusions = sip_pairs(inpainted, samples, pool)
+        pairs["corruption"] = "sd_inpaint"
+        exclusions = pd.concat([not_inpainted, exclusions], ignore_index=True)
+        exclusions["stage"] = exclusions["stage"].replace("pairs:sip", "pairs:sd_inpaint")
     elif corruption == "str":
         adapter = load_model(snakemake.params.model_path, snakemake.params.model, device="cpu")
         templates = {task: spec["question"] for task, spec in snakemake.params.tasks.items()}
