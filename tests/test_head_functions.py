@@ -147,8 +147,16 @@ def test_without_mask_only_outlier_scores():
     # without the mask, patches 0, 5 and 6 are outliers: outlier attention is the mass on all three
     u = np.array([0.8, 0.7, 2 / 15, 0.7])
     np.testing.assert_allclose(heads.loc[[0, 1, 2, 3], "outlier_lift"], u / u.mean())
-    assert heads["function"].to_dict() == {0: "none", 1: "none", 2: "outlier_suppression", 3: "none",
-                                           AVERAGE_HEAD: "none"}
+    # The rest is the 13 patches other than 0, 5 and 6: head 2 is uniform there (normalised entropy 1),
+    # and so, nearly, is the layer average (1/15 on patch 9, 0.35/12 on the 12 others), so head 2's
+    # entropy gain is below the default margin 0.05 and it is no outlier suppressor here.
+    rest = [1 / 15] + [0.35 / 12] * 12
+    gain = 1.0 - entropy(rest) / math.log(13)
+    assert heads.loc[2, "entropy_gain"] == pytest.approx(gain) and gain < CONFIG.entropy_margin
+    assert heads["function"].to_dict() == {0: "none", 1: "none", 2: "none", 3: "none", AVERAGE_HEAD: "none"}
+    lenient = HeadFunctionConfig.from_dict({"entropy_margin": gain / 2})
+    scores = head_function_scores(per_sample_table(scene_maps(), None), ["model", "site"], lenient)
+    assert scores.set_index("head").loc[2, "function"] == "outlier_suppression"
 
 
 def test_scores_average_over_samples_and_thresholds_come_from_config():
