@@ -9,7 +9,7 @@ rule train_toy_model:
         dataset=lambda wildcards: config["datasets"][
             config["models"][wildcards.model]["train"]["dataset"]
         ],
-    threads: workflow.cores
+    threads: 1024  # locally capped at --cores (all of them); profiles/slurm sets a count for clusters
     log:
         f"{RESULTS}/logs/train_toy_model/{{model}}.log",
     benchmark:
