@@ -147,6 +147,11 @@ def dataset_section(wildcards):
     return config["datasets"][wildcards.dataset]
 
 
+def dataset_source(wildcards):
+    """The dataset's `path` as the user has it on disk (input of the real-dataset readers)."""
+    return config["datasets"][wildcards.dataset]["path"]
+
+
 def model_section(wildcards):
     return config["models"][wildcards.model]
 
@@ -173,7 +178,7 @@ def inpaint_dir(wildcards):
 
 
 def corruption_inputs(wildcards):
-    """Inputs of the pairs rule that depend on the corruption (unpack): the pool, and inpaint exclusions."""
+    """The corruption-dependent inputs of `pairs` (unpacked there): the pool, and inpaint exclusions."""
     inputs = {"pool": image_pool(wildcards)}
     if wildcards.corruption == "sd_inpaint":
         inputs["inpaint_exclusions"] = f"{inpaint_dir(wildcards)}/exclusions.parquet"

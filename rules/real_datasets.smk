@@ -3,11 +3,7 @@
 # synthetic generator, and an exclusions table with the reason for every unusable row.
 
 
-# datasets_of_kind / kind_constraint (which rule reads which dataset) live in common.smk.
-
-
-def dataset_source(wildcards):
-    return config["datasets"][wildcards.dataset]["path"]
+# datasets_of_kind / kind_constraint (which rule reads which dataset) and dataset_source live in common.smk.
 
 
 rule download_svo_images:
