@@ -230,3 +230,11 @@ def test_gpu_rules_declare_a_gpu_and_the_configured_threads_memory_and_runtime(t
         elif rule.group(1) in {"prompts", "pairs", "gather_answers", "select_samples", "gather_patching"}:
             assert "gpu=" not in resources, block  # CPU work must not hold up a GPU slot
     assert seen == {"evaluate_shard", "cache_clean", "patch"}
+
+
+def test_a_bad_gpu_jobs_value_stops_the_run_naming_the_key(tmp_path):
+    config = {**LEASE_TINY, "gpu_jobs": {"threads": 0}}
+    result = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "config.yaml", config))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "gpu_jobs" in output and "threads" in output and "minimum" in output, output[-2000:]
