@@ -24,7 +24,7 @@ demo: venv
 	@echo "Report: $(CURDIR)/results/report.html (Snakemake report: $(CURDIR)/results/snakemake_report.html)"
 
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs tests
 
 bench: venv
 	$(PY) -m notice.bench
