@@ -58,10 +58,6 @@ rule figures:
         "../workflow_scripts/figures.py"
 
 
-def attention_dirs(model):
-    return [f"{RESULTS}/{model}/{dataset}/attention" for dataset in DATASETS]
-
-
 rule attention_patterns:
     input:
         model_input,
@@ -73,8 +69,11 @@ rule attention_patterns:
         model_path=lambda wildcards: model_path(wildcards.model),
         n_samples=config["analysis"]["attention_samples"],
         seed=config["seed"],
+    threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
+        mem_mb=GPU_JOBS["mem_mb"],
+        runtime=GPU_JOBS["runtime"],
     log:
         f"{RESULTS}/logs/attention_patterns/{{model}}/{{dataset}}.log",
     benchmark:

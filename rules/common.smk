@@ -218,6 +218,11 @@ def patching_tables(model):
     ]
 
 
+def attention_dirs(model):
+    """The attention records of `model` on every dataset (inputs of its head-function scores)."""
+    return [f"{RESULTS}/{model}/{dataset}/attention" for dataset in DATASETS]
+
+
 def all_targets():
     targets = [f"{RESULTS}/report.html"]
     for model in MODELS:
