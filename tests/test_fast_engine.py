@@ -5,8 +5,8 @@ every position (LLaVA: every text position and image positions at the start, mid
 image), both modalities (SIP: other image; STR: other equal-length prompt) and Gaussian noise on the
 image embeddings. Patches are given in a shuffled order: rows must come back in that order.
 
-Exactness is checked in float64, where nothing but the algorithm can make the engines differ (they
-agree to the last bit there), and in float32 with float32's rounding: the two engines multiply
+Exactness is checked in float64, where only the algorithm could make the engines differ visibly (they
+give identical float32 scores there), and in float32 with float32's rounding: the two engines multiply
 matrices of different shapes (many patched rows at once), which rounds logits differently by ~1e-6,
 so there an LD or probability below 1 is compared absolutely (`floor=1.0`), above 1 relatively.
 """

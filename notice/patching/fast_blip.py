@@ -116,39 +116,33 @@ class BlipFast(FastFamily):
     def _enter(self, layer: int, patches: Sequence[Patch]) -> torch.Tensor:
         """Layer-`layer` outputs [n, T, D] of rows patched at that layer.
 
-        Sites before the patched one are the corrupt run's cached values; the sites after it are
-        recomputed for the whole sequence (only the patched position changes, but matrices of the
-        same shapes as the model's own forward round the same way, which keeps rows within float
-        rounding of the hooked forward). Only the stages some row needs are computed.
+        Only the patched position differs from the corrupt run's output, and it is computed from the
+        corrupt run's cached values at that position: sites after the patched one are recomputed,
+        sites before it are the cached ones.
         """
         block = self.layers[layer]
         corrupt = self.corrupt
-        stage = self.stage_of(patches)[..., None]  # [n, 1, 1]
-        first = int(stage.min())
-        v = self.patched_sequences(layer, patches)
-        a1 = corrupt["a1"][layer].expand(len(patches), -1, -1)
-        if first == 0:
-            own = block.attention.output.LayerNorm(block.attention.output.dense(v["self_attn"]) + corrupt["h_in"][layer])
-            a1 = torch.where(stage == 0, own, a1)
-        a2 = corrupt["a2"][layer].expand(len(patches), -1, -1)
-        if first <= 1:
-            ctx2 = torch.where(stage == 0, self._cross_attention(layer, a1), v["cross_attn"]) if first == 0 else v["cross_attn"]
-            own = block.crossattention.output.LayerNorm(block.crossattention.output.dense(ctx2) + a1)
-            a2 = torch.where(stage <= 1, own, a2)
-        out = v["layer"]
-        if first <= 2:
-            m = torch.where(stage <= 1, self._mlp(layer, a2), v["mlp"]) if first <= 1 else v["mlp"]
-            out = torch.where(stage <= 2, block.output.LayerNorm(m + a2), out)
-        return out
+        pos = torch.tensor([p.position for p in patches], device=self.adapter.device)
+        stage = self.stage_of(patches)
+        v = self.patched_inputs(layer, patches)
+        own_a1 = block.attention.output.LayerNorm(block.attention.output.dense(v["self_attn"]) + corrupt["h_in"][layer][pos])
+        a1 = torch.where(stage == 0, own_a1, corrupt["a1"][layer][pos])
+        ctx2 = torch.where(stage == 0, self._cross_attention(layer, a1[:, None])[:, 0], v["cross_attn"])
+        own_a2 = block.crossattention.output.LayerNorm(block.crossattention.output.dense(ctx2) + a1)
+        a2 = torch.where(stage <= 1, own_a2, corrupt["a2"][layer][pos])
+        m = torch.where(stage <= 1, self._mlp(layer, a2), v["mlp"])
+        out = torch.where(stage <= 2, block.output.LayerNorm(m + a2), v["layer"])
+        rows = corrupt["layer"][layer].expand(len(patches), -1, -1).clone()
+        rows[torch.arange(len(patches)), pos] = out
+        return rows
 
     def _decode(self, encoded: torch.Tensor) -> torch.Tensor:
-        """First decoder step (BOS cross-attending to the encoder output): logits [B, V] (float32).
+        """First decoder step (BOS cross-attending to the encoder output): logits [1, V] (float32) of
+        the clean or corrupt run.
 
-        Mirrors the decoder's layers for a single query token, in the same operation order as
-        modeling_blip_text, so that a row's logits round like the Hugging Face forward's. One exact
-        shortcut: self-attention over one token has weight exactly 1, so its output is the value
-        projection. (Folding the key projection into the query side would skip projecting every
-        encoder position of every row, but it rounds differently: up to 1e-6 absolute on the logits.)
+        Mirrors the decoder's layers in the same operation order as modeling_blip_text, so the clean
+        and corrupt scores are bit-identical to the Hugging Face forward's. One exact shortcut:
+        self-attention over one token has weight exactly 1, so its output is the value projection.
         """
         decoder = self.adapter.model.text_decoder
         B, T, D = encoded.shape
@@ -168,6 +162,34 @@ class BlipFast(FastFamily):
             a2 = block.crossattention.output.LayerNorm(block.crossattention.output.dense(ctx) + a1)
             h = block.output.LayerNorm(block.output.dense(block.intermediate(a2)) + a2)
         return decoder.cls(h)[:, 0].float()
+
+    def _decode_rows(self, encoded: torch.Tensor) -> torch.Tensor:
+        """`_decode` for many patched rows at once, logits [B, V] (float32), with one more exact
+        shortcut: cross-attention from one query folds the key/value projections into the query side
+        (scores_h = (W_k,h^T q_h)·e_j + q_h·b_k,h; output_h = W_v,h (sum_j p_hj e_j) + b_v,h), which
+        avoids projecting every encoder position of every row. It sums in a different order than the
+        model does: rows agree with the hooked forward to float rounding (~1e-6 on float32 logits).
+        """
+        decoder = self.adapter.model.text_decoder
+        B, T, D = encoded.shape
+        H, d = self.n_heads, self.head_dim
+        bos = torch.full((1, 1), self.adapter.model.config.text_config.bos_token_id, device=encoded.device)
+        h = decoder.bert.embeddings(input_ids=bos)[:, 0].expand(B, D)
+        blocked = ~self.question_mask.bool()[:, None, :]  # [1, 1, T]
+        for block in decoder.bert.encoder.layer:
+            a1 = block.attention.output.LayerNorm(block.attention.output.dense(block.attention.self.value(h)) + h)
+            attn = block.crossattention.self
+            q = attn.query(a1).view(B, H, d)
+            w_k, w_v = attn.key.weight.view(H, d, D), attn.value.weight.view(H, d, D)
+            folded = torch.matmul(q.transpose(0, 1), w_k).transpose(0, 1)  # [B, H, D]
+            bias = (q * attn.key.bias.view(H, d)).sum(-1, keepdim=True)  # [B, H, 1]
+            scores = (torch.matmul(folded, encoded.transpose(1, 2)) + bias) / math.sqrt(d)
+            probs = torch.softmax(scores.masked_fill(blocked, torch.finfo(scores.dtype).min), dim=-1)
+            mixed = torch.matmul(probs, encoded)  # [B, H, D]
+            ctx = torch.matmul(w_v, mixed.permute(1, 2, 0)).permute(2, 0, 1) + attn.value.bias.view(H, d)
+            a2 = block.crossattention.output.LayerNorm(block.crossattention.output.dense(ctx.reshape(B, H * d)) + a1)
+            h = block.output.LayerNorm(block.output.dense(block.intermediate(a2)) + a2)
+        return decoder.cls(h).float()
 
     # -- patched rows -----------------------------------------------------------------------
     def order_key(self, patch: Patch) -> tuple:
@@ -195,4 +217,4 @@ class BlipFast(FastFamily):
                 new = self._enter(layer, [patches[i] for i in entering])
                 h = new if h is None else torch.cat([h, new])
                 order += entering
-        return self._decode(h)[rows_by_index(order, h.device)]
+        return self._decode_rows(h)[rows_by_index(order, h.device)]

@@ -129,21 +129,6 @@ class FastFamily(ABC):
         return values
 
 
-    def patched_sequences(self, layer: int, patches: Sequence[Patch]) -> dict[str, torch.Tensor]:
-        """Per stage site, [n, T, width]: the corrupt run's whole sequence, where each patch's own site
-        (all of it, or its head's slice) at its position is taken from the clean run."""
-        device = self.adapter.device
-        rows = torch.arange(len(patches), device=device)
-        positions = torch.tensor([p.position for p in patches], device=device)
-        at_patch = self.patched_inputs(layer, patches)
-        values = {}
-        for site, value in at_patch.items():
-            sequence = self.activation("corrupt", site, layer).expand(len(patches), -1, -1).clone()
-            sequence[rows, positions] = value
-            values[site] = sequence
-        return values
-
-
 def head_slice(head: int, head_dim: int) -> slice:
     """Columns of `head` in an attention site ([h*d:(h+1)*d]); every column for a module site (-1)."""
     return slice(None) if head < 0 else slice(head * head_dim, (head + 1) * head_dim)
