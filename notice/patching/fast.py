@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 # Importing the family modules registers their engines in FAST_FAMILIES.
 from notice.patching import fast_blip, fast_llava  # noqa: F401
-from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
+from notice.adapters.base import ModelInput, Patch, VLMAdapter
 from notice.metrics import Scores, answer_prob, logit_diff, result_row, scores
 from notice.patching.fast_core import FAST_FAMILIES, CleanRun, FastFamily, ImageFn
+from notice.patching.reference import check_patch
 
 DEFAULT_BATCH_ROWS = 64
 CPU_MEMORY_BUDGET = 1 << 30  # bytes of working memory for the rows of one chunk on a CPU
@@ -74,18 +75,6 @@ def chunks(engine: FastFamily, patches: Sequence[Patch], order: Sequence[int], b
         yield chunk
 
 
-def _check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
-    is_head = patch.site in HEAD_SITE_PARENT
-    if is_head and not 0 <= patch.head < adapter.n_heads:
-        raise ValueError(f"{patch}: head must be in [0, {adapter.n_heads})")
-    if not is_head and patch.head != -1:
-        raise ValueError(f"{patch}: a module site takes no head (head=-1)")
-    if not 0 <= patch.position < seq_len:
-        raise ValueError(f"{patch}: position outside the prompt of length {seq_len}")
-    if not 0 <= patch.layer < adapter.n_layers:
-        raise ValueError(f"{patch}: layer must be in [0, {adapter.n_layers})")
-
-
 def _batch_scores(logits: torch.Tensor, tau: int, tau_p: int) -> list[Scores]:
     lds, ps = logit_diff(logits, tau, tau_p).tolist(), answer_prob(logits, tau).tolist()
     return [Scores(ld, p) for ld, p in zip(lds, ps)]
@@ -120,7 +109,7 @@ def patch_sample(
         )
     seq_len = clean_inp.input_ids.shape[1]
     for patch in patches:
-        _check_patch(adapter, patch, seq_len)
+        check_patch(adapter, patch, seq_len)
     engine = family_engine(adapter)(adapter, clean_inp, corrupt_inp, corrupt_image_fn, clean)
     clean_scores, corrupt = scores(engine.clean_logits, tau, tau_p), scores(engine.corrupt_logits, tau, tau_p)
 

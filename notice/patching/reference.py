@@ -88,7 +88,8 @@ def capture_activations(
     return capture(adapter, inp, sites, image_fn)[1]
 
 
-def _check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
+def check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
+    """Raise ValueError naming the patch when its head, position or layer does not exist."""
     is_head = patch.site in HEAD_SITE_PARENT
     if is_head and not 0 <= patch.head < adapter.n_heads:
         raise ValueError(f"{patch}: head must be in [0, {adapter.n_heads})")
@@ -96,6 +97,8 @@ def _check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
         raise ValueError(f"{patch}: a module site takes no head (head=-1)")
     if not 0 <= patch.position < seq_len:
         raise ValueError(f"{patch}: position outside the prompt of length {seq_len}")
+    if not 0 <= patch.layer < adapter.n_layers:
+        raise ValueError(f"{patch}: layer must be in [0, {adapter.n_layers})")
 
 
 def _overwrite(patch: Patch, clean: torch.Tensor, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -125,7 +128,7 @@ def run_patched(
     with ExitStack() as stack:
         stack.enter_context(image_embeddings_replaced(adapter, corrupt_image_fn))
         for p in patches:
-            _check_patch(adapter, p, corrupt_inp.input_ids.shape[1])
+            check_patch(adapter, p, corrupt_inp.input_ids.shape[1])
             key = activation_key(p.site, p.layer)
             module, kind = adapter.site_module(*key)
             stack.enter_context(_hook(module, kind, _overwrite(p, clean_acts[key], adapter.head_dim)))
