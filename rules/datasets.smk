@@ -8,7 +8,8 @@ rule synthetic_dataset:
     wildcard_constraints:
         dataset=kind_constraint("synthetic"),
     params:
-        section=dataset_section,
+        # Without the distractor settings: changing them must not regenerate the images.
+        section=lambda wildcards: {k: v for k, v in dataset_section(wildcards).items() if k != "distractors"},
         seed=config["seed"],
         out_dir=lambda wildcards: dataset_dir(wildcards.dataset),
     log:
