@@ -14,7 +14,6 @@ negative triplet) it is used as is, and its cosine is still recorded.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Literal, Mapping, Sequence
 
@@ -22,22 +21,13 @@ import numpy as np
 import pandas as pd
 from gensim.models import KeyedVectors
 
-from notice.tables import DISTRACTOR_COLUMNS, DISTRACTOR_REJECTION_COLUMNS, EXCLUSION_COLUMNS
+from notice.tables import DISTRACTOR_COLUMNS, DISTRACTOR_REJECTION_COLUMNS, EXCLUSION_COLUMNS, make_table, stable_seed
 from notice.vectors import cosine, phrase_vector
 
 Rule = Literal["same_group", "other_group", "any"]
 RULES: tuple[str, ...] = ("same_group", "other_group", "any")
 GIVEN_COLUMN = "distractor_given"
 STAGE = "distractors"
-
-
-def stable_seed(seed: int, *keys: object) -> int:
-    """A non-negative 63-bit seed from `seed` and `keys`, identical across runs, machines and Pythons.
-
-    (Python's hash() is salted per process, so it cannot be used for this.)
-    """
-    text = "\x1f".join(str(part) for part in (seed, *keys))
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
 
 
 def choose_distractors(
@@ -214,9 +204,3 @@ def _distractor_row(sample_id: str, task: str, answer: str, distractor: str, cos
 
 def _exclusion(sample_id: str, reason: str) -> dict:
     return {"sample_id": sample_id, "stage": STAGE, "reason": reason}
-
-
-def make_table(rows: list[dict], columns: Sequence[str], dtypes: Mapping[str, str]) -> pd.DataFrame:
-    """A table with exactly `columns`, string columns as str and the given dtypes, even when empty."""
-    df = pd.DataFrame(rows, columns=list(columns))
-    return df.astype({c: dtypes.get(c, "str") for c in columns})

@@ -36,8 +36,7 @@ from tqdm import tqdm
 
 from notice.datasets import RowError
 from notice.datasets.svo_probes import parse_triplet
-from notice.distractors import make_table, stable_seed
-from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, check_columns
+from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, check_columns, make_table, stable_seed
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-inpainting"
 PROMPT_TEMPLATE = "a picture of {subject} {verb} {object}"

@@ -21,8 +21,9 @@ from typing import Callable, Literal, Sequence
 
 import pandas as pd
 
-from notice.distractors import make_table, stable_seed
-from notice.tables import EXCLUSION_COLUMNS, PAIR_COLUMNS, PROMPT_COLUMNS, check_columns
+from notice.tables import (
+    EXCLUSION_COLUMNS, PAIR_COLUMNS, PROMPT_COLUMNS, check_columns, make_table, stable_seed,
+)
 
 Tokenize = Callable[[str], list[int]]
 # (sample_id, first option, second option) -> that sample's question with these options, in this order.

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from PIL import Image
 
 
@@ -46,25 +45,36 @@ def resolve_device(spec: str = "auto") -> str:
         from notice.gpu import job_device
 
         return job_device()
+    import torch  # here, not at the top: jobs that only read and write tables start faster without it
+
     if spec.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"config asks for device {spec!r} but torch sees no CUDA device")
     return spec
 
 
-def load_model(model_path: str, section: dict, device: str | None = None):
+def load_model(model_path: str, section: dict):
     """The model's adapter, loaded with the device, dtype and prompt template of its config section.
 
-    `device` overrides the section's: jobs without a GPU (tokenising, building prompts) pass "cpu" so
-    that they never take a GPU that Snakemake did not count for them.
+    Call it only in jobs with `resources: gpu=1` (the device may be a leased GPU).
     """
     from notice.adapters.loading import load_adapter
 
     return load_adapter(
         model_path,
-        device=device or resolve_device(section.get("device", "auto")),
+        device=resolve_device(section.get("device", "auto")),
         dtype=section.get("dtype", "float32"),
         prompt_template=section.get("prompt_template"),
     )
+
+
+def load_tokenizing_model(model_path: str, section: dict):
+    """The model's adapter without weights, for jobs without a GPU that format and tokenise prompts.
+
+    Takes no GPU and almost no memory (LLaVA-7B's weights would need 14 GB just to tokenise).
+    """
+    from notice.adapters.loading import load_adapter
+
+    return load_adapter(model_path, prompt_template=section.get("prompt_template"), weights=False)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -78,5 +88,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 def set_threads(n: int) -> None:
     """Use the cores Snakemake gave the job, no more (jobs run side by side)."""
+    import torch
+
     torch.set_num_threads(max(1, n))
     print(f"torch threads: {torch.get_num_threads()}", file=sys.stderr)

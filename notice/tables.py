@@ -6,8 +6,9 @@ fails loudly with the file name, instead of silently producing misaligned result
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -106,3 +107,18 @@ def write_csv(df: pd.DataFrame, path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     df.to_csv(tmp, index=False)
     tmp.replace(path)
+
+
+def stable_seed(seed: int, *keys: object) -> int:
+    """A non-negative 63-bit seed from `seed` and `keys`, identical across runs, machines and Pythons.
+
+    (Python's hash() is salted per process, so it cannot be used for this.)
+    """
+    text = "\x1f".join(str(part) for part in (seed, *keys))
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") >> 1
+
+
+def make_table(rows: list[dict], columns: Sequence[str], dtypes: Mapping[str, str]) -> pd.DataFrame:
+    """A table with exactly `columns`, string columns as str and the given dtypes, even when empty."""
+    df = pd.DataFrame(rows, columns=list(columns))
+    return df.astype({c: dtypes.get(c, "str") for c in columns})

@@ -164,6 +164,22 @@ def test_save_pretrained_then_load_adapter(tmp_path, make):
     torch.testing.assert_close(loaded.answer_logits(loaded.prepare(noise_image(3), prompt)), expected, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("make", [blip_adapter, llava_adapter])
+def test_tokenizing_adapter_has_no_weights_and_tokenises_like_the_model(tmp_path, make):
+    adapter = make()
+    adapter.model.save_pretrained(tmp_path)
+    adapter.processor.save_pretrained(tmp_path)
+    tokenizing = load_adapter(str(tmp_path), weights=False)
+    assert tokenizing.device.type == "meta"
+    assert (tokenizing.n_layers, tokenizing.n_heads, tokenizing.head_dim) == (adapter.n_layers, adapter.n_heads, adapter.head_dim)
+    prompt = tokenizing.format_prompt(QUESTION)
+    assert prompt == adapter.format_prompt(QUESTION)
+    assert [tokenizing.option_token_id(o) for o in ("red", "green")] == [adapter.option_token_id(o) for o in ("red", "green")]
+    assert tokenizing.processor.tokenizer(prompt)["input_ids"] == adapter.processor.tokenizer(prompt)["input_ids"]
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        tokenizing.answer_logits(tokenizing.prepare(noise_image(3), prompt))
+
+
 def test_model_id_found_in_the_hf_cache_named_by_hf_home(tmp_path):
     # The layout `huggingface-cli download` leaves: hub/models--<org>--<name>/{refs/main, snapshots/<rev>/}.
     adapter = blip_adapter()

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from gensim.models import KeyedVectors
 
-from notice.distractors import choose_distractors, stable_seed
+from notice.distractors import choose_distractors
+from notice.tables import stable_seed
 from notice.tables import DISTRACTOR_COLUMNS, DISTRACTOR_REJECTION_COLUMNS, EXCLUSION_COLUMNS, write_table
 
 # Colour and shape words: 2-d vectors at known angles from "red" (1, 0), so cosine with red = COSINES.

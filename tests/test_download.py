@@ -1,18 +1,15 @@
 """The image downloader against a local HTTP server (127.0.0.1, random port) with good and bad answers."""
 
 import hashlib
-import io
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
+from http_fixtures import FixtureHandler, image_bytes, serve
 from notice.datasets.svo_probes import CSV_COLUMNS, read_svo_probes
 from notice.download import DOWNLOAD_COLUMNS, Settings, download_images, url_key
 
@@ -20,22 +17,15 @@ TIMEOUT = 0.5
 SETTINGS = Settings(timeout=TIMEOUT, retries=1, backoff=0.01)
 
 
-def _image_bytes(fmt: str, seed: int) -> bytes:
-    array = np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
 GOOD = {
-    "/a.png": ("image/png", _image_bytes("PNG", 1)),
-    "/b.jpg": ("image/jpeg", _image_bytes("JPEG", 2)),
-    "/c.png": ("image/png", _image_bytes("PNG", 3)),
-    "/photo?id=7": ("image/jpeg", _image_bytes("JPEG", 4)),  # no extension in the URL
+    "/a.png": ("image/png", image_bytes(1, "PNG")),
+    "/b.jpg": ("image/jpeg", image_bytes(2, "JPEG")),
+    "/c.png": ("image/png", image_bytes(3, "PNG")),
+    "/photo?id=7": ("image/jpeg", image_bytes(4, "JPEG")),  # no extension in the URL
 }
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(FixtureHandler):
     requests: Counter = Counter()
     lock = threading.Lock()
 
@@ -44,51 +34,33 @@ class Handler(BaseHTTPRequestHandler):
             self.requests[self.path] += 1
             count = self.requests[self.path]
         if self.path in GOOD:
-            return self._send(200, *GOOD[self.path])
+            return self.send(200, *GOOD[self.path])
         if self.path == "/missing.png":
-            return self._send(404, "text/html", b"<html>not found</html>")
+            return self.send(404, "text/html", b"<html>not found</html>")
         if self.path == "/page.jpg":
-            return self._send(200, "text/html", b"<html><body>consent page</body></html>")
+            return self.send(200, "text/html", b"<html><body>consent page</body></html>")
         if self.path == "/truncated.jpg":
-            data = _image_bytes("JPEG", 5)
-            return self._send(200, "image/jpeg", data[: len(data) // 2])
+            data = image_bytes(5, "JPEG")
+            return self.send(200, "image/jpeg", data[: len(data) // 2])
         if self.path == "/slow.png":
             time.sleep(TIMEOUT * 3)
-            return self._send(200, *GOOD["/a.png"])
+            return self.send(200, *GOOD["/a.png"])
         if self.path == "/deleted.jpg":  # how Flickr answers a deleted photo
             self.send_response(302)
             self.send_header("Location", "/images/photo_unavailable.png")
             self.send_header("Content-Length", "0")
             return self.end_headers()
         if self.path == "/images/photo_unavailable.png":
-            return self._send(200, *GOOD["/a.png"])
+            return self.send(200, *GOOD["/a.png"])
         if self.path == "/flaky.png":  # fails once, then works: retried
-            return self._send(503, "text/plain", b"busy") if count == 1 else self._send(200, *GOOD["/c.png"])
-        return self._send(500, "text/plain", b"unexpected path")
-
-    def _send(self, status: int, content_type: str, body: bytes):
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (timeout test): nothing left to answer
-
-    def log_message(self, *args):
-        pass
+            return self.send(503, "text/plain", b"busy") if count == 1 else self.send(200, *GOOD["/c.png"])
+        return self.send(500, "text/plain", b"unexpected path")
 
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(Handler) as url:
+        yield url
 
 
 BAD_REASONS = {

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from notice import gpu
-from workflow_helpers import snakemake, write_config
+from workflow_helpers import sharded_blip_config, snakemake, write_config
 
 HOLDER = textwrap.dedent(
     """
@@ -133,32 +133,7 @@ def test_no_gpu_means_the_cpu_and_no_lock(monkeypatch, tmp_path):
 
 # -- acceptance: the workflow's GPU jobs on a machine with two (fake) GPUs ---------------------------
 N_SHARDS = 3
-LEASE_TINY = {
-    "seed": 0,
-    "datasets": {
-        "synthetic": {
-            "kind": "synthetic",
-            "n_scenes": 12,
-            "tasks": {
-                "colour": {"question": "is the {subject} {a} or {b}?",
-                           "values": ["red", "green", "blue", "yellow", "purple"]},
-                "shape": {"question": "is the {subject} a {a} or a {b}?",
-                          "values": ["circle", "square", "triangle", "cross"]},
-            },
-            "distractors": {"cosine_threshold": 0.88},
-        },
-    },
-    "models": {
-        "toy_blip": {"train": {"family": "blip", "dataset": "synthetic", "steps": 20, "seed": 0,
-                               "n_train_images": 200, "n_eval_images": 20}},
-    },
-    "corruptions": {"sip": {}},
-    "selection": {"n_per_task": 2},
-    "sharding": {"n_shards": N_SHARDS},
-    "gpu_jobs": {"threads": 1, "mem_mb": 1000, "runtime": 10},
-    "patching": {"engine": "reference", "head_sites": False},
-    "analysis": {"bootstrap_draws": 5},
-}
+LEASE_TINY = sharded_blip_config(n_scenes=12, n_shards=N_SHARDS)
 TARGETS = [f"results/toy_blip/synthetic/patching/{corruption}.parquet" for corruption in LEASE_TINY["corruptions"]]
 GPU_RULE_LOGS = ("evaluate", "cache_clean", "patch")
 STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"

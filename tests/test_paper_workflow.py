@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import re
 import shutil
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,7 @@ from notice import toy_models
 from notice.datasets.facial_expressions import EMOTIONS
 from notice.datasets.svo_probes import CSV_COLUMNS
 from notice.evaluate import ALL_CATEGORIES
+from http_fixtures import FixtureHandler, image_bytes, serve
 from test_inpainting import _tiny_pipeline_dir
 from toy_adapters import blip_adapter, llava_adapter
 from workflow_helpers import REPO, snakemake, write_config
@@ -50,52 +49,27 @@ EXTRA_WORDS = [
 
 
 # -- the image server ------------------------------------------------------------------------------------
-def image_bytes(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (32, 24)) -> bytes:
-    array = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-class Handler(BaseHTTPRequestHandler):
+class Handler(FixtureHandler):
     def do_GET(self):  # noqa: N802 (http.server's name)
         if match := re.fullmatch(r"/img/(\d+)\.jpg", self.path):
-            return self._send(200, "image/jpeg", image_bytes(int(match.group(1))))
+            return self.send(200, "image/jpeg", image_bytes(int(match.group(1))))
         if self.path == "/missing.jpg":
-            return self._send(404, "text/html", b"<html>not found</html>")
+            return self.send(404, "text/html", b"<html>not found</html>")
         if self.path == "/truncated.jpg":
             data = image_bytes(99)
-            return self._send(200, "image/jpeg", data[: len(data) // 2])
+            return self.send(200, "image/jpeg", data[: len(data) // 2])
         if self.path == "/page.jpg":
-            return self._send(200, "text/html", b"<html><body>consent page</body></html>")
+            return self.send(200, "text/html", b"<html><body>consent page</body></html>")
         if self.path == "/slow.jpg":
             time.sleep(TIMEOUT_S * 3)
-            return self._send(200, "image/jpeg", image_bytes(98))
-        return self._send(500, "text/plain", b"unexpected path")
-
-    def _send(self, status: int, content_type: str, body: bytes):
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the downloader gave up on the slow answer: nothing left to answer
-
-    def log_message(self, *args):
-        pass
+            return self.send(200, "image/jpeg", image_bytes(98))
+        return self.send(500, "text/plain", b"unexpected path")
 
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(Handler) as url:
+        yield url
 
 
 # -- SVO-Probes --------------------------------------------------------------------------------------------
@@ -547,9 +521,14 @@ def test_same_seed_same_bytes_other_seed_other_manifests(workdir, sources, tmp_p
     # One model is enough here (per-model outputs do not depend on the other model), and halves the time.
     model = "llava"
     again, other = tmp_path / "again", tmp_path / "other"
-    for work, seed in ((again, 0), (other, 1)):
-        work.mkdir()
-        run_data_stages(work, data_config(sources, seed, models=(model,)))
+    # Side by side: each run leaves cores idle between its short jobs.
+    again.mkdir()
+    other.mkdir()
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(run_data_stages, work, data_config(sources, seed, models=(model,)))
+                for work, seed in ((again, 0), (other, 1))]
+        for run in runs:
+            run.result()
     first = digests(workdir, model)
     assert digests(again, model) == first
     changed = {path for path, digest in digests(other, model).items() if digest != first[path]}

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow_helpers import REPO, snakemake, write_config
+from workflow_helpers import REPO, sharded_blip_config, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -231,32 +231,7 @@ def cluster(tmp_path_factory):
 
 
 N_SHARDS = 2
-SLURM_TINY = {
-    "seed": 0,
-    "datasets": {
-        "synthetic": {
-            "kind": "synthetic",
-            "n_scenes": 8,
-            "tasks": {
-                "colour": {"question": "is the {subject} {a} or {b}?",
-                           "values": ["red", "green", "blue", "yellow", "purple"]},
-                "shape": {"question": "is the {subject} a {a} or a {b}?",
-                          "values": ["circle", "square", "triangle", "cross"]},
-            },
-            "distractors": {"cosine_threshold": 0.88},
-        },
-    },
-    "models": {
-        "toy_blip": {"train": {"family": "blip", "dataset": "synthetic", "steps": 20, "seed": 0,
-                               "n_train_images": 200, "n_eval_images": 20}},
-    },
-    "corruptions": {"sip": {}},
-    "selection": {"n_per_task": 2},
-    "sharding": {"n_shards": N_SHARDS},
-    "gpu_jobs": {"threads": 1, "mem_mb": 1000, "runtime": 10},
-    "patching": {"engine": "reference", "head_sites": False},
-    "analysis": {"bootstrap_draws": 5},
-}
+SLURM_TINY = sharded_blip_config(n_scenes=8, n_shards=N_SHARDS)
 # Built locally first (CPU work); the SLURM run then does the per-sample GPU stages and their gathers.
 LOCAL_TARGET = "results/toy_blip/synthetic/prompts.parquet"
 SLURM_TARGET = "results/toy_blip/synthetic/answers.parquet"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from notice.tables import RESULT_COLUMNS
-from workflow_helpers import snakemake, write_config
+from workflow_helpers import snakemake, synthetic_dataset, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -19,17 +19,9 @@ MODELS = ("toy_blip", "toy_llava")
 TINY = {
     "seed": 0,
     "datasets": {
-        "synthetic": {
-            "kind": "synthetic",
-            "n_scenes": 16,
-            "tasks": {
-                "colour": {"question": "is the {subject} {a} or {b}?",
-                           "values": ["red", "green", "blue", "yellow", "purple"]},
-                "shape": {"question": "is the {subject} a {a} or a {b}?",
-                          "values": ["circle", "square", "triangle", "cross"]},
-            },
-            "distractors": {"cosine_threshold": 0.88},
-        },
+        "synthetic": synthetic_dataset(16),
+        # Two datasets, so that "only this dataset's chain reruns" means something; SIP alone keeps it cheap.
+        "synthetic_b": {**synthetic_dataset(8), "corruptions": ["sip"]},
     },
     "models": {
         name: {"train": {"family": family, "dataset": "synthetic", "steps": 250, "seed": 0,
@@ -41,15 +33,6 @@ TINY = {
     "patching": {"engine": "reference"},
     "analysis": {"bootstrap_draws": 20},
 }
-
-
-def synthetic_dataset(n_scenes: int, threshold: float = 0.88) -> dict:
-    return {**copy.deepcopy(TINY["datasets"]["synthetic"]), "n_scenes": n_scenes,
-            "distractors": {"cosine_threshold": threshold}}
-
-
-# Two datasets, so that "only this dataset's chain reruns" means something.
-TINY["datasets"]["synthetic_b"] = synthetic_dataset(8)
 
 
 def planned(output: str) -> list[tuple[str, dict[str, str]]]:
@@ -64,8 +47,8 @@ def planned(output: str) -> list[tuple[str, dict[str, str]]]:
     return jobs
 
 
-def dry_run(workdir: Path, config: dict, name: str) -> list[tuple[str, dict[str, str]]]:
-    result = snakemake(workdir, "-n", configfile=write_config(workdir / name, config))
+def dry_run(workdir: Path, config: dict, name: str, *targets: str) -> list[tuple[str, dict[str, str]]]:
+    result = snakemake(workdir, "-n", *targets, configfile=write_config(workdir / name, config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return planned(result.stdout + result.stderr)
 
@@ -137,7 +120,8 @@ def test_changing_patching_settings_reruns_only_patching_and_after(workdir):
     result = snakemake(workdir, "-n", configfile=changed)
     assert result.returncode == 0
     jobs = planned_jobs(result.stdout + result.stderr)
-    assert jobs.get("patch") == len(MODELS) * len(TINY["datasets"]) * len(TINY["corruptions"])
+    n_tables = sum(len(dataset.get("corruptions", TINY["corruptions"])) for dataset in TINY["datasets"].values())
+    assert jobs.get("patch") == len(MODELS) * n_tables
     assert set(jobs) <= {"patch", "gather_patching", "analyse_heads", "figures", "report", "all"}, jobs
 
 
@@ -176,6 +160,15 @@ def test_changing_a_threshold_reruns_that_datasets_chain_only(workdir):
 RESULT_KEYS = ["sample_id", "site", "layer", "head", "position"]
 
 
+def patching_table(model: str, corruption: str) -> str:
+    return f"results/{model}/synthetic/patching/{corruption}.parquet"
+
+
+# One table's chain is enough to show resumption (and keeps the test short): new sharding reruns it
+# from the evaluation on.
+CRASH_TARGET = patching_table("toy_blip", "sip")
+
+
 def test_a_crashed_shard_is_resumed_without_recomputing_finished_ones(workdir, tmp_path):
     work = tmp_path / "copy"
     shutil.copytree(workdir, work, symlinks=True)
@@ -184,31 +177,33 @@ def test_a_crashed_shard_is_resumed_without_recomputing_finished_ones(workdir, t
     configfile = write_config(work / "sharded.yaml", config)
     ids = sorted(pd.read_parquet(work / "results/toy_blip/synthetic/selected.parquet")["sample_id"])
     failing = ids[-1]  # the last id lands in shard 1 of 2
-    failed = snakemake(work, "--cores", "2", "--keep-going", configfile=configfile,
+    failed = snakemake(work, "--cores", "2", "--keep-going", CRASH_TARGET, configfile=configfile,
                        env={"NOTICE_FAIL_AT_SAMPLE": failing})
     assert failed.returncode != 0
     shards = work / "results/toy_blip/synthetic/patching/sip"
     assert (shards / "shard0-of2.parquet").exists()
     assert not (shards / "shard1-of2.parquet").exists() and not list(shards.glob("*.tmp"))
     assert "failing on purpose" in (work / "results/logs/patch/toy_blip/synthetic/sip/shard1-of2.log").read_text()
-    finished = {path: path.stat().st_mtime_ns for path in work.glob("results/*/*/patching/*/shard*-of2.parquet")}
+    finished = {path: path.stat().st_mtime_ns for pattern in ("answers/shard*-of2.parquet", "clean_cache/shard*-of2.pt",
+                                                              "patching/sip/shard*-of2.parquet")
+                for path in work.glob(f"results/toy_blip/synthetic/{pattern}")}
+    assert len(finished) == 2 + 2 + 1, finished  # both evaluation and clean-cache shards, one patching shard
 
-    jobs = dry_run(work, config, "sharded.yaml")
-    assert {rule for rule, _ in jobs} <= {"patch", "gather_patching"} | GATHERING
-    assert all(wildcards.get("shard") == "shard1-of2" for rule, wildcards in jobs if rule == "patch")
+    jobs = dry_run(work, config, "sharded.yaml", CRASH_TARGET)
+    assert {rule for rule, _ in jobs} == {"patch", "gather_patching"}, jobs
+    assert [wildcards.get("shard") for rule, wildcards in jobs if rule == "patch"] == ["shard1-of2"]
 
-    resumed = snakemake(work, "--cores", "2", configfile=configfile)
+    resumed = snakemake(work, "--cores", "2", CRASH_TARGET, configfile=configfile)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in finished.items())
-    for model in MODELS:
-        for corruption in TINY["corruptions"]:
-            table = f"results/{model}/synthetic/patching/{corruption}.parquet"
-            uninterrupted = pd.read_parquet(workdir / table).sort_values(RESULT_KEYS).reset_index(drop=True)
-            resumed_table = pd.read_parquet(work / table).sort_values(RESULT_KEYS).reset_index(drop=True)
-            pd.testing.assert_frame_equal(uninterrupted, resumed_table, check_exact=False, atol=1e-6, rtol=0)
+    uninterrupted = pd.read_parquet(workdir / CRASH_TARGET).sort_values(RESULT_KEYS).reset_index(drop=True)
+    resumed_table = pd.read_parquet(work / CRASH_TARGET).sort_values(RESULT_KEYS).reset_index(drop=True)
+    pd.testing.assert_frame_equal(uninterrupted, resumed_table, check_exact=False, atol=1e-6, rtol=0)
 
 
 COMPARED = ["ld_clean", "ld_corrupt", "ld_patched", "p_clean", "p_corrupt", "p_patched", "logit_diff", "prob_restoration"]
+# Every model and corruption of one dataset: both engine families, both modalities, noise.
+ENGINE_TARGETS = [patching_table(model, corruption) for model in MODELS for corruption in TINY["corruptions"]]
 
 
 def test_fast_engine_gives_the_reference_engines_tables(workdir, tmp_path):
@@ -217,17 +212,15 @@ def test_fast_engine_gives_the_reference_engines_tables(workdir, tmp_path):
     shutil.copytree(workdir, work, symlinks=True)
     config = copy.deepcopy(TINY)
     config["patching"]["engine"] = "fast"
-    jobs = dry_run(work, config, "fast.yaml")
-    assert {rule for rule, _ in jobs} <= {"patch", "gather_patching"} | GATHERING, jobs
-    result = snakemake(work, "--cores", "2", configfile=work / "fast.yaml")
+    jobs = dry_run(work, config, "fast.yaml", *ENGINE_TARGETS)
+    assert {rule for rule, _ in jobs} == {"patch", "gather_patching"}, jobs
+    result = snakemake(work, "--cores", "2", *ENGINE_TARGETS, configfile=work / "fast.yaml")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for model in MODELS:
-        for corruption in TINY["corruptions"]:
-            table = f"results/{model}/synthetic/patching/{corruption}.parquet"
-            reference = pd.read_parquet(workdir / table)
-            fast = pd.read_parquet(work / table)
-            # Same rows in the same order, same keys; numbers equal up to float32 rounding.
-            key_columns = [c for c in RESULT_COLUMNS if c not in COMPARED]
-            pd.testing.assert_frame_equal(reference[key_columns], fast[key_columns])
-            scale = reference[COMPARED].abs().clip(lower=1.0)
-            assert ((fast[COMPARED] - reference[COMPARED]).abs() / scale).max().max() <= 1e-5, (model, corruption)
+    for table in ENGINE_TARGETS:
+        reference = pd.read_parquet(workdir / table)
+        fast = pd.read_parquet(work / table)
+        # Same rows in the same order, same keys; numbers equal up to float32 rounding.
+        key_columns = [c for c in RESULT_COLUMNS if c not in COMPARED]
+        pd.testing.assert_frame_equal(reference[key_columns], fast[key_columns])
+        scale = reference[COMPARED].abs().clip(lower=1.0)
+        assert ((fast[COMPARED] - reference[COMPARED]).abs() / scale).max().max() <= 1e-5, table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -27,3 +28,31 @@ def snakemake(
         command += ["--configfile", str(configfile)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+SYNTHETIC_TASKS = {
+    "colour": {"question": "is the {subject} {a} or {b}?", "values": ["red", "green", "blue", "yellow", "purple"]},
+    "shape": {"question": "is the {subject} a {a} or a {b}?", "values": ["circle", "square", "triangle", "cross"]},
+}
+
+
+def synthetic_dataset(n_scenes: int, threshold: float = 0.88) -> dict:
+    """A config section for the embedded synthetic dataset with both tasks."""
+    return {"kind": "synthetic", "n_scenes": n_scenes, "tasks": copy.deepcopy(SYNTHETIC_TASKS),
+            "distractors": {"cosine_threshold": threshold}}
+
+
+def sharded_blip_config(n_scenes: int, n_shards: int) -> dict:
+    """The smallest run through the GPU stages: one barely trained toy BLIP, SIP, module sites only."""
+    return {
+        "seed": 0,
+        "datasets": {"synthetic": synthetic_dataset(n_scenes)},
+        "models": {"toy_blip": {"train": {"family": "blip", "dataset": "synthetic", "steps": 20, "seed": 0,
+                                          "n_train_images": 200, "n_eval_images": 20}}},
+        "corruptions": {"sip": {}},
+        "selection": {"n_per_task": 2},
+        "sharding": {"n_shards": n_shards},
+        "gpu_jobs": {"threads": 1, "mem_mb": 1000, "runtime": 10},
+        "patching": {"engine": "reference", "head_sites": False},
+        "analysis": {"bootstrap_draws": 5},
+    }

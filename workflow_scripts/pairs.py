@@ -3,7 +3,7 @@
 import pandas as pd
 
 from notice.pairs import gaussian_pairs, sip_pairs, str_pairs
-from notice.runtime import load_model, logged
+from notice.runtime import load_tokenizing_model, logged
 from notice.tables import (
     EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, PAIR_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, read_table,
     write_table,
@@ -29,7 +29,7 @@ with logged(snakemake.log[0]) as log:
         exclusions = pd.concat([not_inpainted, exclusions], ignore_index=True)
         exclusions["stage"] = exclusions["stage"].replace("pairs:sip", "pairs:sd_inpaint")
     elif corruption == "str":
-        adapter = load_model(snakemake.params.model_path, snakemake.params.model, device="cpu")
+        adapter = load_tokenizing_model(snakemake.params.model_path, snakemake.params.model)
         templates = {task: spec["question"] for task, spec in snakemake.params.tasks.items()}
         template_and_subject = {
             row.sample_id: (templates[row.task], row.subject) for row in samples.itertuples(index=False)

@@ -1,13 +1,13 @@
 """Clean prompts in the model's template, answer order and scored tokens (rule `prompts`)."""
 
 from notice.evaluate import build_prompts
-from notice.runtime import load_model, logged
+from notice.runtime import load_tokenizing_model, logged
 from notice.tables import (
     DISTRACTOR_COLUMNS, EXCLUSION_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, read_table, write_table,
 )
 
 with logged(snakemake.log[0]) as log:
-    adapter = load_model(snakemake.params.model_path, snakemake.params.model, device="cpu")
+    adapter = load_tokenizing_model(snakemake.params.model_path, snakemake.params.model)
     samples = read_table(snakemake.input.samples, SAMPLE_COLUMNS)
     distractors = read_table(snakemake.input.distractors, DISTRACTOR_COLUMNS)
     templates = {task: spec["question"] for task, spec in snakemake.params.tasks.items()}

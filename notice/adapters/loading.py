@@ -43,21 +43,28 @@ def load_adapter(
     dtype: str = "float32",
     prompt_template: str | None = None,
     attn_implementation: str = "eager",
+    weights: bool = True,
 ) -> VLMAdapter:
     """Load model and processor offline and return the adapter for the model's family.
 
     `attn_implementation` defaults to "eager" because attention-pattern scoring needs the weights
-    and the patching oracle's exactness is established with it.
+    and the patching oracle's exactness is established with it. `weights=False` builds the model on
+    torch's meta device instead (no memory, no weights read): enough for jobs that only format and
+    tokenise prompts, and any forward pass fails loudly.
     """
     source = resolve_model(name_or_path)
-    model_type = AutoConfig.from_pretrained(source, local_files_only=True).model_type
-    if model_type not in ADAPTERS:
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    if config.model_type not in ADAPTERS:
         raise ValueError(
-            f"model {name_or_path!r} has model_type {model_type!r}; supported model types: {sorted(ADAPTERS)}"
+            f"model {name_or_path!r} has model_type {config.model_type!r}; supported model types: {sorted(ADAPTERS)}"
         )
-    adapter_cls = ADAPTERS[model_type]
-    model = adapter_cls.model_class.from_pretrained(
-        source, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, local_files_only=True
-    )
+    adapter_cls = ADAPTERS[config.model_type]
+    if weights:
+        model = adapter_cls.model_class.from_pretrained(
+            source, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, local_files_only=True
+        ).to(device)
+    else:
+        with torch.device("meta"):
+            model = adapter_cls.model_class(config)
     processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-    return adapter_cls(model.to(device), processor, prompt_template=prompt_template)
+    return adapter_cls(model, processor, prompt_template=prompt_template)

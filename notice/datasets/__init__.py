@@ -14,8 +14,7 @@ from typing import Sequence
 import pandas as pd
 from PIL import Image
 
-from notice.distractors import make_table, stable_seed
-from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS
+from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, make_table, stable_seed
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})
 

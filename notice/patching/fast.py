@@ -36,7 +36,7 @@ from notice.patching import fast_blip, fast_llava  # noqa: F401
 from notice.adapters.base import ModelInput, Patch, VLMAdapter
 from notice.metrics import Scores, answer_prob, logit_diff, result_row, scores
 from notice.patching.fast_core import FAST_FAMILIES, CleanRun, FastFamily, ImageFn
-from notice.patching.reference import check_patch
+from notice.patching.reference import check_patches
 
 DEFAULT_BATCH_ROWS = 64
 CPU_MEMORY_BUDGET = 1 << 30  # bytes of working memory for the rows of one chunk on a CPU
@@ -102,14 +102,7 @@ def patch_sample(
     `default_memory_budget`; fewer rows run together when they would not fit) and `progress` (a
     tqdm bar on stderr).
     """
-    if clean_inp.input_ids.shape != corrupt_inp.input_ids.shape:
-        raise ValueError(
-            f"clean and corrupt prompts have different token lengths ({clean_inp.input_ids.shape[1]} vs "
-            f"{corrupt_inp.input_ids.shape[1]}): positions would not line up"
-        )
-    seq_len = clean_inp.input_ids.shape[1]
-    for patch in patches:
-        check_patch(adapter, patch, seq_len)
+    check_patches(adapter, clean_inp, corrupt_inp, patches)
     engine = family_engine(adapter)(adapter, clean_inp, corrupt_inp, corrupt_image_fn, clean)
     clean_scores, corrupt = scores(engine.clean_logits, tau, tau_p), scores(engine.corrupt_logits, tau, tau_p)
 

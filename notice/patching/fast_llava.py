@@ -93,7 +93,6 @@ class LlavaFast(FastFamily):
         shared by all rows: rows and query heads of a key/value head are stacked into one matrix.
         """
         B, _, Sq, d = q.shape
-        S = k.shape[2]
         scaling = self.layers[layer].self_attn.scaling
         grouped = q.reshape(B, self.n_kv, self.n_rep * Sq, d)  # head h = g * n_rep + r, as repeat_kv
         mask = self.causal[self.seq_len - Sq:, suffix_start:].repeat(self.n_rep, 1)

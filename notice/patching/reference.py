@@ -101,6 +101,17 @@ def check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
         raise ValueError(f"{patch}: layer must be in [0, {adapter.n_layers})")
 
 
+def check_patches(adapter: VLMAdapter, clean_inp: ModelInput, corrupt_inp: ModelInput, patches: Sequence[Patch]) -> None:
+    """Raise ValueError unless the prompts line up position by position and every patch exists."""
+    if clean_inp.input_ids.shape != corrupt_inp.input_ids.shape:
+        raise ValueError(
+            f"clean and corrupt prompts have different token lengths ({clean_inp.input_ids.shape[1]} vs "
+            f"{corrupt_inp.input_ids.shape[1]}): positions would not line up"
+        )
+    for patch in patches:
+        check_patch(adapter, patch, clean_inp.input_ids.shape[1])
+
+
 def _overwrite(patch: Patch, clean: torch.Tensor, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """fn(x) = x with x[0, position, slice] taken from clean[position, slice]."""
     dims = slice(None) if patch.head < 0 else slice(patch.head * head_dim, (patch.head + 1) * head_dim)
@@ -152,11 +163,7 @@ def patch_sample(
     `clean` is the clean run's (logits, activations) when already computed (the workflow's clean
     cache); it must hold every patched site. `token` is the clean prompt's token at the patched position.
     """
-    if clean_inp.input_ids.shape != corrupt_inp.input_ids.shape:
-        raise ValueError(
-            f"clean and corrupt prompts have different token lengths ({clean_inp.input_ids.shape[1]} vs "
-            f"{corrupt_inp.input_ids.shape[1]}): positions would not line up"
-        )
+    check_patches(adapter, clean_inp, corrupt_inp, patches)
     if clean is None:
         clean = capture(adapter, clean_inp, [(p.site, p.layer) for p in patches])
     clean_logits, clean_acts = clean
