@@ -21,7 +21,6 @@ type's random number generator. The mask is saved next to the image for the head
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -36,16 +35,13 @@ from tqdm import tqdm
 
 from notice.datasets import RowError
 from notice.datasets.svo_probes import parse_triplet
+from notice.hub import resolve_offline
 from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, check_columns, make_table, stable_seed
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-inpainting"
 PROMPT_TEMPLATE = "a picture of {subject} {verb} {object}"
 STAGE = "inpaint"
 MaskSource = Literal["sample", "dir", "box"]
-
-
-class InpaintModelNotFoundError(FileNotFoundError):
-    """The inpainting model is neither a local directory nor in the local Hugging Face cache."""
 
 
 class MaskError(ValueError):
@@ -67,32 +63,11 @@ class MaskSpec:
     box: tuple[float, float, float, float] = (0.25, 0.25, 0.75, 0.75)  # x0, y0, x1, y1 as fractions
 
 
-def resolve_inpaint_model(name_or_path: str) -> str:
-    """`name_or_path` if it loads offline (a local directory or a cached hub id); raise otherwise."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
-    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface (HF_HOME unset)")
-    hint = (
-        f"Put it in the Hugging Face cache that HF_HOME points to (now: {hf_home}), e.g. "
-        f"`huggingface-cli download {name_or_path}` on a machine with internet, or give the path of a "
-        "local directory written by `save_pretrained`."
-    )
-    if name_or_path.startswith(("/", ".", "~")):
-        raise InpaintModelNotFoundError(f"inpainting model directory {name_or_path!r} does not exist. {hint}")
-    if not isinstance(try_to_load_from_cache(name_or_path, "model_index.json"), str):
-        raise InpaintModelNotFoundError(
-            f"inpainting model {name_or_path!r} is not in the local Hugging Face cache. {hint}"
-        )
-    return name_or_path
-
-
 def load_inpaint_pipeline(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: str = "float32"):
     """The inpainting pipeline with a DDIM scheduler, loaded from local files only."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
-    source = resolve_inpaint_model(name_or_path)
+    source = resolve_offline(name_or_path, "model_index.json", "inpainting model")
     pipe = StableDiffusionInpaintPipeline.from_pretrained(
         source, dtype=getattr(torch, dtype), local_files_only=True
     )

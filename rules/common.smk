@@ -115,24 +115,22 @@ def check_models_available():
 
     Local paths are always checked; hub ids only offline (online, Hugging Face may download them).
     """
-    from notice.adapters.loading import resolve_model
+    from notice.hub import resolve_offline
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     for name, section in config["models"].items():
         path = section.get("path")
         if path and (offline or is_local_path(path)):
             try:
-                resolve_model(path)
+                resolve_offline(path)
             except FileNotFoundError as error:
                 raise ValueError(f"config: models.{name}.path: {error}") from None
     inpainted = [name for name in DATASETS if "sd_inpaint" in config["datasets"][name].get("corruptions", CORRUPTIONS)]
     if inpainted:
-        from notice.inpainting import DEFAULT_MODEL, resolve_inpaint_model
-
-        model = config["corruptions"]["sd_inpaint"].get("model", DEFAULT_MODEL)
+        model = config["corruptions"]["sd_inpaint"]["model"]  # the schema fills in the default
         if offline or is_local_path(model):
             try:
-                resolve_inpaint_model(model)
+                resolve_offline(model, "model_index.json", "inpainting model")
             except FileNotFoundError as error:
                 raise ValueError(
                     f"config: corruptions.sd_inpaint.model (used by datasets {inpainted}): {error}"

@@ -13,7 +13,8 @@ from transformers import BertConfig, BertModel, LlamaTokenizer
 from notice.adapters.base import ADAPTERS
 from notice.adapters.blip import BlipAdapter
 from notice.adapters.llava import LlavaAdapter
-from notice.adapters.loading import ModelNotFoundError, load_adapter
+from notice.adapters.loading import load_adapter
+from notice.hub import ModelNotFoundError
 from notice.patching.reference import capture
 from toy_adapters import one_torch_thread, QUESTION, blip_adapter, llava_adapter, noise_image
 

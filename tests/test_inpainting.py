@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from notice.hub import ModelNotFoundError, resolve_offline
 from notice.inpainting import (
-    DEFAULT_MODEL, InpaintModelNotFoundError, InpaintSettings, MaskSpec, box_mask, composite, inpaint,
-    inpaint_prompt, inpaint_samples, load_inpaint_pipeline, resolve_inpaint_model,
+    DEFAULT_MODEL, InpaintSettings, MaskSpec, box_mask, composite, inpaint, inpaint_prompt, inpaint_samples,
+    load_inpaint_pipeline,
 )
 from notice.tables import IMAGE_POOL_COLUMNS
 
@@ -146,7 +147,7 @@ def test_missing_model_fails_fast_naming_model_and_hf_home(tmp_path, monkeypatch
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
-    with pytest.raises(InpaintModelNotFoundError, match=r"stabilityai/stable-diffusion-2-inpainting.*HF_HOME"):
-        resolve_inpaint_model(DEFAULT_MODEL)
-    with pytest.raises(InpaintModelNotFoundError, match="does not exist"):
+    with pytest.raises(ModelNotFoundError, match=r"inpainting model 'stabilityai/stable-diffusion-2-inpainting'.*HF_HOME"):
+        resolve_offline(DEFAULT_MODEL, "model_index.json", "inpainting model")
+    with pytest.raises(ModelNotFoundError, match="inpainting model directory .* does not exist"):
         load_inpaint_pipeline(str(tmp_path / "no-such-dir"))

@@ -236,6 +236,7 @@ def data_config(sources: dict, seed: int = 0, models: tuple[str, ...] = MODELS) 
     for name in models:
         config["models"][name].update(dtype="float32", device="cpu")
     config["corruptions"]["sd_inpaint"].update(steps=2, size=32, dtype="float32", device="cpu")
+    config["gpu_jobs"] = {"threads": 1}  # two short jobs side by side on 2 cores
     return config
 
 

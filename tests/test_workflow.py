@@ -32,6 +32,9 @@ TINY = {
     "selection": {"n_per_task": 3},
     "patching": {"engine": "reference"},
     "analysis": {"bootstrap_draws": 20},
+    # One core per job, so that two run side by side on 2 cores (the jobs are short; most of their time is
+    # loading Python modules and models).
+    "gpu_jobs": {"threads": 1},
 }
 
 
@@ -62,7 +65,8 @@ def planned_jobs(output: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("workflow")
-    result = snakemake(work, "--cores", "2", configfile=write_config(work / "config.yaml", TINY))
+    result = snakemake(work, "--cores", "2", "--set-threads", "train_toy_model=1",
+                       configfile=write_config(work / "config.yaml", TINY))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return work
 

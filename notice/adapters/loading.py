@@ -6,35 +6,13 @@ missing model fails at once with a message instead of hanging on the network ins
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoProcessor
 
 # Importing the family modules registers their adapters in ADAPTERS.
 from notice.adapters import blip, llava  # noqa: F401
 from notice.adapters.base import ADAPTERS, VLMAdapter
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model is neither a local directory nor in the local Hugging Face cache."""
-
-
-def resolve_model(name_or_path: str) -> str:
-    """Return `name_or_path` if it can be loaded offline; raise ModelNotFoundError otherwise."""
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser())
-    hint = (
-        "Provide it either by setting HF_HOME (or HF_HUB_CACHE) to a Hugging Face cache that contains it "
-        "(e.g. run `huggingface-cli download <id>` on a machine with internet and copy the cache), "
-        "or by putting the path of a local model directory (from `save_pretrained`) in the config."
-    )
-    if name_or_path.startswith(("/", ".", "~")):
-        raise ModelNotFoundError(f"model directory {name_or_path!r} does not exist. {hint}")
-    if not isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
-        raise ModelNotFoundError(f"model {name_or_path!r} is not in the local Hugging Face cache. {hint}")
-    return name_or_path
+from notice.hub import resolve_offline
 
 
 def load_adapter(
@@ -52,7 +30,7 @@ def load_adapter(
     torch's meta device instead (no memory, no weights read): enough for jobs that only format and
     tokenise prompts, and any forward pass fails loudly.
     """
-    source = resolve_model(name_or_path)
+    source = resolve_offline(name_or_path)
     config = AutoConfig.from_pretrained(source, local_files_only=True)
     if config.model_type not in ADAPTERS:
         raise ValueError(
