@@ -36,3 +36,8 @@ def resolve_offline(name_or_path: str, marker_file: str = "config.json", what: s
     if not isinstance(try_to_load_from_cache(name_or_path, marker_file), str):
         raise ModelNotFoundError(f"{what} {name_or_path!r} is not in the local Hugging Face cache. {hint}")
     return name_or_path
+
+
+def resolve_inpaint_model(name_or_path: str) -> str:
+    """`resolve_offline` for a diffusers inpainting pipeline (its snapshots hold model_index.json)."""
+    return resolve_offline(name_or_path, "model_index.json", "inpainting model")

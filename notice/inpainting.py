@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from notice.datasets import RowError
 from notice.datasets.svo_probes import parse_triplet
-from notice.hub import resolve_offline
+from notice.hub import resolve_inpaint_model
 from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, check_columns, make_table, stable_seed
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-inpainting"
@@ -67,7 +67,7 @@ def load_inpaint_pipeline(name_or_path: str = DEFAULT_MODEL, device: str = "cpu"
     """The inpainting pipeline with a DDIM scheduler, loaded from local files only."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
-    source = resolve_offline(name_or_path, "model_index.json", "inpainting model")
+    source = resolve_inpaint_model(name_or_path)
     pipe = StableDiffusionInpaintPipeline.from_pretrained(
         source, dtype=getattr(torch, dtype), local_files_only=True
     )

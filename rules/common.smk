@@ -115,7 +115,7 @@ def check_models_available():
 
     Local paths are always checked; hub ids only offline (online, Hugging Face may download them).
     """
-    from notice.hub import resolve_offline
+    from notice.hub import resolve_inpaint_model, resolve_offline
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     for name, section in config["models"].items():
@@ -130,7 +130,7 @@ def check_models_available():
         model = config["corruptions"]["sd_inpaint"]["model"]  # the schema fills in the default
         if offline or is_local_path(model):
             try:
-                resolve_offline(model, "model_index.json", "inpainting model")
+                resolve_inpaint_model(model)
             except FileNotFoundError as error:
                 raise ValueError(
                     f"config: corruptions.sd_inpaint.model (used by datasets {inpainted}): {error}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from notice.hub import ModelNotFoundError, resolve_offline
+from notice.hub import ModelNotFoundError, resolve_inpaint_model
 from notice.inpainting import (
     DEFAULT_MODEL, InpaintSettings, MaskSpec, box_mask, composite, inpaint, inpaint_prompt, inpaint_samples,
     load_inpaint_pipeline,
@@ -148,6 +148,6 @@ def test_missing_model_fails_fast_naming_model_and_hf_home(tmp_path, monkeypatch
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
     with pytest.raises(ModelNotFoundError, match=r"inpainting model 'stabilityai/stable-diffusion-2-inpainting'.*HF_HOME"):
-        resolve_offline(DEFAULT_MODEL, "model_index.json", "inpainting model")
+        resolve_inpaint_model(DEFAULT_MODEL)
     with pytest.raises(ModelNotFoundError, match="inpainting model directory .* does not exist"):
         load_inpaint_pipeline(str(tmp_path / "no-such-dir"))
