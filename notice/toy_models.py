@@ -11,7 +11,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -45,6 +45,7 @@ from notice.synthetic import (
     sample_training_batch,
     stream_rng,
 )
+from notice.toy_config import DEFAULT_STEPS, ToyModelConfig, TrainConfig
 
 # The prompt of llava-1.5 (BRIEF §3); the toy LLaVA is trained on exactly this template.
 LLAVA_PROMPT_TEMPLATE = "USER: <image>\n{question} Answer with one word. ASSISTANT:"
@@ -56,31 +57,6 @@ LLAVA_SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", "<imag
 # Standard CLIP normalisation, used by both toy image processors.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class ToyModelConfig:
-    """Architecture of a toy model (both families); defaults are the measured recipe (BRIEF §6)."""
-
-    image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 4
-    vision_intermediate: int = 256
-    text_hidden: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 2  # LLaVA (Llama) only
-    text_intermediate: int = 256
-    max_positions: int = 256
-    # std 0.02 leaves the models on a long accuracy plateau; 0.06 trains reliably (BRIEF §6).
-    initializer_range: float = 0.06
-    seed: int = 0
-
-    @property
-    def n_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
 
 
 def _words() -> list[str]:
@@ -229,24 +205,6 @@ def build_llava(
 # Training
 
 
-@dataclass
-class TrainConfig:
-    """Optimisation recipe (BRIEF §6). `steps=None` takes the family's measured default."""
-
-    steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.05
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    shape_fraction: float = 0.75  # shape is the harder task
-    n_train_images: int = 20_000  # rendered once, asked fresh questions at every draw
-    n_eval_images: int = 2_000
-    log_every: int = 100
-
-
-DEFAULT_STEPS = {"blip": 3000, "llava": 2200}
 METRICS_FILE = "training_metrics.json"
 
 

@@ -48,14 +48,22 @@ def kind_constraint(kind):
 
 
 def check_config_references():
-    """Names used inside sections must exist: fail at start, naming the key."""
+    """Names used inside sections must exist, toy architectures must fit: fail at start, naming the key."""
+    from notice.toy_config import configs_from_settings
+
     for name, section in config["models"].items():
         train = section.get("train")
-        if train and train["dataset"] not in config["datasets"]:
+        if not train:
+            continue
+        if train["dataset"] not in config["datasets"]:
             raise ValueError(
                 f"config: models.{name}.train.dataset = {train['dataset']!r} is not a dataset "
                 f"(expected one of {DATASETS})"
             )
+        try:
+            configs_from_settings(train, config["datasets"][train["dataset"]].get("image_size", 64))
+        except ValueError as error:
+            raise ValueError(f"config: models.{name}.train: {error}") from None
     for name, section in config["datasets"].items():
         for corruption in section.get("corruptions", []):
             if corruption not in config["corruptions"]:

@@ -67,3 +67,11 @@ def test_unknown_corruption_is_named(tmp_path, corruption):
     code, output = dry_run(tmp_path, config)
     assert code != 0
     assert corruption in output
+
+
+def test_toy_architecture_that_does_not_fit_is_named(tmp_path):
+    config = copy.deepcopy(DEMO)
+    config["models"]["toy_llava"]["train"].update(text_heads=8, text_kv_heads=3)
+    code, output = dry_run(tmp_path, config)
+    assert code != 0
+    assert "models.toy_llava.train" in output and "text_kv_heads=3 must divide text_heads=8" in output

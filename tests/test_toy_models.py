@@ -139,3 +139,20 @@ def test_short_training_writes_a_loadable_model_and_metrics(family, tmp_path):
     questions = [make_question("colour", "red", "blue"), make_question("shape", "circle", "cross")]
     answers = greedy_answers(loaded, processor, family, [np.asarray(_image())] * 2, questions)
     assert len(answers) == 2 and all("[" not in a and "<" not in a for a in answers)
+
+
+def test_configs_from_settings_maps_workflow_keys_and_checks_the_architecture():
+    from notice.toy_config import configs_from_settings
+
+    model_cfg, train_cfg = configs_from_settings(
+        {"family": "llava", "dataset": "synthetic", "seed": 3, "steps": 7, "lr": 0.002,
+         "text_layers": 3, "text_heads": 8, "text_kv_heads": 4, "patch_size": 16}, image_size=48)
+    assert (model_cfg.image_size, model_cfg.seed, model_cfg.text_layers, model_cfg.text_heads) == (48, 3, 3, 8)
+    assert (model_cfg.text_kv_heads, model_cfg.patch_size, model_cfg.n_patches) == (4, 16, 9)
+    assert (train_cfg.steps, train_cfg.lr) == (7, 0.002)
+    with pytest.raises(ValueError, match="text_kv_heads=3 must divide text_heads=8"):
+        configs_from_settings({"family": "llava", "dataset": "d", "text_heads": 8, "text_kv_heads": 3}, 64)
+    with pytest.raises(ValueError, match="patch_size=10 must divide image_size=64"):
+        configs_from_settings({"family": "blip", "dataset": "d", "patch_size": 10}, 64)
+    with pytest.raises(ValueError, match="unknown keys \\['layers'\\]"):
+        configs_from_settings({"family": "blip", "dataset": "d", "layers": 3}, 64)
