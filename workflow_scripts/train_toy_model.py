@@ -1,7 +1,8 @@
 """Train a toy VLM from scratch on the synthetic data and save it like a hub model (rule `train_toy_model`)."""
 
 from notice.runtime import logged, set_threads
-from notice.toy_models import configs_from_settings, train
+from notice.toy_config import configs_from_settings
+from notice.toy_models import train
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
