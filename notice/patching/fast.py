@@ -19,7 +19,8 @@ Also exact: a patch whose clean value is bit-identical to the corrupt one (e.g. 
 the image) cannot change the corrupt run, so its row is the corrupt run's scores.
 
 Numbers agree with the reference up to floating-point rounding (different matrix shapes sum in a
-different order), see `max_relative_error`. Computation runs in the model's dtype (load the model in
+different order), see `max_relative_error`; the BLIP engine keeps the reference's products and its
+rows are bit-identical on the CPU. Computation runs in the model's dtype (load the model in
 bfloat16/float16 on a GPU for speed); logits and metrics are float32.
 """
 

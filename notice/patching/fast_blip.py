@@ -10,6 +10,13 @@ A row patched at (layer L, position p) starts from the corrupt run's cached valu
 recomputes only position p inside layer L (everything after the patched site is position-wise);
 from layer L+1 on, every position is recomputed (bidirectional attention spreads the change), then
 the decoder's first step (BOS cross-attending to the encoder output) gives the row's logits.
+
+Every matrix product is computed as the reference (one Hugging Face forward per row) computes it:
+the decoder token's own linear layers as one-row products, every other product with at least the
+reference's T rows and its operand layout. BLAS sums a one-row product, a product of a few rows or
+one with a plain instead of a transposed operand in another order, and a trained model amplifies
+those last-bit differences to ~1e-5 in the scores; this way rows are bit-identical to the
+reference's on the CPU (MKL).
 """
 
 from __future__ import annotations
@@ -25,6 +32,23 @@ from notice.patching.fast_core import FastFamily, Run, register_fast, rows_by_in
 
 # Cached per layer, in computation order (`_layer` documents each).
 RECORDED = ("h_in", "self_attn", "a1", "cross_attn", "a2", "mlp", "layer")
+VOCAB_BLOCK = 2048  # vocabulary columns per pass of the output layer, so that their weights stay in the CPU cache
+
+
+def _one_row_products(linear: torch.nn.Linear, x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """`linear(x)` [B, 1, out] for x [B, 1, in] as B products of one row each, as the reference
+    computes its one-token decoder step (a B-row product sums in another order).
+
+    `block`: output columns per pass, so that a large weight is read from memory once for all rows
+    rather than once per row (a one-row product computes a column the same way whichever other
+    columns it computes with).
+    """
+    B, n_out = x.shape[0], linear.out_features
+    parts = [
+        torch.baddbmm(linear.bias[cols].expand(B, 1, -1), x, linear.weight[cols].t().expand(B, -1, -1))
+        for cols in (slice(start, start + (block or n_out)) for start in range(0, n_out, block or n_out))
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 @register_fast
@@ -73,7 +97,9 @@ class BlipFast(FastFamily):
     def _self_attention(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """Concatenated head outputs [B, T, H*d] (the input of `attention.output.dense`)."""
         attn = self.layers[layer].attention.self
-        q, k, v = self._heads(attn.query(h)), self._heads(attn.key(h)), self._heads(attn.value(h))
+        # Contiguous keys: q·kᵀ of many rows then multiplies a transposed operand, as the reference's
+        # one-row forward does (matmul would otherwise copy kᵀ into a plain one).
+        q, k, v = self._heads(attn.query(h)), self._heads(attn.key(h)).contiguous(), self._heads(attn.value(h))
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         if self.mask is not None:
             scores = scores + self.mask
@@ -118,10 +144,14 @@ class BlipFast(FastFamily):
 
         Only the patched position differs from the corrupt run's output, and it is computed from the
         corrupt run's cached values at that position: sites after the patched one are recomputed,
-        sites before it are the cached ones.
+        sites before it are the cached ones. The reference computes the patched position as one of
+        its T rows: fewer rows are padded to T (repeating the last), as BLAS sums products of a few
+        rows in another order.
         """
         block = self.layers[layer]
         corrupt = self.corrupt
+        n = len(patches)
+        patches = list(patches) + [patches[-1]] * (self.seq_len - n)
         pos = torch.tensor([p.position for p in patches], device=self.adapter.device)
         stage = self.stage_of(patches)
         v = self.patched_inputs(layer, patches)
@@ -132,64 +162,44 @@ class BlipFast(FastFamily):
         a2 = torch.where(stage <= 1, own_a2, corrupt["a2"][layer][pos])
         m = torch.where(stage <= 1, self._mlp(layer, a2), v["mlp"])
         out = torch.where(stage <= 2, block.output.LayerNorm(m + a2), v["layer"])
-        rows = corrupt["layer"][layer].expand(len(patches), -1, -1).clone()
-        rows[torch.arange(len(patches)), pos] = out
+        rows = corrupt["layer"][layer].expand(n, -1, -1).clone()
+        rows[torch.arange(n), pos[:n]] = out[:n]
         return rows
 
     def _decode(self, encoded: torch.Tensor) -> torch.Tensor:
-        """First decoder step (BOS cross-attending to the encoder output): logits [1, V] (float32) of
-        the clean or corrupt run.
+        """First decoder step (BOS cross-attending to the encoder output): logits [B, V] (float32),
+        one row per encoder output [B, T, D].
 
-        Mirrors the decoder's layers in the same operation order as modeling_blip_text, so the clean
-        and corrupt scores are bit-identical to the Hugging Face forward's. One exact shortcut:
-        self-attention over one token has weight exactly 1, so its output is the value projection.
+        Mirrors the decoder's layers in the same operation order as modeling_blip_text and, per row,
+        with the reference's products: one row for the token's own linear layers, T rows for the keys
+        and values of the encoder output. Exact shortcuts: self-attention over one token has weight
+        exactly 1, so its output is the value projection; and every row is the BOS token's until the
+        first cross-attention, so that part is computed once.
         """
         decoder = self.adapter.model.text_decoder
-        B, T, D = encoded.shape
-        bos = torch.full((B, 1), self.adapter.model.config.text_config.bos_token_id, device=encoded.device)
-        h = decoder.bert.embeddings(input_ids=bos)
+        B = encoded.shape[0]
+        bos = torch.full((1, 1), self.adapter.model.config.text_config.bos_token_id, device=encoded.device)
+        h = decoder.bert.embeddings(input_ids=bos)  # [1, 1, D] until the first cross-attention
+        # The question's mask, the same for every row (broadcast over them).
         mask = create_bidirectional_mask(config=decoder.config, inputs_embeds=h, attention_mask=self.question_mask,
-                                         encoder_hidden_states=encoded)
+                                         encoder_hidden_states=encoded[:1])
         for block in decoder.bert.encoder.layer:
-            a1 = block.attention.output.LayerNorm(block.attention.output.dense(block.attention.self.value(h)) + h)
+            own = _one_row_products(block.attention.output.dense, _one_row_products(block.attention.self.value, h))
+            a1 = block.attention.output.LayerNorm(own + h)
             attn = block.crossattention.self
-            q = self._heads(attn.query(a1))
-            k, v = self._heads(attn.key(encoded)), self._heads(attn.value(encoded))
+            q = self._heads(_one_row_products(attn.query, a1))
+            # Contiguous keys, as in `_self_attention`.
+            k, v = self._heads(attn.key(encoded)).contiguous(), self._heads(attn.value(encoded))
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
             if mask is not None:
                 scores = scores + mask
             ctx = torch.matmul(torch.softmax(scores, dim=-1), v).permute(0, 2, 1, 3).reshape(B, 1, -1)
-            a2 = block.crossattention.output.LayerNorm(block.crossattention.output.dense(ctx) + a1)
-            h = block.output.LayerNorm(block.output.dense(block.intermediate(a2)) + a2)
-        return decoder.cls(h)[:, 0].float()
-
-    def _decode_rows(self, encoded: torch.Tensor) -> torch.Tensor:
-        """`_decode` for many patched rows at once, logits [B, V] (float32), with one more exact
-        shortcut: cross-attention from one query folds the key/value projections into the query side
-        (scores_h = (W_k,h^T q_h)·e_j + q_h·b_k,h; output_h = W_v,h (sum_j p_hj e_j) + b_v,h), which
-        avoids projecting every encoder position of every row. It sums in a different order than the
-        model does: rows agree with the hooked forward to float rounding (~1e-6 on float32 logits).
-        """
-        decoder = self.adapter.model.text_decoder
-        B, T, D = encoded.shape
-        H, d = self.n_heads, self.head_dim
-        bos = torch.full((1, 1), self.adapter.model.config.text_config.bos_token_id, device=encoded.device)
-        h = decoder.bert.embeddings(input_ids=bos)[:, 0].expand(B, D)
-        blocked = ~self.question_mask.bool()[:, None, :]  # [1, 1, T]
-        for block in decoder.bert.encoder.layer:
-            a1 = block.attention.output.LayerNorm(block.attention.output.dense(block.attention.self.value(h)) + h)
-            attn = block.crossattention.self
-            q = attn.query(a1).view(B, H, d)
-            w_k, w_v = attn.key.weight.view(H, d, D), attn.value.weight.view(H, d, D)
-            folded = torch.matmul(q.transpose(0, 1), w_k).transpose(0, 1)  # [B, H, D]
-            bias = (q * attn.key.bias.view(H, d)).sum(-1, keepdim=True)  # [B, H, 1]
-            scores = (torch.matmul(folded, encoded.transpose(1, 2)) + bias) / math.sqrt(d)
-            probs = torch.softmax(scores.masked_fill(blocked, torch.finfo(scores.dtype).min), dim=-1)
-            mixed = torch.matmul(probs, encoded)  # [B, H, D]
-            ctx = torch.matmul(w_v, mixed.permute(1, 2, 0)).permute(2, 0, 1) + attn.value.bias.view(H, d)
-            a2 = block.crossattention.output.LayerNorm(block.crossattention.output.dense(ctx.reshape(B, H * d)) + a1)
-            h = block.output.LayerNorm(block.output.dense(block.intermediate(a2)) + a2)
-        return decoder.cls(h).float()
+            a2 = block.crossattention.output.LayerNorm(_one_row_products(block.crossattention.output.dense, ctx) + a1)
+            inter = block.intermediate.intermediate_act_fn(_one_row_products(block.intermediate.dense, a2))
+            h = block.output.LayerNorm(_one_row_products(block.output.dense, inter) + a2)
+        head = decoder.cls.predictions
+        h = head.transform.LayerNorm(head.transform.transform_act_fn(_one_row_products(head.transform.dense, h)))
+        return _one_row_products(head.decoder, h, VOCAB_BLOCK)[:, 0].float()
 
     # -- patched rows -----------------------------------------------------------------------
     def order_key(self, patch: Patch) -> tuple:
@@ -217,4 +227,4 @@ class BlipFast(FastFamily):
                 new = self._enter(layer, [patches[i] for i in entering])
                 h = new if h is None else torch.cat([h, new])
                 order += entering
-        return self._decode_rows(h)[rows_by_index(order, h.device)]
+        return self._decode(h)[rows_by_index(order, h.device)]
