@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 @dataclass
 class ToyModelConfig:
-    """Architecture of a toy model (both families); defaults are the measured recipe (BRIEF §6)."""
+    """Architecture of a toy model (both families); defaults are the measured recipe (docs/toy_models.md)."""
 
     image_size: int = 64
     patch_size: int = 8
@@ -44,7 +44,7 @@ class ToyModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (BRIEF §6). `steps=None` takes the family's measured default."""
+    """Optimisation recipe (docs/toy_models.md). `steps=None` takes the family's measured default."""
 
     steps: int | None = None
     batch_size: int = 64
@@ -70,7 +70,7 @@ def configs_from_settings(settings: Mapping[str, object], image_size: int) -> tu
     recipe = {f.name for f in fields(TrainConfig)}
     unknown = set(settings) - architecture - recipe - {"seed", *WORKFLOW_TRAIN_KEYS}
     if unknown:
-        raise ValueError(f"models.<name>.train: unknown keys {sorted(unknown)}")
+        raise ValueError(f"toy model: unknown keys {sorted(unknown)}")
     model_cfg = ToyModelConfig(image_size=image_size, seed=int(settings.get("seed", 0)),
                                **{k: v for k, v in settings.items() if k in architecture})
     model_cfg.check()
