@@ -9,7 +9,9 @@ rule train_toy_model:
         dataset=lambda wildcards: config["datasets"][
             config["models"][wildcards.model]["train"]["dataset"]
         ],
-    threads: 1024  # locally capped at --cores (all of them); profiles/slurm sets a count for clusters
+    # One thread whatever the machine: float sums split over more threads come out in another order and
+    # train another model. The two toy models train side by side.
+    threads: 1
     log:
         f"{RESULTS}/logs/train_toy_model/{{model}}.log",
     benchmark:

@@ -65,8 +65,7 @@ def planned_jobs(output: str) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("workflow")
-    result = snakemake(work, "--cores", "2", "--set-threads", "train_toy_model=1",
-                       configfile=write_config(work / "config.yaml", TINY))
+    result = snakemake(work, "--cores", "2", configfile=write_config(work / "config.yaml", TINY))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return work
 
