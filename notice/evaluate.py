@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import sys
 import zlib
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from notice.adapters.base import VLMAdapter
-from notice.metrics import scores
 from notice.tables import ANSWER_COLUMNS, EXCLUSION_COLUMNS, PROMPT_COLUMNS
+
+# torch comes with the adapters and metrics; the selection and accuracy jobs use this module without it.
+if TYPE_CHECKING:
+    from notice.adapters.base import VLMAdapter
 
 ALL_CATEGORIES = "(all)"  # `category` of the per-task rows of the accuracy table
 
@@ -97,6 +99,8 @@ def evaluate(
     max_new_tokens: int = 5,
 ) -> pd.DataFrame:
     """The model's clean answer to every prompt (ANSWER_COLUMNS), in the order of `prompts_df`."""
+    from notice.metrics import scores
+
     rows = []
     for row in tqdm(prompts_df.itertuples(index=False), total=len(prompts_df), desc="evaluate", file=sys.stderr):
         inp = adapter.prepare(load_image(row.image_path), row.prompt)

@@ -13,7 +13,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 
 def shard_name(index: int, count: int) -> str:
@@ -47,6 +46,8 @@ def gather_tables(paths: Sequence[str | os.PathLike], columns: Sequence[str]) ->
 
 def save_torch(obj: object, path: str | os.PathLike) -> None:
     """torch.save through a temporary file and a rename: a killed job leaves no half file."""
+    import torch  # here, not at the top: the gathering jobs import this module and need no torch
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
