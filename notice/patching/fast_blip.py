@@ -44,9 +44,10 @@ def _one_row_products(linear: torch.nn.Linear, x: torch.Tensor, block: int | Non
     columns it computes with).
     """
     B, n_out = x.shape[0], linear.out_features
+    step = block or n_out
     parts = [
         torch.baddbmm(linear.bias[cols].expand(B, 1, -1), x, linear.weight[cols].t().expand(B, -1, -1))
-        for cols in (slice(start, start + (block or n_out)) for start in range(0, n_out, block or n_out))
+        for cols in (slice(start, start + step) for start in range(0, n_out, step))
     ]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
