@@ -47,6 +47,11 @@ def kind_constraint(kind):
     return "|".join(map(re.escape, names)) if names else "(?!)"
 
 
+def training_image_size(train):
+    """Image size of a toy model's training dataset (`train` is the model's `train` section)."""
+    return config["datasets"][train["dataset"]].get("image_size", 64)
+
+
 def check_config_references():
     """Names used inside sections must exist, toy architectures must fit: fail at start, naming the key."""
     from notice.toy_config import configs_from_settings
@@ -61,7 +66,7 @@ def check_config_references():
                 f"(expected one of {DATASETS})"
             )
         try:
-            configs_from_settings(train, config["datasets"][train["dataset"]].get("image_size", 64))
+            configs_from_settings(train, training_image_size(train))
         except ValueError as error:
             raise ValueError(f"config: models.{name}.train: {error}") from None
     for name, section in config["datasets"].items():

@@ -6,9 +6,9 @@ rule train_toy_model:
         directory(f"{RESOURCES}/models/{{model}}"),
     params:
         train=lambda wildcards: config["models"][wildcards.model]["train"],
-        dataset=lambda wildcards: config["datasets"][
-            config["models"][wildcards.model]["train"]["dataset"]
-        ],
+        # Only the image size of the training dataset: the toy models learn their own built-in questions, so
+        # the dataset's other settings (scenes, thresholds, templates) must not retrain them.
+        image_size=lambda wildcards: training_image_size(config["models"][wildcards.model]["train"]),
     # One thread whatever the machine: float sums split over more threads come out in another order and
     # train another model. The two toy models train side by side.
     threads: 1

@@ -132,7 +132,8 @@ def test_no_gpu_means_the_cpu_and_no_lock(monkeypatch, tmp_path):
 
 
 # -- acceptance: the workflow's GPU jobs on a machine with two (fake) GPUs ---------------------------
-N_SHARDS = 3
+# Two shards per stage are enough for jobs to hold both fake GPUs at once (each GPU job costs ~8 s of imports).
+N_SHARDS = 2
 LEASE_TINY = sharded_blip_config(n_scenes=12, n_shards=N_SHARDS)
 TARGETS = [f"results/toy_blip/synthetic/patching/{corruption}.parquet" for corruption in LEASE_TINY["corruptions"]]
 GPU_RULE_LOGS = ("evaluate", "cache_clean", "patch")

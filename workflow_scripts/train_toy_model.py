@@ -6,7 +6,7 @@ from notice.toy_models import train
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
-    settings, dataset = snakemake.params.train, snakemake.params.dataset
-    model_cfg, train_cfg = configs_from_settings(settings, dataset.get("image_size", 64))
+    settings = snakemake.params.train
+    model_cfg, train_cfg = configs_from_settings(settings, snakemake.params.image_size)
     metrics = train(settings["family"], model_cfg, snakemake.output[0], train_cfg)
     log.info("training metrics: %s", metrics)
