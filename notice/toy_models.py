@@ -345,7 +345,11 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
     steps = tc.steps if tc.steps is not None else DEFAULT_STEPS[family]
     deterministic = torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
+    threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    # One thread whatever the caller set: float sums split over more threads come out in another order and
+    # train another model (docs/toy_models.md), so the same settings give the same weights on any machine.
+    torch.set_num_threads(1)
     # NaN-filling every new tensor (the deterministic mode's default) costs ~5% here and buys nothing.
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
@@ -417,6 +421,7 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
     finally:
         torch.use_deterministic_algorithms(deterministic)
         torch.utils.deterministic.fill_uninitialized_memory = fill
+        torch.set_num_threads(threads)
 
 
 def train_blip(cfg: ToyModelConfig, out_dir: str | Path, train_cfg: TrainConfig | None = None) -> dict:
@@ -437,10 +442,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train-images", type=int, default=TrainConfig.n_train_images)
     p.add_argument("--n-eval-images", type=int, default=TrainConfig.n_eval_images)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     train(args.family, ToyModelConfig(seed=args.seed), args.out,
           TrainConfig(steps=args.steps, n_train_images=args.n_train_images, n_eval_images=args.n_eval_images))
 

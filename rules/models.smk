@@ -9,8 +9,8 @@ rule train_toy_model:
         # Only the image size of the training dataset: the toy models learn their own built-in questions, so
         # the dataset's other settings (scenes, thresholds, templates) must not retrain them.
         image_size=lambda wildcards: training_image_size(config["models"][wildcards.model]["train"]),
-    # One thread whatever the machine: float sums split over more threads come out in another order and
-    # train another model. The two toy models train side by side.
+    # Training uses one torch thread whatever the machine (notice.toy_models.train: more threads sum floats
+    # in another order and train another model), so a job takes one core; the two toy models train side by side.
     threads: 1
     log:
         f"{RESULTS}/logs/train_toy_model/{{model}}.log",

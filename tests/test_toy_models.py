@@ -122,7 +122,14 @@ def test_first_decoder_step_is_what_blip_generates():
 @pytest.mark.parametrize("family", ["blip", "llava"])
 def test_short_training_writes_a_loadable_model_and_metrics(family, tmp_path):
     tc = TrainConfig(steps=4, batch_size=8, n_train_images=32, n_eval_images=10, warmup_steps=2)
-    metrics = train(family, ToyModelConfig(seed=5), tmp_path / "a", tc)
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        metrics = train(family, ToyModelConfig(seed=5), tmp_path / "a", tc)
+        # trained on one thread whatever the caller had, and the caller's count given back
+        assert metrics["torch_threads"] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(caller_threads)
     on_disk = json.loads((tmp_path / "a" / METRICS_FILE).read_text())
     assert on_disk == json.loads(json.dumps(metrics))
     assert set(metrics["accuracy"]) == set(TASK_VALUES) and metrics["steps"] == 4 and metrics["seed"] == 5
