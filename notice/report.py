@@ -19,7 +19,7 @@ import pandas as pd
 
 from notice.figures import SITE_TITLES, TOTAL_CATEGORIES
 from notice.head_functions import HeadFunctionConfig, function_table, universal_head_functions
-from notice.heads import KINDS, universal_heads_by_kind, universal_heads_summary
+from notice.heads import KINDS, head_label, universal_heads_by_kind, universal_heads_summary
 from notice.tables import check_columns
 
 MIME_TYPES: dict[str, str] = {".png": "image/png", ".svg": "image/svg+xml"}
@@ -141,12 +141,32 @@ def _head_phrase(head: pd.Series) -> str:
     return f"{head['label']} (universal in {head['frac_universal']:.0%} of {n_draws} resamples)"
 
 
-def _universal_summary(universal_table: pd.DataFrame, models: Sequence[str]) -> list[str]:
+def _significant_note(significant: pd.DataFrame | None, model: str, corruptions: Sequence[str]) -> str:
+    """Why a model has no universal head: its significant heads in each defining (task, corruption)."""
+    if significant is None:
+        return ""
+    sig = significant[(significant["model"] == model) & significant["corruption"].isin(list(corruptions))]
+    several_sites = sig["site"].nunique() > 1
+    parts = []
+    for (site, task, corruption), group in sig.groupby(["site", "task", "corruption"], sort=True):
+        heads = group[group["significant"].astype(bool)].sort_values(["mean", "layer", "head"], ascending=[False, True, True])
+        names = ", ".join(head_label(layer, head) for layer, head in zip(heads["layer"], heads["head"])) or "none"
+        where = f"{SITE_TITLES.get(site, site)}, " if several_sites else ""
+        parts.append(f"{where}{task} ({corruption}): {names}")
+    if not parts:
+        return ""
+    return "<br><small>" + _escape("Significant heads per condition: " + "; ".join(parts) + ".") + "</small>"
+
+
+def _universal_summary(
+    universal_table: pd.DataFrame, models: Sequence[str], significant: pd.DataFrame | None, corruptions: Sequence[str]
+) -> list[str]:
     items = []
     for model in sorted(set(models) | set(universal_table["model"])):
         df = universal_table[universal_table["model"] == model]
         if df.empty:
-            items.append(f"<li><b>{_escape(model)}</b>: no universal heads.</li>")
+            note = _significant_note(significant, model, corruptions)
+            items.append(f"<li><b>{_escape(model)}</b>: no universal heads.{note}</li>")
             continue
         for site, sub in df.groupby("site", sort=True):
             heads = sub.drop_duplicates("label")
@@ -189,19 +209,26 @@ def _accuracy_summary(accuracy_df: pd.DataFrame) -> list[str]:
 
 
 def summarise_findings(
-    universal_table: pd.DataFrame, accuracy_df: pd.DataFrame, models: Sequence[str] = (), k: float = 2.0
+    universal_table: pd.DataFrame, accuracy_df: pd.DataFrame, models: Sequence[str] = (), k: float = 2.0,
+    significant: pd.DataFrame | None = None, corruptions: Sequence[str] = ("sip", "str"),
 ) -> str:
     """An HTML fragment summarising the universal heads (with bootstrap stability) and the accuracy.
 
     `universal_table` is `notice.heads.universal_heads_table`'s output; `accuracy_df` has columns
     task, category, n, n_correct, accuracy (category "all" or "(all)" = task total), optionally model.
     `models` names models to mention even when they have no universal head; `k` is the selection's
-    number of standard deviations, for the text.
+    number of standard deviations, for the text. With `significant` (`notice.heads.significant_heads`'
+    output), a model without universal heads is shown its significant heads per task under each of the
+    `corruptions` that define universal heads, so the reader sees why.
     """
     check_columns(universal_table, ["model", "site", "label", "kind", "task", "corruption", "modality",
                                     "frac_universal", "frac_universal_kind", "n_draws"], "universal heads table")
     check_columns(accuracy_df, ["task", "category", "n", "n_correct", "accuracy"], "accuracy table")
-    heads = _universal_summary(universal_table, models) or ["<li>No universal heads found.</li>"]
+    if significant is not None:
+        check_columns(significant, ["model", "site", "layer", "head", "task", "corruption", "mean", "significant"],
+                      "significant heads table")
+    heads = _universal_summary(universal_table, models, significant, corruptions) or [
+        "<li>No universal heads found.</li>"]
     accuracy = _accuracy_summary(accuracy_df) or ["<li>No accuracy rows.</li>"]
     return (
         '<div class="summary"><h3>Universal heads</h3>'
@@ -330,17 +357,20 @@ TABLE_FILES: tuple[str, ...] = ("table1_universal_heads", "table2_accuracy", "ta
 
 
 def workflow_report(
-    universal: pd.DataFrame, accuracy: pd.DataFrame, scores: pd.DataFrame, grounding: pd.DataFrame,
-    figure_dirs: dict[str, Path], settings: dict, out_html: str | Path, tables_dir: str | Path,
+    universal: pd.DataFrame, significant: pd.DataFrame, accuracy: pd.DataFrame, scores: pd.DataFrame,
+    grounding: pd.DataFrame, figure_dirs: dict[str, Path], settings: dict, out_html: str | Path,
+    tables_dir: str | Path,
 ) -> Path:
     """The workflow's report and the paper's Tables 1-3 (`tables_dir`/<TABLE_FILES>.csv and .md).
 
     Inputs are the concatenated per-model tables: universal heads (`universal_heads_table`),
-    accuracy, head-function scores and grounding summaries; `figure_dirs` maps every model, in
-    report order, to its figure directory; `settings` is the config's `analysis` section.
+    significant heads (`significant_heads`), accuracy, head-function scores and grounding summaries;
+    `figure_dirs` maps every model, in report order, to its figure directory; `settings` is the
+    config's `analysis` section.
     """
     config = HeadFunctionConfig.from_dict(settings.get("head_functions"))
-    summary = universal_heads_summary(universal, settings.get("universal_corruptions", ["sip", "str"]))
+    corruptions = settings.get("universal_corruptions", ["sip", "str"])
+    summary = universal_heads_summary(universal, corruptions)
     functions = universal_head_functions(scores, universal)
     table1 = [Table(universal_heads_by_kind(summary), "Universal heads per model and kind (paper Table 1)."),
               Table(summary, "Universal heads with bootstrap stability: fraction of resamples universal (own kind), "
@@ -354,7 +384,8 @@ def workflow_report(
         write_tables(csv, tables, Path(tables_dir) / f"{name}.csv", Path(tables_dir) / f"{name}.md")
     models = list(figure_dirs)
     sections = [
-        Section("Summary", html=summarise_findings(universal, accuracy, models, settings.get("k_sigma", 2.0))
+        Section("Summary", html=summarise_findings(universal, accuracy, models, settings.get("k_sigma", 2.0),
+                                                   significant, corruptions)
                 + grounding_findings(grounding, functions, config)),
         Section("Accuracy", tables=table2),
         Section("Universal heads", tables=[*table1, Table(universal, "Universal heads per condition.")]),

@@ -65,6 +65,24 @@ def test_summary_numbers(analysis):
     assert "2 standard deviations" in summary
 
 
+def test_summary_of_a_model_without_universal_heads_names_its_significant_heads(analysis):
+    _, table, _ = analysis
+    rows = [  # (task, corruption, layer, head, mean, significant): a different head per task, none universal
+        ("A", "sip", 0, 1, 2.0, True), ("A", "sip", 1, 3, 1.5, True), ("A", "sip", 0, 0, 0.1, False),
+        ("B", "sip", 1, 0, 3.0, True), ("B", "sip", 0, 1, 0.2, False),
+        ("A", "str", 0, 2, 0.1, False), ("B", "str", 1, 1, 0.4, True),
+        ("A", "gn_mult", 1, 1, 5.0, True),  # Gaussian noise does not define universal heads
+    ]
+    significant = pd.DataFrame(
+        [{"model": "other", "site": "cross_attn_head", "task": t, "corruption": c, "layer": layer, "head": head,
+          "mean": mean, "significant": sig} for t, c, layer, head, mean, sig in rows])
+    summary = summarise_findings(table, accuracy_table(), models=["toy", "other"], significant=significant)
+    assert ("<b>other</b>: no universal heads.<br><small>Significant heads per condition: A (sip): L0.H1, L1.H3; "
+            "A (str): none; B (sip): L1.H0; B (str): L1.H1.</small>") in summary
+    assert "gn_mult" not in summary
+    assert "vision: L1.H2 (vision in 100% of 40 resamples)" in summary  # models with universal heads unchanged
+
+
 def test_summary_lists_frequent_candidates():
     results = borderline_results()
     sig = significant_heads(head_effects(results))

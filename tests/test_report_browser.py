@@ -114,7 +114,7 @@ def report(tmp_path_factory):
         panels = overlay_panels(universal[in_model], scores[(scores["model"] == model)], max_heads=4)
         pngs += [p for p in attention_overlays(recs, panels, figure_dirs[model] / f"attention_{model}_synthetic", model)
                  if p.suffix == ".png"]
-    html = workflow_report(universal, accuracy_table(), scores, grounding, figure_dirs,
+    html = workflow_report(universal, sig, accuracy_table(), scores, grounding, figure_dirs,
                            {"k_sigma": 2.0, "head_functions": {}}, out / "report.html", out / "tables")
     return html, pngs, out
 
