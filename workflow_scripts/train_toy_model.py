@@ -1,11 +1,10 @@
 """Train a toy VLM from scratch on the synthetic data and save it like a hub model (rule `train_toy_model`)."""
 
-from notice.runtime import logged, set_threads
+from notice.runtime import logged
 from notice.toy_config import configs_from_settings
 from notice.toy_models import train
 
 with logged(snakemake.log[0]) as log:
-    set_threads(snakemake.threads)
     settings = snakemake.params.train
     model_cfg, train_cfg = configs_from_settings(settings, snakemake.params.image_size)
     metrics = train(settings["family"], model_cfg, snakemake.output[0], train_cfg)
