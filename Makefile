@@ -24,7 +24,7 @@ demo: venv
 	@echo "Report: $(CURDIR)/results/report.html (Snakemake report: $(CURDIR)/results/snakemake_report.html)"
 
 test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs --durations=15 tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs --durations=15 -n auto --dist loadfile tests
 
 bench: venv
 	$(PY) -m notice.bench
