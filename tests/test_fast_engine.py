@@ -21,8 +21,8 @@ import torch
 from notice.adapters.base import Patch
 from notice.metrics import ROW_COLUMNS
 from notice.patching import get_engine, reference
-from notice.patching.fast import chunks, max_relative_error, patch_sample
-from notice.patching.fast_core import FAST_FAMILIES
+from notice.patching.fast import chunks, family_engine, max_relative_error, patch_sample
+
 from toy_adapters import QUESTION, STR_QUESTION, blip_adapter, llava_adapter, noise_image, one_torch_thread
 
 RTOL = 1e-5
@@ -143,13 +143,15 @@ def test_rows_do_not_depend_on_batching(make):
     one = patch_sample(adapter, clean, corrupt, patches, tau, tau_p, batch_size=1)
     many = patch_sample(adapter, clean, corrupt, patches, tau, tau_p, batch_size=5)
     tiny_memory = patch_sample(adapter, clean, corrupt, patches, tau, tau_p, memory_budget=1)
-    assert max_relative_error(many, one) <= RTOL and max_relative_error(tiny_memory, one) <= RTOL
+    # float32: values below 1 compared absolutely, as everywhere in this file (the decoder engine
+    # runs the model's own layers, whose products round differently with the number of rows).
+    assert max_relative_error(many, one, floor=1.0) <= RTOL and max_relative_error(tiny_memory, one, floor=1.0) <= RTOL
 
 
 def test_chunks_respect_batch_size_and_memory():
     adapter = llava_adapter(seed=0)
     clean, corrupt = inputs(adapter, "SIP")
-    engine = FAST_FAMILIES["llava"](adapter, clean, corrupt)
+    engine = family_engine(adapter)(adapter, clean, corrupt)
     patches = [Patch("mlp", 0, p) for p in adapter.patch_positions(clean)]
     order = list(range(len(patches)))
     sizes = [len(c) for c in chunks(engine, patches, order, 4, 1 << 40)]
@@ -162,7 +164,7 @@ def test_noop_patches_are_detected():
     # Under SIP, LLaVA's text before the image sees the same tokens in both runs.
     adapter = llava_adapter(seed=0)
     clean, corrupt = inputs(adapter, "SIP")
-    engine = FAST_FAMILIES["llava"](adapter, clean, corrupt)
+    engine = family_engine(adapter)(adapter, clean, corrupt)
     first_image = int((clean.input_ids[0] == adapter.model.config.image_token_id).nonzero()[0])
     assert all(engine.is_noop(Patch("mlp", 0, p)) for p in range(first_image))
     assert not engine.is_noop(Patch("mlp", 0, clean.input_ids.shape[1] - 1))

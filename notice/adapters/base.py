@@ -14,9 +14,10 @@ Sites (BRIEF §3), all at one token position of the text stream:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Literal
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -35,26 +36,69 @@ class Patch:
 
 @dataclass
 class ModelInput:
-    """One prompt with one image, tokenised by the model's own processor and on the model's device."""
+    """One prompt with one image, tokenised by the model's own processor and on the model's device.
+
+    `extra` holds every other tensor the processor returned (`image_grid_thw`, `image_sizes`,
+    `pixel_attention_mask`, `token_type_ids`, ...), passed to the model's forward as they are.
+    """
 
     input_ids: torch.Tensor       # [1, T]
     attention_mask: torch.Tensor  # [1, T]
-    pixel_values: torch.Tensor    # [1, C, H, W]
+    pixel_values: torch.Tensor    # as the processor gives it ([1, C, H, W], tiles, or flattened patches)
     tokens: list[str]             # one display string per position of input_ids
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the model's forward for this input."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "pixel_values": self.pixel_values, **self.extra}
+
+
+def model_input(encoding: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype) -> ModelInput:
+    """A ModelInput from a processor's output (`return_tensors="pt"`), floats cast to the model's dtype."""
+    tensors = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+               for k, v in encoding.items() if isinstance(v, torch.Tensor)}
+    input_ids = tensors.pop("input_ids")
+    return ModelInput(
+        input_ids=input_ids,
+        attention_mask=tensors.pop("attention_mask", torch.ones_like(input_ids)),
+        pixel_values=tensors.pop("pixel_values"),
+        tokens=tokenizer.convert_ids_to_tokens(input_ids[0].tolist()),
+        extra=tensors,
+    )
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """Where one image's patches sit among the keys of the fusion attention.
+
+    `keys[i]` is the key index of patch i, patches in row-major order on a `rows` × `cols` grid
+    that covers the whole image as the model sees it (`VLMAdapter.model_view`).
+    """
+
+    keys: tuple[int, ...]
+    rows: int
+    cols: int
 
 
 class VLMAdapter(ABC):
-    """One architecture family (BLIP-style cross-attention fusion, LLaVA-style token fusion)."""
+    """One architecture family: the only place that knows the family's modules, inputs and rules.
+
+    Engines, evaluation, the attention stage and analysis ask the adapter; nothing else names a family.
+    """
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # Hugging Face `config.model_type` values handled
     model_class: ClassVar[type]             # transformers class that `from_pretrained` loads
-    default_prompt_template: ClassVar[str]  # "{question}" is replaced by the question
+    # "{question}" is replaced by the question; None: the processor's chat template with an image
+    # and the question as the user's turn, and the generation prompt.
+    default_prompt_template: ClassVar[str | None]
+    fast_engine: ClassVar[str]              # key of the family's engine in patching.fast_core.FAST_FAMILIES
 
     def __init__(self, model: torch.nn.Module, processor, prompt_template: str | None = None):
         self.model = model.eval()
         self.processor = processor
-        self.prompt_template = prompt_template or self.default_prompt_template
+        self.prompt_template = prompt_template or self.default_prompt_template or self.chat_prompt_template()
 
     # -- architecture -----------------------------------------------------------------------
     @property
@@ -82,13 +126,39 @@ class VLMAdapter(ABC):
     module_sites: ClassVar[tuple[str, ...]]  # module-wise sites, e.g. ("mlp", "self_attn", "cross_attn")
     head_site: ClassVar[str]                 # "cross_attn_head" (BLIP) or "self_attn_head" (LLaVA)
 
+    def site_width(self, site: str) -> int:
+        """Width of the activation at `site` (a head site: one head's slice)."""
+        if site in HEAD_SITE_PARENT:
+            return self.head_dim
+        module, kind = self.site_module(site, 0)
+        if kind == "input":
+            return module.in_features
+        return self.hidden_size
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of the patched stream's residual stream (and of `mlp` and `layer`)."""
+
     # -- inputs -----------------------------------------------------------------------------
     def format_prompt(self, question: str) -> str:
         return self.prompt_template.replace("{question}", question)
 
-    @abstractmethod
+    def chat_prompt_template(self) -> str:
+        """The processor's chat template for one image and the question, with the generation prompt."""
+        template = getattr(self.processor, "chat_template", None)
+        if not template:
+            raise ValueError(
+                f"{type(self).__name__}: the processor has no chat template; give the model a prompt_template "
+                "with {question} in the config"
+            )
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
     def prepare(self, image: Image.Image, prompt: str) -> ModelInput:
         """Tokenise `prompt` and preprocess `image` exactly as the model's processor does."""
+        encoding = self.processor(images=image, text=prompt, return_tensors="pt")
+        return model_input(encoding, self.processor.tokenizer, self.device, self.dtype)
 
     @abstractmethod
     def option_token_id(self, option: str) -> int:
@@ -121,6 +191,37 @@ class VLMAdapter(ABC):
     @abstractmethod
     def image_embedding_module(self) -> torch.nn.Module:
         """Module whose output holds the image embeddings the text side sees (Gaussian-noise target)."""
+
+    # -- fusion attention (head functions) ----------------------------------------------------
+    @abstractmethod
+    def fusion_attention_modules(self) -> list[torch.nn.Module]:
+        """Per layer, the fusion attention module; its output[1] is the probabilities [B, H, T, K]."""
+
+    @abstractmethod
+    def image_grid(self, inp: ModelInput) -> ImageGrid:
+        """The key indices of the image patches scored for head functions, and their grid."""
+
+    @abstractmethod
+    def attention_queries(self, inp: ModelInput) -> list[int]:
+        """Default query positions of the attention stage (positions that can see the image)."""
+
+    def model_view(self, inp: ModelInput) -> np.ndarray:
+        """The image as the model sees it (after resize / crop), uint8 [H, W, 3]: the processor's
+        normalisation undone, so overlays line up with the patch grid exactly."""
+        processor = self.processor.image_processor
+        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(processor.image_std).view(3, 1, 1)
+        pixels = inp.pixel_values[0].float().cpu() * std + mean
+        return (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+    def mask_view(self, mask: Image.Image, inp: ModelInput) -> np.ndarray:
+        """An object mask (0/255) through the same resize / crop as the image, float [H, W] in [0, 1].
+
+        Pixels count as object above 0.5, so interpolated edges (and a processor's padding with the
+        mean colour, ~0.46) do not.
+        """
+        out = self.processor.image_processor(images=mask.convert("RGB"), return_tensors="pt", do_normalize=False)
+        return (out["pixel_values"][0].float().mean(0) > 0.5).float().numpy()
 
     @staticmethod
     def replace_output_tensor(output, fn: Callable[[torch.Tensor], torch.Tensor]):

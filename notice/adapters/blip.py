@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-from PIL import Image
 from transformers import BlipForQuestionAnswering
 
-from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, VLMAdapter, register
+from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter, register
 
 
 @register
@@ -23,7 +22,8 @@ class BlipAdapter(VLMAdapter):
     family: ClassVar[str] = "blip"
     model_types: ClassVar[tuple[str, ...]] = ("blip",)
     model_class: ClassVar[type] = BlipForQuestionAnswering
-    default_prompt_template: ClassVar[str] = "{question}"
+    default_prompt_template: ClassVar[str | None] = "{question}"
+    fast_engine: ClassVar[str] = "blip"
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn", "cross_attn")
     head_site: ClassVar[str] = "cross_attn_head"
 
@@ -47,17 +47,11 @@ class BlipAdapter(VLMAdapter):
     def head_dim(self) -> int:
         return self._layers[0].crossattention.self.attention_head_size
 
-    # -- inputs -----------------------------------------------------------------------------
-    def prepare(self, image: Image.Image, prompt: str) -> ModelInput:
-        enc = self.processor(images=image, text=prompt, return_tensors="pt")
-        input_ids = enc["input_ids"].to(self.device)
-        return ModelInput(
-            input_ids=input_ids,
-            attention_mask=enc["attention_mask"].to(self.device),
-            pixel_values=enc["pixel_values"].to(self.device, self.dtype),
-            tokens=self.processor.tokenizer.convert_ids_to_tokens(input_ids[0].tolist()),
-        )
+    @property
+    def hidden_size(self) -> int:
+        return int(self._text_config.hidden_size)
 
+    # -- inputs -----------------------------------------------------------------------------
     def option_token_id(self, option: str) -> int:
         # The decoder produces answers as plain WordPiece text after BOS, so no context is needed.
         ids = self.processor.tokenizer(option, add_special_tokens=False)["input_ids"]
@@ -139,3 +133,18 @@ class BlipAdapter(VLMAdapter):
     def image_embedding_module(self) -> torch.nn.Module:
         # Its `last_hidden_state` is what the text encoder's cross-attention reads.
         return self.model.vision_model
+
+    # -- fusion attention: the text encoder's cross-attention to the vision tower's output ----
+    def fusion_attention_modules(self) -> list[torch.nn.Module]:
+        return [layer.crossattention.self for layer in self._layers]
+
+    def image_grid(self, inp: ModelInput) -> ImageGrid:
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        # Key 0 is the image [CLS], which has no place on the image.
+        return ImageGrid(tuple(range(1, 1 + side * side)), side, side)
+
+    def attention_queries(self, inp: ModelInput) -> list[int]:
+        # Every text-encoder token, [CLS] and [SEP] included: which token localises the object
+        # varies between trained models.
+        return self.patch_positions(inp)

@@ -5,22 +5,24 @@ patch, in the order of `patches`, with the keys of `notice.metrics.ROW_COLUMNS`)
 select either engine by name (`notice.patching.get_engine`). Every shortcut is exact, not an
 approximation (BRIEF §4):
 
-1. Cache once, patch many: the clean and the corrupt run are computed once per sample, the image
-   encoder once per distinct image, BLIP's cross-attention keys/values of the image once per layer.
+1. Cache once, patch many: the clean and the corrupt run are computed once per sample; a
+   cross-attention family's image encoder once per distinct image and its image keys/values once
+   per layer.
 2. Start at the patched layer: a patched row starts from the corrupt run's cached values at the
-   patched layer, and inside that layer recomputes only the patched position.
-3. Only the future of a causal patch (LLaVA): positions before the patched one reuse the corrupt run's
-   key/value cache; only positions from the patched one to the end are recomputed.
+   patched layer.
+3. Only the future of a causal patch (decoder language models): positions before the patched one
+   reuse the corrupt run's key/value cache, shared by all rows; only positions from the patched one
+   to the end are recomputed.
 4. Batched interventions: many patched runs of one sample (any mix of site / layer / head / position)
    are rows of one forward pass, in chunks of `batch_size` rows (or as many as fit `memory_budget`).
    Rows are grouped internally to share work, and results are returned in the order of `patches`.
 
-Also exact: a patch whose clean value is bit-identical to the corrupt one (e.g. LLaVA tokens before
-the image) cannot change the corrupt run, so its row is the corrupt run's scores.
+Also exact: a patch whose clean value is bit-identical to the corrupt one (e.g. a decoder's tokens
+before the image under SIP) cannot change the corrupt run, so its row is the corrupt run's scores.
 
 Numbers agree with the reference up to floating-point rounding (different matrix shapes sum in a
-different order), see `max_relative_error`; the BLIP engine keeps the reference's products and its
-rows are bit-identical on the CPU. Computation runs in the model's dtype (load the model in
+different order), see `max_relative_error`; the cross-attention (BLIP) engine keeps the reference's
+products and its rows are bit-identical on the CPU. Computation runs in the model's dtype (load the model in
 bfloat16/float16 on a GPU for speed); logits and metrics are float32.
 """
 
@@ -33,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 # Importing the family modules registers their engines in FAST_FAMILIES.
-from notice.patching import fast_blip, fast_llava  # noqa: F401
+from notice.patching import fast_blip, fast_decoder  # noqa: F401
 from notice.adapters.base import ModelInput, Patch, VLMAdapter
 from notice.metrics import Scores, answer_prob, logit_diff, result_row, scores
 from notice.patching.fast_core import FAST_FAMILIES, CleanRun, FastFamily, ImageFn
@@ -46,11 +48,11 @@ COMPARED_COLUMNS = ("ld_clean", "ld_corrupt", "ld_patched", "p_clean", "p_corrup
 
 def family_engine(adapter: VLMAdapter) -> type[FastFamily]:
     try:
-        return FAST_FAMILIES[adapter.family]
+        return FAST_FAMILIES[adapter.fast_engine]
     except KeyError:
         raise ValueError(
-            f"no fast engine for adapter family {adapter.family!r} (have {sorted(FAST_FAMILIES)}); "
-            "use engine 'reference'"
+            f"no fast engine {adapter.fast_engine!r} for adapter family {adapter.family!r} "
+            f"(have {sorted(FAST_FAMILIES)}); use engine 'reference'"
         ) from None
 
 

@@ -29,6 +29,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from notice.adapters.base import ModelInput, Patch
 from notice.patching.fast_core import FastFamily, Run, register_fast, rows_by_index
+from notice.patching.reference import ImageFn
 
 # Cached per layer, in computation order (`_layer` documents each).
 RECORDED = ("h_in", "self_attn", "a1", "cross_attn", "a2", "mlp", "layer")
@@ -63,6 +64,19 @@ class BlipFast(FastFamily):
         super().__init__(adapter, *args, **kwargs)
 
     # -- cached runs ------------------------------------------------------------------------
+    def capture_runs(self, clean_inp: ModelInput | None, corrupt_inp: ModelInput, image_fn: ImageFn | None) -> None:
+        # The image encoder runs once per distinct image.
+        clean_image = None
+        if clean_inp is not None:
+            clean_image = self.image_embeddings(clean_inp.pixel_values)
+            self.clean_logits = self.capture("clean", clean_inp, clean_image)
+        same_image = clean_image is not None and torch.equal(clean_inp.pixel_values, corrupt_inp.pixel_values)
+        corrupt_image = clean_image if same_image else self.image_embeddings(corrupt_inp.pixel_values)
+        if image_fn is not None:
+            corrupt_image = image_fn(corrupt_image)
+        # Captured last, so the caches patched rows read are the corrupt run's.
+        self.corrupt_logits = self.capture("corrupt", corrupt_inp, corrupt_image)
+
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[1, N, D_vision]: the vision model's last hidden state, which the text encoder cross-attends to."""
         return self.adapter.model.vision_model(pixel_values=pixel_values)[0]
@@ -77,6 +91,7 @@ class BlipFast(FastFamily):
         return kv
 
     def capture(self, run: Run, inp: ModelInput, image: torch.Tensor) -> torch.Tensor:
+        """One full forward pass: fill `self.sites[run]` and the caches; return the logits [V] (float32)."""
         encoder = self.adapter.model.text_encoder
         h = encoder.embeddings(input_ids=inp.input_ids)
         # The same (possibly None) additive mask the Hugging Face encoder builds for this prompt.

@@ -1,10 +1,9 @@
 """Building blocks of the fast patching engine shared by the architecture families.
 
-A family engine (`FastFamily` subclass, registered under the adapter's `family`) is created once per
-sample: its constructor runs the clean (unless its run is given from a cache) and the corrupt input
-once through its own functional copy of the model's layers (same weights, same operations as the
-Hugging Face modules) and caches what the patched runs reuse. `run_rows` then computes many patched
-runs at once, one row per patch.
+A family engine (`FastFamily` subclass, registered under the name an adapter gives as its
+`fast_engine`) is created once per sample: its constructor runs the clean (unless its run is given
+from a cache) and the corrupt input once and caches what the patched runs reuse. `run_rows` then
+computes many patched runs at once, one row per patch.
 """
 
 from __future__ import annotations
@@ -42,31 +41,17 @@ class FastFamily(ABC):
         self.seq_len = clean_inp.input_ids.shape[1]
         # Site activations [T, width] of both runs, keyed like the reference engine's.
         self.sites: dict[Run, dict[SiteKey, torch.Tensor]] = {}
-        device, dtype = adapter.device, adapter.dtype
         with torch.no_grad():
-            clean_image = None
-            if clean is None:
-                clean_image = self.image_embeddings(clean_inp.pixel_values)
-                self.clean_logits = self.capture("clean", clean_inp, clean_image)
-            else:
-                self.clean_logits = clean[0].to(device).float()
-                self.sites["clean"] = {key: value.to(device, dtype) for key, value in clean[1].items()}
-            # The image encoder runs once per distinct image.
-            same_image = clean_image is not None and torch.equal(clean_inp.pixel_values, corrupt_inp.pixel_values)
-            corrupt_image = clean_image if same_image else self.image_embeddings(corrupt_inp.pixel_values)
-            if image_fn is not None:
-                corrupt_image = image_fn(corrupt_image)
-            # Captured last, so whatever the family keeps for patched rows is the corrupt run's.
-            self.corrupt_logits = self.capture("corrupt", corrupt_inp, corrupt_image)
+            if clean is not None:
+                self.clean_logits = clean[0].to(adapter.device).float()
+                self.sites["clean"] = {key: value.to(adapter.device, adapter.dtype) for key, value in clean[1].items()}
+            self.capture_runs(None if clean is not None else clean_inp, corrupt_inp, image_fn)
 
     @abstractmethod
-    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """What `adapter.image_embedding_module()` outputs for these pixels (noise is applied to it)."""
-
-    @abstractmethod
-    def capture(self, run: Run, inp: ModelInput, image: torch.Tensor) -> torch.Tensor:
-        """One full forward pass: fill `self.sites[run]` (and the family's caches); return the logits
-        [V] (float32)."""
+    def capture_runs(self, clean_inp: ModelInput | None, corrupt_inp: ModelInput, image_fn: ImageFn | None) -> None:
+        """Run the clean input (None: its run came from the cache) and then the corrupt input with
+        `image_fn` on its image embeddings: set `clean_logits` / `corrupt_logits` (float32 [V]) and
+        `self.sites[run]`, and keep what patched rows reuse from the corrupt run."""
 
     @abstractmethod
     def order_key(self, patch: Patch) -> tuple:

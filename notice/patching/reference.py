@@ -34,7 +34,7 @@ def activation_key(site: str, layer: int) -> SiteKey:
 
 
 @contextmanager
-def _hook(module: torch.nn.Module, kind: Literal["input", "output"], fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def hooked(module: torch.nn.Module, kind: Literal["input", "output"], fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """While active, replace the module's first positional input (or its main output) by fn(it)."""
     if kind == "input":
         def pre_hook(_module, args):
@@ -56,7 +56,7 @@ def image_embeddings_replaced(adapter: VLMAdapter, fn: ImageFn | None) -> Iterat
     if fn is None:
         yield
         return
-    with _hook(adapter.image_embedding_module(), "output", fn):
+    with hooked(adapter.image_embedding_module(), "output", fn):
         yield
 
 
@@ -76,7 +76,7 @@ def capture(
         stack.enter_context(image_embeddings_replaced(adapter, image_fn))
         for key in dict.fromkeys(activation_key(*s) for s in sites):
             module, kind = adapter.site_module(*key)
-            stack.enter_context(_hook(module, kind, recorder(key)))
+            stack.enter_context(hooked(module, kind, recorder(key)))
         logits = adapter.answer_logits(inp)
     return logits, acts
 
@@ -142,7 +142,7 @@ def run_patched(
             check_patch(adapter, p, corrupt_inp.input_ids.shape[1])
             key = activation_key(p.site, p.layer)
             module, kind = adapter.site_module(*key)
-            stack.enter_context(_hook(module, kind, _overwrite(p, clean_acts[key], adapter.head_dim)))
+            stack.enter_context(hooked(module, kind, _overwrite(p, clean_acts[key], adapter.head_dim)))
         return adapter.answer_logits(corrupt_inp)
 
 

@@ -1,0 +1,151 @@
+"""Token-fusion VLMs: image features spliced into a decoder language model's prompt (LLaVA-style).
+
+What LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL share lives here; a family module says only
+where its modules are and what is special about its inputs. The patched stream is the decoder
+language model (pre-norm layers with `self_attn` (whose `o_proj` input is the concatenation of the
+query heads: grouped-query attention is fine), `mlp`, a final `norm` and the `lm_head`). The fusion
+heads are its self-attention heads. The answer score is the next-token logits at the last prompt
+position. Sites are patched at every position that is not an image token (markers around the image,
+such as `<|vision_start|>`, are text positions), heads at the last prompt position.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+
+from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
+
+
+class DecoderVLMAdapter(VLMAdapter):
+    """Shared behaviour of decoder-LM families; subclasses name their modules."""
+
+    module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn")
+    head_site: ClassVar[str] = "self_attn_head"
+    fast_engine: ClassVar[str] = "decoder"
+
+    # -- where the family keeps things (override when the path differs) ----------------------
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder (`.layers`, `.norm`, `.rotary_emb`), without the head."""
+        return self.model.model.language_model
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.language_model.layers
+
+    # -- architecture -----------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.layers[0].self_attn.head_dim)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+    def site_module(self, site: str, layer: int) -> tuple[torch.nn.Module, Literal["input", "output"]]:
+        block = self.layers[layer]
+        site = HEAD_SITE_PARENT.get(site, site)
+        if site == "mlp":
+            return block.mlp, "output"
+        if site == "self_attn":
+            return block.self_attn.o_proj, "input"
+        if site == "layer":
+            return block, "output"
+        raise ValueError(f"unknown {self.family} site {site!r} (sites: mlp, self_attn, self_attn_head, layer)")
+
+    # -- inputs -----------------------------------------------------------------------------
+    def option_token_id(self, option: str) -> int:
+        """First token of `option` generated right after the prompt.
+
+        Rule: tokenise the template's text after "{question}" (e.g. " Answer with one word.
+        ASSISTANT:", or a chat template's "<|im_end|>\\n<|im_start|>assistant\\n") alone and followed
+        by the option (after a space unless the prompt ends in whitespace, as a model writes it); the
+        first token past the common prefix is the answer token. With sentencepiece-style tokenizers
+        this is the space-prefixed piece ("▁red") the model emits after "ASSISTANT:", not "red".
+        """
+        tokenizer = self.processor.tokenizer
+        context = self.prompt_template.split("{question}")[-1]
+        separator = "" if context[-1:].isspace() else " "
+        ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(context + separator + option, add_special_tokens=False)["input_ids"]
+        if full_ids[: len(ctx_ids)] != ctx_ids or len(full_ids) <= len(ctx_ids):
+            raise ValueError(
+                f"option {option!r} does not tokenise as a continuation of {context!r}: "
+                f"{tokenizer.convert_ids_to_tokens(ctx_ids)} vs {tokenizer.convert_ids_to_tokens(full_ids)}"
+            )
+        return int(full_ids[len(ctx_ids)])
+
+    def image_positions(self, inp: ModelInput) -> list[int]:
+        return torch.nonzero(inp.input_ids[0] == self.image_token_id).flatten().tolist()
+
+    def patch_positions(self, inp: ModelInput) -> list[int]:
+        return torch.nonzero(inp.input_ids[0] != self.image_token_id).flatten().tolist()
+
+    def head_position(self, inp: ModelInput, answer_token_id: int) -> int:
+        # The last prompt token (LLaVA's "ASSISTANT:") carries the effect (paper).
+        return inp.input_ids.shape[1] - 1
+
+    # -- running ----------------------------------------------------------------------------
+    def forward(self, inp: ModelInput, **kwargs):
+        """The model's own forward on `inp`, scoring the last position only."""
+        return self.model(**inp.model_kwargs(), logits_to_keep=1, **kwargs)
+
+    @torch.no_grad()
+    def answer_logits(self, inp: ModelInput) -> torch.Tensor:
+        return self.forward(inp).logits[0, -1].float()
+
+    @torch.no_grad()
+    def generate_answer(self, inp: ModelInput, max_new_tokens: int = 5) -> str:
+        tokenizer = self.processor.tokenizer
+        out = self.model.generate(
+            **inp.model_kwargs(),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+        new_ids = out[0, inp.input_ids.shape[1]:].tolist()
+        return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, V] (float32) from last-layer outputs [B, D] (final norm, then head)."""
+        return self.lm_head(self.language_model.norm(hidden)).float()
+
+    # -- fusion attention ---------------------------------------------------------------------
+    def fusion_attention_modules(self) -> list[torch.nn.Module]:
+        return [layer.self_attn for layer in self.layers]
+
+    def attention_queries(self, inp: ModelInput) -> list[int]:
+        # Positions before the image cannot see it under the causal mask.
+        last_image = max(self.image_positions(inp))
+        return [p for p in self.patch_positions(inp) if p > last_image]
+
+    def image_grid(self, inp: ModelInput) -> ImageGrid:
+        """The image tokens as one square grid (one image token per patch of a square image)."""
+        keys = self.image_positions(inp)
+        side = int(round(len(keys) ** 0.5))
+        if side * side != len(keys):
+            raise ValueError(f"{self.family}: {len(keys)} image tokens do not form a square patch grid")
+        return ImageGrid(tuple(keys), side, side)

@@ -1,0 +1,239 @@
+"""Fast exact patching for every decoder language model (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
+
+Built on the model's own decoder layers: projections, rotary embeddings (multimodal RoPE included:
+the position embeddings are the ones the model computed for the prompt), norms and MLPs are the
+model's code. Only the attention function is ours, registered with transformers'
+`AttentionInterface` and switched on while patched rows run, so that the rows of a sample attend to
+one shared copy of the corrupt run's prefix keys/values.
+
+Per sample the engine runs the clean (unless cached) and the corrupt input through the model's own
+forward once, recording the site activations, every layer's input (the residual stream), the
+position embeddings the layers were given and the key/value cache.
+
+A row patched at (layer L, position p) changes nothing before p (causal attention). A chunk of rows
+with smallest patched position s runs layers from the smallest patched layer on, for positions
+s..T-1 only: a row enters at its own layer from the corrupt run's residual stream, the patch is the
+same forward hook on the site's module as the reference engine's, and its queries attend to the
+corrupt run's cached keys/values of positions < s (held once, not copied per row) and to the row's own
+keys/values of positions >= s under the causal mask. Positions the patch cannot change keep the
+corrupt run's values: those before the row's own patched position, and in the layer it enters at,
+all but the patched one. The score is the next-token logits at the last position.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+
+from notice.adapters.base import ModelInput, Patch
+from notice.adapters.decoder import DecoderVLMAdapter
+from notice.patching.fast_core import FastFamily, Run, head_mask, register_fast, rows_by_index
+from notice.patching.reference import ImageFn, hooked, image_embeddings_replaced
+
+ATTENTION_NAME = "notice_shared_prefix"
+
+
+@dataclass
+class SharedPrefix:
+    """The corrupt run's keys/values [1, H_kv, T, d] per layer; positions < `start` are attended to."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    start: int
+
+
+def shared_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    shared_prefix: SharedPrefix | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention of the suffix positions start..T-1 over the shared prefix and their own keys.
+
+    query [B, H, S, d], key/value [B, H_kv, S, d] (after the model's own RoPE); returns [B, S, H, d]
+    as transformers' eager attention does. Query heads of one key/value head are grouped as
+    `repeat_kv` does (head h reads key/value head h // (H / H_kv)); rows and heads of a key/value
+    head are stacked into one matrix against the prefix, so the prefix is never expanded per row.
+    """
+    if shared_prefix is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention runs only inside the fast engine's patched rows")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported by the fast engine")
+    window = kwargs.get("sliding_window")
+    start = shared_prefix.start
+    if window is not None and start + key.shape[2] > window:
+        raise NotImplementedError(f"sliding-window attention (window {window}) is not supported by the fast engine")
+    B, H, S, d = query.shape
+    n_kv = key.shape[1]
+    n_rep = H // n_kv
+    scale = scaling if scaling is not None else d ** -0.5
+    grouped = query.reshape(B, n_kv, n_rep * S, d)
+    blocked = torch.ones(S, S, dtype=torch.bool, device=query.device).triu(1).repeat(n_rep, 1)
+    scores = (torch.matmul(grouped, key.transpose(-1, -2)) * scale).masked_fill(blocked, torch.finfo(query.dtype).min)
+    prefix_k = shared_prefix.keys[module.layer_idx][0, :, :start]
+    prefix_v = shared_prefix.values[module.layer_idx][0, :, :start]
+    if start:
+        stacked = grouped.transpose(0, 1).reshape(n_kv, B * n_rep * S, d)
+        prefix = torch.matmul(stacked, prefix_k.transpose(-1, -2)) * scale
+        scores = torch.cat([prefix.view(n_kv, B, n_rep * S, start).transpose(0, 1), scores], dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs[..., start:], value)
+    if start:
+        stacked = probs[..., :start].transpose(0, 1).reshape(n_kv, B * n_rep * S, start)
+        out = out + torch.matmul(stacked, prefix_v).view(n_kv, B, n_rep * S, d).transpose(0, 1)
+    return out.reshape(B, H, S, d).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
+
+
+@contextmanager
+def attention_switched(layers: Sequence[torch.nn.Module], name: str) -> Iterator[None]:
+    """While active, the layers' attention modules dispatch to the registered attention `name`."""
+    configs = list({id(layer.self_attn.config): layer.self_attn.config for layer in layers}.values())
+    saved = [config._attn_implementation_internal for config in configs]
+    for config in configs:
+        config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        for config, value in zip(configs, saved):
+            config._attn_implementation_internal = value
+
+
+def _main(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+@register_fast
+class DecoderFast(FastFamily):
+    family = "decoder"
+    stages = ("self_attn", "mlp", "layer")
+    adapter: DecoderVLMAdapter
+
+    def __init__(self, adapter: DecoderVLMAdapter, clean_inp: ModelInput, corrupt_inp: ModelInput, *args, **kwargs):
+        for inp in (clean_inp, corrupt_inp):
+            if not bool(inp.attention_mask.all()):
+                raise ValueError("the fast decoder engine takes unpadded prompts (attention mask all ones)")
+        self.layers = adapter.layers
+        super().__init__(adapter, clean_inp, corrupt_inp, *args, **kwargs)
+
+    # -- cached runs ------------------------------------------------------------------------
+    def capture_runs(self, clean_inp: ModelInput | None, corrupt_inp: ModelInput, image_fn: ImageFn | None) -> None:
+        if clean_inp is not None:
+            self.clean_logits = self._capture("clean", clean_inp, None)
+        # Captured last, so the residual stream and keys/values patched rows read are the corrupt run's.
+        self.corrupt_logits = self._capture("corrupt", corrupt_inp, image_fn)
+
+    def _capture(self, run: Run, inp: ModelInput, image_fn: ImageFn | None) -> torch.Tensor:
+        """The model's own forward of `inp`: record sites, layer inputs, position embeddings, keys/values."""
+        record: dict[str, list[torch.Tensor | None]] = {site: [None] * len(self.layers) for site in self.stages}
+        resid: list[torch.Tensor | None] = [None] * len(self.layers)
+        position_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def site_recorder(site: str, layer: int):
+            def record_site(x: torch.Tensor) -> torch.Tensor:
+                record[site][layer] = x[0].detach()
+                return x
+            return record_site
+
+        def layer_input(layer: int):
+            def hook(_module, args, kwargs):
+                resid[layer] = (args[0] if args else kwargs["hidden_states"])[0].detach()
+                if layer == 0:
+                    position_embeddings.append(kwargs["position_embeddings"])
+            return hook
+
+        cache = DynamicCache(config=self.adapter.model.config)
+        with ExitStack() as stack:
+            stack.enter_context(image_embeddings_replaced(self.adapter, image_fn))
+            for layer, block in enumerate(self.layers):
+                handle = block.register_forward_pre_hook(layer_input(layer), with_kwargs=True)
+                stack.callback(handle.remove)
+                for site in self.stages:
+                    module, kind = self.adapter.site_module(site, layer)
+                    stack.enter_context(hooked(module, kind, site_recorder(site, layer)))
+            logits = self.adapter.forward(inp, use_cache=True, past_key_values=cache).logits[0, -1].float()
+        self.record_sites(run, record)
+        self.resid = resid + [record["layer"][-1]]
+        self.position_embeddings = position_embeddings[0]
+        self.prefix = SharedPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], 0)
+        return logits
+
+    # -- patched rows -----------------------------------------------------------------------
+    def order_key(self, patch: Patch) -> tuple:
+        # Rows of one chunk then share (nearly) the same recomputed suffix.
+        return (patch.position, patch.layer, self.stage(patch.site), patch.head)
+
+    def row_bytes(self, patch: Patch) -> int:
+        hidden = self.adapter.hidden_size
+        width = int(getattr(self.adapter.text_config, "intermediate_size", 4 * hidden))
+        S = self.seq_len - patch.position
+        elements = S * (10 * hidden + 3 * width) + 3 * self.adapter.n_heads * S * self.seq_len  # scores in float32
+        return elements * self.adapter.dtype.itemsize
+
+    @contextmanager
+    def _patched(self, layer: int, patches: Sequence[Patch], first_row: int, start: int) -> Iterator[None]:
+        """Hooks that write the clean values of `patches` (rows first_row.. of the batch) at `layer`."""
+        rows = torch.arange(first_row, first_row + len(patches), device=self.adapter.device)
+        with ExitStack() as stack:
+            for site in self.stages:
+                mine = [i for i, p in enumerate(patches) if self.stage(p.site) == self.stage(site)]
+                if not mine:
+                    continue
+                chosen = [patches[i] for i in mine]
+                positions = torch.tensor([p.position for p in chosen], device=self.adapter.device)
+                clean = self.activation("clean", site, layer)[positions]
+                where = (rows[mine], positions - start)
+
+                def overwrite(x: torch.Tensor, clean=clean, where=where, chosen=chosen) -> torch.Tensor:
+                    x = x.clone()
+                    take = head_mask(chosen, x.shape[-1], self.head_dim, x.device)
+                    x[where] = torch.where(take, clean.to(x.dtype), x[where])
+                    return x
+
+                module, kind = self.adapter.site_module(site, layer)
+                stack.enter_context(hooked(module, kind, overwrite))
+            yield
+
+    @torch.no_grad()
+    def run_rows(self, patches: Sequence[Patch]) -> torch.Tensor:
+        start = min(p.position for p in patches)
+        last = len(self.layers) - 1
+        cos_sin = tuple(x[..., start:, :] for x in self.position_embeddings)
+        prefix = SharedPrefix(self.prefix.keys, self.prefix.values, start)
+        h: torch.Tensor | None = None
+        order: list[int] = []
+        with attention_switched(self.layers, ATTENTION_NAME):
+            for layer in range(min(p.layer for p in patches), last + 1):
+                entering = [i for i, p in enumerate(patches) if p.layer == layer]
+                first_row = 0 if h is None else h.shape[0]
+                if entering:
+                    new = self.resid[layer][start:].expand(len(entering), -1, -1)
+                    h = new if h is None else torch.cat([h, new])
+                    order += entering
+                with self._patched(layer, [patches[i] for i in entering], first_row, start):
+                    h = _main(self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin, shared_prefix=prefix))
+                # Positions the patch cannot have changed keep the corrupt run's values bit-identical,
+                # whatever the batch: before a row's patched position (causality) and, in the layer it
+                # enters at, every position but the patched one.
+                frozen = self._frozen([patches[i] for i in order], layer, start)
+                h = torch.where(frozen, self.resid[layer + 1][start:], h)
+        return self.adapter.final_logits(h[:, -1])[rows_by_index(order, h.device)]
+
+    def _frozen(self, patches: Sequence[Patch], layer: int, start: int) -> torch.Tensor:
+        """Bool [n, S, 1]: the suffix positions of each row that still hold the corrupt run's values
+        after `layer`."""
+        positions = torch.arange(start, self.seq_len, device=self.adapter.device)[None]
+        patched = torch.tensor([p.position for p in patches], device=positions.device)[:, None]
+        entered_here = torch.tensor([p.layer == layer for p in patches], device=positions.device)[:, None]
+        return ((positions < patched) | (entered_here & (positions != patched)))[..., None]
