@@ -7,14 +7,18 @@ re-initialised with a larger std to make patching effects visible.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
+from notice.adapters import llava_next_tiny, qwen2_vl_tiny
+from notice.adapters.base import VLMAdapter
 from notice.adapters.blip import BlipAdapter
 from notice.adapters.llava import LlavaAdapter
+from notice.adapters.llava_next import LlavaNextAdapter
+from notice.adapters.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from notice.toy_models import ToyModelConfig, build_blip, build_llava
 
 QUESTION = "is the object red or green?"
@@ -46,9 +50,31 @@ def llava_adapter(seed: int = 0, std: float = 0.3, **overrides) -> LlavaAdapter:
     return LlavaAdapter(reinit(model, std, seed), processor)
 
 
-def noise_image(seed: int, size: int = 32) -> Image.Image:
+def llava_next_adapter(seed: int = 0, std: float = 0.3) -> LlavaNextAdapter:
+    model, processor = llava_next_tiny.build(seed=seed)
+    return LlavaNextAdapter(reinit(model, std, seed), processor)
+
+
+def qwen2_vl_adapter(seed: int = 0, std: float = 0.3) -> Qwen2VLAdapter:
+    model, processor = qwen2_vl_tiny.build("qwen2_vl", seed=seed)
+    return Qwen2VLAdapter(reinit(model, std, seed), processor)
+
+
+def qwen2_5_vl_adapter(seed: int = 0, std: float = 0.3) -> Qwen25VLAdapter:
+    model, processor = qwen2_vl_tiny.build("qwen2_5_vl", seed=seed)
+    return Qwen25VLAdapter(reinit(model, std, seed), processor)
+
+
+# Tiny random adapter of every family, for the tests that run over all of them.
+FAMILY_ADAPTERS: dict[str, Callable[..., VLMAdapter]] = {
+    "blip": blip_adapter, "llava": llava_adapter, "llava_next": llava_next_adapter,
+    "qwen2_vl": qwen2_vl_adapter, "qwen2_5_vl": qwen2_5_vl_adapter,
+}
+
+
+def noise_image(seed: int, size: int = 32, height: int | None = None) -> Image.Image:
     rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 256, (height or size, size, 3), dtype=np.uint8))
 
 
 @contextmanager

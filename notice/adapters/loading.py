@@ -7,11 +7,12 @@ missing model fails at once with a message instead of hanging on the network ins
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig
 
 # Importing the family modules registers their adapters in ADAPTERS.
-from notice.adapters import blip, llava  # noqa: F401
+from notice.adapters import blip, llava, llava_next, qwen2_vl  # noqa: F401
 from notice.adapters.base import ADAPTERS, VLMAdapter
+from notice.adapters.processors import load_processor
 from notice.hub import resolve_offline
 
 
@@ -44,5 +45,5 @@ def load_adapter(
     else:
         with torch.device("meta"):
             model = adapter_cls.model_class(config)
-    processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+    processor = load_processor(source)
     return adapter_cls(model, processor, prompt_template=prompt_template)
