@@ -1,6 +1,6 @@
 """Attention of the fusion heads from text positions to the image patches, for head-function scoring.
 
-The adapter says where its family's fusion attention lives (`fusion_attention_modules`: BLIP's
+The adapter says where its family's fusion attention lives (`fusion_attention_modules`: a text encoder's
 cross-attention to the vision tower, a decoder VLM's self-attention), which of its keys are image
 patches and on which grid (`image_grid`), and which queries can see the image (`attention_queries`).
 

@@ -45,7 +45,7 @@ PNG_SCALE = 2
 
 
 def safe_stem(*parts: object) -> str:
-    """A file name stem from parts such as model ids ("Salesforce/blip-vqa-base" → "Salesforce_blip-vqa-base")."""
+    """A file name stem from parts such as model ids ("org/model-7b" → "org_model-7b")."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(map(str, parts))).strip("_")
 
 

@@ -206,8 +206,8 @@ def head_function_scores(
     """Aggregate per-sample scores to one row per (group_keys, layer, head, query) and classify.
 
     `per_sample` has SAMPLE_SCORE_COLUMNS plus `group_keys`, `query` (from `query_labels`),
-    `sample_id`, `token` and `is_head_position` (the adapter's head-patching position: BLIP's answer
-    token, LLaVA's last token). Scores are means over the group's samples (object scores over the
+    `sample_id`, `token` and `is_head_position` (the adapter's head-patching position: the answer
+    token for cross-attention fusion, the last token for a decoder). Scores are means over the group's samples (object scores over the
     samples with a mask); lifts and entropy gain compare with the layer's average head of the same
     group and query; is_head_position holds for most of the query's samples.
     Columns: group_keys + SCORE_COLUMNS[:5] + tokens + the rest of SCORE_COLUMNS.
@@ -247,7 +247,7 @@ def grounding_summary(scores: pd.DataFrame, group_keys: Sequence[str]) -> pd.Dat
     dataset, task): the head and query with the highest detection_score (best_*), the mean
     detection_score over all heads and queries (mean_detection) and over the heads at the best query
     (mean_detection_at_best_query), the best detection_score at the head-patching position (the
-    paper's query: BLIP's answer token, LLaVA's last token), and how many heads are object detectors
+    paper's query: the adapter's head position), and how many heads are object detectors
     at some query (n_detection_heads; grounds_objects = at least one).
     """
     keys = list(group_keys)

@@ -56,7 +56,7 @@ def head_effects(results_df: pd.DataFrame, metric: str = "logit_diff") -> pd.Dat
     """Per head and condition: mean, std (over samples, ddof=1) and n (samples) of `metric`.
 
     Columns: model, task, corruption, modality, site, layer, head, metric, mean, std, n.
-    The patched position is ignored: it may differ between samples (BLIP's answer token).
+    The patched position is ignored: it may differ between samples (e.g. an answer-token head position).
     """
     per_sample = _per_sample(results_df, HEAD_KEYS, HEAD_SITES, metric)
     stats = per_sample.groupby(list(HEAD_KEYS), sort=True)["value"].agg(["mean", "std", "count"])

@@ -303,7 +303,7 @@ def _function_item(row: pd.Series) -> str:
 
 
 def _verdict(grounding: pd.DataFrame, config: HeadFunctionConfig) -> str:
-    """The paper's question answered from the numbers: cross-attention (BLIP) vs self-attention (LLaVA)."""
+    """The paper's question answered from the numbers: cross-attention vs self-attention fusion."""
     cross = grounding[grounding["site"] == "cross_attn_head"]
     self_ = grounding[grounding["site"] == "self_attn_head"]
     rule = (f"a head is an object detector when its detection score is at least {config.detection_threshold:g}× "

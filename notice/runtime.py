@@ -70,7 +70,7 @@ def load_model(model_path: str, section: dict):
 def load_tokenizing_model(model_path: str, section: dict):
     """The model's adapter without weights, for jobs without a GPU that format and tokenise prompts.
 
-    Takes no GPU and almost no memory (LLaVA-7B's weights would need 14 GB just to tokenise).
+    Takes no GPU and almost no memory (a 7B model's weights would need 14 GB just to tokenise).
     """
     from notice.adapters.loading import load_adapter
 

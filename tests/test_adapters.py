@@ -212,5 +212,5 @@ def test_missing_local_directory_fails(tmp_path):
 
 def test_unknown_model_type_lists_supported(tmp_path):
     BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"'bert'.*\['blip', 'llava'\]"):
+    with pytest.raises(ValueError, match=r"'bert'.*\['blip', 'llava', 'llava_next', 'qwen2_5_vl', 'qwen2_vl'\]"):
         load_adapter(str(tmp_path))

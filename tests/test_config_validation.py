@@ -75,3 +75,14 @@ def test_toy_architecture_that_does_not_fit_is_named(tmp_path):
     code, output = dry_run(tmp_path, config)
     assert code != 0
     assert "models.toy_llava.train" in output and "text_kv_heads=3 must divide text_heads=8" in output
+
+
+def test_the_shipped_configs_validate_and_modern_models_merge_onto_the_paper_config():
+    from snakemake.utils import update_config, validate
+
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    update_config(paper, yaml.safe_load((REPO / "config" / "modern_models.yaml").read_text()))
+    validate(paper, str(REPO / "config" / "schemas" / "config.schema.yaml"))
+    assert {"blip", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"} <= set(paper["models"])
+    for name in ("llava_next", "qwen2_vl", "qwen2_5_vl"):
+        assert paper["models"][name]["prompt_template"].count("{question}") == 1

@@ -26,6 +26,6 @@ with logged(snakemake.log[0]) as log:
     write_tables(scores, [
         Table(grounding, "Best object detector per model, site and dataset (detection score: multiple of uniform "
                          "attention on the object's patches)."),
-        Table(scores[scores["is_head_position"]], "Scores at the head-patching position (BLIP: the answer token; "
-                                                  "LLaVA: the last prompt token); all queries: head_functions.csv."),
+        Table(scores[scores["is_head_position"]], "Scores at the head-patching position (the adapter's: the answer token "
+                                                  "or the last prompt token); all queries: head_functions.csv."),
     ], snakemake.output.scores, snakemake.output.markdown)

@@ -112,19 +112,19 @@ class VLMAdapter(ABC):
     @property
     @abstractmethod
     def n_layers(self) -> int:
-        """Layers of the stream that is patched (BLIP text encoder, LLaVA language model)."""
+        """Layers of the stream that is patched (a text encoder, or a decoder language model)."""
 
     @property
     @abstractmethod
     def n_heads(self) -> int:
-        """Query heads of the fusion attention (BLIP cross-attention, LLaVA self-attention)."""
+        """Query heads of the fusion attention (cross-attention to the image, or a decoder's self-attention)."""
 
     @property
     @abstractmethod
     def head_dim(self) -> int: ...
 
     module_sites: ClassVar[tuple[str, ...]]  # module-wise sites, e.g. ("mlp", "self_attn", "cross_attn")
-    head_site: ClassVar[str]                 # "cross_attn_head" (BLIP) or "self_attn_head" (LLaVA)
+    head_site: ClassVar[str]                 # "cross_attn_head" or "self_attn_head"
 
     def site_width(self, site: str) -> int:
         """Width of the activation at `site` (a head site: one head's slice)."""
@@ -166,11 +166,11 @@ class VLMAdapter(ABC):
 
     @abstractmethod
     def patch_positions(self, inp: ModelInput) -> list[int]:
-        """Positions patched module-wise (BLIP: every text token; LLaVA: the text tokens, no image tokens)."""
+        """Positions patched module-wise (every text position; image tokens are not patched)."""
 
     @abstractmethod
     def head_position(self, inp: ModelInput, answer_token_id: int) -> int:
-        """Position for head patching (BLIP: the correct-answer token in the question; LLaVA: last token)."""
+        """Position for head patching (e.g. the correct-answer token in the question, or the last token)."""
 
     # -- running ----------------------------------------------------------------------------
     @abstractmethod

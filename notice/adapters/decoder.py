@@ -1,6 +1,6 @@
-"""Token-fusion VLMs: image features spliced into a decoder language model's prompt (LLaVA-style).
+"""Token-fusion VLMs: image features spliced into a decoder language model's prompt (token fusion).
 
-What LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL share lives here; a family module says only
+What the token-fusion families share lives here; a family module says only
 where its modules are and what is special about its inputs. The patched stream is the decoder
 language model (pre-norm layers with `self_attn` (whose `o_proj` input is the concatenation of the
 query heads: grouped-query attention is fine), `mlp`, a final `norm` and the `lm_head`). The fusion
@@ -104,7 +104,7 @@ class DecoderVLMAdapter(VLMAdapter):
         return torch.nonzero(inp.input_ids[0] != self.image_token_id).flatten().tolist()
 
     def head_position(self, inp: ModelInput, answer_token_id: int) -> int:
-        # The last prompt token (LLaVA's "ASSISTANT:") carries the effect (paper).
+        # The last prompt token (e.g. "ASSISTANT:") carries the effect (paper).
         return inp.input_ids.shape[1] - 1
 
     # -- running ----------------------------------------------------------------------------

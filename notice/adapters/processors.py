@@ -1,7 +1,7 @@
 """Load a model directory's processor on a machine without torchvision.
 
 In transformers 5 every video processor needs torchvision, and a processor whose class takes a
-`video_processor` (Qwen2-VL, Qwen2.5-VL) cannot even be constructed without one: the class check in
+`video_processor` cannot even be constructed without one: the class check in
 `ProcessorMixin.__init__` looks the name up in a torchvision-only mapping and fails with
 `'VIDEO_PROCESSOR_MAPPING' has no attribute '_extra_content'`. The workflow only feeds images, so
 the fallback here builds the same processor class without its video parts; image processors fall

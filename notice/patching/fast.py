@@ -21,7 +21,7 @@ Also exact: a patch whose clean value is bit-identical to the corrupt one (e.g. 
 before the image under SIP) cannot change the corrupt run, so its row is the corrupt run's scores.
 
 Numbers agree with the reference up to floating-point rounding (different matrix shapes sum in a
-different order), see `max_relative_error`; the cross-attention (BLIP) engine keeps the reference's
+different order), see `max_relative_error`; the cross-attention engine keeps the reference's
 products and its rows are bit-identical on the CPU. Computation runs in the model's dtype (load the model in
 bfloat16/float16 on a GPU for speed); logits and metrics are float32.
 """

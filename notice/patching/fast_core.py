@@ -90,7 +90,7 @@ class FastFamily(ABC):
         """True when the clean value written by the patch is bit-identical to the corrupt one.
 
         Such a patch leaves the corrupt forward pass unchanged, so its result is the corrupt run's
-        (e.g. LLaVA positions before the image and the first changed prompt token).
+        (e.g. a decoder's positions before the image under SIP).
         """
         clean = self.activation("clean", patch.site, patch.layer)[patch.position]
         corrupt = self.activation("corrupt", patch.site, patch.layer)[patch.position]

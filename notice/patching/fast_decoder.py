@@ -1,4 +1,4 @@
-"""Fast exact patching for every decoder language model (LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL).
+"""Fast exact patching for every token-fusion family: a decoder language model reads the image tokens.
 
 Built on the model's own decoder layers: projections, rotary embeddings (multimodal RoPE included:
 the position embeddings are the ones the model computed for the prompt), norms and MLPs are the
