@@ -1,0 +1,222 @@
+"""`python -m notice patch-pair` on tiny local models of every family.
+
+The CLI's table must be exactly what the workflow's patching stage (cache_clean_runs + patch_pairs)
+gives for the same pair, and bad input must be one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from transformers import BertConfig
+
+from notice.__main__ import main
+from notice.adapters import llava_next_tiny, qwen2_vl_tiny
+from notice.adapters.loading import load_adapter
+from notice.pairs import PAIR_DTYPES
+from notice.patching.experiment import cache_clean_runs, patch_pairs
+from notice.runtime import load_image
+from notice.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
+from notice.toy_config import ToyModelConfig
+from notice.toy_models import build_blip, build_llava
+from toy_adapters import QUESTION, STR_QUESTION, one_torch_thread
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ("blip", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+WIDE = {"llava_next", "qwen2_vl", "qwen2_5_vl"}  # families that take a 40x24 image as it is (any resolution)
+TOY = ToyModelConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
+                     vision_intermediate=64, text_hidden=32, text_intermediate=64, text_heads=4, text_kv_heads=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny model directories of all five families and random images."""
+    root = tmp_path_factory.mktemp("patch_pair")
+    for name, build in (("blip", build_blip), ("llava", build_llava)):
+        model, processor = build(TOY)
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    llava_next_tiny.save(root / "llava_next")
+    qwen2_vl_tiny.save(root / "qwen2_vl", kind="qwen2_vl")
+    qwen2_vl_tiny.save(root / "qwen2_5_vl", kind="qwen2_5_vl")
+    rng = np.random.default_rng(0)
+    sizes = {"clean": (32, 32), "corrupt": (32, 32), "wide": (40, 24), "wide_corrupt": (40, 24)}
+    for name, (width, height) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"{name}.png")
+    (root / "not_an_image.png").write_text("not an image")
+    BertConfig().save_pretrained(root / "bert")
+    return root
+
+
+def images(tmp: Path, family: str) -> tuple[str, str]:
+    """(clean, SIP corrupt) image paths; the any-resolution families get 40x24 images."""
+    if family in WIDE:
+        return str(tmp / "wide.png"), str(tmp / "wide_corrupt.png")
+    return str(tmp / "clean.png"), str(tmp / "corrupt.png")
+
+
+def cli_args(tmp: Path, family: str, corruption: str, out: Path, *extra: str) -> list[str]:
+    clean, corrupt = images(tmp, family)
+    corrupt_args = {"sip": ["--corrupt-image", corrupt], "str": ["--corrupt-question", STR_QUESTION],
+                    "gn_mult": ["--noise", "gn_mult"], "gn_add": ["--noise", "gn_add"]}[corruption]
+    return ["patch-pair", "--model", str(tmp / family), "--image", clean, "--question", QUESTION,
+            "--answer", "red", "--distractor", "green", *corrupt_args, "--out", str(out), *extra]
+
+
+def expected_rows(
+    tmp: Path, family: str, corruption: str, engine: str = "fast", prompt_template: str | None = None,
+    noise_seed: int = 0,
+) -> pd.DataFrame:
+    """The workflow's patching stage on the same pair, built here by hand, through a Parquet file."""
+    adapter = load_adapter(str(tmp / family), prompt_template=prompt_template)
+    clean, corrupt = images(tmp, family)
+    prompt = adapter.format_prompt(QUESTION)
+    pair = {
+        "sample_id": "pair", "task": "cli", "category": "cli", "corruption": corruption,
+        "modality": "text" if corruption == "str" else "image", "correct_first": True,
+        "answer": "red", "distractor": "green",
+        "answer_token_id": adapter.option_token_id("red"), "distractor_token_id": adapter.option_token_id("green"),
+        "clean_image_path": clean, "corrupt_image_path": corrupt if corruption == "sip" else clean,
+        "clean_mask_path": "", "corrupt_mask_path": "", "clean_prompt": prompt,
+        "corrupt_prompt": adapter.format_prompt(STR_QUESTION) if corruption == "str" else prompt,
+        "noise_seed": noise_seed if corruption.startswith("gn_") else -1,
+    }
+    pairs = make_table([pair], PAIR_COLUMNS, PAIR_DTYPES)
+    prompts = pd.DataFrame({"sample_id": ["pair"], "image_path": [clean], "prompt": [prompt]})
+    with torch.inference_mode():
+        rows = patch_pairs(
+            adapter, pairs, cache_clean_runs(adapter, prompts, load_image), load_image, engine=engine,
+            corruption_settings={"nu": 5.0, "sigma_multiplier": 3.0}, patching_settings={"batch_size": 64},
+            labels={"model": str(tmp / family), "dataset": "cli"},
+        )
+    path = tmp / f"expected_{family}_{corruption}_{engine}.parquet"
+    write_table(rows, path, RESULT_COLUMNS)
+    return read_table(path, RESULT_COLUMNS)
+
+
+def assert_same_rows(out: Path, expected: pd.DataFrame) -> pd.DataFrame:
+    """Same columns in the same order, same rows, every value equal."""
+    actual = read_table(out, RESULT_COLUMNS)
+    assert list(actual.columns) == list(RESULT_COLUMNS)
+    assert len(actual) > 0
+    pd.testing.assert_frame_equal(actual, expected, check_exact=True)
+    return actual
+
+
+@pytest.mark.parametrize("corruption", ["sip", "str", "gn_mult"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rows_are_the_workflows(tmp: Path, family: str, corruption: str, capsys: pytest.CaptureFixture) -> None:
+    out = tmp / f"out_{family}_{corruption}.parquet"
+    assert main(cli_args(tmp, family, corruption, out)) == 0
+    rows = assert_same_rows(out, expected_rows(tmp, family, corruption))
+    printed = capsys.readouterr().out
+    assert f"{len(rows)} patched runs" in printed
+    assert f"LD clean {rows.ld_clean.iloc[0]:.4f} / LD corrupt {rows.ld_corrupt.iloc[0]:.4f}" in printed
+    best = rows.loc[rows.logit_diff.idxmax()]
+    assert f"{best.site}" in printed and str(best.token) in printed
+
+
+def test_reference_engine_and_additive_noise(tmp: Path) -> None:
+    out = tmp / "out_reference.parquet"
+    assert main(cli_args(tmp, "llava", "gn_add", out, "--engine", "reference", "--noise-seed", "7")) == 0
+    assert_same_rows(out, expected_rows(tmp, "llava", "gn_add", engine="reference", noise_seed=7))
+
+
+@pytest.mark.parametrize("family, template", [
+    ("llava", "USER: <image>\nquestion: {question} ASSISTANT:"),
+    ("qwen2_vl", "<|vision_start|><|image_pad|><|vision_end|>{question}"),
+])
+def test_prompt_template_is_used_verbatim(tmp: Path, family: str, template: str) -> None:
+    out = tmp / f"out_template_{family}.parquet"
+    assert main(cli_args(tmp, family, "str", out, "--prompt-template", template)) == 0
+    rows = assert_same_rows(out, expected_rows(tmp, family, "str", prompt_template=template))
+    adapter = load_adapter(str(tmp / family))
+    image = load_image(images(tmp, family)[0])
+    tokens = adapter.prepare(image, template.replace("{question}", QUESTION)).tokens
+    assert all(tokens[row.position] == row.token for row in rows.itertuples())
+    default = adapter.prepare(image, adapter.format_prompt(QUESTION)).tokens
+    assert len(tokens) < len(default) and "<|im_start|>" not in tokens  # no chat template on top
+
+
+def test_entry_point(tmp: Path) -> None:
+    out = tmp / "out_subprocess.parquet"
+    done = subprocess.run(  # on one thread like the in-process expectation, so the floats are the same
+        [sys.executable, "-m", "notice", *cli_args(tmp, "blip", "sip", out)],
+        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "LD clean" in done.stdout and "patched runs" in done.stdout
+    assert_same_rows(out, expected_rows(tmp, "blip", "sip"))
+
+
+def exit_code(argv: Sequence[str]) -> int:
+    """main's return value, or the code of the SystemExit argparse raises."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return int(stop.code)
+
+
+def replace(args: list[str], option: str, value: str) -> list[str]:
+    args = list(args)
+    args[args.index(option) + 1] = value
+    return args
+
+
+def without(args: list[str], option: str) -> list[str]:
+    start = args.index(option)
+    return args[:start] + args[start + 2:]
+
+
+@pytest.mark.parametrize("case, words", [
+    ("unknown_model_type", ["'bert'", "supported model types", "llava"]),
+    ("model_not_found", ["does not exist", "/no/such/model"]),
+    ("image_unreadable", ["not_an_image.png", "cannot decode image"]),
+    ("image_missing", ["missing.png", "cannot decode image"]),
+    ("same_first_token", ["'crimson'", "'scarlet'", "same first token", "'<unk>'"]),
+    ("token_length", ["16 tokens", "18", "same token length"]),
+    ("image_size", ["46 tokens", "54", "image of another size"]),
+    ("no_corruption", ["one of the arguments", "--corrupt-image", "--noise"]),
+    ("two_corruptions", ["--noise", "not allowed with", "--corrupt-image"]),
+    ("template_without_question", ["--prompt-template", "{question}"]),
+])
+def test_bad_input_is_one_line_and_exit_code_2(
+    tmp: Path, case: str, words: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    args = cli_args(tmp, "llava", "sip", tmp / f"bad_{case}.parquet")
+    wide = cli_args(tmp, "llava_next", "sip", tmp / f"bad_{case}.parquet")
+    argv = {
+        "unknown_model_type": replace(args, "--model", str(tmp / "bert")),
+        "model_not_found": replace(args, "--model", "/no/such/model"),
+        "image_unreadable": replace(args, "--image", str(tmp / "not_an_image.png")),
+        "image_missing": replace(args, "--corrupt-image", str(tmp / "missing.png")),
+        "same_first_token": replace(replace(args, "--answer", "crimson"), "--distractor", "scarlet"),
+        "token_length": without(args, "--corrupt-image") + ["--corrupt-question", "is the object blue?"],
+        "image_size": replace(wide, "--corrupt-image", str(tmp / "clean.png")),
+        "no_corruption": without(args, "--corrupt-image"),
+        "two_corruptions": args + ["--noise", "gn_mult"],
+        "template_without_question": args + ["--prompt-template", "USER: <image>\nASSISTANT:"],
+    }[case]
+    capsys.readouterr()
+    assert exit_code(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not (tmp / f"bad_{case}.parquet").exists()
