@@ -119,7 +119,7 @@ def build_pair(
 
 def check_input_lengths(adapter: VLMAdapter, pairs: pd.DataFrame) -> None:
     """The engines patch position by position, so clean and corrupt inputs need the same length; a SIP
-    image of another size can give another number of image tokens (LLaVA-NeXT, Qwen2-VL)."""
+    image of another size can give another number of image tokens (any-resolution and native-resolution families)."""
     def length(image: str, prompt: str) -> int:  # adapter.prepare's tokens, without moving them to a device
         return adapter.processor(images=load_image(image), text=prompt, return_tensors="pt")["input_ids"].shape[1]
 

@@ -20,7 +20,7 @@ class ToyModelConfig:
     text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 4
-    text_kv_heads: int = 2  # LLaVA (Llama) only
+    text_kv_heads: int = 2  # decoder language models only (grouped-query attention)
     text_intermediate: int = 256
     max_positions: int = 256
     # std 0.02 leaves the models on a long accuracy plateau; 0.06 trains reliably (BRIEF §6).
@@ -44,7 +44,7 @@ class ToyModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (docs/toy_models.md). `steps=None` takes the family's measured default."""
+    """Optimisation recipe (docs/toy_models.md). `steps=None` takes the family's measured default (`ToyFamily.default_steps`)."""
 
     steps: int | None = None
     batch_size: int = 64
@@ -59,7 +59,6 @@ class TrainConfig:
     log_every: int = 100
 
 
-DEFAULT_STEPS = {"blip": 2000, "llava": 3200}
 # Workflow `train` keys that are not ToyModelConfig / TrainConfig fields (image_size is the dataset's).
 WORKFLOW_TRAIN_KEYS = ("family", "dataset")
 

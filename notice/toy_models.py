@@ -1,8 +1,10 @@
 """Small vision-language models built and trained from scratch on CPU on the synthetic dataset.
 
-They have the exact architecture classes of `Salesforce/blip-vqa-base` (`BlipForQuestionAnswering`)
-and `llava-hf/llava-1.5-7b-hf` (`LlavaForConditionalGeneration`), only tiny, and are saved with
-`save_pretrained` so that the workflow loads them exactly like the real checkpoints.
+They have the exact architecture classes of real checkpoints, only tiny, and are saved with
+`save_pretrained` so that the workflow loads them exactly like the real ones. What is shared lives
+here (vocabulary, images, the training loop, evaluation); each family's toy (its model and processor,
+prompt, and answer-step logits) is a `ToyFamily` in its own module, `notice/adapters/<family>_toy.py`,
+registered in TOY_FAMILIES.
 """
 
 from __future__ import annotations
@@ -11,28 +13,15 @@ import argparse
 import json
 import math
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (
-    BertTokenizer,
-    BlipConfig,
-    BlipForQuestionAnswering,
-    BlipProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-)
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from tokenizers import pre_tokenizers
 
 from notice.synthetic import (
     QUESTION_TEMPLATES,
@@ -45,160 +34,80 @@ from notice.synthetic import (
     sample_training_batch,
     stream_rng,
 )
-from notice.toy_config import DEFAULT_STEPS, ToyModelConfig, TrainConfig
+from notice.toy_config import ToyModelConfig, TrainConfig
 
-# The prompt of llava-1.5 (BRIEF §3); the toy LLaVA is trained on exactly this template.
-LLAVA_PROMPT_TEMPLATE = "USER: <image>\n{question} Answer with one word. ASSISTANT:"
-
-# Special tokens in id order, named as in the real checkpoints (BLIP's decoder starts from [DEC]).
-BLIP_SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
-LLAVA_SPECIAL_TOKENS: tuple[str, ...] = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
-
-# Standard CLIP normalisation, used by both toy image processors.
+# Standard CLIP normalisation, used by every toy image processor.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class ToyFamily(ABC):
+    """One family's toy model: how to build it, prompt it and score its answer step in training."""
+
+    name: ClassVar[str]
+    special_tokens: ClassVar[tuple[str, ...]]  # in id order, before the words
+    prompt_template: ClassVar[str]             # "{question}" is replaced; the model is trained on it
+    default_steps: ClassVar[int]               # the measured recipe's training steps (docs/toy_models.md)
+    generate_returns_prompt: ClassVar[bool]    # `generate` output starts with the prompt's ids
+
+    @abstractmethod
+    def build(self, cfg: ToyModelConfig, training: bool = False) -> tuple[torch.nn.Module, object]:
+        """A randomly initialised (seeded) toy model and its processor; `training`: for the training loop."""
+
+    @abstractmethod
+    def end_token_id(self, tokenizer) -> int:
+        """The token that should follow the one-word answer."""
+
+    @abstractmethod
+    def two_step_logits(self, model, prompt_ids: list[list[int]], pixels: torch.Tensor, answer_ids: torch.Tensor,
+                        tokenizer) -> torch.Tensor:
+        """Logits [B, 2, V] of the answer step and the step after it (which should predict the end)."""
+
+    def format_prompt(self, question: str) -> str:
+        return self.prompt_template.format(question=question)
+
+
+TOY_FAMILIES: dict[str, ToyFamily] = {}
+
+
+def register_toy(cls: type[ToyFamily]) -> type[ToyFamily]:
+    TOY_FAMILIES[cls.name] = cls()
+    return cls
+
+
 def _words() -> list[str]:
-    """Every plain word the questions, answers and the LLaVA template use, lowercased, sorted."""
+    """Every plain word the questions, answers and the families' prompt templates use, lowercased, sorted."""
+    templates = []
+    for toy in TOY_FAMILIES.values():
+        template = toy.prompt_template.replace("{question}", "")
+        for token in toy.special_tokens:
+            template = template.replace(token, "")
+        templates.append(template)
     text = " ".join(
         [QUESTION_TEMPLATES[t].format(subject=SUBJECT, a="", b="") for t in QUESTION_TEMPLATES]
-        + [LLAVA_PROMPT_TEMPLATE.replace("<image>", "").replace("{question}", "")]
+        + templates
         + [v for values in TASK_VALUES.values() for v in values]
     ).lower()
-    # Split punctuation off words the way both tokenizers' pre-tokenizers do.
+    # Split punctuation off words the way the toy tokenizers' pre-tokenizers do.
     words = pre_tokenizers.Whitespace().pre_tokenize_str(text)
     return sorted({w for w, _ in words})
 
 
-def build_vocabulary(family: str) -> list[str]:
-    """Tokens of the family's toy tokenizer in id order: its special tokens, then the words."""
-    specials = {"blip": BLIP_SPECIAL_TOKENS, "llava": LLAVA_SPECIAL_TOKENS}[family]
-    return list(specials) + _words()
+def build_vocabulary(special_tokens: Sequence[str]) -> list[str]:
+    """Tokens of a toy tokenizer in id order: its special tokens, then the words."""
+    return list(special_tokens) + _words()
 
 
-def build_blip_tokenizer() -> BertTokenizer:
-    vocab = {tok: i for i, tok in enumerate(build_vocabulary("blip"))}
-    # `vocab=` (a dict or path); transformers 5 silently ignores `vocab_file=`.
-    return BertTokenizer(vocab=vocab, bos_token="[DEC]")
-
-
-def build_llava_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: one token per word, so every option is a single token."""
-    vocab = {tok: i for i, tok in enumerate(build_vocabulary("llava"))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    # Llama prepends <s> to every prompt.
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        # Left padding keeps the answer position at -1 in batches (as llava-hf's processor does).
-        padding_side="left",
-    )
-    return fast
-
-
-def build_blip(cfg: ToyModelConfig) -> tuple[BlipForQuestionAnswering, BlipProcessor]:
-    """A randomly initialised toy `BlipForQuestionAnswering` and its processor."""
-    tokenizer = build_blip_tokenizer()
-    std = cfg.initializer_range
-    config = BlipConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.text_hidden,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            intermediate_size=cfg.text_intermediate,
-            max_position_embeddings=cfg.max_positions,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            sep_token_id=tokenizer.sep_token_id,
-            initializer_range=std,
-        ),
-        vision_config=dict(
-            hidden_size=cfg.vision_hidden,
-            num_hidden_layers=cfg.vision_layers,
-            num_attention_heads=cfg.vision_heads,
-            intermediate_size=cfg.vision_intermediate,
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            # BlipVisionConfig's own default is 1e-10 (position and class embeddings).
-            initializer_range=std,
-        ),
-        projection_dim=cfg.text_hidden,
-        initializer_range=std,
-    )
-    torch.manual_seed(cfg.seed)
-    model = BlipForQuestionAnswering(config).eval()
-    image_processor = BlipImageProcessorPil(
-        size={"height": cfg.image_size, "width": cfg.image_size}, image_mean=IMAGE_MEAN, image_std=IMAGE_STD
-    )
-    return model, BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def build_llava(
-    cfg: ToyModelConfig, attn_implementation: str = "eager"
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A randomly initialised toy `LlavaForConditionalGeneration` and its processor."""
-    tokenizer = build_llava_tokenizer()
-    std = cfg.initializer_range
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        intermediate_size=cfg.vision_intermediate,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_hidden,
-        initializer_range=std,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.text_hidden,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        num_key_value_heads=cfg.text_kv_heads,
-        intermediate_size=cfg.text_intermediate,
-        max_position_embeddings=cfg.max_positions,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=std,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=cfg.n_patches,
-        # The default -2 would feed only the first layer of a 2-layer tower to the projector.
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        initializer_range=std,
-    )
-    torch.manual_seed(cfg.seed)
-    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": cfg.image_size},
-        crop_size={"height": cfg.image_size, "width": cfg.image_size},
-        image_mean=IMAGE_MEAN,
-        image_std=IMAGE_STD,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=cfg.patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-    )
-    return model, processor
+def pad_prompts(seqs: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [B, max length] of prompts padded on the left or the right."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    return ids, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,24 +124,6 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
     mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
     return (x - mean) / std
-
-
-def blip_decoder_logits(
-    model: BlipForQuestionAnswering,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    pixel_values: torch.Tensor,
-    decoder_input_ids: torch.Tensor,
-) -> torch.Tensor:
-    """Decoder logits [B, L, V]; `[:, 0]` is the first answer step (decoder input [DEC]), which
-    `BlipForQuestionAnswering.forward` computes but does not return."""
-    image_embeds = model.vision_model(pixel_values=pixel_values).last_hidden_state
-    question = model.text_encoder(
-        input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds
-    ).last_hidden_state
-    return model.text_decoder(
-        input_ids=decoder_input_ids, encoder_hidden_states=question, encoder_attention_mask=attention_mask
-    ).logits
 
 
 class _PromptCache:
@@ -252,31 +143,8 @@ class _PromptCache:
 
 
 def format_prompt(family: str, question: str) -> str:
-    """The full text given to the processor: BLIP takes the bare question, LLaVA its chat template."""
-    return question if family == "blip" else LLAVA_PROMPT_TEMPLATE.format(question=question)
-
-
-def _pad(seqs: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s)
-        mask[i, sl] = 1
-    return ids, mask
-
-
-def _two_step_logits(family: str, model, prompt_ids: list[list[int]], pixels: torch.Tensor,
-                     answer_ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """Logits [B, 2, V] of the answer step and the step after it (which should predict the end)."""
-    if family == "blip":
-        ids, mask = _pad(prompt_ids, tokenizer.pad_token_id, left=False)
-        bos = torch.full_like(answer_ids, tokenizer.bos_token_id)
-        return blip_decoder_logits(model, ids, mask, pixels, torch.stack([bos, answer_ids], 1))[:, :2]
-    # LLaVA: prompt then the answer token; left padding puts both scored positions at the end.
-    ids, mask = _pad([p + [int(a)] for p, a in zip(prompt_ids, answer_ids)], tokenizer.pad_token_id, left=True)
-    return model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=2).logits
+    """The full text given to the family's processor (the prompt the toy model is trained on)."""
+    return TOY_FAMILIES[family].format_prompt(question)
 
 
 def greedy_answers(
@@ -285,7 +153,7 @@ def greedy_answers(
 ) -> list[str]:
     """Greedy generated answer strings (special tokens removed) for exact-match accuracy.
 
-    Batches hold prompts of equal token length only: `BlipForQuestionAnswering.generate` ignores the
+    Batches hold prompts of equal token length only: a cross-attention VQA model's `generate` may ignore the
     question padding, so mixed lengths would change the answers.
     """
     tokenizer = processor.tokenizer
@@ -300,7 +168,7 @@ def greedy_answers(
                                    text=[format_prompt(family, questions[i]) for i in chunk],
                                    return_tensors="pt", padding=True)
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-                if family == "llava":
+                if TOY_FAMILIES[family].generate_returns_prompt:
                     out = out[:, inputs["input_ids"].shape[1]:]
                 for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
                     answers[i] = text.strip()
@@ -342,7 +210,8 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
     """Train a toy model of `family` on fresh synthetic data, evaluate it, save model + processor +
     `training_metrics.json` into `out_dir`; return the metrics."""
     tc = train_cfg or TrainConfig()
-    steps = tc.steps if tc.steps is not None else DEFAULT_STEPS[family]
+    toy = TOY_FAMILIES[family]
+    steps = tc.steps if tc.steps is not None else toy.default_steps
     deterministic = torch.are_deterministic_algorithms_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
     threads = torch.get_num_threads()
@@ -353,10 +222,9 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
     # NaN-filling every new tensor (the deterministic mode's default) costs ~5% here and buys nothing.
     torch.utils.deterministic.fill_uninitialized_memory = False
     try:
-        # SDPA trains the toy LLaVA about twice as fast as eager on CPU; the saved weights load with either.
-        model, processor = build_blip(cfg) if family == "blip" else build_llava(cfg, attn_implementation="sdpa")
+        model, processor = toy.build(cfg, training=True)
         tokenizer = processor.tokenizer
-        end_id = tokenizer.sep_token_id if family == "blip" else tokenizer.eos_token_id
+        end_id = toy.end_token_id(tokenizer)
         prompts = _PromptCache(family, processor, cfg.image_size)
         rng = stream_rng(cfg.seed, "train")
         wall0, cpu0 = time.perf_counter(), time.process_time()
@@ -375,8 +243,8 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
             idx = rng.integers(len(scenes), size=tc.batch_size)
             qs = [draw_question(rng, scenes[i], tc.shape_fraction) for i in idx]
             answer_ids = torch.tensor([tokenizer.convert_tokens_to_ids(q.answer) for q in qs])
-            logits = _two_step_logits(family, model, [prompts(q.text) for q in qs],
-                                      pixel_values(pool_images[idx]), answer_ids, tokenizer)
+            logits = toy.two_step_logits(model, [prompts(q.text) for q in qs],
+                                         pixel_values(pool_images[idx]), answer_ids, tokenizer)
             loss = F.cross_entropy(logits[:, 0], answer_ids) + F.cross_entropy(
                 logits[:, 1], torch.full_like(answer_ids, end_id))
             opt.zero_grad(set_to_none=True)
@@ -424,21 +292,14 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
         torch.set_num_threads(threads)
 
 
-def train_blip(cfg: ToyModelConfig, out_dir: str | Path, train_cfg: TrainConfig | None = None) -> dict:
-    return train("blip", cfg, out_dir, train_cfg)
-
-
-def train_llava(cfg: ToyModelConfig, out_dir: str | Path, train_cfg: TrainConfig | None = None) -> dict:
-    return train("llava", cfg, out_dir, train_cfg)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m notice.toy_models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a toy model and save it with save_pretrained")
-    p.add_argument("--family", choices=sorted(DEFAULT_STEPS), required=True)
+    p.add_argument("--family", choices=sorted(TOY_FAMILIES), required=True)
     p.add_argument("--out", required=True, help="output directory (model, processor, training_metrics.json)")
-    p.add_argument("--steps", type=int, default=None, help="default: %s" % DEFAULT_STEPS)
+    p.add_argument("--steps", type=int, default=None,
+                   help="default: %s" % {name: toy.default_steps for name, toy in sorted(TOY_FAMILIES.items())})
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train-images", type=int, default=TrainConfig.n_train_images)
     p.add_argument("--n-eval-images", type=int, default=TrainConfig.n_eval_images)
@@ -446,6 +307,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     train(args.family, ToyModelConfig(seed=args.seed), args.out,
           TrainConfig(steps=args.steps, n_train_images=args.n_train_images, n_eval_images=args.n_eval_images))
 
+
+# The registry import list: importing the family modules registers their toys in TOY_FAMILIES
+# (they import the shared pieces above, so this comes last).
+from notice.adapters import blip_toy, llava_toy  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,8 @@ from notice.patching.experiment import cache_clean_runs, patch_pairs
 from notice.runtime import load_image
 from notice.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
 from notice.toy_config import ToyModelConfig
-from notice.toy_models import build_blip, build_llava
+from notice.adapters.blip_toy import build_blip
+from notice.adapters.llava_toy import build_llava
 from toy_adapters import QUESTION, STR_QUESTION, one_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,14 +7,12 @@ from PIL import Image
 from transformers import AutoProcessor, BlipForQuestionAnswering, LlavaForConditionalGeneration
 
 from notice.synthetic import TASK_VALUES, make_question
+from notice.adapters.blip_toy import blip_decoder_logits, build_blip
+from notice.adapters.llava_toy import PROMPT_TEMPLATE as LLAVA_PROMPT_TEMPLATE, build_llava
 from notice.toy_models import (
-    LLAVA_PROMPT_TEMPLATE,
     METRICS_FILE,
     ToyModelConfig,
     TrainConfig,
-    blip_decoder_logits,
-    build_blip,
-    build_llava,
     format_prompt,
     greedy_answers,
     pixel_values,

@@ -19,7 +19,9 @@ from notice.adapters.blip import BlipAdapter
 from notice.adapters.llava import LlavaAdapter
 from notice.adapters.llava_next import LlavaNextAdapter
 from notice.adapters.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
-from notice.toy_models import ToyModelConfig, build_blip, build_llava
+from notice.adapters.blip_toy import build_blip
+from notice.adapters.llava_toy import build_llava
+from notice.toy_config import ToyModelConfig
 
 QUESTION = "is the object red or green?"
 STR_QUESTION = "is the object blue or yellow?"  # same token length as QUESTION in both toy tokenizers
