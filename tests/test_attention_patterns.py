@@ -3,14 +3,15 @@
 Each model is saved and loaded back through `notice.runtime.load_model`, as the workflow does, so
 the test also shows that the loaded model returns attention weights (eager attention). Images are
 noise with a known object mask: the top-left 16×16 quarter of a 32×32 image, i.e. patches
-0, 1, 4, 5 of the 4×4 grid of 8-pixel patches.
+0, 1, 4, 5 of the 4×4 grid every tiny family sees it on (8-pixel patches; LLaVA-NeXT's base view;
+Qwen2-VL's 2×2-merged 4-pixel patches).
 """
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from toy_adapters import QUESTION, blip_adapter, llava_adapter, noise_image, one_torch_thread
+from toy_adapters import FAMILY_ADAPTERS, QUESTION, noise_image, one_torch_thread
 
 from notice.attention import RECORD_INDEX_COLUMNS, choose_samples, load_records, write_records
 from notice.figures import attention_overlays, overlay_panels
@@ -50,11 +51,11 @@ def test_choose_samples_spreads_over_tasks_masks_first():
     assert len(choose_samples(selected, 10, seed=0)) == 6
 
 
-@pytest.fixture(scope="module", params=["blip", "llava"])
+@pytest.fixture(scope="module", params=sorted(FAMILY_ADAPTERS))
 def pipeline(request, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp(request.param)
     with one_torch_thread():
-        tiny = (blip_adapter if request.param == "blip" else llava_adapter)()
+        tiny = FAMILY_ADAPTERS[request.param]()
         tiny.model.save_pretrained(tmp_path / "model")
         tiny.processor.save_pretrained(tmp_path / "model")
         adapter = load_model(str(tmp_path / "model"), {"device": "cpu"})
@@ -80,8 +81,8 @@ def test_records_hold_normalised_patch_attention(pipeline):
         np.testing.assert_allclose(record["all_heads_average"], weights.mean(axis=(0, 1)), atol=1e-6)
         assert record["image"].shape == (32, 32, 3) and record["site"] == adapter.head_site
         labels = record["query_labels"].tolist()
-        # BLIP: the head position is the answer token in the question; LLaVA: the last prompt token
-        assert labels[record["head_query_index"]] == ("<answer>" if adapter.family == "blip" else "<last>")
+        # cross-attention fusion: the head position is the answer token in the question; decoders: the last token
+        assert labels[record["head_query_index"]] == ("<answer>" if adapter.head_site == "cross_attn_head" else "<last>")
         assert "<answer>" in labels and "<distractor>" in labels
     assert records[1]["mask"].size == 0
     mask = records[0]["mask"]
