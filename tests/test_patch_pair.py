@@ -48,13 +48,12 @@ def one_thread() -> Iterator[None]:
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny model directories of all five families and random images."""
     root = tmp_path_factory.mktemp("patch_pair")
-    for name, build in (("blip", build_blip), ("llava", build_llava)):
-        model, processor = build(TOY)
+    builds = {"blip": lambda: build_blip(TOY), "llava": lambda: build_llava(TOY), "llava_next": llava_next_tiny.build,
+              "qwen2_vl": lambda: qwen2_vl_tiny.build("qwen2_vl"), "qwen2_5_vl": lambda: qwen2_vl_tiny.build("qwen2_5_vl")}
+    for name, build in builds.items():
+        model, processor = build()
         model.save_pretrained(root / name)
         processor.save_pretrained(root / name)
-    llava_next_tiny.save(root / "llava_next")
-    qwen2_vl_tiny.save(root / "qwen2_vl", kind="qwen2_vl")
-    qwen2_vl_tiny.save(root / "qwen2_5_vl", kind="qwen2_5_vl")
     rng = np.random.default_rng(0)
     sizes = {"clean": (32, 32), "corrupt": (32, 32), "wide": (40, 24), "wide_corrupt": (40, 24)}
     for name, (width, height) in sizes.items():

@@ -11,8 +11,6 @@ tiny Qwen2-VL builder shares.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -143,12 +141,3 @@ def build(
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
     )
     return model, processor
-
-
-def save(directory: str | Path, **kwargs: Any) -> Path:
-    """`build(**kwargs)` written to `directory` with save_pretrained (model and processor); returns it."""
-    path = Path(directory)
-    model, processor = build(**kwargs)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path

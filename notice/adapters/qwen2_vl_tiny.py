@@ -10,7 +10,6 @@ torchvision: the processor has no video processor (`processors.image_only`). Sav
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -120,12 +119,3 @@ def build(
     )
     processor = image_only(processor_cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     return model, processor
-
-
-def save(directory: str | Path, **kwargs: Any) -> Path:
-    """`build(**kwargs)` written to `directory` with save_pretrained (model and processor); returns it."""
-    path = Path(directory)
-    model, processor = build(**kwargs)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
