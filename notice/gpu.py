@@ -4,9 +4,6 @@ Snakemake's `--resources gpu=N` only counts GPUs; it never says which card a loc
 one machine each GPU job therefore leases a device: an exclusive `flock` on `<lock_dir>/gpu<id>.lock`,
 which the kernel releases when the process exits, however it exits. Under SLURM the scheduler already
 chose the job's GPUs (its `CUDA_VISIBLE_DEVICES`), so no lease is taken. With no GPU, jobs use the CPU.
-
-`NOTICE_FAKE_GPUS=N` makes the lease logic see N fake device ids (tests drive it without GPUs); work
-still runs on the CPU then, since torch cannot use a fake device.
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ from typing import Iterator
 
 log = logging.getLogger("notice.gpu")
 
-FAKE_GPUS_ENV = "NOTICE_FAKE_GPUS"
 LOCK_DIR_ENV = "NOTICE_GPU_LOCK_DIR"
 POLL_SECONDS = 0.2
 
@@ -42,15 +38,8 @@ def under_slurm() -> bool:
     return "SLURM_JOB_ID" in os.environ
 
 
-def fake_gpu_count() -> int:
-    value = os.environ.get(FAKE_GPUS_ENV, "").strip()
-    return int(value) if value else 0
-
-
 def visible_gpus() -> list[str]:
-    """Ids of the devices this process may lease: fake ids, CUDA_VISIBLE_DEVICES entries, or torch's count."""
-    if fake_gpu_count():
-        return [str(i) for i in range(fake_gpu_count())]
+    """Ids of the devices this process may lease: CUDA_VISIBLE_DEVICES entries, or torch's count."""
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [entry.strip() for entry in listed.split(",") if entry.strip()]
@@ -85,7 +74,7 @@ def _make_lock_dir(lock_dir: Path) -> None:
 @dataclass(frozen=True)
 class Lease:
     index: int  # position among the visible devices: torch's device index
-    device_id: str  # the CUDA_VISIBLE_DEVICES entry (or fake id)
+    device_id: str  # the CUDA_VISIBLE_DEVICES entry
     lock: Path
 
     @property
@@ -132,11 +121,19 @@ def gpu_lease(lock_dir: str | os.PathLike | None = None, timeout: float | None =
         yield lease.device if lease else "cpu"
 
 
+def use_leased_device(lease: Lease) -> str:
+    """Make the leased GPU this process's default CUDA device (stray allocations land on it too)."""
+    import torch
+
+    torch.cuda.set_device(lease.index)
+    return lease.device
+
+
 def job_device(lock_dir: str | os.PathLike | None = None, timeout: float | None = None) -> str:
     """The torch device of this job, leased for the rest of the process and logged; idempotent.
 
     Local GPUs: a lease, then `torch.cuda.set_device` so stray allocations land on it too. Under SLURM:
-    the scheduler's CUDA_VISIBLE_DEVICES, no lease. No GPU (or only fake ones): the CPU.
+    the scheduler's CUDA_VISIBLE_DEVICES, no lease. No GPU: the CPU.
     """
     global _process_device, _process_lease
     if _process_device is not None:
@@ -157,11 +154,6 @@ def job_device(lock_dir: str | os.PathLike | None = None, timeout: float | None 
         else:
             _process_lease = stack
             log.info("leased GPU %s (device id %r, lock %s)", lease.device, lease.device_id, lease.lock)
-            if fake_gpu_count():
-                device = "cpu"
-                log.info("device id %r is fake (%s): running on the CPU", lease.device_id, FAKE_GPUS_ENV)
-            else:
-                device = lease.device
-                torch.cuda.set_device(lease.index)
+            device = use_leased_device(lease)
     _process_device = device
     return device

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from notice import gpu
-from workflow_helpers import sharded_blip_config, snakemake, write_config
+from workflow_helpers import REPO, fault_env, sharded_blip_config, snakemake, write_config
 
 HOLDER = textwrap.dedent(
     """
@@ -30,10 +30,11 @@ HOLDER = textwrap.dedent(
 
 
 def fake_env(monkeypatch, lock_dir: Path, n_gpus: int) -> dict:
-    monkeypatch.setenv(gpu.FAKE_GPUS_ENV, str(n_gpus))
+    """`n_gpus` fake device ids here (monkeypatch) and in subprocesses (the test plugin); their environment."""
+    monkeypatch.setattr(gpu, "visible_gpus", lambda: [str(i) for i in range(n_gpus)])
     monkeypatch.setenv(gpu.LOCK_DIR_ENV, str(lock_dir))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    return {**os.environ}
+    return {**os.environ, **fault_env(NOTICE_TEST_FAKE_GPUS=str(n_gpus))}
 
 
 def start_holder(env: dict, seconds: float) -> subprocess.Popen:
@@ -75,7 +76,7 @@ def test_processes_lease_distinct_devices_and_a_third_waits(monkeypatch, tmp_pat
         logs = [stop(holder) for holder in holders]
     leased = sorted(re.search(r"leased GPU (cuda:\d) \(device id '(\d)'", log).group(2) for log in logs)
     assert leased == ["0", "1"], logs
-    assert all("is fake (NOTICE_FAKE_GPUS): running on the CPU" in log for log in logs)
+    assert all("is fake (NOTICE_TEST_FAKE_GPUS): running on the CPU" in log for log in logs)
 
 
 def test_a_lease_is_released_when_its_process_is_killed(monkeypatch, tmp_path):
@@ -164,7 +165,7 @@ def test_concurrent_gpu_jobs_never_share_a_fake_gpu(monkeypatch, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     configfile = write_config(work / "config.yaml", LEASE_TINY)
-    env = {gpu.FAKE_GPUS_ENV: "2", gpu.LOCK_DIR_ENV: str(locks), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**fault_env(NOTICE_TEST_FAKE_GPUS="2"), gpu.LOCK_DIR_ENV: str(locks), "CUDA_VISIBLE_DEVICES": ""}
     result = snakemake(work, *TARGETS, "--cores", "4", "--resources", "gpu=2", configfile=configfile, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
@@ -214,3 +215,11 @@ def test_a_bad_gpu_jobs_value_stops_the_run_naming_the_key(tmp_path):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "gpu_jobs" in output and "threads" in output and "minimum" in output, output[-2000:]
+
+
+def test_fault_injection_lives_in_the_tests_not_in_the_package():
+    sources = [path for folder in ("notice", "workflow_scripts", "rules") for path in (REPO / folder).rglob("*.*")
+               if path.suffix in {".py", ".smk"}]
+    switches = ("FAKE_GPUS", "FAIL_AT_SAMPLE", "fail_at")
+    found = [f"{path}: {s}" for path in sources for s in switches if s in path.read_text()]
+    assert not found, found

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from notice.tables import RESULT_COLUMNS
-from workflow_helpers import snakemake, synthetic_dataset, write_config
+from workflow_helpers import fault_env, snakemake, synthetic_dataset, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,7 @@ def test_a_crashed_shard_is_resumed_without_recomputing_finished_ones(workdir, t
     ids = sorted(pd.read_parquet(work / "results/toy_blip/synthetic/selected.parquet")["sample_id"])
     failing = ids[-1]  # the last id lands in shard 1 of 2
     failed = snakemake(work, "--cores", "2", "--keep-going", CRASH_TARGET, configfile=configfile,
-                       env={"NOTICE_FAIL_AT_SAMPLE": failing})
+                       env=fault_env(NOTICE_TEST_FAIL_AT_SAMPLE=failing))
     assert failed.returncode != 0
     shards = work / "results/toy_blip/synthetic/patching/sip"
     assert (shards / "shard0-of2.parquet").exists()

@@ -14,6 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
+def fault_env(**switches: str) -> dict[str, str]:
+    """Environment of a workflow run with the test-only fault-injection plugin (tests/plugins) loaded in
+    every Python process, and its switches, e.g. NOTICE_TEST_FAKE_GPUS="2"."""
+    path = os.pathsep.join(filter(None, [str(REPO / "tests" / "plugins"), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, **switches}
+
+
 def write_config(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

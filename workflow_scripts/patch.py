@@ -1,9 +1,4 @@
-"""Activation patching of one shard of one corruption manifest (rule `patch`).
-
-NOTICE_FAIL_AT_SAMPLE=<sample_id> makes the job fail on purpose at that sample (crash-resume tests).
-"""
-
-import os
+"""Activation patching of one shard of one corruption manifest (rule `patch`)."""
 
 import torch
 
@@ -28,7 +23,6 @@ with logged(snakemake.log[0]) as log:
             corruption_settings=snakemake.params.corruption,
             patching_settings=snakemake.params.patching,
             labels={"model": snakemake.wildcards.model, "dataset": snakemake.wildcards.dataset},
-            fail_at=os.environ.get("NOTICE_FAIL_AT_SAMPLE"),
         )
     log.info("%d patched runs over %d pairs", len(results), len(pairs))
     write_table(results, snakemake.output.results, RESULT_COLUMNS)

@@ -74,17 +74,11 @@ def patch_pairs(
     corruption_settings: Mapping,
     patching_settings: Mapping,
     labels: Mapping[str, str],
-    fail_at: str | None = None,
 ) -> pd.DataFrame:
-    """The results table of every pair (PAIR_COLUMNS rows) with `labels` (model, dataset) as columns.
-
-    `fail_at` names a sample at which to fail on purpose (fault injection for crash-resume tests).
-    """
+    """The results table of every pair (PAIR_COLUMNS rows) with `labels` (model, dataset) as columns."""
     run = get_engine(engine, int(patching_settings.get("batch_size", 64)))
     frames = []
     for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc=f"patching ({engine})", mininterval=5):
-        if fail_at is not None and str(pair.sample_id) == fail_at:
-            raise RuntimeError(f"failing on purpose at sample {fail_at} (NOTICE_FAIL_AT_SAMPLE)")
         clean_inp = adapter.prepare(load_image(pair.clean_image_path), pair.clean_prompt)
         corrupt_inp = adapter.prepare(load_image(pair.corrupt_image_path), pair.corrupt_prompt)
         patches = select_patches(adapter, clean_inp, int(pair.answer_token_id), patching_settings)
