@@ -7,8 +7,9 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The embedded demo is the default; a --configfile replaces it (no merging of the two).
-if not config:
+# The embedded demo is the default; a --configfile replaces it (no merging of the two). --config
+# key=value overrides go on top of either (the configfile directive re-applies them after loading).
+if not workflow.overwrite_configfiles:
 
     configfile: os.path.join(workflow.basedir, "config/config.yaml")
 

@@ -77,12 +77,22 @@ def load_tokenizing_model(model_path: str, section: dict):
     return load_adapter(model_path, prompt_template=section.get("prompt_template"), weights=False)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image as RGB, naming the file when it cannot be read."""
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image as RGB, naming the file when it cannot be read or is too large.
+
+    An image of more than `max_pixels` pixels (None: notice.download.MAX_IMAGE_PIXELS, the
+    downloader's default and most) is refused from its header before decoding, so one huge file
+    cannot exhaust a model job's memory; the ValueError names the file and the limit for callers.
+    """
+    from notice.download import MAX_IMAGE_PIXELS, ImageTooLarge, open_image  # only load_image needs them
+
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as image:
+        with open_image(path, limit) as image:
             return image.convert("RGB")
-    except (OSError, ValueError) as error:
+    except ImageTooLarge as error:
+        raise ValueError(f"{path}: {error} (notice.runtime.load_image's limit)") from error
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: cannot decode image ({error})") from error
 
 

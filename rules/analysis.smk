@@ -21,7 +21,7 @@ rule analyse_heads:
             labels={"model": "{model}", "table": "universal heads"},
         ),
     params:
-        analysis=config["analysis"],
+        analysis=keys_of(config["analysis"], "metric", "k_sigma", "bootstrap_draws", "universal_corruptions"),
         seed=config["seed"],
     log:
         f"{RESULTS}/logs/analyse_heads/{{model}}.log",
@@ -50,7 +50,7 @@ rule figures:
             labels={"model": "{model}", "figure": "{name}"},
         ),
     params:
-        analysis=config["analysis"],
+        analysis=keys_of(config["analysis"], "k_sigma", "overlay_samples", "overlay_heads"),
         datasets=DATASETS,
     log:
         f"{RESULTS}/logs/figures/{{model}}.log",
@@ -65,7 +65,7 @@ rule attention_patterns:
     output:
         attention=directory(f"{RESULTS}/{{model}}/{{dataset}}/attention"),
     params:
-        model=model_section,
+        model=model_settings(*LOADING_KEYS),
         model_path=lambda wildcards: model_path(wildcards.model),
         n_samples=config["analysis"]["attention_samples"],
         seed=config["seed"],

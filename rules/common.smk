@@ -1,11 +1,64 @@
 # Helpers shared by every stage: config validation, paths, per-section params, target list.
 import os
 import re
+from pathlib import Path
 
+import jsonschema
+import yaml
 from snakemake.utils import validate
 
+CONFIG_SCHEMA = os.path.join(workflow.basedir, "config/schemas/config.schema.yaml")
 
-validate(config, schema="../config/schemas/config.schema.yaml", set_default=True)
+
+def _has_key(data, path):
+    """Whether the nested `data` has a value at the key path `path`."""
+    for key in path:
+        try:
+            data = data[key]
+        except (KeyError, IndexError, TypeError):
+            return False
+    return True
+
+
+def config_errors():
+    """One line per schema violation: where it was set (--config, else the config file), key path, expectation."""
+    files = [str(f) for f in workflow.overwrite_configfiles] or [os.path.join(workflow.basedir, "config/config.yaml")]
+    sources = [("--config", workflow.config_settings.config)]
+    sources += [(f, yaml.safe_load(Path(f).read_text())) for f in reversed(files)]
+    lines = {}
+    for error in jsonschema.Draft202012Validator(yaml.safe_load(Path(CONFIG_SCHEMA).read_text())).iter_errors(config):
+        path, known = list(error.absolute_path), error.schema.get("properties", {})
+        if error.validator == "additionalProperties" and error.validator_value is False:
+            found = [(path + [key], f"unknown key (expected one of: {', '.join(known)})")
+                     for key in error.instance if key not in known]
+        elif error.validator == "required":
+            found = [(path + [key], "required key missing") for key in error.validator_value if key not in error.instance]
+        elif error.validator in ("oneOf", "anyOf"):
+            exactly = "exactly " if error.validator == "oneOf" else ""
+            found = [(path, f"expected {exactly}one of the schemas {error.validator_value}")]
+        else:
+            found = [(path, error.message)]
+        for key_path, what in found:
+            if error.validator == "required":  # set nowhere: blame the first source of the mapping that lacks it
+                where = [name for name, data in reversed(sources) if _has_key(data, key_path[:-1])]
+            else:  # blame the last source that sets it
+                where = [name for name, data in sources if _has_key(data, key_path)]
+            source = (where or [", ".join(files)])[0]
+            if source == "--config" and len(key_path) > 1 and error.validator == "type":
+                what += " (Snakemake reads nested --config values as strings: set this key in a --configfile)"
+            lines[f"config error in {source}: {'.'.join(map(str, key_path))}: {what}"] = None
+    return list(lines)
+
+
+def validate_config():
+    """Stop on a schema violation in a few lines (not jsonschema's dump), then fill in the schema's defaults."""
+    errors = config_errors()
+    if errors:
+        raise ValueError("\n".join(errors))
+    validate(config, schema=CONFIG_SCHEMA, set_default=True)
+
+
+validate_config()
 
 RESULTS = config.get("results_dir", "results")
 RESOURCES = config.get("resources_dir", "resources")
@@ -25,7 +78,8 @@ SOURCE_LAYOUTS = {
     "samples_table": "a directory with samples.parquet and image_pool.parquet",
     "svo_probes": "the SVO-Probes CSV file (svo_probes.csv)",
     "mit_states": "the MIT-States directory holding images/<adjective> <noun>/*.jpg",
-    "facial_expressions": "the FER-2013 fer2013.csv file, or a directory holding images/<split>/<emotion>/*.jpg",
+    "facial_expressions": "the FER-2013 fer2013.csv file, or a directory holding <split>/<emotion>/*.jpg "
+    "or images/<split>/<emotion>/*.jpg (icml_face_data.csv is read too)",
 }
 KIND_ONLY_KEYS = {
     "path": ("samples_table", "svo_probes", "mit_states", "facial_expressions"),
@@ -108,7 +162,7 @@ def check_config_references():
             problem = "does not exist"
         elif wanted_file and not is_file:
             problem = "is not a file"
-        elif not wanted_file and not has_images:
+        elif kind == "mit_states" and not has_images:  # a FER directory may hold the split folders directly
             problem = "has no images/ folder"
         else:
             continue
@@ -163,8 +217,42 @@ def dataset_source(wildcards):
     return config["datasets"][wildcards.dataset]["path"]
 
 
-def model_section(wildcards):
-    return config["models"][wildcards.model]
+def keys_of(section, *keys):
+    """The `keys` that `section` has: a rule's params hold only what its script reads, so that changing any
+    other config key reruns nothing."""
+    return {key: section[key] for key in keys if key in section}
+
+
+def task_settings(*keys):
+    """Params function: the dataset's tasks with only their `keys` (e.g. question)."""
+    return lambda wildcards: {task: keys_of(spec, *keys) for task, spec in dataset_section(wildcards)["tasks"].items()}
+
+
+def read_settings(wildcards):
+    """What the real-dataset readers read of the dataset's section (not its questions, values or distractors)."""
+    settings = keys_of(dataset_section(wildcards), "path", "splits", "max_rows", "exclude_words")
+    return {**settings, "tasks": task_settings("groups")(wildcards)}
+
+
+def source_fingerprint(wildcards):
+    """A folder source's file listing (its images/ folder, else itself) as a params value: adding, removing or
+    rewriting a file below it reruns the reader, which the folder's mtime would not. A file source: ""."""
+    from notice.listing import tree_fingerprint
+
+    path = dataset_source(wildcards)
+    if not os.path.isdir(path):
+        return ""
+    images = os.path.join(path, "images")
+    return tree_fingerprint(images if os.path.isdir(images) else path)
+
+
+# What notice.runtime.load_model reads of a model section (load_tokenizing_model: prompt_template only).
+LOADING_KEYS = ("device", "dtype", "prompt_template")
+
+
+def model_settings(*keys):
+    """Params function: the model section's `keys` only."""
+    return lambda wildcards: keys_of(config["models"][wildcards.model], *keys)
 
 
 def dataset_dir(dataset):
@@ -219,6 +307,11 @@ def dataset_corruptions(dataset):
 
 def corruption_section(wildcards):
     return config["corruptions"][wildcards.corruption]
+
+
+def only_for(corruptions, function):
+    """Params function: `function`'s value for the jobs of `corruptions`, None for the others (they do not read it)."""
+    return lambda wildcards: function(wildcards) if wildcards.corruption in corruptions else None
 
 
 def patching_tables(model):

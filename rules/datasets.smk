@@ -8,8 +8,13 @@ rule synthetic_dataset:
     wildcard_constraints:
         dataset=kind_constraint("synthetic"),
     params:
-        # Without the distractor settings: changing them must not regenerate the images.
-        section=lambda wildcards: {k: v for k, v in dataset_section(wildcards).items() if k != "distractors"},
+        # What the generator reads: not questions or distractor settings (they must not regenerate the images);
+        # task values only checked, in any order.
+        section=lambda wildcards: {
+            **keys_of(dataset_section(wildcards), "n_scenes", "image_size"),
+            "tasks": {task: {"values": sorted(spec.get("values", []))}
+                      for task, spec in dataset_section(wildcards)["tasks"].items()},
+        },
         seed=config["seed"],
         out_dir=lambda wildcards: dataset_dir(wildcards.dataset),
     log:

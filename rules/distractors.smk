@@ -10,7 +10,10 @@ rule distractors:
         rejections=f"{RESULTS}/datasets/{{dataset}}/distractor_rejections.parquet",
         exclusions=f"{RESULTS}/datasets/{{dataset}}/distractor_exclusions.parquet",
     params:
-        section=dataset_section,
+        section=lambda wildcards: {
+            **keys_of(dataset_section(wildcards), "distractors"),
+            "tasks": task_settings("values", "groups", "distractor_rule")(wildcards),
+        },
         seed=config["seed"],
     log:
         f"{RESULTS}/logs/distractors/{{dataset}}.log",

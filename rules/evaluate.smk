@@ -10,9 +10,9 @@ rule prompts:
         prompts=f"{RESULTS}/{{model}}/{{dataset}}/prompts.parquet",
         exclusions=f"{RESULTS}/{{model}}/{{dataset}}/prompt_exclusions.parquet",
     params:
-        model=model_section,
+        model=model_settings("prompt_template"),
         model_path=lambda wildcards: model_path(wildcards.model),
-        tasks=lambda wildcards: config["datasets"][wildcards.dataset]["tasks"],
+        tasks=task_settings("question"),
         seed=config["seed"],
     log:
         f"{RESULTS}/logs/prompts/{{model}}/{{dataset}}.log",
@@ -27,7 +27,7 @@ rule evaluate_shard:
     output:
         answers=f"{RESULTS}/{{model}}/{{dataset}}/answers/{{shard}}.parquet",
     params:
-        model=model_section,
+        model=model_settings(*LOADING_KEYS, "max_new_tokens"),
         model_path=lambda wildcards: model_path(wildcards.model),
         shard=shard_index_count,
     threads: GPU_JOBS["threads"]
@@ -67,6 +67,7 @@ rule select_samples:
         selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
     params:
         selection=config["selection"],
+        tasks=lambda wildcards: sorted(config["datasets"][wildcards.dataset]["tasks"]),
         seed=config["seed"],
     log:
         f"{RESULTS}/logs/select_samples/{{model}}/{{dataset}}.log",

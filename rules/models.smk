@@ -5,7 +5,8 @@ rule train_toy_model:
     output:
         directory(f"{RESOURCES}/models/{{model}}"),
     params:
-        train=lambda wildcards: config["models"][wildcards.model]["train"],
+        # Not the dataset's name: only its image size (below) is trained at.
+        train=lambda wildcards: {k: v for k, v in config["models"][wildcards.model]["train"].items() if k != "dataset"},
         # Only the image size of the training dataset: the toy models learn their own built-in questions, so
         # the dataset's other settings (scenes, thresholds, templates) must not retrain them.
         image_size=lambda wildcards: training_image_size(config["models"][wildcards.model]["train"]),

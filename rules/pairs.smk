@@ -11,11 +11,13 @@ rule pairs:
         pairs=f"{RESULTS}/{{model}}/{{dataset}}/pairs/{{corruption}}.parquet",
         exclusions=f"{RESULTS}/{{model}}/{{dataset}}/pairs/{{corruption}}.exclusions.parquet",
     params:
-        corruption=corruption_section,
-        model=model_section,
-        model_path=lambda wildcards: model_path(wildcards.model),
-        tasks=lambda wildcards: config["datasets"][wildcards.dataset]["tasks"],
-        seed=config["seed"],
+        # Only what the job's corruption reads: STR tokenises (the model's template, the questions) and draws
+        # partners (seed), GN draws noise seeds (n_draws, seed); SIP and SD-inpaint pairs read none of them.
+        corruption=lambda wildcards: keys_of(corruption_section(wildcards), "n_draws"),
+        model=only_for(["str"], model_settings("prompt_template")),
+        model_path=only_for(["str"], lambda wildcards: model_path(wildcards.model)),
+        tasks=only_for(["str"], task_settings("question")),
+        seed=only_for(["str", "gn_mult", "gn_add"], lambda wildcards: config["seed"]),
     log:
         f"{RESULTS}/logs/pairs/{{model}}/{{dataset}}/{{corruption}}.log",
     script:

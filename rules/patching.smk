@@ -9,7 +9,7 @@ rule cache_clean:
     output:
         cache=f"{RESULTS}/{{model}}/{{dataset}}/clean_cache/{{shard}}.pt",
     params:
-        model=model_section,
+        model=model_settings(*LOADING_KEYS),
         model_path=lambda wildcards: model_path(wildcards.model),
         shard=shard_index_count,
     threads: GPU_JOBS["threads"]
@@ -34,9 +34,10 @@ rule patch:
     output:
         results=f"{RESULTS}/{{model}}/{{dataset}}/patching/{{corruption}}/{{shard}}.parquet",
     params:
-        model=model_section,
+        model=model_settings(*LOADING_KEYS),
         model_path=lambda wildcards: model_path(wildcards.model),
-        corruption=corruption_section,
+        # The noise scale of GN corruptions (n_draws is the pairs' business); SIP / STR / SD-inpaint: none.
+        corruption=lambda wildcards: keys_of(corruption_section(wildcards), "nu", "sigma_multiplier"),
         patching=config["patching"],
         shard=shard_index_count,
     threads: GPU_JOBS["threads"]

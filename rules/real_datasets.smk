@@ -38,7 +38,8 @@ rule read_dataset_svo_probes:
     wildcard_constraints:
         dataset=kind_constraint("svo_probes"),
     params:
-        section=dataset_section,
+        section=read_settings,
+        min_per_task=config["selection"]["min_per_task"],
     log:
         f"{RESULTS}/logs/read_dataset/{{dataset}}.log",
     benchmark:
@@ -57,8 +58,10 @@ rule read_dataset_mit_states:
     wildcard_constraints:
         dataset=kind_constraint("mit_states"),
     params:
-        section=dataset_section,
+        section=read_settings,
+        source_files=source_fingerprint,
         seed=config["seed"],
+        min_per_task=config["selection"]["min_per_task"],
     log:
         f"{RESULTS}/logs/read_dataset/{{dataset}}.log",
     benchmark:
@@ -68,7 +71,7 @@ rule read_dataset_mit_states:
 
 
 rule read_dataset_facial_expressions:
-    # From fer2013.csv the faces are decoded to PNGs under the dataset's directory (images/<Usage>/).
+    # From a FER-2013 CSV the faces are decoded to PNGs under the dataset's directory (images/<Usage>/).
     input:
         source=dataset_source,
     output:
@@ -78,9 +81,11 @@ rule read_dataset_facial_expressions:
     wildcard_constraints:
         dataset=kind_constraint("facial_expressions"),
     params:
-        section=dataset_section,
+        section=read_settings,
+        source_files=source_fingerprint,
         seed=config["seed"],
         out_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+        min_per_task=config["selection"]["min_per_task"],
     log:
         f"{RESULTS}/logs/read_dataset/{{dataset}}.log",
     benchmark:

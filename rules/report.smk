@@ -19,7 +19,7 @@ rule report:
         table3=multiext(f"{RESULTS}/tables/table3_head_functions", ".csv", ".md"),
     params:
         models=MODELS,
-        analysis=config["analysis"],
+        analysis=keys_of(config["analysis"], "k_sigma", "universal_corruptions", "head_functions"),
     log:
         f"{RESULTS}/logs/report.log",
     script:

@@ -8,12 +8,21 @@ import yaml
 from workflow_helpers import REPO, snakemake, write_config
 
 DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+SCHEMA = yaml.safe_load((REPO / "config" / "schemas" / "config.schema.yaml").read_text())
 
 
-def dry_run(tmp_path, config):
-    """(return code, everything Snakemake printed): it reports config errors on stdout."""
-    result = snakemake(tmp_path, "-n", configfile=write_config(tmp_path / "config.yaml", config), timeout=120)
+def dry_run(tmp_path, config=None, *args):
+    """(return code, everything Snakemake printed) for `config` as --configfile (None: the demo) and `args`."""
+    configfile = None if config is None else write_config(tmp_path / "config.yaml", config)
+    result = snakemake(tmp_path, "-n", *args, configfile=configfile, timeout=120)
     return result.returncode, result.stdout + result.stderr
+
+
+def assert_config_error(output, *lines):
+    """The run stopped in a few lines of output, each of `lines` among them."""
+    assert len(output.strip().splitlines()) <= 12, output
+    for line in lines:
+        assert line in output.splitlines(), output
 
 
 def test_demo_config_plans(tmp_path):
@@ -25,12 +34,51 @@ def test_demo_config_plans(tmp_path):
         assert rule in output, f"rule {rule} missing from the plan"
 
 
+def test_config_overrides_go_on_top_of_the_demo(tmp_path):
+    code, output = dry_run(tmp_path, None, "--config", "seed=1")
+    assert code == 0, output
+    assert "train_toy_model" in output and "toy_llava" in output
+    # A nested mapping is merged into the demo's: without the merge this dataset would lack kind and tasks.
+    code, output = dry_run(tmp_path, None, "--config", "datasets={synthetic: {subject: thing}}")
+    assert code == 0, output
+    code, output = dry_run(tmp_path, None, "--config", "patching={engine: slow}")
+    assert code != 0
+    assert_config_error(output, "config error in --config: patching.engine: 'slow' is not one of ['reference', 'fast']")
+
+
+def test_a_config_file_replaces_the_demo_and_overrides_go_on_top(tmp_path):
+    config = copy.deepcopy(DEMO)
+    del config["models"]["toy_llava"], config["analysis"]
+    code, output = dry_run(tmp_path, config)
+    assert code != 0
+    assert_config_error(output, f"config error in {tmp_path / 'config.yaml'}: analysis: required key missing")
+    code, output = dry_run(tmp_path, config, "--config", "analysis={metric: logit_diff}")
+    assert code == 0, output
+    assert "toy_blip" in output and "toy_llava" not in output
+
+
 def test_unknown_key_is_named(tmp_path):
     config = copy.deepcopy(DEMO)
     config["patching"]["engnie"] = "fast"
+    config["sed"] = 1
     code, output = dry_run(tmp_path, config)
     assert code != 0
-    assert "engnie" in output and "Additional properties are not allowed" in output
+    where = f"config error in {tmp_path / 'config.yaml'}"
+    assert_config_error(output, f"{where}: sed: unknown key (expected one of: {', '.join(SCHEMA['properties'])})",
+                        f"{where}: patching.engnie: unknown key (expected one of: engine, module_sites, head_sites, "
+                        "batch_size)")
+
+
+def test_unknown_nested_key_is_named_with_its_path(tmp_path):
+    config = copy.deepcopy(DEMO)
+    config["datasets"]["synthetic"]["tasks"]["colour"]["questoin"] = "what?"
+    code, output = dry_run(tmp_path, config)
+    assert code != 0
+    assert_config_error(output, f"config error in {tmp_path / 'config.yaml'}: datasets.synthetic.tasks.colour.questoin: "
+                        "unknown key (expected one of: question, values, groups, distractor_rule)")
+    code, output = dry_run(tmp_path, None, "--config", "datasets={synthetic: {tasks: {colour: {questoin: what}}}}")
+    assert code != 0
+    assert "config error in --config: datasets.synthetic.tasks.colour.questoin: unknown key" in output
 
 
 def test_wrong_type_is_named(tmp_path):
@@ -38,7 +86,24 @@ def test_wrong_type_is_named(tmp_path):
     config["selection"]["n_per_task"] = "many"
     code, output = dry_run(tmp_path, config)
     assert code != 0
-    assert "'many' is not of type 'integer'" in output and "n_per_task" in output
+    assert_config_error(output,
+                        f"config error in {tmp_path / 'config.yaml'}: selection.n_per_task: 'many' is not of type 'integer'")
+    code, output = dry_run(tmp_path, None, "--config", "seed=x")
+    assert code != 0
+    assert_config_error(output, "config error in --config: seed: 'x' is not of type 'integer'")
+
+
+def test_missing_required_key_is_blamed_on_the_source_of_its_section(tmp_path):
+    code, output = dry_run(tmp_path, None, "--config", "datasets={extra: {path: x}}")
+    assert code != 0
+    assert_config_error(output, "config error in --config: datasets.extra.kind: required key missing",
+                        "config error in --config: datasets.extra.tasks: required key missing")
+    config = copy.deepcopy(DEMO)
+    del config["datasets"]["synthetic"]["tasks"]["colour"]["values"]
+    code, output = dry_run(tmp_path, config, "--config", "datasets={synthetic: {tasks: {colour: {question: q}}}}")
+    assert code != 0
+    assert_config_error(output, f"config error in {tmp_path / 'config.yaml'}: "
+                        "datasets.synthetic.tasks.colour.values: required key missing")
 
 
 def test_missing_dataset_path_is_named(tmp_path):

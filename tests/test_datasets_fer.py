@@ -59,13 +59,13 @@ def test_csv_samples_images_and_exclusions(fer_csv, tmp_path):
 
     reasons = dict(zip(exclusions["sample_id"], exclusions["reason"]))
     assert reasons == {
-        "fer/row00021": "row 21 (line 23): 2303 pixel values, expected 2304",
-        "fer/row00022": "row 22 (line 24): pixel values are not all integers",
-        "fer/row00023": "row 23 (line 25): 2305 pixel values, expected 2304",
-        "fer/row00024": "row 24 (line 26): emotion '9' is not an integer 0-6",
-        "fer/row00025": "row 25 (line 27): emotion 'happy' is not an integer 0-6",
-        "fer/row00026": "row 26 (line 28): Usage (split) is empty",
-        "fer/row00027": "row 27 (line 29): pixel values outside 0-255 (min 0, max 999)",
+        "fer/row00021": "fer2013.csv line 23: 2303 pixel values, expected 2304",
+        "fer/row00022": "fer2013.csv line 24: pixel values are not all integers",
+        "fer/row00023": "fer2013.csv line 25: 2305 pixel values, expected 2304",
+        "fer/row00024": "fer2013.csv line 26: emotion '9' is not an integer 0-6",
+        "fer/row00025": "fer2013.csv line 27: emotion 'happy' is not an integer 0-6",
+        "fer/row00026": "fer2013.csv line 28: Usage (split) is empty",
+        "fer/row00027": "fer2013.csv line 29: pixel values outside 0-255 (min 0, max 999)",
     }
     assert set(exclusions["stage"]) == {"read:fer"} and list(exclusions.columns) == list(EXCLUSION_COLUMNS)
 
@@ -89,8 +89,8 @@ def test_splits_groups_and_determinism(fer_csv, tmp_path):
         fer_csv, tmp_path / "out", dataset="fer", splits=["Training"], groups={"happy": "positive", "sad": "negative"})
     assert sorted(set(samples["answer"])) == ["happy", "sad"] and len(samples) == 4
     reasons = set(exclusions["reason"])
-    assert "row 2 (line 4): split 'PublicTest' is not in the configured splits ['Training']" in reasons
-    assert "row 0 (line 2): emotion 'angry' is not in any configured group" in reasons
+    assert "fer2013.csv line 4: split 'PublicTest' is not in the configured splits ['Training']" in reasons
+    assert "fer2013.csv line 2: emotion 'angry' is not in any configured group" in reasons
     assert sorted(set(pool["value"])) == ["happy", "sad"]
 
     for i in range(2):
@@ -147,5 +147,6 @@ def test_missing_source_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a fer2013.csv file nor a directory"):
         read_facial_expressions(tmp_path / "nothing", tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images/ directory"):
+    with pytest.raises(FileNotFoundError, match=r"empty: no split folders; expected .*/empty/<split>/<emotion>/\*\.jpg "
+                       r"or .*/empty/images/<split>/<emotion>/\*\.jpg"):
         read_facial_expressions(tmp_path / "empty", tmp_path / "out")

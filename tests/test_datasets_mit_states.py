@@ -27,7 +27,7 @@ def root(tmp_path):
     data = (images / "broken glass" / "broken_glass_0.jpg").read_bytes()
     (images / "broken glass" / "broken_glass_9.jpg").write_bytes(data[: len(data) // 2])
     (images / "new building" / "notes.txt").write_text("not an image")
-    (images / "new building" / ".DS_Store").write_bytes(b"\0")  # hidden: not a sample
+    (images / "new building" / ".DS_Store").write_bytes(b"\0")  # hidden: excluded, not a sample
     (images / "README").write_text("stray file")
     return tmp_path / "release"
 
@@ -66,7 +66,9 @@ def test_samples_pool_and_exclusions(root):
     assert reasons["mit/broken glass/broken_glass_9.jpg"].startswith("broken_glass_9.jpg: cannot decode image (")
     assert "truncated" in reasons["mit/broken glass/broken_glass_9.jpg"].lower()
     assert reasons["mit/README"] == "file outside an '<adjective> <noun>' folder"
-    files_read = sum(FOLDERS.values()) + 3  # + truncated jpg, notes.txt, README (hidden files are not read)
+    assert reasons["mit/new building/.DS_Store"] == (
+        ".DS_Store: hidden file (name starts with '.'), not read as an image")
+    files_read = sum(FOLDERS.values()) + 4  # + truncated jpg, notes.txt, README, .DS_Store
     assert len(samples) + len(exclusions) == files_read
 
 

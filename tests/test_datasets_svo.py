@@ -104,16 +104,17 @@ def test_samples_pool_and_questions_row_by_row(read, tmp_path):
     reasons = dict(zip(exclusions["sample_id"], exclusions["reason"]))
     assert list(exclusions.columns) == list(EXCLUSION_COLUMNS) and set(exclusions["stage"]) == {"read:svo"}
     for side in ("pos", "neg"):
-        assert reasons[f"svo_r000003_{side}"] == "row 3: pos_triplet 'dog,sit' is not 'subject,verb,object'"
+        assert reasons[f"svo_r000003_{side}"] == (
+            "svo_probes.csv line 5: pos_triplet 'dog,sit' is not 'subject,verb,object'")
         assert reasons[f"svo_r000004_{side}"] == (
-            "row 4: expected exactly one of subj_neg/verb_neg/obj_neg true, got 2 (subj_neg, verb_neg)")
+            "svo_probes.csv line 6: expected exactly one of subj_neg/verb_neg/obj_neg true, got 2 (subj_neg, verb_neg)")
         assert reasons[f"svo_r000005_{side}"] == (
-            "row 5: triplets dog,sit,grass / cat,sit,grass differ in subject, but verb_neg says verb")
-        assert reasons[f"svo_r000006_{side}"] == "row 6: contains excluded word(s) ['person']"
-        assert reasons[f"svo_r000007_{side}"] == f"row 7: duplicate of svo_r000000_{side}"
+            "svo_probes.csv line 7: triplets dog,sit,grass / cat,sit,grass differ in subject, but verb_neg says verb")
+        assert reasons[f"svo_r000006_{side}"] == "svo_probes.csv line 8: contains excluded word(s) ['person']"
+        assert reasons[f"svo_r000007_{side}"] == f"svo_probes.csv line 9: duplicate of svo_r000000_{side}"
         assert reasons[f"svo_r000008_{side}"] == (
-            "row 8: negative image failed to download: HTTP 404 (http://img.example/404.jpg)")
-        assert reasons[f"svo_r000009_{side}"] == "row 9: subj_neg = 'maybe' is not a boolean"
+            "svo_probes.csv line 10: negative image failed to download: HTTP 404 (http://img.example/404.jpg)")
+        assert reasons[f"svo_r000009_{side}"] == "svo_probes.csv line 11: subj_neg = 'maybe' is not a boolean"
     assert len(samples) + len(exclusions) == 2 * len(ROWS)
 
 
@@ -131,7 +132,7 @@ def test_url_not_in_downloads_table_is_excluded(tmp_path):
     samples, pool, exclusions = read_svo_probes(tmp_path / "svo_probes.csv", downloads, dataset="svo")
     assert samples.empty and pool.empty
     assert exclusions["reason"].tolist() == [
-        f"row 0: positive image not downloaded: {U}1.jpg is not in the downloads table"] * 2
+        f"svo_probes.csv line 2: positive image not downloaded: {U}1.jpg is not in the downloads table"] * 2
 
 
 def test_tables_are_byte_identical_on_rerun(read, tmp_path):

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from http_fixtures import FixtureHandler, image_bytes, serve
 from notice.datasets.svo_probes import CSV_COLUMNS, read_svo_probes
-from notice.download import DOWNLOAD_COLUMNS, Settings, download_images, url_key
+from notice.download import DOWNLOAD_COLUMNS, MAX_BYTES, MAX_IMAGE_PIXELS, Settings, download_images, url_key
 
 TIMEOUT = 0.5
 SETTINGS = Settings(timeout=TIMEOUT, retries=1, backoff=0.01)
@@ -145,8 +146,99 @@ def test_svo_samples_of_failed_images_are_excluded_with_the_download_reason(serv
     assert samples["sample_id"].tolist() == ["svo_r000000_pos", "svo_r000000_neg"]
     assert len(samples) + len(exclusions) == 2 * len(rows)
     reasons = dict(zip(exclusions["sample_id"], exclusions["reason"]))
-    missing = f"row 1: negative image failed to download: HTTP 404 ({server}/missing.png)"
-    slow = f"row 2: positive image failed to download: timeout after {TIMEOUT:g}s ({server}/slow.png)"
+    # Reasons name the CSV file line (line 1 is the header).
+    missing = f"svo_probes.csv line 3: negative image failed to download: HTTP 404 ({server}/missing.png)"
+    slow = f"svo_probes.csv line 4: positive image failed to download: timeout after {TIMEOUT:g}s ({server}/slow.png)"
     assert reasons == {"svo_r000001_pos": missing, "svo_r000001_neg": missing,
                        "svo_r000002_pos": slow, "svo_r000002_neg": slow}
     assert set(pool["pool_key"]) == {"svo_r000000"}
+
+
+SMALL = GOOD["/a.png"][1]
+SENT_AT_MOST = 16 * 1024 * 1024  # what an endless answer sends before giving up (the client should stop long before)
+
+
+class BodyHandler(FixtureHandler):
+    """SMALL framed three ways (/length/, /close/: no length, ends at close; /chunked/), the same framings of
+    an endless body, and a Content-Length of 1 TB with no body at all."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        framing, _, what = self.path.strip("/").partition("/")
+        body = SMALL if what == "small.png" else None
+        if framing == "length" and what == "terabyte.png":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(10**12))
+            return self.end_headers()  # and close: a client that reads the body gets a truncated download
+        if framing == "length":
+            return self.send(200, "image/png", body)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        if framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            self.stream(body, framing == "chunked")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client stopped reading: what the size limit is for
+
+    def stream(self, body: bytes | None, chunked: bool) -> None:
+        blocks = [body] if body is not None else (b"\0" * 65536 for _ in range(SENT_AT_MOST // 65536))
+        for block in blocks:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.fixture(scope="module")
+def body_server():
+    with serve(BodyHandler) as url:
+        yield url
+
+
+FRAMINGS = ("length", "close", "chunked")
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_a_body_of_max_bytes_is_accepted_one_byte_more_is_refused(body_server, tmp_path, framing):
+    url = f"{body_server}/{framing}/small.png"
+    exact = Settings(timeout=5, retries=1, max_bytes=len(SMALL))
+    row = download_images([url], tmp_path / "exact", settings=exact, progress=False).iloc[0]
+    assert row.ok and Path(row.path).read_bytes() == SMALL
+
+    over = Settings(timeout=5, retries=1, max_bytes=len(SMALL) - 1)
+    row = download_images([url], tmp_path / "over", settings=over, progress=False).iloc[0]
+    reason = f"body larger than {len(SMALL) - 1} bytes (download.max_bytes)"
+    assert (row.ok, row.reason, row.attempts) == (False, reason, 1)
+    assert list((tmp_path / "over").iterdir()) == []
+
+
+def test_huge_and_endless_bodies_are_refused_and_the_rest_continues(body_server, tmp_path):
+    huge = [f"{body_server}/length/terabyte.png", f"{body_server}/close/endless", f"{body_server}/chunked/endless"]
+    good = f"{body_server}/chunked/small.png"
+    settings = Settings(timeout=5, retries=2, backoff=0.01, max_bytes=100_000)
+    started = time.monotonic()
+    rows = download_images([*huge, good], tmp_path, workers=2, settings=settings, progress=False).set_index("url")
+    # The declared terabyte is refused before reading (reading it would be "truncated download: ...");
+    # endless bodies stop at the limit (reading on would take the whole 5 s timeout, or all 16 MiB).
+    for url in huge:
+        assert (rows.loc[url, "ok"], rows.loc[url, "reason"], rows.loc[url, "attempts"]) == (
+            False, "body larger than 100000 bytes (download.max_bytes)", 1), url
+    assert time.monotonic() - started < 5
+    assert rows.loc[good, "ok"] and Path(rows.loc[good, "path"]).read_bytes() == SMALL
+
+
+def test_schema_download_section_matches_the_downloader():
+    """Every description is one string (an unquoted comma in a flow mapping splits it into junk keys that
+    show up in validation errors), and the schema's defaults are the downloader's."""
+    schema = yaml.safe_load((Path(__file__).parents[1] / "config/schemas/config.schema.yaml").read_text())
+    download = schema["properties"]["datasets"]["additionalProperties"]["properties"]["download"]["properties"]
+    for key, spec in download.items():
+        assert set(spec) <= {"type", "minimum", "maximum", "exclusiveMinimum", "default", "description"}, key
+        assert isinstance(spec["description"], str), key
+    defaults = Settings()
+    assert {key: spec["default"] for key, spec in download.items()} == {
+        "workers": 8, "timeout_s": defaults.timeout, "retries": defaults.retries, "backoff_s": defaults.backoff,
+        "max_bytes": defaults.max_bytes, "max_image_pixels": defaults.max_image_pixels}
+    assert (defaults.max_bytes, defaults.max_image_pixels) == (MAX_BYTES, MAX_IMAGE_PIXELS) == (32 * 2**20, 50_000_000)
+    assert download["max_image_pixels"]["maximum"] == MAX_IMAGE_PIXELS  # what notice.runtime.load_image accepts

@@ -50,12 +50,14 @@ def synthetic_dataset(n_scenes: int, threshold: float = 0.88) -> dict:
 
 
 def sharded_blip_config(n_scenes: int, n_shards: int) -> dict:
-    """The smallest run through the GPU stages: one barely trained toy BLIP, SIP, module sites only."""
+    """The smallest run through the GPU stages: one briefly trained toy BLIP, SIP, module sites only."""
     return {
         "seed": 0,
         "datasets": {"synthetic": synthetic_dataset(n_scenes)},
-        "models": {"toy_blip": {"train": {"family": "blip", "dataset": "synthetic", "steps": 20, "seed": 0,
-                                          "n_train_images": 200, "n_eval_images": 20}}},
+        # Trained just enough to answer some samples of both tasks right (a task with no right answer
+        # stops selection: selection.min_per_task).
+        "models": {"toy_blip": {"train": {"family": "blip", "dataset": "synthetic", "steps": 120, "batch_size": 32,
+                                          "seed": 0, "n_train_images": 2000, "n_eval_images": 20}}},
         "corruptions": {"sip": {}},
         "selection": {"n_per_task": 2},
         "sharding": {"n_shards": n_shards},

@@ -12,6 +12,8 @@ with logged(snakemake.log[0]) as log:
         timeout=options.get("timeout_s", Settings.timeout),
         retries=options.get("retries", Settings.retries),
         backoff=options.get("backoff_s", Settings.backoff),
+        max_bytes=options.get("max_bytes", Settings.max_bytes),
+        max_image_pixels=options.get("max_image_pixels", Settings.max_image_pixels),
     )
     log.info("%d distinct image URLs -> %s (%s)", len(urls), snakemake.params.cache_dir, settings)
     table = download_images(urls, snakemake.params.cache_dir, options.get("workers", 8), settings)

@@ -1,8 +1,8 @@
 """FER-2013 CSV or image folders -> samples, image pool, exclusions (rule `read_dataset_facial_expressions`)."""
 
+from notice.datasets import write_read_tables
 from notice.datasets.facial_expressions import TASK, read_facial_expressions
 from notice.runtime import logged
-from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
 
 with logged(snakemake.log[0]) as log:
     section, dataset = snakemake.params.section, snakemake.wildcards.dataset
@@ -17,6 +17,4 @@ with logged(snakemake.log[0]) as log:
     )
     log.info("%d samples kept, %d excluded; %d pool images", len(samples), len(exclusions), len(pool))
     log.info("samples per emotion:\n%s", samples["category"].value_counts().sort_index().to_string())
-    write_table(samples, snakemake.output.samples, SAMPLE_COLUMNS)
-    write_table(pool, snakemake.output.pool, IMAGE_POOL_COLUMNS)
-    write_table(exclusions, snakemake.output.exclusions, EXCLUSION_COLUMNS)
+    write_read_tables(samples, pool, exclusions, snakemake.output, dataset, [TASK], snakemake.params.min_per_task)

@@ -1,8 +1,8 @@
 """MIT-States folder tree -> samples, image pool, exclusions (rule `read_dataset_mit_states`)."""
 
+from notice.datasets import write_read_tables
 from notice.datasets.mit_states import TASK, read_mit_states
 from notice.runtime import logged
-from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
 
 with logged(snakemake.log[0]) as log:
     section, dataset = snakemake.params.section, snakemake.wildcards.dataset
@@ -18,6 +18,4 @@ with logged(snakemake.log[0]) as log:
     log.info("samples per group:\n%s", samples["category"].value_counts().sort_index().to_string())
     log.info("exclusion reasons (first words):\n%s", exclusions["reason"].str.split(":").str[0]
              .str.replace(r"'[^']*'", "'...'", regex=True).value_counts().to_string())
-    write_table(samples, snakemake.output.samples, SAMPLE_COLUMNS)
-    write_table(pool, snakemake.output.pool, IMAGE_POOL_COLUMNS)
-    write_table(exclusions, snakemake.output.exclusions, EXCLUSION_COLUMNS)
+    write_read_tables(samples, pool, exclusions, snakemake.output, dataset, [TASK], snakemake.params.min_per_task)

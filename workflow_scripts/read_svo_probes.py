@@ -1,9 +1,10 @@
 """SVO-Probes CSV + downloaded images -> samples, image pool, exclusions (rule `read_dataset_svo_probes`)."""
 
+from notice.datasets import write_read_tables
 from notice.datasets.svo_probes import TASKS, read_svo_probes
 from notice.download import DOWNLOAD_COLUMNS
 from notice.runtime import logged
-from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, read_table, write_table
+from notice.tables import read_table
 
 with logged(snakemake.log[0]) as log:
     section, dataset = snakemake.params.section, snakemake.wildcards.dataset
@@ -23,6 +24,5 @@ with logged(snakemake.log[0]) as log:
     rows = (len(samples) + len(exclusions)) // 2  # two samples (one per image) per CSV row
     log.info("%d rows -> %d samples kept, %d excluded; %d pool images", rows, len(samples), len(exclusions), len(pool))
     log.info("samples per task:\n%s", samples["task"].value_counts().sort_index().to_string())
-    write_table(samples, snakemake.output.samples, SAMPLE_COLUMNS)
-    write_table(pool, snakemake.output.pool, IMAGE_POOL_COLUMNS)
-    write_table(exclusions, snakemake.output.exclusions, EXCLUSION_COLUMNS)
+    write_read_tables(samples, pool, exclusions, snakemake.output, dataset, list(TASKS.values()),
+                      snakemake.params.min_per_task)

@@ -1,14 +1,19 @@
-"""Facial expressions: FER-2013 (Goodfellow et al., 2013) as ``fer2013.csv`` or as an image folder tree.
+"""Facial expressions: FER-2013 (Goodfellow et al., 2013) as a CSV file or as an image folder tree.
 
 Supported sources:
 
-- the challenge's ``fer2013.csv`` (columns ``emotion,pixels,Usage``; emotion 0-6 = angry, disgusted,
-  fearful, happy, sad, surprised, neutral; ``pixels`` = 48 x 48 = 2304 space-separated grey values).
-  Row ``i`` (0-based data row, file line i + 2) is decoded to ``<out_dir>/images/<Usage>/<i:05d>.png``;
-  rows with a malformed emotion, pixel list or Usage are excluded with the reason;
-- a directory with ``images/<split>/<emotion>/*.jpg`` (e.g. the Kaggle "facial emotion expressions"
-  copy the authors used: splits train / validation, emotion folders angry, disgust, fear, happy,
-  neutral, sad, surprise; the adjective forms are accepted too). Images are used in place.
+- the challenge's ``fer2013.csv`` (columns ``emotion,pixels,Usage``) or the Kaggle competition's
+  ``icml_face_data.csv`` (``emotion, Usage, pixels``: other order, leading spaces in the header names);
+  columns are found by (stripped) name. emotion 0-6 = angry, disgusted, fearful, happy, sad, surprised,
+  neutral; ``pixels`` = 48 x 48 = 2304 space-separated grey values. Data row ``i`` (0-based, sample id
+  ``row<i:05d>``) is decoded to ``<out_dir>/images/<Usage>/<i:05d>.png``; a row with a malformed emotion,
+  pixel list or Usage, or that cannot be parsed as CSV (wrong number of fields, bad quoting), is
+  excluded with the reason, which names the file line (line 1 = the header line, as an editor shows);
+- a directory holding ``<split>/<emotion>/*.jpg``, directly (the common Kaggle copy: ``train/``,
+  ``test/``) or under ``images/`` (e.g. the "facial emotion expressions" copy the authors used: splits
+  ``train`` / ``validation``). Any split names; emotion folders angry, disgust, fear, happy, neutral,
+  sad, surprise (any case; the adjective forms are accepted too). Images are used in place. Every other
+  file of the tree (hidden, in a nested sub-folder, outside an emotion folder) is excluded with the reason.
 
 One task, ``facial_expressions``: "Is this person feeling <a> or <b>?" (``subject`` = "person",
 ``answer`` = ``category`` = the emotion adjective). Emotions are grouped positive / negative /
@@ -33,11 +38,10 @@ import pandas as pd
 from PIL import Image
 
 from notice.datasets import (
-    IMAGE_SUFFIXES, RowError, exclusion, exclusions_frame, files_in, image_problem, pick, pool_frame, samples_frame,
-    subfolders,
+    IMAGE_SUFFIXES, RowError, csv_rows, exclusion, exclusions_frame, image_problem, layout_problem, pick, pool_frame,
+    row_reason, samples_frame, tree_files,
 )
 from notice.download import write_atomically
-from notice.tables import check_columns
 
 TASK = "facial_expressions"
 SUBJECT = "person"
@@ -45,6 +49,7 @@ QUESTION_TEMPLATE = "Is this {subject} feeling {a} or {b}?"
 CSV_COLUMNS: tuple[str, ...] = ("emotion", "pixels", "Usage")
 # FER-2013 label i is EMOTIONS[i]; options are adjectives ("Is this person feeling fearful ...").
 EMOTIONS: tuple[str, ...] = ("angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral")
+FOLDER_LAYOUT = "a '<split>/<emotion>/'"
 # Folder names of the image-folder copies (lower-cased) -> adjective.
 FOLDER_EMOTIONS: dict[str, str] = {
     **{emotion: emotion for emotion in EMOTIONS},
@@ -106,7 +111,7 @@ def read_facial_expressions(
     splits: Sequence[str] | None = None,
     seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(samples, image pool, exclusions) of `source`: a fer2013.csv file or a directory with images/.
+    """(samples, image pool, exclusions) of `source`: a FER-2013 CSV file or a directory of split folders.
 
     `out_dir` receives the PNGs decoded from a CSV; `splits` keeps only these Usage values / split folders
     (None: all); `seed` picks the pool images.
@@ -117,7 +122,8 @@ def read_facial_expressions(
     elif source.is_dir():
         records, exclusions = _folder_records(source, dataset, groups, splits)
     else:
-        raise FileNotFoundError(f"{source}: neither a fer2013.csv file nor a directory with images/<split>/<emotion>/")
+        raise FileNotFoundError(
+            f"{source}: neither a fer2013.csv file nor a directory with [images/]<split>/<emotion>/*.jpg")
     samples = [
         {"sample_id": r.sample_id, "dataset": dataset, "task": TASK, "image_id": r.image_id,
          "image_path": r.image_path, "mask_path": "", "subject": SUBJECT, "answer": r.emotion,
@@ -148,54 +154,64 @@ def _pool(records: list[Record], dataset: str, seed: int) -> list[dict]:
 def _csv_records(
     path: Path, out_dir: Path, dataset: str, groups: Mapping[str, str], splits: Sequence[str] | None
 ) -> tuple[list[Record], list[dict]]:
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    table.columns = [str(c).strip() for c in table.columns]  # some copies write " pixels", " Usage"
-    check_columns(table, CSV_COLUMNS, str(path))
     records, exclusions = [], []
-    for index, (emotion_value, pixels, usage) in enumerate(table[list(CSV_COLUMNS)].itertuples(index=False)):
-        sample_id = f"{dataset}/row{index:05d}"
+    for row in csv_rows(path, CSV_COLUMNS):
+        sample_id = f"{dataset}/row{row.index:05d}"
         try:
-            emotion = parse_emotion(emotion_value)
-            array = decode_pixels(pixels)
-            split = _checked_split(usage.strip(), splits)
+            if row.problem:
+                raise RowError(row.problem)
+            emotion = parse_emotion(row.values["emotion"])
+            array = decode_pixels(row.values["pixels"])
+            split = _checked_split(row.values["Usage"].strip(), splits)
             _check_group(emotion, groups)
         except RowError as error:
-            exclusions.append(exclusion(sample_id, dataset, f"row {index} (line {index + 2}): {error}"))
+            exclusions.append(exclusion(sample_id, dataset, row_reason(path, row.line, error)))
             continue
-        image = out_dir / "images" / re.sub(r"[^A-Za-z0-9_-]", "_", split) / f"{index:05d}.png"
+        image = out_dir / "images" / re.sub(r"[^A-Za-z0-9_-]", "_", split) / f"{row.index:05d}.png"
         image.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(png_bytes(array), image)
-        records.append(Record(sample_id, f"row{index:05d}", split, emotion, str(image)))
+        records.append(Record(sample_id, f"row{row.index:05d}", split, emotion, str(image)))
     return records, exclusions
 
 
 def _folder_records(
     root: Path, dataset: str, groups: Mapping[str, str], splits: Sequence[str] | None
 ) -> tuple[list[Record], list[dict]]:
-    images_dir = root / "images"
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"{root}: no images/ directory; expected {images_dir}/<split>/<emotion>/*.jpg")
+    base = split_root(root)
     records, exclusions = [], []
-    for split_dir in subfolders(images_dir):
-        for emotion_dir in subfolders(split_dir):
-            emotion = FOLDER_EMOTIONS.get(emotion_dir.name.lower())
-            for path in files_in(emotion_dir):
-                image_id = f"{split_dir.name}/{emotion_dir.name}/{path.name}"
-                sample_id = f"{dataset}/{image_id}"
-                try:
-                    if emotion is None:
-                        raise RowError(f"folder {emotion_dir.name!r} is not a FER-2013 emotion")
-                    _checked_split(split_dir.name, splits)
-                    _check_group(emotion, groups)
-                    if path.suffix.lower() not in IMAGE_SUFFIXES:
-                        raise RowError(f"{path.name}: not an image file")
-                    if problem := image_problem(path):
-                        raise RowError(problem)
-                except RowError as error:
-                    exclusions.append(exclusion(sample_id, dataset, str(error)))
-                    continue
-                records.append(Record(sample_id, image_id, split_dir.name, emotion, str(path)))
+    for path in tree_files(base):
+        relative = path.relative_to(base)
+        image_id = relative.as_posix()
+        sample_id = f"{dataset}/{image_id}"
+        try:
+            if problem := layout_problem(relative, 3, FOLDER_LAYOUT):
+                raise RowError(problem)
+            split, folder = relative.parts[0], relative.parts[1]
+            emotion = FOLDER_EMOTIONS.get(folder.lower())
+            if emotion is None:
+                raise RowError(f"folder {folder!r} is not a FER-2013 emotion")
+            _checked_split(split, splits)
+            _check_group(emotion, groups)
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise RowError(f"{path.name}: not an image file")
+            if problem := image_problem(path):
+                raise RowError(problem)
+        except RowError as error:
+            exclusions.append(exclusion(sample_id, dataset, str(error)))
+            continue
+        records.append(Record(sample_id, image_id, split, emotion, str(path)))
     return records, exclusions
+
+
+def split_root(root: Path) -> Path:
+    """The folder holding the split folders: ``root/images`` when there is one (some copies), else `root`."""
+    base = root / "images" if (root / "images").is_dir() else root
+    if not any(p.is_dir() for p in base.iterdir()):
+        raise FileNotFoundError(
+            f"{root}: no split folders; expected {root}/<split>/<emotion>/*.jpg or "
+            f"{root}/images/<split>/<emotion>/*.jpg"
+        )
+    return base
 
 
 def _checked_split(split: str, splits: Sequence[str] | None) -> str:

@@ -4,8 +4,10 @@ Supported layouts, under the directory given (the unzipped release): ``images/<a
 (the published release) and ``images/<adjective>_<noun>/*`` (some re-distributed copies); a folder
 name is split at its first space, or, without a space, at its first underscore. The release's
 ``adj <noun>`` folders hold images of the noun without a state label: they are excluded, with that
-reason. Every non-hidden file of a state folder is read as one sample; files that are not jpg/jpeg/png
-or do not decode are excluded with the reason.
+reason. Every file directly inside a state folder is read as one sample (extensions in any case:
+``.JPG``); files that are not jpg/jpeg/png, are empty or do not decode are excluded with the reason, and
+so is every other file of the tree: hidden files (``.DS_Store``), files in nested sub-folders and files
+outside a state folder.
 
 One task, ``mit_states``: "Is this <noun> <a> or <b>?" (``subject`` = noun, ``answer`` = adjective).
 States are grouped into colour / shape / texture (``STATE_GROUPS``, the authors' lists); the group is
@@ -23,13 +25,14 @@ from typing import Mapping
 import pandas as pd
 
 from notice.datasets import (
-    IMAGE_SUFFIXES, exclusion, exclusions_frame, files_in, image_problem, pick, pool_frame, samples_frame,
-    subfolders,
+    IMAGE_SUFFIXES, exclusion, exclusions_frame, image_problem, layout_problem, pick, pool_frame, samples_frame,
+    tree_files,
 )
 
 TASK = "mit_states"
 QUESTION_TEMPLATE = "Is this {subject} {a} or {b}?"
 UNLABELLED = "adj"  # the release's folder prefix for images without a state
+FOLDER_LAYOUT = "an '<adjective> <noun>'"
 
 # The authors' state groups (NOTICE preprocessing of MIT-States), as state -> group.
 _GROUP_LISTS: dict[str, tuple[str, ...]] = {
@@ -90,25 +93,24 @@ def read_mit_states(
         )
     samples, exclusions = [], []
     usable: dict[tuple[str, str], list[str]] = {}  # (noun, state) -> image paths
-    for stray in files_in(images_dir):
-        exclusions.append(exclusion(f"{dataset}/{stray.name}", dataset, "file outside an '<adjective> <noun>' folder"))
-    for folder in subfolders(images_dir):
-        parsed = split_folder(folder.name)
-        folder_reason = _folder_problem(folder.name, parsed, groups)
-        for path in files_in(folder):
-            sample_id, image_id = f"{dataset}/{folder.name}/{path.name}", f"{folder.name}/{path.name}"
-            reason = folder_reason or _file_problem(path)
-            if reason:
-                exclusions.append(exclusion(sample_id, dataset, reason))
-                continue
-            adjective, noun = parsed
-            group = groups[adjective]
-            samples.append({
-                "sample_id": sample_id, "dataset": dataset, "task": TASK, "image_id": image_id,
-                "image_path": str(path), "mask_path": "", "subject": noun, "answer": adjective,
-                "category": group, "group": group, "pool_key": noun,
-            })
-            usable.setdefault((noun, adjective), []).append(str(path))
+    for path in tree_files(images_dir):
+        relative = path.relative_to(images_dir)
+        sample_id, image_id = f"{dataset}/{relative.as_posix()}", relative.as_posix()
+        folder = relative.parts[0]
+        parsed = split_folder(folder)
+        reason = (layout_problem(relative, 2, FOLDER_LAYOUT) or _folder_problem(folder, parsed, groups)
+                  or _file_problem(path))
+        if reason:
+            exclusions.append(exclusion(sample_id, dataset, reason))
+            continue
+        adjective, noun = parsed
+        group = groups[adjective]
+        samples.append({
+            "sample_id": sample_id, "dataset": dataset, "task": TASK, "image_id": image_id,
+            "image_path": str(path), "mask_path": "", "subject": noun, "answer": adjective,
+            "category": group, "group": group, "pool_key": noun,
+        })
+        usable.setdefault((noun, adjective), []).append(str(path))
     pool = [
         {"dataset": dataset, "task": TASK, "pool_key": noun, "value": adjective,
          "image_path": paths[pick(seed, len(paths), dataset, noun, adjective)], "mask_path": ""}

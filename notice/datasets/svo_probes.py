@@ -22,6 +22,11 @@ so some questions read like "Is the dog or the cat lying the grass?".
 ``pool_key`` is the CSV row: the pool holds that row's two images, keyed by their word. Images come
 from the downloader's table (notice.download); a sample whose clean or corrupt image failed is
 excluded with the download's reason. Exclusions per sample: kept + excluded = 2 x rows read.
+
+The CSV is read as published (UTF-8 with or without a byte-order mark, LF or CRLF, ``True``/``False``
+flags); sample ids count data rows from 0 (``<dataset>_r000000_pos``), and exclusion reasons name the
+file line (line 1 = the header line, as an editor shows), e.g. ``svo_probes.csv line 2: ...``. A row
+that cannot be parsed (wrong number of fields, bad quoting) is excluded with that reason.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from notice.datasets import RowError, exclusion, exclusions_frame, pool_frame, samples_frame
+from notice.datasets import RowError, csv_rows, exclusion, exclusions_frame, pool_frame, row_reason, samples_frame
 from notice.tables import check_columns
 
 CSV_COLUMNS: tuple[str, ...] = (
@@ -155,20 +160,23 @@ def read_svo_probes(
     "person": models answer woman/person inconsistently).
     """
     csv_path = Path(csv_path)
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=max_rows)
-    check_columns(table, CSV_COLUMNS, str(csv_path))
+    rows = csv_rows(csv_path, CSV_COLUMNS, max_rows)
     check_columns(downloads, ("url", "ok", "path", "reason"), "downloads table")
     images = {row.url: row for row in downloads.itertuples(index=False)}
     excluded_words = {word.strip().lower() for word in exclude_words}
     samples, pool, exclusions, seen = [], [], [], {}
-    for index, row in enumerate(table[list(CSV_COLUMNS)].to_dict("records")):
-        pool_key = f"{dataset}_r{index:06d}"
+    for csv_row in rows:
+        row = csv_row.values
+        pool_key = f"{dataset}_r{csv_row.index:06d}"
         ids = {side: f"{pool_key}_{side}" for side in ("pos", "neg")}
         try:
+            if csv_row.problem:
+                raise RowError(csv_row.problem)
             role, triplets = _checked_row(row, excluded_words)
             paths = {side: _image_path(images, row[f"{side}_url"], side) for side in ("pos", "neg")}
         except RowError as error:
-            exclusions += [exclusion(ids[side], dataset, f"row {index}: {error}") for side in ("pos", "neg")]
+            exclusions += [exclusion(ids[side], dataset, row_reason(csv_path, csv_row.line, error))
+                           for side in ("pos", "neg")]
             continue
         task = TASKS[role]
         for side, other in (("pos", "neg"), ("neg", "pos")):
@@ -182,7 +190,8 @@ def read_svo_probes(
             # The same question about the same image can come from several rows: keep the first.
             key = (task, paths[side], sample["subject"], sample["answer"], sample["distractor_given"])
             if key in seen:
-                exclusions.append(exclusion(ids[side], dataset, f"row {index}: duplicate of {seen[key]}"))
+                exclusions.append(exclusion(
+                    ids[side], dataset, row_reason(csv_path, csv_row.line, f"duplicate of {seen[key]}")))
             else:
                 seen[key] = ids[side]
                 samples.append(sample)
@@ -224,7 +233,9 @@ def _image_path(images: Mapping[str, object], url: str, side: str) -> str:
 
 
 def image_urls(csv_path: str | Path, max_rows: int | None = None) -> list[str]:
-    """The distinct non-empty image URLs of the first `max_rows` rows, sorted (what the downloader fetches)."""
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, nrows=max_rows)
-    check_columns(table, ("pos_url", "neg_url"), str(csv_path))
-    return sorted({url for url in pd.concat([table["pos_url"], table["neg_url"]]) if url.strip()})
+    """The distinct non-empty image URLs of the first `max_rows` rows, sorted (what the downloader fetches).
+
+    Rows that cannot be parsed have no URLs to fetch; the reader excludes them with the reason.
+    """
+    rows = csv_rows(Path(csv_path), ("pos_url", "neg_url"), max_rows)
+    return sorted({url for row in rows for url in row.values.values() if url.strip()})
