@@ -31,6 +31,20 @@ class ToyModelConfig:
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    def vision_settings(self) -> dict[str, int | float]:
+        """Hugging Face config arguments of the vision tower, as every toy family names them."""
+        return dict(hidden_size=self.vision_hidden, num_hidden_layers=self.vision_layers,
+                    num_attention_heads=self.vision_heads, intermediate_size=self.vision_intermediate,
+                    image_size=self.image_size, patch_size=self.patch_size,
+                    # explicit: BlipVisionConfig's own default is 1e-10 (position and class embeddings)
+                    initializer_range=self.initializer_range)
+
+    def text_settings(self) -> dict[str, int | float]:
+        """Hugging Face config arguments of the text stream, as every toy family names them."""
+        return dict(hidden_size=self.text_hidden, num_hidden_layers=self.text_layers,
+                    num_attention_heads=self.text_heads, intermediate_size=self.text_intermediate,
+                    max_position_embeddings=self.max_positions, initializer_range=self.initializer_range)
+
     def check(self) -> None:
         """Raise ValueError naming the setting when the widths, heads or patches do not fit together."""
         divides = [("patch_size", self.patch_size, "image_size", self.image_size),

@@ -25,32 +25,17 @@ def build_blip_tokenizer() -> BertTokenizer:
 def build_blip(cfg: ToyModelConfig) -> tuple[BlipForQuestionAnswering, BlipProcessor]:
     """A randomly initialised toy `BlipForQuestionAnswering` and its processor."""
     tokenizer = build_blip_tokenizer()
-    std = cfg.initializer_range
     config = BlipConfig(
         text_config=dict(
             vocab_size=len(tokenizer),
-            hidden_size=cfg.text_hidden,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            intermediate_size=cfg.text_intermediate,
-            max_position_embeddings=cfg.max_positions,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             sep_token_id=tokenizer.sep_token_id,
-            initializer_range=std,
+            **cfg.text_settings(),
         ),
-        vision_config=dict(
-            hidden_size=cfg.vision_hidden,
-            num_hidden_layers=cfg.vision_layers,
-            num_attention_heads=cfg.vision_heads,
-            intermediate_size=cfg.vision_intermediate,
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            # BlipVisionConfig's own default is 1e-10 (position and class embeddings).
-            initializer_range=std,
-        ),
+        vision_config=cfg.vision_settings(),
         projection_dim=cfg.text_hidden,
-        initializer_range=std,
+        initializer_range=cfg.initializer_range,
     )
     torch.manual_seed(cfg.seed)
     model = BlipForQuestionAnswering(config).eval()

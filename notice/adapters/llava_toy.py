@@ -52,29 +52,14 @@ def build_llava(
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A randomly initialised toy `LlavaForConditionalGeneration` and its processor."""
     tokenizer = build_llava_tokenizer()
-    std = cfg.initializer_range
-    vision = CLIPVisionConfig(
-        hidden_size=cfg.vision_hidden,
-        num_hidden_layers=cfg.vision_layers,
-        num_attention_heads=cfg.vision_heads,
-        intermediate_size=cfg.vision_intermediate,
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        projection_dim=cfg.vision_hidden,
-        initializer_range=std,
-    )
+    vision = CLIPVisionConfig(projection_dim=cfg.vision_hidden, **cfg.vision_settings())
     text = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=cfg.text_hidden,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
         num_key_value_heads=cfg.text_kv_heads,
-        intermediate_size=cfg.text_intermediate,
-        max_position_embeddings=cfg.max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        initializer_range=std,
+        **cfg.text_settings(),
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -84,7 +69,7 @@ def build_llava(
         # The default -2 would feed only the first layer of a 2-layer tower to the projector.
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
-        initializer_range=std,
+        initializer_range=cfg.initializer_range,
     )
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation).eval()
