@@ -18,7 +18,9 @@ from notice.adapters.base import ADAPTERS, HEAD_SITE_PARENT, Patch
 from notice.adapters.loading import load_adapter
 from notice.metrics import ROW_COLUMNS
 from notice.patching import fast, reference
-from toy_adapters import FAMILY_ADAPTERS, QUESTION, STR_QUESTION, noise_image, one_torch_thread
+from toy_adapters import (
+    FAMILY_ADAPTERS, QUESTION, clean_and_corrupt, noise_image, one_torch_thread, patch_positions_with_image_samples,
+)
 
 RTOL = 1e-5
 FAMILIES = sorted({cls.family for cls in ADAPTERS.values()})
@@ -44,18 +46,12 @@ def image(seed: int):
 
 
 def inputs(adapter, corruption: str):
-    clean = adapter.prepare(image(0), adapter.format_prompt(QUESTION))
-    if corruption == "STR":
-        return clean, adapter.prepare(image(0), adapter.format_prompt(STR_QUESTION))
-    return clean, adapter.prepare(image(1 if corruption == "SIP" else 0), adapter.format_prompt(QUESTION))
+    return clean_and_corrupt(adapter, corruption, image)
 
 
 def every_patch(adapter, inp) -> list[Patch]:
     """Every site kind × layer × position (× head), shuffled."""
-    text = adapter.patch_positions(inp)
-    image_positions = sorted(set(range(inp.input_ids.shape[1])) - set(text))
-    middle = image_positions[len(image_positions) // 2:][:1] if image_positions else []
-    positions = sorted(set(text) | set(image_positions[:1] + middle + image_positions[-1:]))
+    positions = patch_positions_with_image_samples(adapter, inp)
     head_sites = [site for site, parent in HEAD_SITE_PARENT.items() if parent in adapter.module_sites]
     patches = [Patch(site, layer, p) for site in (*adapter.module_sites, "layer")
                for layer in range(adapter.n_layers) for p in positions]

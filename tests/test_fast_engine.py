@@ -23,7 +23,9 @@ from notice.metrics import ROW_COLUMNS
 from notice.patching import get_engine, reference
 from notice.patching.fast import chunks, family_engine, max_relative_error, patch_sample
 
-from toy_adapters import QUESTION, STR_QUESTION, blip_adapter, llava_adapter, noise_image, one_torch_thread
+from toy_adapters import (
+    blip_adapter, clean_and_corrupt, llava_adapter, one_torch_thread, patch_positions_with_image_samples,
+)
 
 RTOL = 1e-5
 FLOAT64_RTOL = 1e-10
@@ -53,16 +55,7 @@ def adapter(request):
 
 
 def inputs(adapter, corruption: str):
-    clean = adapter.prepare(noise_image(0), adapter.format_prompt(QUESTION))
-    if corruption == "STR":
-        return clean, adapter.prepare(noise_image(0), adapter.format_prompt(STR_QUESTION))
-    return clean, adapter.prepare(noise_image(1 if corruption == "SIP" else 0), adapter.format_prompt(QUESTION))
-
-
-def positions(adapter, inp) -> list[int]:
-    text = adapter.patch_positions(inp)
-    image = sorted(set(range(inp.input_ids.shape[1])) - set(text))
-    return sorted(set(text) | ({image[0], image[len(image) // 2], image[-1]} if image else set()))
+    return clean_and_corrupt(adapter, corruption)
 
 
 def every_patch(adapter, inp, seed: int = 0) -> list[Patch]:
@@ -70,10 +63,10 @@ def every_patch(adapter, inp, seed: int = 0) -> list[Patch]:
     head_sites = [f"{site}_head" for site in adapter.module_sites if site != "mlp"]
     patches = [
         Patch(site, layer, pos)
-        for site in (*adapter.module_sites, "layer") for layer in range(adapter.n_layers) for pos in positions(adapter, inp)
+        for site in (*adapter.module_sites, "layer") for layer in range(adapter.n_layers) for pos in patch_positions_with_image_samples(adapter, inp)
     ] + [
         Patch(site, layer, pos, head)
-        for site in head_sites for layer in range(adapter.n_layers) for pos in positions(adapter, inp)
+        for site in head_sites for layer in range(adapter.n_layers) for pos in patch_positions_with_image_samples(adapter, inp)
         for head in range(adapter.n_heads)
     ]
     random.Random(seed).shuffle(patches)

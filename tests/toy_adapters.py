@@ -88,3 +88,18 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def clean_and_corrupt(adapter: VLMAdapter, corruption: str, image: Callable[[int], Image.Image] = noise_image):
+    """(clean, corrupt) inputs: SIP another image, STR another equal-length question, else the same input."""
+    clean = adapter.prepare(image(0), adapter.format_prompt(QUESTION))
+    if corruption == "STR":
+        return clean, adapter.prepare(image(0), adapter.format_prompt(STR_QUESTION))
+    return clean, adapter.prepare(image(1 if corruption == "SIP" else 0), adapter.format_prompt(QUESTION))
+
+
+def patch_positions_with_image_samples(adapter: VLMAdapter, inp) -> list[int]:
+    """Every module-wise position, and image positions at the start, middle and end of the image."""
+    text = adapter.patch_positions(inp)
+    image = sorted(set(range(inp.input_ids.shape[1])) - set(text))
+    return sorted(set(text) | ({image[0], image[len(image) // 2], image[-1]} if image else set()))
