@@ -630,4 +630,4 @@ def test_task_without_values_is_refused_except_for_svo(sources, tmp_path):
     config = paper_config(sources)
     del config["datasets"]["mit_states"]["tasks"]["mit_states"]["values"]
     code, output = dry_run(tmp_path, config)
-    assert code != 0 and "'values' is a required property" in output
+    assert code != 0 and "datasets.mit_states.tasks.mit_states.values: required key missing" in output
