@@ -36,7 +36,7 @@ class ToyModelConfig:
         return dict(hidden_size=self.vision_hidden, num_hidden_layers=self.vision_layers,
                     num_attention_heads=self.vision_heads, intermediate_size=self.vision_intermediate,
                     image_size=self.image_size, patch_size=self.patch_size,
-                    # explicit: BlipVisionConfig's own default is 1e-10 (position and class embeddings)
+                    # explicit: a vision config's own default may be 1e-10 (position and class embeddings)
                     initializer_range=self.initializer_range)
 
     def text_settings(self) -> dict[str, int | float]:

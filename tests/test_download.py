@@ -1,18 +1,22 @@
 """The image downloader against a local HTTP server (127.0.0.1, random port) with good and bad answers."""
 
 import hashlib
+import io
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from http_fixtures import FixtureHandler, image_bytes, serve
 from notice.datasets.svo_probes import CSV_COLUMNS, read_svo_probes
 from notice.download import DOWNLOAD_COLUMNS, MAX_BYTES, MAX_IMAGE_PIXELS, Settings, download_images, url_key
+from notice.runtime import load_image
 
 TIMEOUT = 0.5
 SETTINGS = Settings(timeout=TIMEOUT, retries=1, backoff=0.01)
@@ -242,3 +246,40 @@ def test_schema_download_section_matches_the_downloader():
         "max_bytes": defaults.max_bytes, "max_image_pixels": defaults.max_image_pixels}
     assert (defaults.max_bytes, defaults.max_image_pixels) == (MAX_BYTES, MAX_IMAGE_PIXELS) == (32 * 2**20, 50_000_000)
     assert download["max_image_pixels"]["maximum"] == MAX_IMAGE_PIXELS  # what notice.runtime.load_image accepts
+
+
+def encoded(mode: str, fmt: str) -> bytes:
+    """A 32x24 image in colour `mode` encoded as `fmt` (how published datasets' hosts serve them)."""
+    array = np.random.default_rng(9).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+PUBLISHED_BODIES = {
+    "/png_behind.jpg": ("image/jpeg", encoded("RGB", "PNG"), ".png"),  # the URL's extension lies
+    "/cmyk.jpg": ("image/jpeg", encoded("CMYK", "JPEG"), ".jpg"),
+    "/grey.jpg": ("image/jpeg", encoded("L", "JPEG"), ".jpg"),
+    "/anim.gif": ("image/gif", encoded("P", "GIF"), ".gif"),
+    "/photo.webp": ("image/webp", encoded("RGB", "WEBP"), ".webp"),
+}
+
+
+class PublishedHandler(FixtureHandler):
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        content_type, body, _ = PUBLISHED_BODIES[self.path]
+        return self.send(200, content_type, body)
+
+
+def test_published_formats_are_kept_under_their_real_format_and_load_as_rgb(tmp_path):
+    with serve(PublishedHandler) as url:
+        table = download_images([url + path for path in PUBLISHED_BODIES], tmp_path, workers=2, settings=SETTINGS,
+                                progress=False)
+    assert table["ok"].all(), table[["url", "reason"]].to_string()
+    saved_paths = dict(zip(table["url"], table["path"]))
+    for path, (_, body, extension) in PUBLISHED_BODIES.items():
+        saved = saved_paths[url + path]
+        assert Path(saved).suffix == extension, path
+        assert Path(saved).read_bytes() == body  # stored as served, converted only when loaded
+        image = load_image(saved)
+        assert image.mode == "RGB" and image.size == (32, 24), path
