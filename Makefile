@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CORES ?= all
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: venv demo test bench report clean-results
+.PHONY: venv demo test check lint bench report clean-results
 
 # The venv sees system site-packages so a GPU machine's own torch is used; CPU torch 2.13.0 only if none.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -23,8 +23,15 @@ demo: venv
 	$(SNAKEMAKE) --cores $(CORES) --report results/snakemake_report.html
 	@echo "Report: $(CURDIR)/results/report.html (Snakemake report: $(CURDIR)/results/snakemake_report.html)"
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check notice tests workflow_scripts
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs --durations=15 -n auto --dist loadfile tests
+
+# The inner loop: lint and the tests not marked slow (no workflow runs).
+check: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 bench: venv
 	$(PY) -m notice.bench

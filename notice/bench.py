@@ -33,9 +33,10 @@ import platform
 import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -171,7 +172,7 @@ def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: 
     reference_rows, t_hooked = [], []
     for i in subset:
         p = case.patches[i]
-        logits, seconds = _timed(lambda: reference.run_patched(adapter, corrupt, p, clean_acts))
+        logits, seconds = _timed(lambda p=p: reference.run_patched(adapter, corrupt, p, clean_acts))
         t_hooked.append(seconds)
         reference_rows.append(result_row(p.site, p.layer, p.head, p.position, clean.tokens[p.position],
                                          s_clean, s_corrupt, scores(logits, case.tau, case.tau_p)))
@@ -180,7 +181,7 @@ def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: 
     # (b): the 3-row batch per patch; its patched row must agree with (a) too.
     t_three, err_three = [], 0.0
     for k, i in enumerate(subset[:n_three_row]):
-        logits, seconds = _timed(lambda: three_row_patch(case, case.patches[i]))
+        logits, seconds = _timed(lambda i=i: three_row_patch(case, case.patches[i]))
         t_three.append(seconds)
         ld, ref = scores(logits, case.tau, case.tau_p).ld, reference_rows[k]["ld_patched"]
         err_three = max(err_three, abs(ld - ref) / max(abs(ref), 1e-6))
@@ -249,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"device {device}{' (real size, bfloat16)' if args.real_size else ''}")
     results = []
     for family in args.families:
-        case, seconds = _timed(lambda: modules[family].bench_case(args.real_size, family=family, device=device))
+        case, seconds = _timed(lambda family=family: modules[family].bench_case(args.real_size, family=family, device=device))
         print(f"{case.description}: built in {seconds:.0f} s; {len(case.patches)} patched runs", flush=True)
         result = measure(case, args.hooked, n_three_row, args.batch_size, args.seed)
         print(f"  LD clean {result['ld_clean']:.4f}, corrupt {result['ld_corrupt']:.4f}; "

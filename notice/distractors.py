@@ -15,7 +15,8 @@ negative triplet) it is used as is, and its cosine is still recorded.
 from __future__ import annotations
 
 import math
-from typing import Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd

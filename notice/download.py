@@ -32,12 +32,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO
 
 import pandas as pd
 from PIL import Image, ImageFile
@@ -181,7 +181,7 @@ def fetch(url: str, settings: Settings) -> tuple[bytes, str]:
         if isinstance(error.reason, (TimeoutError, socket.timeout)):
             raise DownloadError(timeout_reason, retryable=True) from None
         raise DownloadError(f"connection error: {error.reason}", retryable=True) from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise DownloadError(timeout_reason, retryable=True) from None
     except http.client.IncompleteRead as error:
         raise DownloadError(
@@ -268,7 +268,7 @@ def download_images(
     urls: Iterable[str],
     cache_dir: str | Path,
     workers: int = 8,
-    settings: Settings = Settings(),
+    settings: Settings = Settings(),  # noqa: B008 (frozen: one shared default is safe)
     progress: bool = True,
 ) -> pd.DataFrame:
     """Download every distinct URL into `cache_dir` with `workers` threads; one row per URL, sorted by URL."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 import zlib
-from typing import TYPE_CHECKING, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd

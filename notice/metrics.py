@@ -1,4 +1,4 @@
-"""Patching metrics (BRIEF §3). τ = first token of the correct option, τ' = of the incorrect one.
+"""Patching metrics (docs/method.md, §6). τ = first token of the correct option, τ' = of the incorrect one.
 
 - LD(logits) = logit(τ) − logit(τ')
 - logit-difference effect = LD_patched − LD_corrupt

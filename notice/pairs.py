@@ -15,14 +15,20 @@ All functions are pure and deterministic in their inputs and seed.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import pandas as pd
 
 from notice.tables import (
-    EXCLUSION_COLUMNS, PAIR_COLUMNS, PROMPT_COLUMNS, check_columns, make_table, stable_seed,
+    EXCLUSION_COLUMNS,
+    PAIR_COLUMNS,
+    PROMPT_COLUMNS,
+    check_columns,
+    make_table,
+    stable_seed,
 )
 
 Tokenize = Callable[[str], list[int]]

@@ -8,8 +8,8 @@ split. Shard files are named `shard<k>-of<n>`, so shards of another shard count 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd

@@ -7,8 +7,8 @@ fails loudly with the file name, instead of silently producing misaligned result
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 

@@ -23,7 +23,7 @@ class ToyModelConfig:
     text_kv_heads: int = 2  # decoder language models only (grouped-query attention)
     text_intermediate: int = 256
     max_positions: int = 256
-    # std 0.02 leaves the models on a long accuracy plateau; 0.06 trains reliably (BRIEF §6).
+    # std 0.02 leaves the models on a long accuracy plateau; 0.06 trains reliably.
     initializer_range: float = 0.06
     seed: int = 0
 

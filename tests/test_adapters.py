@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from toy_adapters import QUESTION, blip_adapter, llava_adapter, noise_image, one_torch_thread
 from transformers import BertConfig, BertModel, LlamaTokenizer
 
 from notice.adapters.base import ADAPTERS
@@ -16,7 +17,6 @@ from notice.adapters.llava import LlavaAdapter
 from notice.adapters.loading import load_adapter
 from notice.hub import ModelNotFoundError
 from notice.patching.reference import capture
-from toy_adapters import one_torch_thread, QUESTION, blip_adapter, llava_adapter, noise_image
 
 
 @pytest.fixture(autouse=True, scope="module")

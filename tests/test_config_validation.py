@@ -4,7 +4,6 @@ import copy
 
 import pytest
 import yaml
-
 from workflow_helpers import REPO, snakemake, write_config
 
 DEMO = yaml.safe_load((REPO / "config" / "config.yaml").read_text())

@@ -6,7 +6,10 @@ import pytest
 from PIL import Image
 
 from notice.datasets.facial_expressions import (
-    EMOTION_GROUPS, EMOTIONS, QUESTION_TEMPLATE, read_facial_expressions,
+    EMOTION_GROUPS,
+    EMOTIONS,
+    QUESTION_TEMPLATE,
+    read_facial_expressions,
 )
 from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, write_table
 

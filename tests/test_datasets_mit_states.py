@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from notice.datasets.mit_states import NEAR_SYNONYMS, QUESTION_TEMPLATE, STATE_GROUPS, _GROUP_LISTS, read_mit_states
+from notice.datasets.mit_states import _GROUP_LISTS, NEAR_SYNONYMS, QUESTION_TEMPLATE, STATE_GROUPS, read_mit_states
 from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
 
 # folder -> number of good JPEGs

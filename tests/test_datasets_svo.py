@@ -7,7 +7,13 @@ from gensim.models import KeyedVectors
 from PIL import Image
 
 from notice.datasets.svo_probes import (
-    CSV_COLUMNS, EXTRA_COLUMNS, QUESTION_TEMPLATES, gerund, image_urls, parse_triplet, read_svo_probes,
+    CSV_COLUMNS,
+    EXTRA_COLUMNS,
+    QUESTION_TEMPLATES,
+    gerund,
+    image_urls,
+    parse_triplet,
+    read_svo_probes,
 )
 from notice.distractors import choose_distractors
 from notice.download import DOWNLOAD_COLUMNS

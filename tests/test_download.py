@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from http_fixtures import FixtureHandler, image_bytes, serve
 from PIL import Image
 
-from http_fixtures import FixtureHandler, image_bytes, serve
 from notice.datasets.svo_probes import CSV_COLUMNS, read_svo_probes
 from notice.download import DOWNLOAD_COLUMNS, MAX_BYTES, MAX_IMAGE_PIXELS, Settings, download_images, url_key
 from notice.runtime import load_image

@@ -2,11 +2,11 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from toy_adapters import blip_adapter, noise_image, one_torch_thread
 
 from notice.evaluate import ALL_CATEGORIES, accuracy_table, build_prompts, evaluate, is_correct, select_samples
 from notice.metrics import scores
 from notice.tables import ANSWER_COLUMNS, EXCLUSION_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS
-from toy_adapters import blip_adapter, noise_image, one_torch_thread
 
 TEMPLATES = {"colour": "is the {subject} {a} or {b}?", "shape": "is the {subject} a {a} or a {b}?"}
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -52,7 +52,7 @@ def test_build_prompts_balances_answer_order_per_task():
     # shape: circle→square, square→triangle, triangle→cross, cross→circle: cross/circle collide.
     kept = prompts.groupby("task").size()
     assert kept["colour"] == 10 and kept["shape"] == 10 - len(exclusions)
-    for task, group in prompts.groupby("task"):
+    for _task, group in prompts.groupby("task"):
         assert abs(int(group.correct_first.sum()) - int((~group.correct_first).sum())) <= 1
     row = prompts.iloc[0]
     first, second = (row.answer, row.distractor) if row.correct_first else (row.distractor, row.answer)

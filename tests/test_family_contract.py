@@ -13,14 +13,19 @@ import random
 
 import pytest
 import torch
+from toy_adapters import (
+    FAMILY_ADAPTERS,
+    QUESTION,
+    clean_and_corrupt,
+    noise_image,
+    one_torch_thread,
+    patch_positions_with_image_samples,
+)
 
 from notice.adapters.base import ADAPTERS, HEAD_SITE_PARENT, Patch
 from notice.adapters.loading import load_adapter
 from notice.metrics import ROW_COLUMNS
 from notice.patching import fast, reference
-from toy_adapters import (
-    FAMILY_ADAPTERS, QUESTION, clean_and_corrupt, noise_image, one_torch_thread, patch_positions_with_image_samples,
-)
 
 RTOL = 1e-5
 FAMILIES = sorted({cls.family for cls in ADAPTERS.values()})

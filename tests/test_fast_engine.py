@@ -17,15 +17,18 @@ import random
 
 import pytest
 import torch
+from toy_adapters import (
+    blip_adapter,
+    clean_and_corrupt,
+    llava_adapter,
+    one_torch_thread,
+    patch_positions_with_image_samples,
+)
 
 from notice.adapters.base import Patch
 from notice.metrics import ROW_COLUMNS
 from notice.patching import get_engine, reference
 from notice.patching.fast import chunks, family_engine, max_relative_error, patch_sample
-
-from toy_adapters import (
-    blip_adapter, clean_and_corrupt, llava_adapter, one_torch_thread, patch_positions_with_image_samples,
-)
 
 RTOL = 1e-5
 FLOAT64_RTOL = 1e-10

@@ -13,9 +13,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from workflow_helpers import REPO, fault_env, sharded_blip_config, snakemake, write_config
 
 from notice import gpu
-from workflow_helpers import REPO, fault_env, sharded_blip_config, snakemake, write_config
 
 HOLDER = textwrap.dedent(
     """

@@ -8,9 +8,9 @@ import zlib
 from pathlib import Path
 
 import pytest
+from http_fixtures import FixtureHandler, image_bytes, serve
 from PIL import Image
 
-from http_fixtures import FixtureHandler, image_bytes, serve
 from notice.download import MAX_IMAGE_PIXELS, Settings, download_images
 from notice.runtime import load_image
 

@@ -10,7 +10,14 @@ from PIL import Image
 
 from notice.hub import ModelNotFoundError, resolve_inpaint_model
 from notice.inpainting import (
-    DEFAULT_MODEL, InpaintSettings, MaskSpec, box_mask, composite, inpaint, inpaint_prompt, inpaint_samples,
+    DEFAULT_MODEL,
+    InpaintSettings,
+    MaskSpec,
+    box_mask,
+    composite,
+    inpaint,
+    inpaint_prompt,
+    inpaint_samples,
     load_inpaint_pipeline,
 )
 from notice.tables import IMAGE_POOL_COLUMNS

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from notice.metrics import (
-    ROW_COLUMNS, Scores, answer_prob, logit_diff, normalised_effect, ratio_of_means, result_row, scores,
+    ROW_COLUMNS,
+    Scores,
+    answer_prob,
+    logit_diff,
+    normalised_effect,
+    ratio_of_means,
+    result_row,
+    scores,
 )
 from notice.tables import RESULT_COLUMNS
 

@@ -21,17 +21,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from http_fixtures import FixtureHandler, image_bytes, serve
 from PIL import Image
+from test_inpainting import _tiny_pipeline_dir
+from toy_adapters import blip_adapter, llava_adapter
 from transformers import AutoTokenizer
+from workflow_helpers import REPO, snakemake, write_config
 
 from notice import toy_models
 from notice.datasets.facial_expressions import EMOTIONS
 from notice.datasets.svo_probes import CSV_COLUMNS
 from notice.evaluate import ALL_CATEGORIES
-from http_fixtures import FixtureHandler, image_bytes, serve
-from test_inpainting import _tiny_pipeline_dir
-from toy_adapters import blip_adapter, llava_adapter
-from workflow_helpers import REPO, snakemake, write_config
 
 PAPER = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
 MODELS = ("blip", "llava")

@@ -9,27 +9,27 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from toy_adapters import QUESTION, STR_QUESTION, one_torch_thread
 from transformers import BertConfig
 
 from notice.__main__ import main
 from notice.adapters import llava_next_tiny, qwen2_vl_tiny
+from notice.adapters.blip_toy import build_blip
+from notice.adapters.llava_toy import build_llava
 from notice.adapters.loading import load_adapter
 from notice.pairs import PAIR_DTYPES
 from notice.patching.experiment import cache_clean_runs, patch_pairs
 from notice.runtime import load_image
 from notice.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
 from notice.toy_config import ToyModelConfig
-from notice.adapters.blip_toy import build_blip
-from notice.adapters.llava_toy import build_llava
-from toy_adapters import QUESTION, STR_QUESTION, one_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("blip", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl")

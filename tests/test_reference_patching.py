@@ -2,13 +2,19 @@
 
 import pytest
 import torch
+from toy_adapters import QUESTION, STR_QUESTION, blip_adapter, llava_adapter, noise_image, one_torch_thread
 
 from notice.adapters.base import Patch
 from notice.metrics import ROW_COLUMNS, scores
 from notice.patching.reference import (
-    additive_noise, capture, capture_activations, default_patches, multiplicative_noise, patch_sample, run_patched,
+    additive_noise,
+    capture,
+    capture_activations,
+    default_patches,
+    multiplicative_noise,
+    patch_sample,
+    run_patched,
 )
-from toy_adapters import one_torch_thread, QUESTION, STR_QUESTION, blip_adapter, llava_adapter, noise_image
 
 # Several random architectures per family; LLaVA with grouped-query (kv < q heads), multi-query and plain.
 CONFIGS = [
@@ -41,7 +47,7 @@ def inputs(adapter, corruption: str):
 
 
 def all_sites(adapter) -> list[tuple[str, int]]:
-    return [(s, l) for s in (*adapter.module_sites, "layer") for l in range(adapter.n_layers)]
+    return [(s, layer) for s in (*adapter.module_sites, "layer") for layer in range(adapter.n_layers)]
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
@@ -151,11 +157,11 @@ def test_default_patch_order(adapter):
     positions = adapter.patch_positions(clean)
     n_module = len(adapter.module_sites) * adapter.n_layers * len(positions)
     assert len(patches) == n_module + adapter.n_layers * adapter.n_heads
-    assert patches[:n_module] == [Patch(s, l, p) for s in adapter.module_sites
-                                  for l in range(adapter.n_layers) for p in positions]
+    assert patches[:n_module] == [Patch(s, layer, p) for s in adapter.module_sites
+                                  for layer in range(adapter.n_layers) for p in positions]
     head_pos = adapter.head_position(clean, tau)
-    assert patches[n_module:] == [Patch(adapter.head_site, l, head_pos, h)
-                                  for l in range(adapter.n_layers) for h in range(adapter.n_heads)]
+    assert patches[n_module:] == [Patch(adapter.head_site, layer, head_pos, h)
+                                  for layer in range(adapter.n_layers) for h in range(adapter.n_heads)]
 
 
 def test_invalid_patches_and_misaligned_prompts_fail():

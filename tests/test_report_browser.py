@@ -26,7 +26,12 @@ from test_figures import accuracy_table, module_table
 from test_heads import planted_results
 
 from notice.figures import (
-    accuracy_chart, attention_overlays, bootstrap_stability, corruption_comparison, head_heatmaps, module_heatmaps,
+    accuracy_chart,
+    attention_overlays,
+    bootstrap_stability,
+    corruption_comparison,
+    head_heatmaps,
+    module_heatmaps,
     overlay_panels,
 )
 from notice.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records

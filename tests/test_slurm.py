@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from workflow_helpers import REPO, sharded_blip_config, snakemake, write_config
 
 pytestmark = pytest.mark.slow

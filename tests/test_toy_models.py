@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BlipForQuestionAnswering, LlavaForConditionalGeneration
 
-from notice.synthetic import TASK_VALUES, make_question
 from notice.adapters.blip_toy import blip_decoder_logits, build_blip
-from notice.adapters.llava_toy import PROMPT_TEMPLATE as LLAVA_PROMPT_TEMPLATE, build_llava
+from notice.adapters.llava_toy import PROMPT_TEMPLATE as LLAVA_PROMPT_TEMPLATE
+from notice.adapters.llava_toy import build_llava
+from notice.synthetic import TASK_VALUES, make_question
 from notice.toy_models import (
     METRICS_FILE,
     ToyModelConfig,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from workflow_helpers import fault_env, snakemake, synthetic_dataset, write_config
 
 from notice.tables import RESULT_COLUMNS
-from workflow_helpers import fault_env, snakemake, synthetic_dataset, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,13 +1,13 @@
 """Tiny random adapters for tests, on top of the shared toy builders (notice.toy_models).
 
-Tiny random models with the default std barely react to the image (BRIEF §6), so weights are
+Tiny random models with the default std barely react to the image, so weights are
 re-initialised with a larger std to make patching effects visible.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -16,11 +16,11 @@ from PIL import Image
 from notice.adapters import llava_next_tiny, qwen2_vl_tiny
 from notice.adapters.base import VLMAdapter
 from notice.adapters.blip import BlipAdapter
+from notice.adapters.blip_toy import build_blip
 from notice.adapters.llava import LlavaAdapter
 from notice.adapters.llava_next import LlavaNextAdapter
-from notice.adapters.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
-from notice.adapters.blip_toy import build_blip
 from notice.adapters.llava_toy import build_llava
+from notice.adapters.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from notice.toy_config import ToyModelConfig
 
 QUESTION = "is the object red or green?"

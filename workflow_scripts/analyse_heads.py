@@ -3,7 +3,12 @@
 import pandas as pd
 
 from notice.heads import (
-    bootstrap_heads, head_effects, module_effects, significant_heads, universal_heads, universal_heads_table,
+    bootstrap_heads,
+    head_effects,
+    module_effects,
+    significant_heads,
+    universal_heads,
+    universal_heads_table,
 )
 from notice.runtime import logged
 from notice.tables import RESULT_COLUMNS, read_table

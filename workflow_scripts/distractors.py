@@ -3,8 +3,13 @@
 from notice.distractors import choose_distractors
 from notice.runtime import logged
 from notice.tables import (
-    DISTRACTOR_COLUMNS, DISTRACTOR_REJECTION_COLUMNS, EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS,
-    read_table, write_table,
+    DISTRACTOR_COLUMNS,
+    DISTRACTOR_REJECTION_COLUMNS,
+    EXCLUSION_COLUMNS,
+    IMAGE_POOL_COLUMNS,
+    SAMPLE_COLUMNS,
+    read_table,
+    write_table,
 )
 from notice.vectors import load_vectors
 

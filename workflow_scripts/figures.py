@@ -6,8 +6,14 @@ import pandas as pd
 
 from notice.attention import load_records
 from notice.figures import (
-    accuracy_chart, attention_overlays, bootstrap_stability, corruption_comparison, head_heatmaps, module_heatmaps,
-    overlay_panels, safe_stem,
+    accuracy_chart,
+    attention_overlays,
+    bootstrap_stability,
+    corruption_comparison,
+    head_heatmaps,
+    module_heatmaps,
+    overlay_panels,
+    safe_stem,
 )
 from notice.heads import significant_heads
 from notice.runtime import logged

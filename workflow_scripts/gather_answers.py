@@ -3,7 +3,7 @@
 from notice.evaluate import accuracy_table
 from notice.runtime import logged
 from notice.sharding import gather_tables
-from notice.tables import ANSWER_COLUMNS, write_table, write_csv
+from notice.tables import ANSWER_COLUMNS, write_csv, write_table
 
 with logged(snakemake.log[0]) as log:
     answers = gather_tables(snakemake.input, ANSWER_COLUMNS)

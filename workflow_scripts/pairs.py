@@ -5,7 +5,12 @@ import pandas as pd
 from notice.pairs import gaussian_pairs, sip_pairs, str_pairs
 from notice.runtime import load_tokenizing_model, logged
 from notice.tables import (
-    EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, PAIR_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, read_table,
+    EXCLUSION_COLUMNS,
+    IMAGE_POOL_COLUMNS,
+    PAIR_COLUMNS,
+    PROMPT_COLUMNS,
+    SAMPLE_COLUMNS,
+    read_table,
     write_table,
 )
 

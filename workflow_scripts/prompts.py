@@ -3,7 +3,12 @@
 from notice.evaluate import build_prompts
 from notice.runtime import load_tokenizing_model, logged
 from notice.tables import (
-    DISTRACTOR_COLUMNS, EXCLUSION_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, read_table, write_table,
+    DISTRACTOR_COLUMNS,
+    EXCLUSION_COLUMNS,
+    PROMPT_COLUMNS,
+    SAMPLE_COLUMNS,
+    read_table,
+    write_table,
 )
 
 with logged(snakemake.log[0]) as log:

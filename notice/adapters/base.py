@@ -3,7 +3,7 @@
 Patching engines, evaluation and analysis talk to models only through this interface, so adding a
 family means adding one adapter, never `if model == ...` branches elsewhere.
 
-Sites (BRIEF §3), all at one token position of the text stream:
+Sites (docs/method.md, §5 "Sites"), all at one token position of the text stream:
 - ``mlp``: the MLP's output before it is added to the residual stream;
 - ``self_attn`` / ``cross_attn``: the concatenated per-head attention outputs, i.e. the *input* of the
   attention block's output projection;
@@ -14,8 +14,9 @@ Sites (BRIEF §3), all at one token position of the text stream:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch

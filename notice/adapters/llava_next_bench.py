@@ -16,7 +16,8 @@ import random
 import torch
 from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
 
-from notice.adapters.llava_bench import IMAGE_TOKEN, TEXT as LLAVA_TEXT, VISION, VOCAB
+from notice.adapters.llava_bench import IMAGE_TOKEN, VISION, VOCAB
+from notice.adapters.llava_bench import TEXT as LLAVA_TEXT
 from notice.adapters.llava_next import LlavaNextAdapter
 from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
 

@@ -21,10 +21,13 @@ import random
 
 import torch
 from transformers import (
-    Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
 )
 
-from notice.adapters.qwen2_vl import Qwen25VLAdapter, Qwen2VLAdapter
+from notice.adapters.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
 
 VOCAB = 152064

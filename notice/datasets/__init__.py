@@ -14,15 +14,22 @@ either a sample or an exclusion.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence, TextIO
+from typing import TextIO
 
 import pandas as pd
 from PIL import Image
 
 from notice.tables import (
-    EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, make_table, stable_seed, write_table,
+    EXCLUSION_COLUMNS,
+    IMAGE_POOL_COLUMNS,
+    SAMPLE_COLUMNS,
+    TableError,
+    make_table,
+    stable_seed,
+    write_table,
 )
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png"})

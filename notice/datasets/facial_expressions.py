@@ -29,17 +29,27 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from notice.datasets import (
-    IMAGE_SUFFIXES, RowError, csv_rows, exclusion, exclusions_frame, image_problem, layout_problem, pick, pool_frame,
-    row_reason, samples_frame, tree_files,
+    IMAGE_SUFFIXES,
+    RowError,
+    csv_rows,
+    exclusion,
+    exclusions_frame,
+    image_problem,
+    layout_problem,
+    pick,
+    pool_frame,
+    row_reason,
+    samples_frame,
+    tree_files,
 )
 from notice.download import write_atomically
 

@@ -19,13 +19,20 @@ image shows the same noun in the distractor state: ``pool_key`` = noun, and the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import pandas as pd
 
 from notice.datasets import (
-    IMAGE_SUFFIXES, exclusion, exclusions_frame, image_problem, layout_problem, pick, pool_frame, samples_frame,
+    IMAGE_SUFFIXES,
+    exclusion,
+    exclusions_frame,
+    image_problem,
+    layout_problem,
+    pick,
+    pool_frame,
+    samples_frame,
     tree_files,
 )
 

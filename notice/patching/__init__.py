@@ -7,8 +7,8 @@ where `clean` is an optional precomputed clean run (logits, activations) from th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 ENGINES = ("reference", "fast")
 

@@ -8,7 +8,7 @@ results table (tables.RESULT_COLUMNS).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import pandas as pd
 import torch
@@ -18,7 +18,12 @@ from tqdm import tqdm
 from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
 from notice.patching import get_engine
 from notice.patching.reference import (
-    ImageFn, SiteKey, additive_noise, capture, default_patches, multiplicative_noise,
+    ImageFn,
+    SiteKey,
+    additive_noise,
+    capture,
+    default_patches,
+    multiplicative_noise,
 )
 from notice.tables import RESULT_COLUMNS
 

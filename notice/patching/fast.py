@@ -3,7 +3,7 @@
 Same entry point and return contract as `notice.patching.reference.patch_sample` (one result row per
 patch, in the order of `patches`, with the keys of `notice.metrics.ROW_COLUMNS`), so a workflow can
 select either engine by name (`notice.patching.get_engine`). Every shortcut is exact, not an
-approximation (BRIEF §4):
+approximation (docs/method.md, §5 "Engines"):
 
 1. Cache once, patch many: the clean and the corrupt run are computed once per sample; a
    cross-attention family's image encoder once per distinct image and its image keys/values once
@@ -29,15 +29,16 @@ bfloat16/float16 on a GPU for speed); logits and metrics are float32.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm
 
-# Importing the family modules registers their engines in FAST_FAMILIES.
-from notice.patching import fast_blip, fast_decoder  # noqa: F401
 from notice.adapters.base import ModelInput, Patch, VLMAdapter
 from notice.metrics import Scores, answer_prob, logit_diff, result_row, scores
+
+# Importing the family modules registers their engines in FAST_FAMILIES.
+from notice.patching import fast_blip, fast_decoder  # noqa: F401
 from notice.patching.fast_core import FAST_FAMILIES, CleanRun, FastFamily, ImageFn
 from notice.patching.reference import check_patches
 

@@ -22,7 +22,7 @@ reference's on the CPU (MKL).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from transformers.masking_utils import create_bidirectional_mask

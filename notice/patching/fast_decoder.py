@@ -22,9 +22,9 @@ all but the patched one. The score is the next-token logits at the last position
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from transformers import AttentionInterface, DynamicCache

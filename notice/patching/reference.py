@@ -16,8 +16,9 @@ deterministic (same noise on every call), see `multiplicative_noise` / `additive
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 

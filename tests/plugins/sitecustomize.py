@@ -13,7 +13,7 @@ import importlib.util
 import logging
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 FAKE_GPUS = "NOTICE_TEST_FAKE_GPUS"
 FAIL_AT_SAMPLE = "NOTICE_TEST_FAIL_AT_SAMPLE"
