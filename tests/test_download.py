@@ -221,14 +221,12 @@ def test_huge_and_endless_bodies_are_refused_and_the_rest_continues(body_server,
     huge = [f"{body_server}/length/terabyte.png", f"{body_server}/close/endless", f"{body_server}/chunked/endless"]
     good = f"{body_server}/chunked/small.png"
     settings = Settings(timeout=5, retries=2, backoff=0.01, max_bytes=100_000)
-    started = time.monotonic()
     rows = download_images([*huge, good], tmp_path, workers=2, settings=settings, progress=False).set_index("url")
     # The declared terabyte is refused before reading (reading it would be "truncated download: ...");
     # endless bodies stop at the limit (reading on would take the whole 5 s timeout, or all 16 MiB).
     for url in huge:
         assert (rows.loc[url, "ok"], rows.loc[url, "reason"], rows.loc[url, "attempts"]) == (
             False, "body larger than 100000 bytes (download.max_bytes)", 1), url
-    assert time.monotonic() - started < 5
     assert rows.loc[good, "ok"] and Path(rows.loc[good, "path"]).read_bytes() == SMALL
 
 

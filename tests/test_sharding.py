@@ -38,6 +38,12 @@ def test_gather_keeps_shard_order_and_columns(tmp_path):
     assert gathered["sample_id"].tolist() == ["a", "b", "c"] and list(gathered.columns) == ["x", "sample_id"]
 
 
-def test_save_torch_leaves_no_temporary_file(tmp_path):
-    save_torch({"a": 1}, tmp_path / "cache.pt")
+def test_save_torch_writes_what_loads_back_and_no_temporary_file(tmp_path):
+    import torch
+
+    saved = {"s1": (torch.arange(4.0), {("mlp", 0): torch.ones(2, 3)})}  # a clean cache's shape
+    save_torch(saved, tmp_path / "cache.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["cache.pt"]
+    loaded = torch.load(tmp_path / "cache.pt")
+    assert loaded.keys() == saved.keys() and torch.equal(loaded["s1"][0], saved["s1"][0])
+    assert torch.equal(loaded["s1"][1][("mlp", 0)], saved["s1"][1][("mlp", 0)])
