@@ -42,7 +42,7 @@ import torch
 
 from notice.adapters.base import ADAPTERS, HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
 from notice.adapters.decoder import DecoderVLMAdapter
-from notice.metrics import result_row, scores
+from notice.method.metrics import result_row, scores
 from notice.patching import fast, reference
 
 PAPER_SAMPLES = 500  # samples per corruption in the paper's experiment

@@ -14,10 +14,10 @@ import torch
 
 from notice.adapters.base import VLMAdapter
 from notice.adapters.loading import load_adapter
-from notice.pairs import NO_NOISE, PAIR_DTYPES
+from notice.method.pairs import NO_NOISE, PAIR_DTYPES
 from notice.patching.experiment import cache_clean_runs, patch_pairs
-from notice.runtime import load_image
-from notice.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, write_table
+from notice.workflow.runtime import load_image
+from notice.workflow.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, write_table
 
 SAMPLE_ID = "pair"
 LABEL = "cli"  # task, category and dataset of the one pair
@@ -96,7 +96,7 @@ def build_pair(
     corrupt_question: str | None = None,
     noise_seed: int = 0,
 ) -> pd.DataFrame:
-    """The one-row corruption manifest (PAIR_COLUMNS) of the pair, as notice.pairs builds its rows."""
+    """The one-row corruption manifest (PAIR_COLUMNS) of the pair, as notice.method.pairs builds its rows."""
     answer_id, distractor_id = option_token_ids(adapter, answer, distractor)
     clean_prompt = adapter.format_prompt(question)
     corrupt_prompt = clean_prompt

@@ -10,13 +10,13 @@ rule analyse_heads:
         module_effects=f"{RESULTS}/{{model}}/analysis/module_effects.parquet",
         significant=report(
             f"{RESULTS}/{{model}}/analysis/significant_heads.csv",
-            caption="../report/significant_heads.rst",
+            caption="../report_captions/significant_heads.rst",
             category="Heads",
             labels={"model": "{model}", "table": "significant heads"},
         ),
         universal=report(
             f"{RESULTS}/{{model}}/analysis/universal_heads.csv",
-            caption="../report/universal_heads.rst",
+            caption="../report_captions/universal_heads.rst",
             category="Heads",
             labels={"model": "{model}", "table": "universal heads"},
         ),
@@ -45,7 +45,7 @@ rule figures:
         figures=report(
             directory(f"{RESULTS}/{{model}}/figures"),
             patterns=["{name}.png"],
-            caption="../report/figures.rst",
+            caption="../report_captions/figures.rst",
             category="Figures",
             labels={"model": "{model}", "figure": "{name}"},
         ),

@@ -108,7 +108,7 @@ def training_image_size(train):
 
 def check_config_references():
     """Names used inside sections must exist, toy architectures must fit: fail at start, naming the key."""
-    from notice.toy_config import configs_from_settings
+    from notice.demo.toy_config import configs_from_settings
 
     for name, section in config["models"].items():
         train = section.get("train")
@@ -182,7 +182,7 @@ def check_models_available():
 
     Local paths are always checked; hub ids only offline (online, Hugging Face may download them).
     """
-    from notice.hub import resolve_inpaint_model, resolve_offline
+    from notice.workflow.hub import resolve_inpaint_model, resolve_offline
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     for name, section in config["models"].items():
@@ -237,7 +237,7 @@ def read_settings(wildcards):
 def source_fingerprint(wildcards):
     """A folder source's file listing (its images/ folder, else itself) as a params value: adding, removing or
     rewriting a file below it reruns the reader, which the folder's mtime would not. A file source: ""."""
-    from notice.listing import tree_fingerprint
+    from notice.data.listing import tree_fingerprint
 
     path = dataset_source(wildcards)
     if not os.path.isdir(path):
@@ -246,7 +246,7 @@ def source_fingerprint(wildcards):
     return tree_fingerprint(images if os.path.isdir(images) else path)
 
 
-# What notice.runtime.load_model reads of a model section (load_tokenizing_model: prompt_template only).
+# What notice.workflow.runtime.load_model reads of a model section (load_tokenizing_model: prompt_template only).
 LOADING_KEYS = ("device", "dtype", "prompt_template")
 
 

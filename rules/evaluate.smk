@@ -50,7 +50,7 @@ rule gather_answers:
         answers=f"{RESULTS}/{{model}}/{{dataset}}/answers.parquet",
         accuracy=report(
             f"{RESULTS}/{{model}}/{{dataset}}/accuracy.csv",
-            caption="../report/accuracy.rst",
+            caption="../report_captions/accuracy.rst",
             category="Accuracy",
             labels={"model": "{model}", "dataset": "{dataset}"},
         ),

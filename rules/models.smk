@@ -10,7 +10,7 @@ rule train_toy_model:
         # Only the image size of the training dataset: the toy models learn their own built-in questions, so
         # the dataset's other settings (scenes, thresholds, templates) must not retrain them.
         image_size=lambda wildcards: training_image_size(config["models"][wildcards.model]["train"]),
-    # Training uses one torch thread whatever the machine (notice.toy_models.train: more threads sum floats
+    # Training uses one torch thread whatever the machine (notice.demo.toy_models.train: more threads sum floats
     # in another order and train another model), so a job takes one core; the two toy models train side by side.
     threads: 1
     log:

@@ -15,8 +15,8 @@ from notice.adapters.base import ADAPTERS
 from notice.adapters.blip import BlipAdapter
 from notice.adapters.llava import LlavaAdapter
 from notice.adapters.loading import load_adapter
-from notice.hub import ModelNotFoundError
 from notice.patching.reference import capture
+from notice.workflow.hub import ModelNotFoundError
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,6 +1,6 @@
 """The attention_patterns -> head_functions -> overlay library path on tiny random models.
 
-Each model is saved and loaded back through `notice.runtime.load_model`, as the workflow does, so
+Each model is saved and loaded back through `notice.workflow.runtime.load_model`, as the workflow does, so
 the test also shows that the loaded model returns attention weights (eager attention). Images are
 noise with a known object mask: the top-left 16×16 quarter of a 32×32 image, i.e. patches
 0, 1, 4, 5 of the 4×4 grid every tiny family sees it on (8-pixel patches; LLaVA-NeXT's base view;
@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from toy_adapters import FAMILY_ADAPTERS, QUESTION, noise_image, one_torch_thread
 
-from notice.attention import RECORD_INDEX_COLUMNS, choose_samples, load_records, write_records
-from notice.figures import attention_overlays, overlay_panels
-from notice.head_functions import AVERAGE_HEAD, HeadFunctionConfig, grounding_summary, scores_from_records
-from notice.runtime import load_image, load_model
-from notice.tables import PROMPT_COLUMNS
+from notice.method.attention import RECORD_INDEX_COLUMNS, choose_samples, load_records, write_records
+from notice.method.head_functions import AVERAGE_HEAD, HeadFunctionConfig, grounding_summary, scores_from_records
+from notice.present.figures import attention_overlays, overlay_panels
+from notice.workflow.runtime import load_image, load_model
+from notice.workflow.tables import PROMPT_COLUMNS
 
 OBJECT_PATCHES = [0, 1, 4, 5]
 

@@ -5,13 +5,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from notice.datasets.facial_expressions import (
+from notice.data.facial_expressions import (
     EMOTION_GROUPS,
     EMOTIONS,
     QUESTION_TEMPLATE,
     read_facial_expressions,
 )
-from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, write_table
+from notice.workflow.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, write_table
 
 
 def _pixels(seed: int, n: int = 2304) -> str:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from notice.datasets.mit_states import _GROUP_LISTS, NEAR_SYNONYMS, QUESTION_TEMPLATE, STATE_GROUPS, read_mit_states
-from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
+from notice.data.mit_states import _GROUP_LISTS, NEAR_SYNONYMS, QUESTION_TEMPLATE, STATE_GROUPS, read_mit_states
+from notice.workflow.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
 
 # folder -> number of good JPEGs
 FOLDERS = {"ancient building": 3, "new building": 4, "modern building": 2, "adj building": 2, "wet_road": 2,

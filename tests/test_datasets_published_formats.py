@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from notice.datasets.facial_expressions import read_facial_expressions
-from notice.datasets.mit_states import read_mit_states
-from notice.datasets.svo_probes import CSV_COLUMNS, image_urls, read_svo_probes
-from notice.download import DOWNLOAD_COLUMNS
-from notice.tables import TableError
+from notice.data.download import DOWNLOAD_COLUMNS
+from notice.data.facial_expressions import read_facial_expressions
+from notice.data.mit_states import read_mit_states
+from notice.data.svo_probes import CSV_COLUMNS, image_urls, read_svo_probes
+from notice.workflow.tables import TableError
 
 U = "https://example.org/svo/"
 

@@ -6,7 +6,8 @@ import pytest
 from gensim.models import KeyedVectors
 from PIL import Image
 
-from notice.datasets.svo_probes import (
+from notice.data.download import DOWNLOAD_COLUMNS
+from notice.data.svo_probes import (
     CSV_COLUMNS,
     EXTRA_COLUMNS,
     QUESTION_TEMPLATES,
@@ -15,9 +16,8 @@ from notice.datasets.svo_probes import (
     parse_triplet,
     read_svo_probes,
 )
-from notice.distractors import choose_distractors
-from notice.download import DOWNLOAD_COLUMNS
-from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, write_table
+from notice.method.distractors import choose_distractors
+from notice.workflow.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, write_table
 
 U = "http://img.example/"
 # sentence, pos_triplet, neg_triplet, subj_neg, verb_neg, obj_neg, pos_url, neg_url, pos_image_id, neg_image_id
@@ -47,7 +47,7 @@ def _write_csv(path, rows=ROWS):
 
 
 def _downloads(tmp_path):
-    """A downloads table as notice.download writes it: every URL ok but 404.jpg."""
+    """A downloads table as notice.data.download writes it: every URL ok but 404.jpg."""
     cache = tmp_path / "cache"
     cache.mkdir(exist_ok=True)
     rows = []

@@ -14,9 +14,9 @@ import yaml
 from http_fixtures import FixtureHandler, image_bytes, serve
 from PIL import Image
 
-from notice.datasets.svo_probes import CSV_COLUMNS, read_svo_probes
-from notice.download import DOWNLOAD_COLUMNS, MAX_BYTES, MAX_IMAGE_PIXELS, Settings, download_images, url_key
-from notice.runtime import load_image
+from notice.data.download import DOWNLOAD_COLUMNS, MAX_BYTES, MAX_IMAGE_PIXELS, Settings, download_images, url_key
+from notice.data.svo_probes import CSV_COLUMNS, read_svo_probes
+from notice.workflow.runtime import load_image
 
 TIMEOUT = 0.5
 SETTINGS = Settings(timeout=TIMEOUT, retries=1, backoff=0.01)
@@ -243,7 +243,7 @@ def test_schema_download_section_matches_the_downloader():
         "workers": 8, "timeout_s": defaults.timeout, "retries": defaults.retries, "backoff_s": defaults.backoff,
         "max_bytes": defaults.max_bytes, "max_image_pixels": defaults.max_image_pixels}
     assert (defaults.max_bytes, defaults.max_image_pixels) == (MAX_BYTES, MAX_IMAGE_PIXELS) == (32 * 2**20, 50_000_000)
-    assert download["max_image_pixels"]["maximum"] == MAX_IMAGE_PIXELS  # what notice.runtime.load_image accepts
+    assert download["max_image_pixels"]["maximum"] == MAX_IMAGE_PIXELS  # what notice.workflow.runtime.load_image accepts
 
 
 def encoded(mode: str, fmt: str) -> bytes:

@@ -24,7 +24,7 @@ from toy_adapters import (
 
 from notice.adapters.base import ADAPTERS, HEAD_SITE_PARENT, Patch
 from notice.adapters.loading import load_adapter
-from notice.metrics import ROW_COLUMNS
+from notice.method.metrics import ROW_COLUMNS
 from notice.patching import fast, reference
 
 RTOL = 1e-5

@@ -26,7 +26,7 @@ from toy_adapters import (
 )
 
 from notice.adapters.base import Patch
-from notice.metrics import ROW_COLUMNS
+from notice.method.metrics import ROW_COLUMNS
 from notice.patching import get_engine, reference
 from notice.patching.fast import chunks, family_engine, max_relative_error, patch_sample
 

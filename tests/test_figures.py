@@ -6,21 +6,21 @@ import pandas as pd
 import pytest
 from test_heads import module_rows, planted_results
 
-from notice.figures import (
-    accuracy_chart,
-    bootstrap_stability,
-    corruption_comparison,
-    head_heatmaps,
-    module_heatmaps,
-    safe_stem,
-)
-from notice.heads import (
+from notice.method.heads import (
     bootstrap_heads,
     head_effects,
     module_effects,
     significant_heads,
     universal_heads,
     universal_heads_table,
+)
+from notice.present.figures import (
+    accuracy_chart,
+    bootstrap_stability,
+    corruption_comparison,
+    head_heatmaps,
+    module_heatmaps,
+    safe_stem,
 )
 
 # what a browser would fetch: script/img/link sources, CSS url(...) and JavaScript imports

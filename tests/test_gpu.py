@@ -1,4 +1,4 @@
-"""GPU leases (notice.gpu) on fake device ids, and the workflow's GPU jobs sharing two fake GPUs."""
+"""GPU leases (notice.workflow.gpu) on fake device ids, and the workflow's GPU jobs sharing two fake GPUs."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from workflow_helpers import REPO, fault_env, sharded_blip_config, snakemake, write_config
 
-from notice import gpu
+from notice.workflow import gpu
 
 HOLDER = textwrap.dedent(
     """
     import logging, sys, time
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    from notice.runtime import resolve_device
+    from notice.workflow.runtime import resolve_device
     device = resolve_device("auto")
     print("device", device, flush=True)
     time.sleep(float(sys.argv[1]))
@@ -98,7 +98,7 @@ def test_waits_while_all_devices_are_leased(monkeypatch, tmp_path, caplog):
     env = fake_env(monkeypatch, tmp_path, 1)
     holder = start_holder(env, 2.0)
     try:
-        caplog.set_level("INFO", logger="notice.gpu")
+        caplog.set_level("INFO", logger="notice.workflow.gpu")
         started = time.monotonic()
         with gpu.leased_gpu(timeout=60) as lease:
             waited = time.monotonic() - started
@@ -151,7 +151,7 @@ def lease_intervals(log_dir: Path) -> list[tuple[str, str, datetime, datetime]]:
     for rule in GPU_RULE_LOGS:
         for log in sorted((log_dir / rule).rglob("*.log")):
             text = log.read_text()
-            lease = re.search(STAMP + r" INFO notice\.gpu: leased GPU cuda:\d+ \(device id '(\d+)'", text)
+            lease = re.search(STAMP + r" INFO notice\.workflow\.gpu: leased GPU cuda:\d+ \(device id '(\d+)'", text)
             assert lease, f"{log}: no lease line\n{text[-2000:]}"
             stamps = re.findall(r"^" + STAMP, text, re.MULTILINE)
             intervals.append((str(log.relative_to(log_dir)), lease.group(2), parse_stamp(lease.group(1)),

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from notice.head_functions import (
+from notice.method.head_functions import (
     AVERAGE_HEAD,
     HeadFunctionConfig,
     grounding_summary,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from notice.heads import (
+from notice.method.heads import (
     bootstrap_heads,
     bootstrap_indices,
     head_effects,
@@ -18,7 +18,7 @@ from notice.heads import (
     universal_heads_summary,
     universal_heads_table,
 )
-from notice.tables import RESULT_COLUMNS
+from notice.workflow.tables import RESULT_COLUMNS
 
 LAYERS, HEADS, N_SAMPLES = 3, 6, 20
 # 18 heads per condition: the 2-sigma rule lets at most 3 equal planted heads through

@@ -1,5 +1,5 @@
 """The pixel limit: images whose header declares too many pixels are refused before decoding, by the
-downloader (a downloads-table reason) and by notice.runtime.load_image (a ValueError naming the file)."""
+downloader (a downloads-table reason) and by notice.workflow.runtime.load_image (a ValueError naming the file)."""
 
 import io
 import struct
@@ -11,8 +11,8 @@ import pytest
 from http_fixtures import FixtureHandler, image_bytes, serve
 from PIL import Image
 
-from notice.download import MAX_IMAGE_PIXELS, Settings, download_images
-from notice.runtime import load_image
+from notice.data.download import MAX_IMAGE_PIXELS, Settings, download_images
+from notice.workflow.runtime import load_image
 
 SMALL = image_bytes(1, "PNG")  # 32x24 = 768 pixels
 
@@ -87,7 +87,7 @@ def test_load_image_names_the_file_and_the_limit(tmp_path, size):
     with warnings.catch_warnings(), pytest.raises(ValueError) as raised:
         warnings.simplefilter("error")
         load_image(path)
-    limit = f"image larger than {MAX_IMAGE_PIXELS} pixels (notice.runtime.load_image's limit)"
+    limit = f"image larger than {MAX_IMAGE_PIXELS} pixels (notice.workflow.runtime.load_image's limit)"
     assert str(raised.value) == f"{path}: {limit}"
 
 
@@ -106,7 +106,7 @@ def test_load_image_limit_is_inclusive_and_the_image_is_rgb(tmp_path):
     assert (image.mode, image.size) == ("RGB", (32, 24))
     with pytest.raises(ValueError) as raised:
         load_image(path, max_pixels=767)
-    assert str(raised.value) == f"{path}: image larger than 767 pixels (notice.runtime.load_image's limit)"
+    assert str(raised.value) == f"{path}: image larger than 767 pixels (notice.workflow.runtime.load_image's limit)"
 
 
 def test_load_image_still_names_undecodable_files(tmp_path):

@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from notice.hub import ModelNotFoundError, resolve_inpaint_model
-from notice.inpainting import (
+from notice.data.inpainting import (
     DEFAULT_MODEL,
     InpaintSettings,
     MaskSpec,
@@ -20,7 +19,8 @@ from notice.inpainting import (
     inpaint_samples,
     load_inpaint_pipeline,
 )
-from notice.tables import IMAGE_POOL_COLUMNS
+from notice.workflow.hub import ModelNotFoundError, resolve_inpaint_model
+from notice.workflow.tables import IMAGE_POOL_COLUMNS
 
 SETTINGS = InpaintSettings(steps=2, guidance=8.0, size=32)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from notice.metrics import (
+from notice.method.metrics import (
     ROW_COLUMNS,
     Scores,
     answer_prob,
@@ -14,7 +14,7 @@ from notice.metrics import (
     result_row,
     scores,
 )
-from notice.tables import RESULT_COLUMNS
+from notice.workflow.tables import RESULT_COLUMNS
 
 
 def test_logit_diff_by_hand():

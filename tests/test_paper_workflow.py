@@ -28,10 +28,10 @@ from toy_adapters import blip_adapter, llava_adapter
 from transformers import AutoTokenizer
 from workflow_helpers import REPO, snakemake, write_config
 
-from notice import toy_models
-from notice.datasets.facial_expressions import EMOTIONS
-from notice.datasets.svo_probes import CSV_COLUMNS
-from notice.evaluate import ALL_CATEGORIES
+from notice.data.facial_expressions import EMOTIONS
+from notice.data.svo_probes import CSV_COLUMNS
+from notice.demo import toy_models
+from notice.method.evaluate import ALL_CATEGORIES
 
 PAPER = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
 MODELS = ("blip", "llava")

@@ -25,11 +25,11 @@ from notice.adapters import llava_next_tiny, qwen2_vl_tiny
 from notice.adapters.blip_toy import build_blip
 from notice.adapters.llava_toy import build_llava
 from notice.adapters.loading import load_adapter
-from notice.pairs import PAIR_DTYPES
+from notice.demo.toy_config import ToyModelConfig
+from notice.method.pairs import PAIR_DTYPES
 from notice.patching.experiment import cache_clean_runs, patch_pairs
-from notice.runtime import load_image
-from notice.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
-from notice.toy_config import ToyModelConfig
+from notice.workflow.runtime import load_image
+from notice.workflow.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("blip", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl")

@@ -5,7 +5,7 @@ import torch
 from toy_adapters import QUESTION, STR_QUESTION, blip_adapter, llava_adapter, noise_image, one_torch_thread
 
 from notice.adapters.base import Patch
-from notice.metrics import ROW_COLUMNS, scores
+from notice.method.metrics import ROW_COLUMNS, scores
 from notice.patching.reference import (
     additive_noise,
     capture,

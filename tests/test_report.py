@@ -8,9 +8,9 @@ import pytest
 from test_figures import accuracy_table
 from test_heads import borderline_results, planted_results
 
-from notice.figures import accuracy_chart, bootstrap_stability, head_heatmaps
-from notice.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
-from notice.report import Figure, Section, Table, build_report, summarise_findings
+from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
+from notice.present.figures import accuracy_chart, bootstrap_stability, head_heatmaps
+from notice.present.report import Figure, Section, Table, build_report, summarise_findings
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,9 @@ import pytest
 from test_figures import accuracy_table, module_table
 from test_heads import planted_results
 
-from notice.figures import (
+from notice.method.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
+from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
+from notice.present.figures import (
     accuracy_chart,
     attention_overlays,
     bootstrap_stability,
@@ -34,9 +36,7 @@ from notice.figures import (
     module_heatmaps,
     overlay_panels,
 )
-from notice.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
-from notice.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
-from notice.report import TABLE_FILES, workflow_report
+from notice.present.report import TABLE_FILES, workflow_report
 
 GRID, OBJECT = (4, 4), [0, 1, 4, 5]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

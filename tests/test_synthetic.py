@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from notice.synthetic import (
+from notice.data.synthetic import (
     COLOURS,
     SHAPES,
     TASK_VALUES,
@@ -22,7 +22,7 @@ from notice.synthetic import (
     shape_mask,
     stream_rng,
 )
-from notice.tables import IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, read_table
+from notice.workflow.tables import IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, read_table
 
 
 def _scenes(n: int = 20, seed: int = 0):

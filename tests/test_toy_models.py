@@ -9,8 +9,8 @@ from transformers import AutoProcessor, BlipForQuestionAnswering, LlavaForCondit
 from notice.adapters.blip_toy import blip_decoder_logits, build_blip
 from notice.adapters.llava_toy import PROMPT_TEMPLATE as LLAVA_PROMPT_TEMPLATE
 from notice.adapters.llava_toy import build_llava
-from notice.synthetic import TASK_VALUES, make_question
-from notice.toy_models import (
+from notice.data.synthetic import TASK_VALUES, make_question
+from notice.demo.toy_models import (
     METRICS_FILE,
     ToyModelConfig,
     TrainConfig,
@@ -148,7 +148,7 @@ def test_short_training_writes_a_loadable_model_and_metrics(family, tmp_path):
 
 
 def test_configs_from_settings_maps_workflow_keys_and_checks_the_architecture():
-    from notice.toy_config import configs_from_settings
+    from notice.demo.toy_config import configs_from_settings
 
     model_cfg, train_cfg = configs_from_settings(
         {"family": "llava", "dataset": "synthetic", "seed": 3, "steps": 7, "lr": 0.002,

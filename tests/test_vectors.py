@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from gensim.models import KeyedVectors
 
-from notice.vectors import VectorsError, load_vectors, phrase_vector
+from notice.method.vectors import VectorsError, load_vectors, phrase_vector
 
 WORDS = ["red", "blue", "green", "light", "Paris", "ice_cream"]
 

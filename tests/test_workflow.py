@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from workflow_helpers import fault_env, snakemake, synthetic_dataset, write_config
 
-from notice.tables import RESULT_COLUMNS
+from notice.workflow.tables import RESULT_COLUMNS
 
 pytestmark = pytest.mark.slow
 

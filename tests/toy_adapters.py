@@ -1,4 +1,4 @@
-"""Tiny random adapters for tests, on top of the shared toy builders (notice.toy_models).
+"""Tiny random adapters for tests, on top of the shared toy builders (notice.demo.toy_models).
 
 Tiny random models with the default std barely react to the image, so weights are
 re-initialised with a larger std to make patching effects visible.
@@ -21,7 +21,7 @@ from notice.adapters.llava import LlavaAdapter
 from notice.adapters.llava_next import LlavaNextAdapter
 from notice.adapters.llava_toy import build_llava
 from notice.adapters.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
-from notice.toy_config import ToyModelConfig
+from notice.demo.toy_config import ToyModelConfig
 
 QUESTION = "is the object red or green?"
 STR_QUESTION = "is the object blue or yellow?"  # same token length as QUESTION in both toy tokenizers

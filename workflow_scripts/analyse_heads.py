@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from notice.heads import (
+from notice.method.heads import (
     bootstrap_heads,
     head_effects,
     module_effects,
@@ -10,8 +10,8 @@ from notice.heads import (
     universal_heads,
     universal_heads_table,
 )
-from notice.runtime import logged
-from notice.tables import RESULT_COLUMNS, read_table
+from notice.workflow.runtime import logged
+from notice.workflow.tables import RESULT_COLUMNS, read_table
 
 with logged(snakemake.log[0]) as log:
     settings, seed = snakemake.params.analysis, snakemake.params.seed

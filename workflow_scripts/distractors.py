@@ -1,8 +1,9 @@
 """Choose every sample's distractor, filtered by word-vector similarity (rule `distractors`)."""
 
-from notice.distractors import choose_distractors
-from notice.runtime import logged
-from notice.tables import (
+from notice.method.distractors import choose_distractors
+from notice.method.vectors import load_vectors
+from notice.workflow.runtime import logged
+from notice.workflow.tables import (
     DISTRACTOR_COLUMNS,
     DISTRACTOR_REJECTION_COLUMNS,
     EXCLUSION_COLUMNS,
@@ -11,7 +12,6 @@ from notice.tables import (
     read_table,
     write_table,
 )
-from notice.vectors import load_vectors
 
 with logged(snakemake.log[0]) as log:
     section = snakemake.params.section

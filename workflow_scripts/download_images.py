@@ -1,9 +1,9 @@
 """Download the images of an SVO-Probes CSV into the cache (rule `download_svo_images`)."""
 
-from notice.datasets.svo_probes import image_urls
-from notice.download import DOWNLOAD_COLUMNS, Settings, download_images
-from notice.runtime import logged
-from notice.tables import write_table
+from notice.data.download import DOWNLOAD_COLUMNS, Settings, download_images
+from notice.data.svo_probes import image_urls
+from notice.workflow.runtime import logged
+from notice.workflow.tables import write_table
 
 with logged(snakemake.log[0]) as log:
     options = snakemake.params.download

@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from notice.attention import load_records
-from notice.figures import (
+from notice.method.attention import load_records
+from notice.method.heads import significant_heads
+from notice.present.figures import (
     accuracy_chart,
     attention_overlays,
     bootstrap_stability,
@@ -15,8 +16,7 @@ from notice.figures import (
     overlay_panels,
     safe_stem,
 )
-from notice.heads import significant_heads
-from notice.runtime import logged
+from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:
     out = Path(snakemake.output.figures)

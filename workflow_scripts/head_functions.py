@@ -1,9 +1,9 @@
 """Head-function scores of every fusion head from the attention records of one model (rule `head_functions`)."""
 
-from notice.attention import load_records
-from notice.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
-from notice.report import Table, write_tables
-from notice.runtime import logged
+from notice.method.attention import load_records
+from notice.method.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
+from notice.present.report import Table, write_tables
+from notice.workflow.runtime import logged
 
 KEYS = ("model", "site", "dataset")
 

@@ -1,8 +1,15 @@
 """SD-inpainted SIP corrupt images for a model's selected samples (rule `inpaint_sip`)."""
 
-from notice.inpainting import DEFAULT_MODEL, InpaintSettings, MaskSpec, inpaint_samples, load_inpaint_pipeline
-from notice.runtime import logged, resolve_device, set_threads
-from notice.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS, read_table, write_table
+from notice.data.inpainting import DEFAULT_MODEL, InpaintSettings, MaskSpec, inpaint_samples, load_inpaint_pipeline
+from notice.workflow.runtime import logged, resolve_device, set_threads
+from notice.workflow.tables import (
+    EXCLUSION_COLUMNS,
+    IMAGE_POOL_COLUMNS,
+    PROMPT_COLUMNS,
+    SAMPLE_COLUMNS,
+    read_table,
+    write_table,
+)
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

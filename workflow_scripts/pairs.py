@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from notice.pairs import gaussian_pairs, sip_pairs, str_pairs
-from notice.runtime import load_tokenizing_model, logged
-from notice.tables import (
+from notice.method.pairs import gaussian_pairs, sip_pairs, str_pairs
+from notice.workflow.runtime import load_tokenizing_model, logged
+from notice.workflow.tables import (
     EXCLUSION_COLUMNS,
     IMAGE_POOL_COLUMNS,
     PAIR_COLUMNS,

@@ -3,9 +3,9 @@
 import torch
 
 from notice.patching.experiment import patch_pairs
-from notice.runtime import load_image, load_model, logged, set_threads
-from notice.sharding import take_shard
-from notice.tables import PAIR_COLUMNS, PROMPT_COLUMNS, RESULT_COLUMNS, read_table, write_table
+from notice.workflow.runtime import load_image, load_model, logged, set_threads
+from notice.workflow.sharding import take_shard
+from notice.workflow.tables import PAIR_COLUMNS, PROMPT_COLUMNS, RESULT_COLUMNS, read_table, write_table
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

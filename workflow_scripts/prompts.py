@@ -1,8 +1,8 @@
 """Clean prompts in the model's template, answer order and scored tokens (rule `prompts`)."""
 
-from notice.evaluate import build_prompts
-from notice.runtime import load_tokenizing_model, logged
-from notice.tables import (
+from notice.method.evaluate import build_prompts
+from notice.workflow.runtime import load_tokenizing_model, logged
+from notice.workflow.tables import (
     DISTRACTOR_COLUMNS,
     EXCLUSION_COLUMNS,
     PROMPT_COLUMNS,

@@ -1,8 +1,8 @@
 """FER-2013 CSV or image folders -> samples, image pool, exclusions (rule `read_dataset_facial_expressions`)."""
 
-from notice.datasets import write_read_tables
-from notice.datasets.facial_expressions import TASK, read_facial_expressions
-from notice.runtime import logged
+from notice.data import write_read_tables
+from notice.data.facial_expressions import TASK, read_facial_expressions
+from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:
     section, dataset = snakemake.params.section, snakemake.wildcards.dataset
@@ -10,7 +10,7 @@ with logged(snakemake.log[0]) as log:
     if not groups:
         raise ValueError(
             f"config: datasets.{dataset}.tasks.{TASK}.groups is required: emotion -> group (positive / "
-            "negative / neutral); defaults in notice.datasets.facial_expressions.EMOTION_GROUPS and config/paper.yaml"
+            "negative / neutral); defaults in notice.data.facial_expressions.EMOTION_GROUPS and config/paper.yaml"
         )
     samples, pool, exclusions = read_facial_expressions(
         section["path"], snakemake.params.out_dir, dataset, groups, section.get("splits"), snakemake.params.seed

@@ -1,8 +1,8 @@
 """MIT-States folder tree -> samples, image pool, exclusions (rule `read_dataset_mit_states`)."""
 
-from notice.datasets import write_read_tables
-from notice.datasets.mit_states import TASK, read_mit_states
-from notice.runtime import logged
+from notice.data import write_read_tables
+from notice.data.mit_states import TASK, read_mit_states
+from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:
     section, dataset = snakemake.params.section, snakemake.wildcards.dataset
@@ -10,7 +10,7 @@ with logged(snakemake.log[0]) as log:
     if not groups:
         raise ValueError(
             f"config: datasets.{dataset}.tasks.{TASK}.groups is required: state -> group (colour / shape / "
-            "texture); the paper's lists are in notice.datasets.mit_states.STATE_GROUPS and config/paper.yaml"
+            "texture); the paper's lists are in notice.data.mit_states.STATE_GROUPS and config/paper.yaml"
         )
     samples, pool, exclusions = read_mit_states(section["path"], dataset, groups, snakemake.params.seed)
     log.info("%d samples kept, %d excluded; %d pool images over %d nouns", len(samples), len(exclusions),

@@ -1,10 +1,10 @@
 """SVO-Probes CSV + downloaded images -> samples, image pool, exclusions (rule `read_dataset_svo_probes`)."""
 
-from notice.datasets import write_read_tables
-from notice.datasets.svo_probes import TASKS, read_svo_probes
-from notice.download import DOWNLOAD_COLUMNS
-from notice.runtime import logged
-from notice.tables import read_table
+from notice.data import write_read_tables
+from notice.data.download import DOWNLOAD_COLUMNS
+from notice.data.svo_probes import TASKS, read_svo_probes
+from notice.workflow.runtime import logged
+from notice.workflow.tables import read_table
 
 with logged(snakemake.log[0]) as log:
     section, dataset = snakemake.params.section, snakemake.wildcards.dataset

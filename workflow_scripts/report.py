@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from notice.report import workflow_report
-from notice.runtime import logged
+from notice.present.report import workflow_report
+from notice.workflow.runtime import logged
 
 
 def read_all(paths) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """Generate the synthetic minimal-pair dataset (rule `synthetic_dataset`)."""
 
-from notice.runtime import logged
-from notice.synthetic import TASK_VALUES, generate_dataset
+from notice.data.synthetic import TASK_VALUES, generate_dataset
+from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:
     section, dataset = snakemake.params.section, snakemake.wildcards.dataset

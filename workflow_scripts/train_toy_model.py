@@ -1,8 +1,8 @@
 """Train a toy VLM from scratch on the synthetic data and save it like a hub model (rule `train_toy_model`)."""
 
-from notice.runtime import logged
-from notice.toy_config import configs_from_settings
-from notice.toy_models import train
+from notice.demo.toy_config import configs_from_settings
+from notice.demo.toy_models import train
+from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:
     settings = snakemake.params.train

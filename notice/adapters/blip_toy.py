@@ -1,6 +1,6 @@
 """The toy BLIP of the embedded demo: `BlipForQuestionAnswering` at toy size, its tokenizer and training step.
 
-Same classes as `Salesforce/blip-vqa-base`, only tiny; trained by `notice.toy_models.train`.
+Same classes as `Salesforce/blip-vqa-base`, only tiny; trained by `notice.demo.toy_models.train`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import torch
 from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering, BlipProcessor
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from notice.toy_config import ToyModelConfig
-from notice.toy_models import IMAGE_MEAN, IMAGE_STD, ToyFamily, build_vocabulary, pad_prompts, register_toy
+from notice.demo.toy_config import ToyModelConfig
+from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD, ToyFamily, build_vocabulary, pad_prompts, register_toy
 
 # Special tokens in id order, named as in the real checkpoint (BLIP's decoder starts from [DEC]).
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")

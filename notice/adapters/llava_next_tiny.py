@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from notice.toy_models import IMAGE_MEAN, IMAGE_STD, build_vocabulary
+from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD, build_vocabulary
 
 # Every word of the synthetic questions and of the chat templates (lowercased: the normaliser
 # lowercases), plus the punctuation the Whitespace pre-tokenizer splits off words.

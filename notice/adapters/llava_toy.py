@@ -1,6 +1,6 @@
 """The toy LLaVA of the embedded demo: `LlavaForConditionalGeneration` at toy size, its tokenizer and training step.
 
-Same classes as `llava-hf/llava-1.5-7b-hf`, only tiny; trained by `notice.toy_models.train` on the
+Same classes as `llava-hf/llava-1.5-7b-hf`, only tiny; trained by `notice.demo.toy_models.train` on the
 llava-1.5 prompt.
 """
 
@@ -18,8 +18,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from notice.toy_config import ToyModelConfig
-from notice.toy_models import IMAGE_MEAN, IMAGE_STD, ToyFamily, build_vocabulary, pad_prompts, register_toy
+from notice.demo.toy_config import ToyModelConfig
+from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD, ToyFamily, build_vocabulary, pad_prompts, register_toy
 
 # The prompt of llava-1.5; the toy LLaVA is trained on exactly this template.
 PROMPT_TEMPLATE = "USER: <image>\n{question} Answer with one word. ASSISTANT:"

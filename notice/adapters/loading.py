@@ -13,7 +13,7 @@ from transformers import AutoConfig
 from notice.adapters import blip, llava, llava_next, qwen2_vl  # noqa: F401
 from notice.adapters.base import ADAPTERS, VLMAdapter
 from notice.adapters.processors import load_processor
-from notice.hub import resolve_offline
+from notice.workflow.hub import resolve_offline
 
 
 def load_adapter(

@@ -25,7 +25,7 @@ from notice.patching.reference import (
     default_patches,
     multiplicative_noise,
 )
-from notice.tables import RESULT_COLUMNS
+from notice.workflow.tables import RESULT_COLUMNS
 
 log = logging.getLogger(__name__)
 

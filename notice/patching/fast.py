@@ -1,7 +1,7 @@
 """Fast patching engine: the reference engine's numbers at a fraction of the cost.
 
 Same entry point and return contract as `notice.patching.reference.patch_sample` (one result row per
-patch, in the order of `patches`, with the keys of `notice.metrics.ROW_COLUMNS`), so a workflow can
+patch, in the order of `patches`, with the keys of `notice.method.metrics.ROW_COLUMNS`), so a workflow can
 select either engine by name (`notice.patching.get_engine`). Every shortcut is exact, not an
 approximation (docs/method.md, §5 "Engines"):
 
@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from notice.adapters.base import ModelInput, Patch, VLMAdapter
-from notice.metrics import Scores, answer_prob, logit_diff, result_row, scores
+from notice.method.metrics import Scores, answer_prob, logit_diff, result_row, scores
 
 # Importing the family modules registers their engines in FAST_FAMILIES.
 from notice.patching import fast_blip, fast_decoder  # noqa: F401

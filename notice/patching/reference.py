@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
-from notice.metrics import result_row, scores
+from notice.method.metrics import result_row, scores
 
 ImageFn = Callable[[torch.Tensor], torch.Tensor]
 SiteKey = tuple[str, int]  # (module site, layer)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from notice.tables import RESULT_COLUMNS
+from notice.workflow.tables import RESULT_COLUMNS
 
 # The per-patch part of a result row (RESULT_COLUMNS minus the model/sample identification).
 ROW_COLUMNS: tuple[str, ...] = RESULT_COLUMNS[RESULT_COLUMNS.index("site"):]

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from notice.datasets import (
+from notice.data import (
     IMAGE_SUFFIXES,
     RowError,
     csv_rows,
@@ -51,7 +51,7 @@ from notice.datasets import (
     samples_frame,
     tree_files,
 )
-from notice.download import write_atomically
+from notice.data.download import write_atomically
 
 TASK = "facial_expressions"
 SUBJECT = "person"

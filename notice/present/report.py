@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from notice.figures import SITE_TITLES, TOTAL_CATEGORIES
-from notice.head_functions import HeadFunctionConfig, function_table, universal_head_functions
-from notice.heads import KINDS, head_label, universal_heads_by_kind, universal_heads_summary
-from notice.tables import check_columns
+from notice.method.head_functions import HeadFunctionConfig, function_table, universal_head_functions
+from notice.method.heads import KINDS, head_label, universal_heads_by_kind, universal_heads_summary
+from notice.present.figures import SITE_TITLES, TOTAL_CATEGORIES
+from notice.workflow.tables import check_columns
 
 MIME_TYPES: dict[str, str] = {".png": "image/png", ".svg": "image/svg+xml"}
 MAX_TABLE_ROWS = 500
@@ -41,7 +41,7 @@ th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; } th { bac
 
 @dataclass(frozen=True)
 class Figure:
-    path: Path  # a PNG (or SVG) written by notice.figures
+    path: Path  # a PNG (or SVG) written by notice.present.figures
     caption: str
 
 
@@ -214,10 +214,10 @@ def summarise_findings(
 ) -> str:
     """An HTML fragment summarising the universal heads (with bootstrap stability) and the accuracy.
 
-    `universal_table` is `notice.heads.universal_heads_table`'s output; `accuracy_df` has columns
+    `universal_table` is `notice.method.heads.universal_heads_table`'s output; `accuracy_df` has columns
     task, category, n, n_correct, accuracy (category "all" or "(all)" = task total), optionally model.
     `models` names models to mention even when they have no universal head; `k` is the selection's
-    number of standard deviations, for the text. With `significant` (`notice.heads.significant_heads`'
+    number of standard deviations, for the text. With `significant` (`notice.method.heads.significant_heads`'
     output), a model without universal heads is shown its significant heads per task under each of the
     `corruptions` that define universal heads, so the reader sees why.
     """
@@ -240,7 +240,7 @@ def summarise_findings(
     )
 
 
-# Caption of every figure kind that notice.figures writes, by file-name prefix.
+# Caption of every figure kind that notice.present.figures writes, by file-name prefix.
 FIGURE_CAPTIONS: dict[str, str] = {
     "module": "Module-wise activation patching (paper Fig. 3): mean effect of patching each module's clean "
               "output into the corrupt run, per text position (columns) and layer (rows), one panel per module.",

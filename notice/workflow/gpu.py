@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("notice.gpu")
+log = logging.getLogger("notice.workflow.gpu")
 
 LOCK_DIR_ENV = "NOTICE_GPU_LOCK_DIR"
 POLL_SECONDS = 0.2

@@ -38,11 +38,11 @@ def logged(log_path: str | os.PathLike) -> Iterator[logging.Logger]:
 def resolve_device(spec: str = "auto") -> str:
     """The torch device of a GPU job for the model section's `device` value.
 
-    `auto` is the GPU this job holds (`notice.gpu.job_device`: a local lease, or under SLURM the
+    `auto` is the GPU this job holds (`notice.workflow.gpu.job_device`: a local lease, or under SLURM the
     scheduler's CUDA_VISIBLE_DEVICES), else the CPU. Call it only in jobs with `resources: gpu=1`.
     """
     if spec == "auto":
-        from notice.gpu import job_device
+        from notice.workflow.gpu import job_device
 
         return job_device()
     import torch  # here, not at the top: jobs that only read and write tables start faster without it
@@ -80,18 +80,18 @@ def load_tokenizing_model(model_path: str, section: dict):
 def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
     """Decode an image as RGB, naming the file when it cannot be read or is too large.
 
-    An image of more than `max_pixels` pixels (None: notice.download.MAX_IMAGE_PIXELS, the
+    An image of more than `max_pixels` pixels (None: notice.data.download.MAX_IMAGE_PIXELS, the
     downloader's default and most) is refused from its header before decoding, so one huge file
     cannot exhaust a model job's memory; the ValueError names the file and the limit for callers.
     """
-    from notice.download import MAX_IMAGE_PIXELS, ImageTooLarge, open_image  # only load_image needs them
+    from notice.data.download import MAX_IMAGE_PIXELS, ImageTooLarge, open_image  # only load_image needs them
 
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with open_image(path, limit) as image:
             return image.convert("RGB")
     except ImageTooLarge as error:
-        raise ValueError(f"{path}: {error} (notice.runtime.load_image's limit)") from error
+        raise ValueError(f"{path}: {error} (notice.workflow.runtime.load_image's limit)") from error
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: cannot decode image ({error})") from error
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import pre_tokenizers
 
-from notice.synthetic import (
+from notice.data.synthetic import (
     QUESTION_TEMPLATES,
     SUBJECT,
     TASK_VALUES,
@@ -35,7 +35,7 @@ from notice.synthetic import (
     sample_training_batch,
     stream_rng,
 )
-from notice.toy_config import ToyModelConfig, TrainConfig
+from notice.demo.toy_config import ToyModelConfig, TrainConfig
 
 # Standard CLIP normalisation, used by every toy image processor.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -294,7 +294,7 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m notice.toy_models", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m notice.demo.toy_models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a toy model and save it with save_pretrained")
     p.add_argument("--family", choices=sorted(TOY_FAMILIES), required=True)

@@ -1,6 +1,6 @@
 """Figures of the NOTICE analysis (Altair), each written as PNG, SVG and a self-contained HTML file.
 
-Every figure function takes a tidy table from `notice.heads` (or the accuracy table), writes its
+Every figure function takes a tidy table from `notice.method.heads` (or the accuracy table), writes its
 files under `out_dir` and returns their paths. Effects use a diverging colour scale centred at 0:
 red = patching the clean activation restores the correct answer, blue = it pushes towards the
 incorrect one.
@@ -20,9 +20,9 @@ import vl_convert
 from altair.utils.mimebundle import spec_to_mimebundle
 from PIL import Image
 
-from notice.head_functions import object_fraction
-from notice.heads import KINDS, head_label
-from notice.tables import check_columns
+from notice.method.head_functions import object_fraction
+from notice.method.heads import KINDS, head_label
+from notice.workflow.tables import check_columns
 
 SITE_TITLES: dict[str, str] = {
     "mlp": "MLP",
@@ -39,7 +39,7 @@ METRIC_TITLES: dict[str, str] = {
 KIND_MARKS: dict[str, str] = {"vision": "V", "text": "T", "multimodal": "M"}
 KIND_COLOURS: dict[str, str] = {"vision": "#4c78a8", "text": "#f58518", "multimodal": "#54a24b", "none": "#9d9d9d"}
 FORMATS: tuple[str, ...] = ("png", "svg", "html")
-# `category` of an accuracy table's per-task total row (notice.evaluate writes "(all)")
+# `category` of an accuracy table's per-task total row (notice.method.evaluate writes "(all)")
 TOTAL_CATEGORIES: tuple[str, ...] = ("all", "(all)")
 PNG_SCALE = 2
 
@@ -405,7 +405,7 @@ def attention_overlays(records: list[dict], panels: pd.DataFrame, out_stem: str 
                        subtitle: str = "") -> list[Path]:
     """Paper Fig. 6/7: attention of chosen heads vs the average head, overlaid on sample images.
 
-    One row per record (`notice.attention.attention_record`); columns: the image with the object's
+    One row per record (`notice.method.attention.attention_record`); columns: the image with the object's
     mask outlined, the average over all fusion heads at the head-patching position, then one per
     row of `panels` (columns layer, head, query, title: the head's attention from the query with
     that label; a sample without that query leaves the cell empty). Each cell's label gives the

@@ -20,7 +20,7 @@ so some questions read like "Is the dog or the cat lying the grass?".
 
 ``category`` is the role; ``group`` is the role too (the distractor is given, no group rule applies);
 ``pool_key`` is the CSV row: the pool holds that row's two images, keyed by their word. Images come
-from the downloader's table (notice.download); a sample whose clean or corrupt image failed is
+from the downloader's table (notice.data.download); a sample whose clean or corrupt image failed is
 excluded with the download's reason. Exclusions per sample: kept + excluded = 2 x rows read.
 
 The CSV is read as published (UTF-8 with or without a byte-order mark, LF or CRLF, ``True``/``False``
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from notice.datasets import RowError, csv_rows, exclusion, exclusions_frame, pool_frame, row_reason, samples_frame
-from notice.tables import check_columns
+from notice.data import RowError, csv_rows, exclusion, exclusions_frame, pool_frame, row_reason, samples_frame
+from notice.workflow.tables import check_columns
 
 CSV_COLUMNS: tuple[str, ...] = (
     "sentence", "pos_triplet", "neg_triplet", "subj_neg", "verb_neg", "obj_neg",
@@ -155,7 +155,7 @@ def read_svo_probes(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(samples, image pool, exclusions) of the first `max_rows` rows (all when None) of `csv_path`.
 
-    `downloads` is the downloader's table (notice.download.DOWNLOAD_COLUMNS) for the CSV's URLs.
+    `downloads` is the downloader's table (notice.data.download.DOWNLOAD_COLUMNS) for the CSV's URLs.
     Rows naming a word of `exclude_words` in either triplet are excluded (the authors dropped
     "person": models answer woman/person inconsistently).
     """

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from notice.datasets import (
+from notice.data import (
     IMAGE_SUFFIXES,
     exclusion,
     exclusions_frame,

@@ -1,7 +1,7 @@
 """Head functions scored from attention maps: object detection, object suppression, outlier suppression.
 
 The paper judged head functions by eye (Figs 6, 7, 18, 19). Here they are numbers, computed from
-the patch attention of `notice.attention` (rows renormalised over the image patches) and, where the
+the patch attention of `notice.method.attention` (rows renormalised over the image patches) and, where the
 object's mask is known, the object's region on the patch grid. Pure functions on arrays / tidy tables.
 
 Rules (thresholds in HeadFunctionConfig):
@@ -35,8 +35,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pandas as pd
 
-from notice.heads import head_label, token_label
-from notice.tables import check_columns
+from notice.method.heads import head_label, token_label
+from notice.workflow.tables import check_columns
 
 AVERAGE_HEAD = -1  # `head` of the layer-average rows
 FUNCTIONS: tuple[str, ...] = ("object_detection", "object_suppression", "outlier_suppression", "none")
@@ -270,7 +270,7 @@ def grounding_summary(scores: pd.DataFrame, group_keys: Sequence[str]) -> pd.Dat
 
 
 def record_scores(record: Mapping, config: HeadFunctionConfig, labels: Mapping[str, str]) -> pd.DataFrame:
-    """Per-sample scores of one attention record (`notice.attention.attention_record`).
+    """Per-sample scores of one attention record (`notice.method.attention.attention_record`).
 
     Adds what `head_function_scores` needs: sample_id, task, query (label), token, is_head_position,
     and the constant `labels` columns (e.g. model, site, dataset). Object scores need the record's mask.

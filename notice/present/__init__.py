@@ -1,0 +1,1 @@
+"""Presentation: figures and the offline HTML report."""
