@@ -23,8 +23,11 @@ demo: venv
 	$(SNAKEMAKE) --cores $(CORES) --report results/snakemake_report.html
 	@echo "Report: $(CURDIR)/results/report.html (Snakemake report: $(CURDIR)/results/snakemake_report.html)"
 
+# ruff (lint and format), snakefmt on the Snakefile and rules; settings in pyproject.toml.
 lint: venv
 	$(VENV)/bin/ruff check notice tests workflow_scripts
+	$(VENV)/bin/ruff format --check notice tests workflow_scripts
+	$(VENV)/bin/snakefmt --check Snakefile rules
 
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs --durations=15 -n auto --dist loadfile tests

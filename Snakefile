@@ -14,7 +14,6 @@ if not workflow.overwrite_configfiles:
     configfile: os.path.join(workflow.basedir, "config/config.yaml")
 
 
-
 include: "rules/common.smk"
 include: "rules/datasets.smk"
 include: "rules/real_datasets.smk"
@@ -34,6 +33,6 @@ for _rule in workflow.rules:
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True

@@ -91,9 +91,17 @@ def random_ids(rng: random.Random, n: int, low: int, high: int) -> list[int]:
     return [rng.randrange(low, high) for _ in range(n)]
 
 
-def sip_case(name: str, adapter: VLMAdapter, ids: list[int], pixel_shape: Sequence[int], tau: int, tau_p: int,
-             description: str, extra: dict[str, torch.Tensor] | None = None,
-             rows_logits: RowsLogits = forward_rows_logits) -> Case:
+def sip_case(
+    name: str,
+    adapter: VLMAdapter,
+    ids: list[int],
+    pixel_shape: Sequence[int],
+    tau: int,
+    tau_p: int,
+    description: str,
+    extra: dict[str, torch.Tensor] | None = None,
+    rows_logits: RowsLogits = forward_rows_logits,
+) -> Case:
     """SIP sample: one prompt (`ids`, one sequence) with two seeded random images of `pixel_shape`;
     `extra` is the rest of the processor's output (the same for both images)."""
     device, dtype = adapter.device, adapter.dtype
@@ -105,8 +113,17 @@ def sip_case(name: str, adapter: VLMAdapter, ids: list[int], pixel_shape: Sequen
         return ModelInput(input_ids, torch.ones_like(input_ids), pixels, [f"#{i}" for i in ids], dict(on_device))
 
     clean, corrupt = inp(1), inp(2)
-    return Case(name, adapter, clean, corrupt, tau, tau_p, reference.default_patches(adapter, clean, tau),
-                description, rows_logits)
+    return Case(
+        name,
+        adapter,
+        clean,
+        corrupt,
+        tau,
+        tau_p,
+        reference.default_patches(adapter, clean, tau),
+        description,
+        rows_logits,
+    )
 
 
 def bench_modules() -> dict[str, ModuleType]:
@@ -122,8 +139,10 @@ def stack_rows(inputs: Sequence[ModelInput]) -> ModelInput:
     tiles or flattened patches alike, as a processor batches them)."""
     first = inputs[0]
     return ModelInput(
-        torch.cat([i.input_ids for i in inputs]), torch.cat([i.attention_mask for i in inputs]),
-        torch.cat([i.pixel_values for i in inputs]), first.tokens,
+        torch.cat([i.input_ids for i in inputs]),
+        torch.cat([i.attention_mask for i in inputs]),
+        torch.cat([i.pixel_values for i in inputs]),
+        first.tokens,
         {key: torch.cat([i.extra[key] for i in inputs]) for key in first.extra},
     )
 
@@ -161,8 +180,9 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
 
 def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: int) -> dict:
     adapter, clean, corrupt = case.adapter, case.clean, case.corrupt
-    rows, t_fast = _timed(lambda: fast.patch_sample(adapter, clean, corrupt, case.patches, case.tau, case.tau_p,
-                                                    batch_size=batch_size))
+    rows, t_fast = _timed(
+        lambda: fast.patch_sample(adapter, clean, corrupt, case.patches, case.tau, case.tau_p, batch_size=batch_size)
+    )
     subset = sorted(random.Random(seed).sample(range(len(case.patches)), n_hooked))
 
     # (a): clean activations captured once; one hooked forward of the corrupt input per patch.
@@ -174,8 +194,18 @@ def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: 
         p = case.patches[i]
         logits, seconds = _timed(lambda p=p: reference.run_patched(adapter, corrupt, p, clean_acts))
         t_hooked.append(seconds)
-        reference_rows.append(result_row(p.site, p.layer, p.head, p.position, clean.tokens[p.position],
-                                         s_clean, s_corrupt, scores(logits, case.tau, case.tau_p)))
+        reference_rows.append(
+            result_row(
+                p.site,
+                p.layer,
+                p.head,
+                p.position,
+                clean.tokens[p.position],
+                s_clean,
+                s_corrupt,
+                scores(logits, case.tau, case.tau_p),
+            )
+        )
     err = fast.max_relative_error([rows[i] for i in subset], reference_rows)
 
     # (b): the 3-row batch per patch; its patched row must agree with (a) too.
@@ -186,11 +216,22 @@ def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: 
         ld, ref = scores(logits, case.tau, case.tau_p).ld, reference_rows[k]["ld_patched"]
         err_three = max(err_three, abs(ld - ref) / max(abs(ref), 1e-6))
     n_noop = sum(r["ld_patched"] == r["ld_corrupt"] for r in rows)
-    return dict(name=case.name, description=case.description, n_patches=len(case.patches), n_noop=n_noop,
-                t_fast=t_fast, per_fast=t_fast / len(case.patches), per_hooked=sum(t_hooked) / len(t_hooked),
-                per_three=sum(t_three) / len(t_three) if t_three else float("nan"),
-                n_hooked=len(t_hooked), n_three=len(t_three), err=err, err_three=err_three,
-                ld_clean=s_clean.ld, ld_corrupt=s_corrupt.ld)
+    return dict(
+        name=case.name,
+        description=case.description,
+        n_patches=len(case.patches),
+        n_noop=n_noop,
+        t_fast=t_fast,
+        per_fast=t_fast / len(case.patches),
+        per_hooked=sum(t_hooked) / len(t_hooked),
+        per_three=sum(t_three) / len(t_three) if t_three else float("nan"),
+        n_hooked=len(t_hooked),
+        n_three=len(t_three),
+        err=err,
+        err_three=err_three,
+        ld_clean=s_clean.ld,
+        ld_corrupt=s_corrupt.ld,
+    )
 
 
 def _table(results: list[dict]) -> str:
@@ -226,43 +267,59 @@ def _real_size_table(results: list[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     modules = bench_modules()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--families", nargs="+", choices=list(modules), default=list(modules),
-                        help="families to run (default: all)")
+    parser.add_argument(
+        "--families", nargs="+", choices=list(modules), default=list(modules), help="families to run (default: all)"
+    )
     parser.add_argument("--hooked", type=int, default=4, help="patches timed with (a), and checked (default 4)")
-    parser.add_argument("--three-row", type=int, default=2,
-                        help="patches timed with (b) (default 2; none at real size)")
+    parser.add_argument(
+        "--three-row", type=int, default=2, help="patches timed with (b) (default 2; none at real size)"
+    )
     parser.add_argument("--batch-size", type=int, default=fast.DEFAULT_BATCH_ROWS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--real-size", action="store_true",
-                        help="the real checkpoints' dimensions in bfloat16 (needs a GPU unless --device cpu)")
-    parser.add_argument("--device",
-                        help="torch device, also of the scaled bench (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--real-size",
+        action="store_true",
+        help="the real checkpoints' dimensions in bfloat16 (needs a GPU unless --device cpu)",
+    )
+    parser.add_argument(
+        "--device", help="torch device, also of the scaled bench (default: cuda if available, else cpu)"
+    )
     args = parser.parse_args(argv)
     if args.real_size and args.device != "cpu" and not torch.cuda.is_available():
         # Checked before anything is built: a 7B model on a CPU would run for days.
-        sys.exit("bench: --real-size needs a CUDA GPU and none is available; "
-                 "pass --device cpu to run it on the CPU anyway")
+        sys.exit(
+            "bench: --real-size needs a CUDA GPU and none is available; pass --device cpu to run it on the CPU anyway"
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     n_three_row = 0 if args.real_size else args.three_row
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
-          f"device {device}{' (real size, bfloat16)' if args.real_size else ''}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
+        f"device {device}{' (real size, bfloat16)' if args.real_size else ''}"
+    )
     results = []
     for family in args.families:
-        case, seconds = _timed(lambda family=family: modules[family].bench_case(args.real_size, family=family, device=device))
+        case, seconds = _timed(
+            lambda family=family: modules[family].bench_case(args.real_size, family=family, device=device)
+        )
         print(f"{case.description}: built in {seconds:.0f} s; {len(case.patches)} patched runs", flush=True)
         result = measure(case, args.hooked, n_three_row, args.batch_size, args.seed)
-        print(f"  LD clean {result['ld_clean']:.4f}, corrupt {result['ld_corrupt']:.4f}; "
-              f"{result['n_noop']} runs equal to the corrupt run (clean value identical to the corrupt one); "
-              f"(b) vs (a) rel err {result['err_three']:.1e}; load average {os.getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"  LD clean {result['ld_clean']:.4f}, corrupt {result['ld_corrupt']:.4f}; "
+            f"{result['n_noop']} runs equal to the corrupt run (clean value identical to the corrupt one); "
+            f"(b) vs (a) rel err {result['err_three']:.1e}; load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
         results.append(result)
         del case
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    print(f"(a) and (b) timed on a random subset (seed {args.seed}) of each patch set; "
-          f"load average at end {os.getloadavg()[0]:.2f}")
+    print(
+        f"(a) and (b) timed on a random subset (seed {args.seed}) of each patch set; "
+        f"load average at end {os.getloadavg()[0]:.2f}"
+    )
     print(_real_size_table(results) if args.real_size else _table(results))
     speedups = " ".join(f"{r['name']}_speedup={r['per_hooked'] / r['per_fast']:.1f}" for r in results)
     print(f"bench: {speedups} max_rel_err={max(r['err'] for r in results):.1e}")

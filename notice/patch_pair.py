@@ -104,14 +104,23 @@ def build_pair(
         corrupt_prompt = adapter.format_prompt(corrupt_question)
         check_token_length(adapter, clean_prompt, corrupt_prompt)
     row = {
-        "sample_id": SAMPLE_ID, "task": LABEL, "category": LABEL, "corruption": corruption,
+        "sample_id": SAMPLE_ID,
+        "task": LABEL,
+        "category": LABEL,
+        "corruption": corruption,
         "modality": "text" if corruption == "str" else "image",
         # Metadata only (patching does not read it): whether the answer is named before the distractor.
         "correct_first": question.find(answer) <= question.find(distractor),
-        "answer": answer, "distractor": distractor, "answer_token_id": answer_id, "distractor_token_id": distractor_id,
-        "clean_image_path": image, "corrupt_image_path": corrupt_image or image,
-        "clean_mask_path": "", "corrupt_mask_path": "",
-        "clean_prompt": clean_prompt, "corrupt_prompt": corrupt_prompt,
+        "answer": answer,
+        "distractor": distractor,
+        "answer_token_id": answer_id,
+        "distractor_token_id": distractor_id,
+        "clean_image_path": image,
+        "corrupt_image_path": corrupt_image or image,
+        "clean_mask_path": "",
+        "corrupt_mask_path": "",
+        "clean_prompt": clean_prompt,
+        "corrupt_prompt": corrupt_prompt,
         "noise_seed": noise_seed if corruption in NOISES else NO_NOISE,
     }
     return make_table([row], PAIR_COLUMNS, PAIR_DTYPES)
@@ -120,6 +129,7 @@ def build_pair(
 def check_input_lengths(adapter: VLMAdapter, pairs: pd.DataFrame) -> None:
     """The engines patch position by position, so clean and corrupt inputs need the same length; a SIP
     image of another size can give another number of image tokens (any-resolution and native-resolution families)."""
+
     def length(image: str, prompt: str) -> int:  # adapter.prepare's tokens, without moving them to a device
         return adapter.processor(images=load_image(image), text=prompt, return_tensors="pt")["input_ids"].shape[1]
 
@@ -135,9 +145,13 @@ def check_input_lengths(adapter: VLMAdapter, pairs: pd.DataFrame) -> None:
 
 def prompts_of(pairs: pd.DataFrame) -> pd.DataFrame:
     """The clean prompts `cache_clean_runs` needs (sample_id, image_path, prompt) of the pairs."""
-    return pd.DataFrame({
-        "sample_id": pairs["sample_id"], "image_path": pairs["clean_image_path"], "prompt": pairs["clean_prompt"],
-    })
+    return pd.DataFrame(
+        {
+            "sample_id": pairs["sample_id"],
+            "image_path": pairs["clean_image_path"],
+            "prompt": pairs["clean_prompt"],
+        }
+    )
 
 
 def tokenizing_adapter(args: argparse.Namespace) -> VLMAdapter:
@@ -170,15 +184,26 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     check_images(args.image, args.corrupt_image)
     tokenizing = tokenizing_adapter(args)
     pairs = build_pair(
-        tokenizing, args.image, args.question, args.answer, args.distractor, corruption_of(args),
-        corrupt_image=args.corrupt_image, corrupt_question=args.corrupt_question, noise_seed=args.noise_seed,
+        tokenizing,
+        args.image,
+        args.question,
+        args.answer,
+        args.distractor,
+        corruption_of(args),
+        corrupt_image=args.corrupt_image,
+        corrupt_question=args.corrupt_question,
+        noise_seed=args.noise_seed,
     )
     check_input_lengths(tokenizing, pairs)
     adapter = load_adapter(args.model, args.device, args.dtype, args.prompt_template)
     with torch.inference_mode():
         clean_runs = cache_clean_runs(adapter, prompts_of(pairs), load_image)
         rows = patch_pairs(
-            adapter, pairs, clean_runs, load_image, engine=args.engine,
+            adapter,
+            pairs,
+            clean_runs,
+            load_image,
+            engine=args.engine,
             corruption_settings={"nu": args.nu, "sigma_multiplier": args.sigma_multiplier},
             patching_settings={"batch_size": args.batch_size},
             labels={"model": args.model, "dataset": LABEL},
@@ -191,11 +216,13 @@ def summary(rows: pd.DataFrame) -> str:
     """LD clean / LD corrupt, the number of patched runs and the top sites by logit_diff."""
     first = rows.iloc[0]
     top = rows.nlargest(TOP_SITES, "logit_diff")[["site", "layer", "head", "position", "token", "logit_diff"]]
-    return "\n".join([
-        f"LD clean {first.ld_clean:.4f} / LD corrupt {first.ld_corrupt:.4f}",
-        f"{len(rows)} patched runs; top {len(top)} by logit_diff:",
-        top.to_string(index=False, float_format="{:.4f}".format),
-    ])
+    return "\n".join(
+        [
+            f"LD clean {first.ld_clean:.4f} / LD corrupt {first.ld_corrupt:.4f}",
+            f"{len(rows)} patched runs; top {len(top)} by logit_diff:",
+            top.to_string(index=False, float_format="{:.4f}".format),
+        ]
+    )
 
 
 def command(args: argparse.Namespace) -> None:

@@ -20,13 +20,13 @@ rule analyse_heads:
             category="Heads",
             labels={"model": "{model}", "table": "universal heads"},
         ),
-    params:
-        analysis=keys_of(config["analysis"], "metric", "k_sigma", "bootstrap_draws", "universal_corruptions"),
-        seed=config["seed"],
     log:
         f"{RESULTS}/logs/analyse_heads/{{model}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/analyse_heads/{{model}}.tsv"
+    params:
+        analysis=keys_of(config["analysis"], "metric", "k_sigma", "bootstrap_draws", "universal_corruptions"),
+        seed=config["seed"],
     script:
         "../workflow_scripts/analyse_heads.py"
 
@@ -36,9 +36,7 @@ rule figures:
         head_effects=f"{RESULTS}/{{model}}/analysis/head_effects.parquet",
         module_effects=f"{RESULTS}/{{model}}/analysis/module_effects.parquet",
         universal=f"{RESULTS}/{{model}}/analysis/universal_heads.csv",
-        accuracy=lambda wildcards: [
-            f"{RESULTS}/{wildcards.model}/{dataset}/accuracy.csv" for dataset in DATASETS
-        ],
+        accuracy=lambda wildcards: [f"{RESULTS}/{wildcards.model}/{dataset}/accuracy.csv" for dataset in DATASETS],
         attention=lambda wildcards: attention_dirs(wildcards.model),
         head_functions=f"{RESULTS}/{{model}}/analysis/head_functions.csv",
     output:
@@ -49,11 +47,11 @@ rule figures:
             category="Figures",
             labels={"model": "{model}", "figure": "{name}"},
         ),
+    log:
+        f"{RESULTS}/logs/figures/{{model}}.log",
     params:
         analysis=keys_of(config["analysis"], "k_sigma", "overlay_samples", "overlay_heads"),
         datasets=DATASETS,
-    log:
-        f"{RESULTS}/logs/figures/{{model}}.log",
     script:
         "../workflow_scripts/figures.py"
 
@@ -64,20 +62,20 @@ rule attention_patterns:
         selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
     output:
         attention=directory(f"{RESULTS}/{{model}}/{{dataset}}/attention"),
-    params:
-        model=model_settings(*LOADING_KEYS),
-        model_path=lambda wildcards: model_path(wildcards.model),
-        n_samples=config["analysis"]["attention_samples"],
-        seed=config["seed"],
+    log:
+        f"{RESULTS}/logs/attention_patterns/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/attention_patterns/{{model}}/{{dataset}}.tsv"
     threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
         mem_mb=GPU_JOBS["mem_mb"],
         runtime=GPU_JOBS["runtime"],
-    log:
-        f"{RESULTS}/logs/attention_patterns/{{model}}/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/attention_patterns/{{model}}/{{dataset}}.tsv"
+    params:
+        model=model_settings(*LOADING_KEYS),
+        model_path=lambda wildcards: model_path(wildcards.model),
+        n_samples=config["analysis"]["attention_samples"],
+        seed=config["seed"],
     script:
         "../workflow_scripts/attention_patterns.py"
 
@@ -89,10 +87,10 @@ rule head_functions:
         scores=f"{RESULTS}/{{model}}/analysis/head_functions.csv",
         markdown=f"{RESULTS}/{{model}}/analysis/head_functions.md",
         grounding=f"{RESULTS}/{{model}}/analysis/grounding.csv",
+    log:
+        f"{RESULTS}/logs/head_functions/{{model}}.log",
     params:
         datasets=DATASETS,
         thresholds=config["analysis"]["head_functions"],
-    log:
-        f"{RESULTS}/logs/head_functions/{{model}}.log",
     script:
         "../workflow_scripts/head_functions.py"

@@ -29,10 +29,15 @@ def config_errors():
     for error in jsonschema.Draft202012Validator(yaml.safe_load(Path(CONFIG_SCHEMA).read_text())).iter_errors(config):
         path, known = list(error.absolute_path), error.schema.get("properties", {})
         if error.validator == "additionalProperties" and error.validator_value is False:
-            found = [(path + [key], f"unknown key (expected one of: {', '.join(known)})")
-                     for key in error.instance if key not in known]
+            found = [
+                (path + [key], f"unknown key (expected one of: {', '.join(known)})")
+                for key in error.instance
+                if key not in known
+            ]
         elif error.validator == "required":
-            found = [(path + [key], "required key missing") for key in error.validator_value if key not in error.instance]
+            found = [
+                (path + [key], "required key missing") for key in error.validator_value if key not in error.instance
+            ]
         elif error.validator in ("oneOf", "anyOf"):
             exactly = "exactly " if error.validator == "oneOf" else ""
             found = [(path, f"expected {exactly}one of the schemas {error.validator_value}")]

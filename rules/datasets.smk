@@ -5,6 +5,10 @@ rule synthetic_dataset:
     output:
         samples=f"{RESOURCES}/datasets/{{dataset}}/samples.parquet",
         pool=f"{RESOURCES}/datasets/{{dataset}}/image_pool.parquet",
+    log:
+        f"{RESULTS}/logs/synthetic_dataset/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/synthetic_dataset/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("synthetic"),
     params:
@@ -12,14 +16,12 @@ rule synthetic_dataset:
         # task values only checked, in any order.
         section=lambda wildcards: {
             **keys_of(dataset_section(wildcards), "n_scenes", "image_size"),
-            "tasks": {task: {"values": sorted(spec.get("values", []))}
-                      for task, spec in dataset_section(wildcards)["tasks"].items()},
+            "tasks": {
+                task: {"values": sorted(spec.get("values", []))}
+                for task, spec in dataset_section(wildcards)["tasks"].items()
+            },
         },
         seed=config["seed"],
         out_dir=lambda wildcards: dataset_dir(wildcards.dataset),
-    log:
-        f"{RESULTS}/logs/synthetic_dataset/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/synthetic_dataset/{{dataset}}.tsv"
     script:
         "../workflow_scripts/synthetic_dataset.py"

@@ -9,13 +9,13 @@ rule distractors:
         distractors=f"{RESULTS}/datasets/{{dataset}}/distractors.parquet",
         rejections=f"{RESULTS}/datasets/{{dataset}}/distractor_rejections.parquet",
         exclusions=f"{RESULTS}/datasets/{{dataset}}/distractor_exclusions.parquet",
+    log:
+        f"{RESULTS}/logs/distractors/{{dataset}}.log",
     params:
         section=lambda wildcards: {
             **keys_of(dataset_section(wildcards), "distractors"),
             "tasks": task_settings("values", "groups", "distractor_rule")(wildcards),
         },
         seed=config["seed"],
-    log:
-        f"{RESULTS}/logs/distractors/{{dataset}}.log",
     script:
         "../workflow_scripts/distractors.py"

@@ -9,13 +9,13 @@ rule prompts:
     output:
         prompts=f"{RESULTS}/{{model}}/{{dataset}}/prompts.parquet",
         exclusions=f"{RESULTS}/{{model}}/{{dataset}}/prompt_exclusions.parquet",
+    log:
+        f"{RESULTS}/logs/prompts/{{model}}/{{dataset}}.log",
     params:
         model=model_settings("prompt_template"),
         model_path=lambda wildcards: model_path(wildcards.model),
         tasks=task_settings("question"),
         seed=config["seed"],
-    log:
-        f"{RESULTS}/logs/prompts/{{model}}/{{dataset}}.log",
     script:
         "../workflow_scripts/prompts.py"
 
@@ -26,19 +26,19 @@ rule evaluate_shard:
         prompts=f"{RESULTS}/{{model}}/{{dataset}}/prompts.parquet",
     output:
         answers=f"{RESULTS}/{{model}}/{{dataset}}/answers/{{shard}}.parquet",
-    params:
-        model=model_settings(*LOADING_KEYS, "max_new_tokens"),
-        model_path=lambda wildcards: model_path(wildcards.model),
-        shard=shard_index_count,
+    log:
+        f"{RESULTS}/logs/evaluate/{{model}}/{{dataset}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/{{model}}/{{dataset}}/{{shard}}.tsv"
     threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
         mem_mb=GPU_JOBS["mem_mb"],
         runtime=GPU_JOBS["runtime"],
-    log:
-        f"{RESULTS}/logs/evaluate/{{model}}/{{dataset}}/{{shard}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/evaluate/{{model}}/{{dataset}}/{{shard}}.tsv"
+    params:
+        model=model_settings(*LOADING_KEYS, "max_new_tokens"),
+        model_path=lambda wildcards: model_path(wildcards.model),
+        shard=shard_index_count,
     script:
         "../workflow_scripts/evaluate.py"
 
@@ -65,11 +65,11 @@ rule select_samples:
         answers=f"{RESULTS}/{{model}}/{{dataset}}/answers.parquet",
     output:
         selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
+    log:
+        f"{RESULTS}/logs/select_samples/{{model}}/{{dataset}}.log",
     params:
         selection=config["selection"],
         tasks=lambda wildcards: sorted(config["datasets"][wildcards.dataset]["tasks"]),
         seed=config["seed"],
-    log:
-        f"{RESULTS}/logs/select_samples/{{model}}/{{dataset}}.log",
     script:
         "../workflow_scripts/select_samples.py"

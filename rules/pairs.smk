@@ -10,6 +10,8 @@ rule pairs:
     output:
         pairs=f"{RESULTS}/{{model}}/{{dataset}}/pairs/{{corruption}}.parquet",
         exclusions=f"{RESULTS}/{{model}}/{{dataset}}/pairs/{{corruption}}.exclusions.parquet",
+    log:
+        f"{RESULTS}/logs/pairs/{{model}}/{{dataset}}/{{corruption}}.log",
     params:
         # Only what the job's corruption reads: STR tokenises (the model's template, the questions) and draws
         # partners (seed), GN draws noise seeds (n_draws, seed); SIP and SD-inpaint pairs read none of them.
@@ -18,7 +20,5 @@ rule pairs:
         model_path=only_for(["str"], lambda wildcards: model_path(wildcards.model)),
         tasks=only_for(["str"], task_settings("question")),
         seed=only_for(["str", "gn_mult", "gn_add"], lambda wildcards: config["seed"]),
-    log:
-        f"{RESULTS}/logs/pairs/{{model}}/{{dataset}}/{{corruption}}.log",
     script:
         "../workflow_scripts/pairs.py"

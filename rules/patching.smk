@@ -8,19 +8,19 @@ rule cache_clean:
         selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
     output:
         cache=f"{RESULTS}/{{model}}/{{dataset}}/clean_cache/{{shard}}.pt",
-    params:
-        model=model_settings(*LOADING_KEYS),
-        model_path=lambda wildcards: model_path(wildcards.model),
-        shard=shard_index_count,
+    log:
+        f"{RESULTS}/logs/cache_clean/{{model}}/{{dataset}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/cache_clean/{{model}}/{{dataset}}/{{shard}}.tsv"
     threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
         mem_mb=GPU_JOBS["mem_mb"],
         runtime=GPU_JOBS["runtime"],
-    log:
-        f"{RESULTS}/logs/cache_clean/{{model}}/{{dataset}}/{{shard}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/cache_clean/{{model}}/{{dataset}}/{{shard}}.tsv"
+    params:
+        model=model_settings(*LOADING_KEYS),
+        model_path=lambda wildcards: model_path(wildcards.model),
+        shard=shard_index_count,
     script:
         "../workflow_scripts/cache_clean.py"
 
@@ -33,6 +33,15 @@ rule patch:
         cache=f"{RESULTS}/{{model}}/{{dataset}}/clean_cache/{{shard}}.pt",
     output:
         results=f"{RESULTS}/{{model}}/{{dataset}}/patching/{{corruption}}/{{shard}}.parquet",
+    log:
+        f"{RESULTS}/logs/patch/{{model}}/{{dataset}}/{{corruption}}/{{shard}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/patch/{{model}}/{{dataset}}/{{corruption}}/{{shard}}.tsv"
+    threads: GPU_JOBS["threads"]
+    resources:
+        gpu=1,
+        mem_mb=GPU_JOBS["mem_mb"],
+        runtime=GPU_JOBS["runtime"],
     params:
         model=model_settings(*LOADING_KEYS),
         model_path=lambda wildcards: model_path(wildcards.model),
@@ -40,15 +49,6 @@ rule patch:
         corruption=lambda wildcards: keys_of(corruption_section(wildcards), "nu", "sigma_multiplier"),
         patching=config["patching"],
         shard=shard_index_count,
-    threads: GPU_JOBS["threads"]
-    resources:
-        gpu=1,
-        mem_mb=GPU_JOBS["mem_mb"],
-        runtime=GPU_JOBS["runtime"],
-    log:
-        f"{RESULTS}/logs/patch/{{model}}/{{dataset}}/{{corruption}}/{{shard}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/patch/{{model}}/{{dataset}}/{{corruption}}/{{shard}}.tsv"
     script:
         "../workflow_scripts/patch.py"
 

@@ -13,16 +13,16 @@ rule download_svo_images:
         csv=dataset_source,
     output:
         downloads=f"{RESOURCES}/downloads/{{dataset}}/downloads.parquet",
+    log:
+        f"{RESULTS}/logs/download_svo_images/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/download_svo_images/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("svo_probes"),
     params:
         cache_dir=lambda wildcards: f"{RESOURCES}/downloads/{wildcards.dataset}/images",
         max_rows=lambda wildcards: dataset_section(wildcards).get("max_rows"),
         download=lambda wildcards: dataset_section(wildcards).get("download", {}),
-    log:
-        f"{RESULTS}/logs/download_svo_images/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/download_svo_images/{{dataset}}.tsv"
     script:
         "../workflow_scripts/download_images.py"
 
@@ -35,15 +35,15 @@ rule read_dataset_svo_probes:
         samples=f"{RESOURCES}/datasets/{{dataset}}/samples.parquet",
         pool=f"{RESOURCES}/datasets/{{dataset}}/image_pool.parquet",
         exclusions=f"{RESULTS}/datasets/{{dataset}}/read_exclusions.parquet",
+    log:
+        f"{RESULTS}/logs/read_dataset/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/read_dataset/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("svo_probes"),
     params:
         section=read_settings,
         min_per_task=config["selection"]["min_per_task"],
-    log:
-        f"{RESULTS}/logs/read_dataset/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/read_dataset/{{dataset}}.tsv"
     script:
         "../workflow_scripts/read_svo_probes.py"
 
@@ -55,6 +55,10 @@ rule read_dataset_mit_states:
         samples=f"{RESOURCES}/datasets/{{dataset}}/samples.parquet",
         pool=f"{RESOURCES}/datasets/{{dataset}}/image_pool.parquet",
         exclusions=f"{RESULTS}/datasets/{{dataset}}/read_exclusions.parquet",
+    log:
+        f"{RESULTS}/logs/read_dataset/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/read_dataset/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("mit_states"),
     params:
@@ -62,10 +66,6 @@ rule read_dataset_mit_states:
         source_files=source_fingerprint,
         seed=config["seed"],
         min_per_task=config["selection"]["min_per_task"],
-    log:
-        f"{RESULTS}/logs/read_dataset/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/read_dataset/{{dataset}}.tsv"
     script:
         "../workflow_scripts/read_mit_states.py"
 
@@ -78,6 +78,10 @@ rule read_dataset_facial_expressions:
         samples=f"{RESOURCES}/datasets/{{dataset}}/samples.parquet",
         pool=f"{RESOURCES}/datasets/{{dataset}}/image_pool.parquet",
         exclusions=f"{RESULTS}/datasets/{{dataset}}/read_exclusions.parquet",
+    log:
+        f"{RESULTS}/logs/read_dataset/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/read_dataset/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("facial_expressions"),
     params:
@@ -86,10 +90,6 @@ rule read_dataset_facial_expressions:
         seed=config["seed"],
         out_dir=lambda wildcards: dataset_dir(wildcards.dataset),
         min_per_task=config["selection"]["min_per_task"],
-    log:
-        f"{RESULTS}/logs/read_dataset/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/read_dataset/{{dataset}}.tsv"
     script:
         "../workflow_scripts/read_facial_expressions.py"
 
@@ -104,20 +104,20 @@ rule inpaint_sip:
         exclusions=f"{RESULTS}/{{model}}/{{dataset}}/sd_inpaint/exclusions.parquet",
         images=directory(f"{RESULTS}/{{model}}/{{dataset}}/sd_inpaint/images"),
         masks=directory(f"{RESULTS}/{{model}}/{{dataset}}/sd_inpaint/masks"),
+    log:
+        f"{RESULTS}/logs/inpaint_sip/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/inpaint_sip/{{model}}/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("svo_probes"),
-    params:
-        settings=lambda wildcards: config["corruptions"]["sd_inpaint"],
-        seed=config["seed"],
-        out_dir=lambda wildcards: f"{RESULTS}/{wildcards.model}/{wildcards.dataset}/sd_inpaint",
     threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
         mem_mb=GPU_JOBS["mem_mb"],
         runtime=GPU_JOBS["runtime"],
-    log:
-        f"{RESULTS}/logs/inpaint_sip/{{model}}/{{dataset}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/inpaint_sip/{{model}}/{{dataset}}.tsv"
+    params:
+        settings=lambda wildcards: config["corruptions"]["sd_inpaint"],
+        seed=config["seed"],
+        out_dir=lambda wildcards: f"{RESULTS}/{wildcards.model}/{wildcards.dataset}/sd_inpaint",
     script:
         "../workflow_scripts/inpaint.py"

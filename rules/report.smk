@@ -7,9 +7,7 @@ rule report:
         universal=expand(f"{RESULTS}/{{model}}/analysis/universal_heads.csv", model=MODELS),
         significant=expand(f"{RESULTS}/{{model}}/analysis/significant_heads.csv", model=MODELS),
         figures=expand(f"{RESULTS}/{{model}}/figures", model=MODELS),
-        accuracy=expand(
-            f"{RESULTS}/{{model}}/{{dataset}}/accuracy.csv", model=MODELS, dataset=DATASETS
-        ),
+        accuracy=expand(f"{RESULTS}/{{model}}/{{dataset}}/accuracy.csv", model=MODELS, dataset=DATASETS),
         head_functions=expand(f"{RESULTS}/{{model}}/analysis/head_functions.csv", model=MODELS),
         grounding=expand(f"{RESULTS}/{{model}}/analysis/grounding.csv", model=MODELS),
     output:
@@ -17,10 +15,10 @@ rule report:
         table1=multiext(f"{RESULTS}/tables/table1_universal_heads", ".csv", ".md"),
         table2=multiext(f"{RESULTS}/tables/table2_accuracy", ".csv", ".md"),
         table3=multiext(f"{RESULTS}/tables/table3_head_functions", ".csv", ".md"),
+    log:
+        f"{RESULTS}/logs/report.log",
     params:
         models=MODELS,
         analysis=keys_of(config["analysis"], "k_sigma", "universal_corruptions", "head_functions"),
-    log:
-        f"{RESULTS}/logs/report.log",
     script:
         "../workflow_scripts/report.py"

@@ -58,8 +58,14 @@ def test_llava_architecture_grouped_query(llava):
 def test_blip_answer_logits_are_the_first_decoder_step_of_generate(blip):
     inp = blip.prepare(noise_image(0), QUESTION)
     out = blip.model.generate(
-        input_ids=inp.input_ids, pixel_values=inp.pixel_values, attention_mask=inp.attention_mask,
-        max_new_tokens=5, do_sample=False, num_beams=1, output_scores=True, return_dict_in_generate=True,
+        input_ids=inp.input_ids,
+        pixel_values=inp.pixel_values,
+        attention_mask=inp.attention_mask,
+        max_new_tokens=5,
+        do_sample=False,
+        num_beams=1,
+        output_scores=True,
+        return_dict_in_generate=True,
     )
     assert int(out.sequences[0, 0]) == blip.model.config.text_config.bos_token_id
     torch.testing.assert_close(blip.answer_logits(inp), out.scores[0][0].float(), rtol=0, atol=1e-5)
@@ -80,8 +86,9 @@ def test_blip_generate_stops_at_sep():
 def test_llava_answer_logits_are_the_last_position(llava):
     inp = llava.prepare(noise_image(0), llava.format_prompt(QUESTION))
     with torch.no_grad():
-        full = llava.model(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
-                           pixel_values=inp.pixel_values).logits[0, -1]
+        full = llava.model(
+            input_ids=inp.input_ids, attention_mask=inp.attention_mask, pixel_values=inp.pixel_values
+        ).logits[0, -1]
     torch.testing.assert_close(llava.answer_logits(inp), full, rtol=0, atol=1e-6)
     first = llava.processor.tokenizer.decode([int(full.argmax())], skip_special_tokens=True).strip()
     assert llava.generate_answer(inp, max_new_tokens=1) == first
@@ -166,7 +173,9 @@ def test_save_pretrained_then_load_adapter(tmp_path, make):
     assert type(loaded) is type(adapter)
     prompt = adapter.format_prompt(QUESTION)
     expected = adapter.answer_logits(adapter.prepare(noise_image(3), prompt))
-    torch.testing.assert_close(loaded.answer_logits(loaded.prepare(noise_image(3), prompt)), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        loaded.answer_logits(loaded.prepare(noise_image(3), prompt)), expected, rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("make", [blip_adapter, llava_adapter])
@@ -176,10 +185,16 @@ def test_tokenizing_adapter_has_no_weights_and_tokenises_like_the_model(tmp_path
     adapter.processor.save_pretrained(tmp_path)
     tokenizing = load_adapter(str(tmp_path), weights=False)
     assert tokenizing.device.type == "meta"
-    assert (tokenizing.n_layers, tokenizing.n_heads, tokenizing.head_dim) == (adapter.n_layers, adapter.n_heads, adapter.head_dim)
+    assert (tokenizing.n_layers, tokenizing.n_heads, tokenizing.head_dim) == (
+        adapter.n_layers,
+        adapter.n_heads,
+        adapter.head_dim,
+    )
     prompt = tokenizing.format_prompt(QUESTION)
     assert prompt == adapter.format_prompt(QUESTION)
-    assert [tokenizing.option_token_id(o) for o in ("red", "green")] == [adapter.option_token_id(o) for o in ("red", "green")]
+    assert [tokenizing.option_token_id(o) for o in ("red", "green")] == [
+        adapter.option_token_id(o) for o in ("red", "green")
+    ]
     assert tokenizing.processor.tokenizer(prompt)["input_ids"] == adapter.processor.tokenizer(prompt)["input_ids"]
     with pytest.raises((NotImplementedError, RuntimeError)):
         tokenizing.answer_logits(tokenizing.prepare(noise_image(3), prompt))
@@ -219,6 +234,8 @@ def test_missing_local_directory_fails(tmp_path):
 
 
 def test_unknown_model_type_lists_supported(tmp_path):
-    BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"'bert'.*\['blip', 'llava', 'llava_next', 'qwen2_5_vl', 'qwen2_vl'\]"):
         load_adapter(str(tmp_path))

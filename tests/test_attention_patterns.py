@@ -31,19 +31,33 @@ def selected_table(adapter, tmp_path) -> pd.DataFrame:
     for i, (task, has_mask) in enumerate([("colour", True), ("colour", True), ("colour", False), ("shape", False)]):
         image = tmp_path / f"image{i}.png"
         noise_image(i).save(image)
-        rows.append({
-            "sample_id": f"s{i}", "task": task, "category": "red", "image_path": str(image),
-            "mask_path": str(tmp_path / "mask.png") if has_mask else "", "answer": "red", "distractor": "green",
-            "correct_first": True, "question": QUESTION, "prompt": adapter.format_prompt(QUESTION),
-            "answer_token_id": adapter.option_token_id("red"), "distractor_token_id": adapter.option_token_id("green"),
-        })
+        rows.append(
+            {
+                "sample_id": f"s{i}",
+                "task": task,
+                "category": "red",
+                "image_path": str(image),
+                "mask_path": str(tmp_path / "mask.png") if has_mask else "",
+                "answer": "red",
+                "distractor": "green",
+                "correct_first": True,
+                "question": QUESTION,
+                "prompt": adapter.format_prompt(QUESTION),
+                "answer_token_id": adapter.option_token_id("red"),
+                "distractor_token_id": adapter.option_token_id("green"),
+            }
+        )
     return pd.DataFrame(rows, columns=list(PROMPT_COLUMNS))
 
 
 def test_choose_samples_spreads_over_tasks_masks_first():
-    selected = pd.DataFrame({"sample_id": [f"c{i}" for i in range(4)] + ["s0", "s1"],
-                             "task": ["colour"] * 4 + ["shape"] * 2,
-                             "mask_path": ["", "m1", "", "m3", "", ""]})
+    selected = pd.DataFrame(
+        {
+            "sample_id": [f"c{i}" for i in range(4)] + ["s0", "s1"],
+            "task": ["colour"] * 4 + ["shape"] * 2,
+            "mask_path": ["", "m1", "", "m3", "", ""],
+        }
+    )
     chosen = choose_samples(selected, 4, seed=0)
     assert chosen["task"].tolist() == ["colour", "shape", "colour", "shape"]
     assert set(chosen.loc[chosen["task"] == "colour", "sample_id"]) == {"c1", "c3"}  # the masked ones
@@ -62,8 +76,9 @@ def pipeline(request, tmp_path_factory):
         selected = selected_table(adapter, tmp_path)
         index = write_records(adapter, choose_samples(selected, 3, seed=0), load_image, tmp_path / "attention")
     records = load_records(tmp_path / "attention")
-    scores = scores_from_records({("m", adapter.head_site, "d"): records}, ["model", "site", "dataset"],
-                                 HeadFunctionConfig())
+    scores = scores_from_records(
+        {("m", adapter.head_site, "d"): records}, ["model", "site", "dataset"], HeadFunctionConfig()
+    )
     return adapter, index, records, scores, tmp_path
 
 
@@ -82,7 +97,9 @@ def test_records_hold_normalised_patch_attention(pipeline):
         assert record["image"].shape == (32, 32, 3) and record["site"] == adapter.head_site
         labels = record["query_labels"].tolist()
         # cross-attention fusion: the head position is the answer token in the question; decoders: the last token
-        assert labels[record["head_query_index"]] == ("<answer>" if adapter.head_site == "cross_attn_head" else "<last>")
+        assert labels[record["head_query_index"]] == (
+            "<answer>" if adapter.head_site == "cross_attn_head" else "<last>"
+        )
         assert "<answer>" in labels and "<distractor>" in labels
     assert records[1]["mask"].size == 0
     mask = records[0]["mask"]

@@ -27,9 +27,22 @@ def assert_config_error(output, *lines):
 def test_demo_config_plans(tmp_path):
     code, output = dry_run(tmp_path, DEMO)
     assert code == 0, output
-    for rule in ("synthetic_dataset", "train_toy_model", "distractors", "prompts", "evaluate_shard", "gather_answers",
-                 "select_samples", "pairs", "cache_clean", "patch", "gather_patching", "analyse_heads", "figures",
-                 "report"):
+    for rule in (
+        "synthetic_dataset",
+        "train_toy_model",
+        "distractors",
+        "prompts",
+        "evaluate_shard",
+        "gather_answers",
+        "select_samples",
+        "pairs",
+        "cache_clean",
+        "patch",
+        "gather_patching",
+        "analyse_heads",
+        "figures",
+        "report",
+    ):
         assert rule in output, f"rule {rule} missing from the plan"
 
 
@@ -63,9 +76,11 @@ def test_unknown_key_is_named(tmp_path):
     code, output = dry_run(tmp_path, config)
     assert code != 0
     where = f"config error in {tmp_path / 'config.yaml'}"
-    assert_config_error(output, f"{where}: sed: unknown key (expected one of: {', '.join(SCHEMA['properties'])})",
-                        f"{where}: patching.engnie: unknown key (expected one of: engine, module_sites, head_sites, "
-                        "batch_size)")
+    assert_config_error(
+        output,
+        f"{where}: sed: unknown key (expected one of: {', '.join(SCHEMA['properties'])})",
+        f"{where}: patching.engnie: unknown key (expected one of: engine, module_sites, head_sites, batch_size)",
+    )
 
 
 def test_unknown_nested_key_is_named_with_its_path(tmp_path):
@@ -73,8 +88,11 @@ def test_unknown_nested_key_is_named_with_its_path(tmp_path):
     config["datasets"]["synthetic"]["tasks"]["colour"]["questoin"] = "what?"
     code, output = dry_run(tmp_path, config)
     assert code != 0
-    assert_config_error(output, f"config error in {tmp_path / 'config.yaml'}: datasets.synthetic.tasks.colour.questoin: "
-                        "unknown key (expected one of: question, values, groups, distractor_rule)")
+    assert_config_error(
+        output,
+        f"config error in {tmp_path / 'config.yaml'}: datasets.synthetic.tasks.colour.questoin: "
+        "unknown key (expected one of: question, values, groups, distractor_rule)",
+    )
     code, output = dry_run(tmp_path, None, "--config", "datasets={synthetic: {tasks: {colour: {questoin: what}}}}")
     assert code != 0
     assert "config error in --config: datasets.synthetic.tasks.colour.questoin: unknown key" in output
@@ -85,8 +103,9 @@ def test_wrong_type_is_named(tmp_path):
     config["selection"]["n_per_task"] = "many"
     code, output = dry_run(tmp_path, config)
     assert code != 0
-    assert_config_error(output,
-                        f"config error in {tmp_path / 'config.yaml'}: selection.n_per_task: 'many' is not of type 'integer'")
+    assert_config_error(
+        output, f"config error in {tmp_path / 'config.yaml'}: selection.n_per_task: 'many' is not of type 'integer'"
+    )
     code, output = dry_run(tmp_path, None, "--config", "seed=x")
     assert code != 0
     assert_config_error(output, "config error in --config: seed: 'x' is not of type 'integer'")
@@ -95,20 +114,26 @@ def test_wrong_type_is_named(tmp_path):
 def test_missing_required_key_is_blamed_on_the_source_of_its_section(tmp_path):
     code, output = dry_run(tmp_path, None, "--config", "datasets={extra: {path: x}}")
     assert code != 0
-    assert_config_error(output, "config error in --config: datasets.extra.kind: required key missing",
-                        "config error in --config: datasets.extra.tasks: required key missing")
+    assert_config_error(
+        output,
+        "config error in --config: datasets.extra.kind: required key missing",
+        "config error in --config: datasets.extra.tasks: required key missing",
+    )
     config = copy.deepcopy(DEMO)
     del config["datasets"]["synthetic"]["tasks"]["colour"]["values"]
     code, output = dry_run(tmp_path, config, "--config", "datasets={synthetic: {tasks: {colour: {question: q}}}}")
     assert code != 0
-    assert_config_error(output, f"config error in {tmp_path / 'config.yaml'}: "
-                        "datasets.synthetic.tasks.colour.values: required key missing")
+    assert_config_error(
+        output,
+        f"config error in {tmp_path / 'config.yaml'}: datasets.synthetic.tasks.colour.values: required key missing",
+    )
 
 
 def test_missing_dataset_path_is_named(tmp_path):
     config = copy.deepcopy(DEMO)
     config["datasets"]["mine"] = {
-        "kind": "samples_table", "path": str(tmp_path / "nowhere"),
+        "kind": "samples_table",
+        "path": str(tmp_path / "nowhere"),
         "tasks": {"colour": {"question": "is it {a} or {b}?", "values": ["red", "blue"]}},
     }
     code, output = dry_run(tmp_path, config)

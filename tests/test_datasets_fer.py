@@ -20,15 +20,18 @@ def _pixels(seed: int, n: int = 2304) -> str:
 
 def _fer_rows():
     """Two Training and one PublicTest face per emotion, then malformed rows 21-26."""
-    rows = [[str(label), _pixels(10 * label + k), usage]
-            for label in range(7) for k, usage in enumerate(("Training", "Training", "PublicTest"))]
+    rows = [
+        [str(label), _pixels(10 * label + k), usage]
+        for label in range(7)
+        for k, usage in enumerate(("Training", "Training", "PublicTest"))
+    ]
     rows += [
-        ["3", _pixels(1, 2303), "Training"],                 # 21
+        ["3", _pixels(1, 2303), "Training"],  # 21
         ["3", "x7 " + _pixels(2, 2303), "Training"],  # 22
         ["3", "300 " + _pixels(3), "Training"],  # 23 (2305 values)
-        ["9", _pixels(4), "Training"],                       # 24
-        ["happy", _pixels(5), "Training"],                   # 25
-        ["3", _pixels(6), ""],                               # 26
+        ["9", _pixels(4), "Training"],  # 24
+        ["happy", _pixels(5), "Training"],  # 25
+        ["3", _pixels(6), ""],  # 26
         ["3", "999 " + _pixels(7, 2303), "PrivateTest"],  # 27: out of range
     ]
     return rows
@@ -52,8 +55,14 @@ def test_csv_samples_images_and_exclusions(fer_csv, tmp_path):
         label, pixels, usage = rows[index]
         emotion = EMOTIONS[int(label)]
         assert (row.sample_id, row.task, row.subject, row.answer, row.category, row.group, row.pool_key) == (
-            f"fer/row{index:05d}", "facial_expressions", "person", emotion, emotion, EMOTION_GROUPS[emotion],
-            row.sample_id)
+            f"fer/row{index:05d}",
+            "facial_expressions",
+            "person",
+            emotion,
+            emotion,
+            EMOTION_GROUPS[emotion],
+            row.sample_id,
+        )
         assert row.image_path == str(out / "images" / usage / f"{index:05d}.png")
         decoded = np.asarray(Image.open(row.image_path))
         assert decoded.shape == (48, 48)
@@ -89,7 +98,8 @@ def test_pool_has_every_other_emotion_from_the_same_split(fer_csv, tmp_path):
 
 def test_splits_groups_and_determinism(fer_csv, tmp_path):
     samples, pool, exclusions = read_facial_expressions(
-        fer_csv, tmp_path / "out", dataset="fer", splits=["Training"], groups={"happy": "positive", "sad": "negative"})
+        fer_csv, tmp_path / "out", dataset="fer", splits=["Training"], groups={"happy": "positive", "sad": "negative"}
+    )
     assert sorted(set(samples["answer"])) == ["happy", "sad"] and len(samples) == 4
     reasons = set(exclusions["reason"])
     assert "fer2013.csv line 4: split 'PublicTest' is not in the configured splits ['Training']" in reasons
@@ -99,14 +109,17 @@ def test_splits_groups_and_determinism(fer_csv, tmp_path):
     for i in range(2):
         tables = read_facial_expressions(fer_csv, tmp_path / f"out{i}", dataset="fer", seed=3)
         for name, table, columns in zip("spe", tables, (SAMPLE_COLUMNS, IMAGE_POOL_COLUMNS, EXCLUSION_COLUMNS)):
-            write_table(table.replace(str(tmp_path / f"out{i}"), "OUT", regex=True), tmp_path / f"{name}{i}.parquet",
-                        columns)
+            write_table(
+                table.replace(str(tmp_path / f"out{i}"), "OUT", regex=True), tmp_path / f"{name}{i}.parquet", columns
+            )
     for name in "spe":
         assert (tmp_path / f"{name}0.parquet").read_bytes() == (tmp_path / f"{name}1.parquet").read_bytes()
     first = (tmp_path / "out0" / "images" / "Training" / "00000.png").read_bytes()
     assert first == (tmp_path / "out1" / "images" / "Training" / "00000.png").read_bytes()
-    pools = [read_facial_expressions(fer_csv, tmp_path / "o", dataset="fer", seed=s)[1]["image_path"].tolist()
-             for s in (3, 4)]
+    pools = [
+        read_facial_expressions(fer_csv, tmp_path / "o", dataset="fer", seed=s)[1]["image_path"].tolist()
+        for s in (3, 4)
+    ]
     assert pools[0] != pools[1]
 
 
@@ -134,7 +147,11 @@ def test_folder_layout(tmp_path):
     assert len(samples) == 12 and len(samples) + len(exclusions) == 18
     row = samples.loc[samples["sample_id"] == "fer/train/Surprise/im1.jpg"].iloc[0]
     assert (row.image_id, row.answer, row.group, row.image_path) == (
-        "train/Surprise/im1.jpg", "surprised", "positive", str(images / "train" / "Surprise" / "im1.jpg"))
+        "train/Surprise/im1.jpg",
+        "surprised",
+        "positive",
+        str(images / "train" / "Surprise" / "im1.jpg"),
+    )
     reasons = dict(zip(exclusions["sample_id"], exclusions["reason"]))
     assert reasons["fer/validation/contempt/im0.jpg"] == "folder 'contempt' is not a FER-2013 emotion"
     assert reasons["fer/train/happy/list.csv"] == "list.csv: not an image file"
@@ -150,6 +167,9 @@ def test_missing_source_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a fer2013.csv file nor a directory"):
         read_facial_expressions(tmp_path / "nothing", tmp_path / "out")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"empty: no split folders; expected .*/empty/<split>/<emotion>/\*\.jpg "
-                       r"or .*/empty/images/<split>/<emotion>/\*\.jpg"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"empty: no split folders; expected .*/empty/<split>/<emotion>/\*\.jpg "
+        r"or .*/empty/images/<split>/<emotion>/\*\.jpg",
+    ):
         read_facial_expressions(tmp_path / "empty", tmp_path / "out")

@@ -8,8 +8,16 @@ from notice.data.mit_states import _GROUP_LISTS, NEAR_SYNONYMS, QUESTION_TEMPLAT
 from notice.workflow.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
 
 # folder -> number of good JPEGs
-FOLDERS = {"ancient building": 3, "new building": 4, "modern building": 2, "adj building": 2, "wet_road": 2,
-           "broken glass": 1, "cracked glass": 5, "nospace": 1}
+FOLDERS = {
+    "ancient building": 3,
+    "new building": 4,
+    "modern building": 2,
+    "adj building": 2,
+    "wet_road": 2,
+    "broken glass": 1,
+    "cracked glass": 5,
+    "nospace": 1,
+}
 
 
 def _jpeg(path, seed):
@@ -42,8 +50,15 @@ def test_samples_pool_and_exclusions(root):
     assert samples.groupby(samples["image_id"].str.split("/").str[0]).size().to_dict() == kept
     row = samples.loc[samples["sample_id"] == "mit/ancient building/ancient_building_1.jpg"].iloc[0]
     assert (row.task, row.image_id, row.subject, row.answer, row.category, row.group, row.pool_key, row.mask_path) == (
-        "mit_states", "ancient building/ancient_building_1.jpg", "building", "ancient", "colour", "colour",
-        "building", "")
+        "mit_states",
+        "ancient building/ancient_building_1.jpg",
+        "building",
+        "ancient",
+        "colour",
+        "colour",
+        "building",
+        "",
+    )
     assert row.image_path == str(root / "images" / "ancient building" / "ancient_building_1.jpg")
     assert QUESTION_TEMPLATE.format(subject=row.subject, a="ancient", b="new") == "Is this building ancient or new?"
     wet = samples.loc[samples["answer"] == "wet"].iloc[0]
@@ -52,22 +67,31 @@ def test_samples_pool_and_exclusions(root):
 
     # One pool image per (noun, state), taken from that state's folder.
     assert pool[["pool_key", "value"]].values.tolist() == [
-        ["building", "ancient"], ["building", "new"], ["glass", "broken"], ["glass", "cracked"], ["road", "wet"]]
+        ["building", "ancient"],
+        ["building", "new"],
+        ["glass", "broken"],
+        ["glass", "cracked"],
+        ["road", "wet"],
+    ]
     for entry in pool.itertuples(index=False):
-        assert f"/{entry.value} {entry.pool_key}/" in entry.image_path or f"/{entry.value}_{entry.pool_key}/" in \
-            entry.image_path
+        assert (
+            f"/{entry.value} {entry.pool_key}/" in entry.image_path
+            or f"/{entry.value}_{entry.pool_key}/" in entry.image_path
+        )
 
     reasons = dict(zip(exclusions["sample_id"], exclusions["reason"]))
     assert reasons["mit/modern building/modern_building_0.jpg"] == "state 'modern' is not in any configured group"
     assert reasons["mit/adj building/adj_building_1.jpg"] == (
-        "folder 'adj building': image of the noun without a state label")
+        "folder 'adj building': image of the noun without a state label"
+    )
     assert reasons["mit/nospace/nospace_0.jpg"] == "folder 'nospace' is not '<adjective> <noun>'"
     assert reasons["mit/new building/notes.txt"] == "notes.txt: not an image file (expected .jpeg, .jpg, .png)"
     assert reasons["mit/broken glass/broken_glass_9.jpg"].startswith("broken_glass_9.jpg: cannot decode image (")
     assert "truncated" in reasons["mit/broken glass/broken_glass_9.jpg"].lower()
     assert reasons["mit/README"] == "file outside an '<adjective> <noun>' folder"
     assert reasons["mit/new building/.DS_Store"] == (
-        ".DS_Store: hidden file (name starts with '.'), not read as an image")
+        ".DS_Store: hidden file (name starts with '.'), not read as an image"
+    )
     files_read = sum(FOLDERS.values()) + 4  # + truncated jpg, notes.txt, README, .DS_Store
     assert len(samples) + len(exclusions) == files_read
 

@@ -67,7 +67,8 @@ def test_svo_published_csv_with_bom_crlf_and_malformed_rows(tmp_path):
     for side in ("pos", "neg"):
         assert reasons[f"svo_r000002_{side}"] == "svo_probes.csv line 4: 14 fields, expected 10 like the header"
         assert reasons[f"svo_r000003_{side}"] == (
-            "svo_probes.csv line 5: cannot parse the line (',' expected after '\"')")
+            "svo_probes.csv line 5: cannot parse the line (',' expected after '\"')"
+        )
         assert reasons[f"svo_r000004_{side}"] == "svo_probes.csv line 6: 11 fields, expected 10 like the header"
     assert len(samples) + len(exclusions) == 2 * len(SVO_LINES)
     assert len(pool) == len(samples)
@@ -78,23 +79,34 @@ def test_svo_published_csv_with_bom_crlf_and_malformed_rows(tmp_path):
 
 
 def test_svo_multiline_sentence_keeps_line_numbers(tmp_path):
-    lines = [svo_line(0, '"child,cross,street"', '"lady,cross,street"', "True,False,False").replace(
-        "A scene,", "A scene\r\non two lines,"), svo_line(1, "dog,swim,lake", "dog,walk,lake", "False,True,False")]
+    lines = [
+        svo_line(0, '"child,cross,street"', '"lady,cross,street"', "True,False,False").replace(
+            "A scene,", "A scene\r\non two lines,"
+        ),
+        svo_line(1, "dog,swim,lake", "dog,walk,lake", "False,True,False"),
+    ]
     path = write_svo(tmp_path / "svo_probes.csv", lines)
     samples, _, exclusions = read_svo_probes(path, downloads_for(path, tmp_path / "cache"), dataset="svo")
     assert len(samples) == 2
     assert set(exclusions["reason"]) == {"svo_probes.csv line 4: 14 fields, expected 10 like the header"}
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "svo_probes.csv: cannot parse as CSV: empty file (expected a header line with columns ['sentence', "),
-    (b'sentence,pos_triplet,neg_triplet,subj_neg,verb_neg,obj_neg,pos_url,neg_url,pos_image_id,neg_image_id\n'
-     b'"unclosed,a,b,True,False,False,u,v,1,2\nx,y\n',
-     "svo_probes.csv: cannot parse as CSV: the quoted field opened on line 2 is never closed (unexpected end of file)"),
-    (b"sentence,pos_triplet\n\xff\xfe,x\n",
-     "svo_probes.csv: cannot parse as CSV: not UTF-8 text (byte b'\\xff': invalid start byte, at or after line 1); "
-     "save it as UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "svo_probes.csv: cannot parse as CSV: empty file (expected a header line with columns ['sentence', "),
+        (
+            b"sentence,pos_triplet,neg_triplet,subj_neg,verb_neg,obj_neg,pos_url,neg_url,pos_image_id,neg_image_id\n"
+            b'"unclosed,a,b,True,False,False,u,v,1,2\nx,y\n',
+            "svo_probes.csv: cannot parse as CSV: the quoted field opened on line 2 is never closed (unexpected end of file)",
+        ),
+        (
+            b"sentence,pos_triplet\n\xff\xfe,x\n",
+            "svo_probes.csv: cannot parse as CSV: not UTF-8 text (byte b'\\xff': invalid start byte, at or after line 1); "
+            "save it as UTF-8",
+        ),
+    ],
+)
 def test_svo_file_that_cannot_be_parsed_names_the_file(tmp_path, content, message):
     path = tmp_path / "svo_probes.csv"
     path.write_bytes(content)
@@ -128,15 +140,19 @@ def test_mit_states_release_layout(tmp_path):
         (images / name).write_bytes(data)
     samples, pool, exclusions = read_mit_states(tmp_path / "release_dataset", dataset="mit")
     assert samples["image_id"].tolist() == [
-        "ancient building/ancient_building_1.JPG", "ancient building/ancient_building_2.jpg",
-        "new building/new_building_1.JPG"]
+        "ancient building/ancient_building_1.JPG",
+        "ancient building/ancient_building_2.jpg",
+        "new building/new_building_1.JPG",
+    ]
     assert dict(zip(exclusions["sample_id"], exclusions["reason"])) == {
         "mit/.cache/ancient building/x.JPG": "inside hidden folder '.cache', not read",
         "mit/adj building/adj_building_1.JPG": "folder 'adj building': image of the noun without a state label",
         "mit/ancient building/thumbs/ancient_building_1.JPG": (
-            "in nested sub-folder 'thumbs'; images are read only directly inside an '<adjective> <noun>' folder"),
+            "in nested sub-folder 'thumbs'; images are read only directly inside an '<adjective> <noun>' folder"
+        ),
         "mit/new building/._new_building_1.JPG": (
-            "._new_building_1.JPG: hidden file (name starts with '.'), not read as an image"),
+            "._new_building_1.JPG: hidden file (name starts with '.'), not read as an image"
+        ),
         "mit/new building/.DS_Store": ".DS_Store: hidden file (name starts with '.'), not read as an image",
         "mit/new building/new_building_2.JPG": "new_building_2.JPG: empty file (0 bytes)",
     }
@@ -149,8 +165,12 @@ def pixels(seed: int, n: int = 48 * 48) -> str:
     return " ".join(map(str, np.random.default_rng(seed).integers(0, 256, n)))
 
 
-FER_ROWS = [("0", pixels(0), "Training"), ("3", pixels(1), "Training"), ("3", pixels(2), "PublicTest"),
-            ("6", pixels(3), "PrivateTest")]
+FER_ROWS = [
+    ("0", pixels(0), "Training"),
+    ("3", pixels(1), "Training"),
+    ("3", pixels(2), "PublicTest"),
+    ("6", pixels(3), "PrivateTest"),
+]
 
 
 def write_fer2013(path: Path, rows=FER_ROWS) -> Path:
@@ -166,8 +186,10 @@ def write_icml(path: Path, rows=FER_ROWS) -> Path:
 
 
 def test_fer2013_and_icml_variant_give_the_same_samples(tmp_path):
-    tables = [read_facial_expressions(write(tmp_path / name), tmp_path / name.split(".")[0], dataset="fer")
-              for name, write in (("fer2013.csv", write_fer2013), ("icml_face_data.csv", write_icml))]
+    tables = [
+        read_facial_expressions(write(tmp_path / name), tmp_path / name.split(".")[0], dataset="fer")
+        for name, write in (("fer2013.csv", write_fer2013), ("icml_face_data.csv", write_icml))
+    ]
     (first, _, none), (second, _, none_either) = tables
     assert none.empty and none_either.empty
     assert first["answer"].tolist() == second["answer"].tolist() == ["angry", "happy", "happy", "neutral"]
@@ -196,8 +218,9 @@ def test_fer_csv_that_cannot_be_parsed_names_the_file(tmp_path):
     path.write_text("")
     with pytest.raises(TableError) as caught:
         read_facial_expressions(path, tmp_path / "out")
-    assert str(caught.value) == (f"{path}: cannot parse as CSV: empty file (expected a header line with columns "
-                                 "['emotion', 'pixels', 'Usage'])")
+    assert str(caught.value) == (
+        f"{path}: cannot parse as CSV: empty file (expected a header line with columns ['emotion', 'pixels', 'Usage'])"
+    )
     path.write_text("emotion,pixels,Usage\n")  # header only: read, no samples (the reader script stops on it)
     samples, pool, exclusions = read_facial_expressions(path, tmp_path / "out")
     assert samples.empty and pool.empty and exclusions.empty
@@ -209,8 +232,9 @@ def write_face_folders(root: Path, splits=("train", "test")) -> Path:
             folder = root / split / emotion
             folder.mkdir(parents=True)
             for k in range(2):
-                Image.fromarray(np.random.default_rng(100 * s + 10 * e + k).integers(0, 256, (48, 48), dtype=np.uint8)
-                                ).save(folder / f"im{k}.jpg")
+                Image.fromarray(
+                    np.random.default_rng(100 * s + 10 * e + k).integers(0, 256, (48, 48), dtype=np.uint8)
+                ).save(folder / f"im{k}.jpg")
     (root / splits[0] / "happy" / ".DS_Store").write_bytes(b"\0")
     (root / splits[0] / "happy" / "extra").mkdir()
     happy = root / splits[0] / "happy"
@@ -224,7 +248,8 @@ def write_face_folders(root: Path, splits=("train", "test")) -> Path:
 FOLDER_REASONS = {
     "train/happy/.DS_Store": ".DS_Store: hidden file (name starts with '.'), not read as an image",
     "train/happy/extra/im9.jpg": (
-        "in nested sub-folder 'extra'; images are read only directly inside a '<split>/<emotion>/' folder"),
+        "in nested sub-folder 'extra'; images are read only directly inside a '<split>/<emotion>/' folder"
+    ),
     "train/notes.txt": "file outside a '<split>/<emotion>/' folder",
     ".ipynb_checkpoints/im0.jpg": "inside hidden folder '.ipynb_checkpoints', not read",
 }
@@ -245,8 +270,10 @@ def test_fer_folder_copies_with_or_without_images_folder(tmp_path, under_images)
         expected["fer/README.txt"] = "file outside a '<split>/<emotion>/' folder"
     assert reasons == expected
     for sample in samples.itertuples(index=False):  # corrupt faces come from the sample's own split
-        assert all(Path(p).relative_to(base).parts[0] == sample.image_id.split("/")[0]
-                   for p in pool.loc[pool["pool_key"] == sample.sample_id, "image_path"])
+        assert all(
+            Path(p).relative_to(base).parts[0] == sample.image_id.split("/")[0]
+            for p in pool.loc[pool["pool_key"] == sample.sample_id, "image_path"]
+        )
 
     samples, _, exclusions = read_facial_expressions(root, tmp_path / "unused", dataset="fer", splits=["test"])
     assert len(samples) == 6 and set(samples["image_id"].str.split("/").str[0]) == {"test"}

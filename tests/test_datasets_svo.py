@@ -22,21 +22,81 @@ from notice.workflow.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE
 U = "http://img.example/"
 # sentence, pos_triplet, neg_triplet, subj_neg, verb_neg, obj_neg, pos_url, neg_url, pos_image_id, neg_image_id
 ROWS = [
-    ["A child crossing the street.", "child,cross,street", "lady,cross,street", "True", "False", "False",
-     U + "1.jpg", U + "2.jpg", "1", "2"],
-    ["A man riding a horse.", "man,ride,horse", "man,feed,horse", "False", "True", "False",
-     U + "3.jpg", U + "4.jpg", "3", "4"],
-    ["A child crossing the road.", "['child,cross,road']", "['child,cross,bridge']", "False", "False", "True",
-     U + "5.jpg", U + "6.jpg", "5", "6"],
+    [
+        "A child crossing the street.",
+        "child,cross,street",
+        "lady,cross,street",
+        "True",
+        "False",
+        "False",
+        U + "1.jpg",
+        U + "2.jpg",
+        "1",
+        "2",
+    ],
+    [
+        "A man riding a horse.",
+        "man,ride,horse",
+        "man,feed,horse",
+        "False",
+        "True",
+        "False",
+        U + "3.jpg",
+        U + "4.jpg",
+        "3",
+        "4",
+    ],
+    [
+        "A child crossing the road.",
+        "['child,cross,road']",
+        "['child,cross,bridge']",
+        "False",
+        "False",
+        "True",
+        U + "5.jpg",
+        U + "6.jpg",
+        "5",
+        "6",
+    ],
     ["A dog sitting.", "dog,sit", "cat,sit,grass", "True", "False", "False", U + "7.jpg", U + "8.jpg", "7", "8"],
     ["Two flags.", "dog,sit,grass", "cat,sit,grass", "True", "True", "False", U + "7.jpg", U + "8.jpg", "7", "8"],
     ["Wrong flag.", "dog,sit,grass", "cat,sit,grass", "False", "True", "False", U + "7.jpg", U + "8.jpg", "7", "8"],
-    ["A person running.", "person,run,beach", "dog,run,beach", "True", "False", "False",
-     U + "9.jpg", U + "10.jpg", "9", "10"],
-    ["A child crossing the street.", "child,cross,street", "lady,cross,street", "True", "False", "False",
-     U + "1.jpg", U + "2.jpg", "1", "2"],  # the same questions as row 0
-    ["A dog swimming.", "dog,swim,lake", "dog,walk,lake", "False", "True", "False",
-     U + "11.jpg", U + "404.jpg", "11", "12"],
+    [
+        "A person running.",
+        "person,run,beach",
+        "dog,run,beach",
+        "True",
+        "False",
+        "False",
+        U + "9.jpg",
+        U + "10.jpg",
+        "9",
+        "10",
+    ],
+    [
+        "A child crossing the street.",
+        "child,cross,street",
+        "lady,cross,street",
+        "True",
+        "False",
+        "False",
+        U + "1.jpg",
+        U + "2.jpg",
+        "1",
+        "2",
+    ],  # the same questions as row 0
+    [
+        "A dog swimming.",
+        "dog,swim,lake",
+        "dog,walk,lake",
+        "False",
+        "True",
+        "False",
+        U + "11.jpg",
+        U + "404.jpg",
+        "11",
+        "12",
+    ],
     ["A bad flag.", "dog,swim,lake", "cat,swim,lake", "maybe", "False", "False", U + "11.jpg", U + "2.jpg", "11", "2"],
 ]
 
@@ -74,29 +134,66 @@ def test_samples_pool_and_questions_row_by_row(read, tmp_path):
     cache = tmp_path / "cache"
     expected = [
         # sample_id, task, image, subject, answer, distractor, question
-        ("svo_r000000_pos", "svo_subject", "1", "crossing the street", "child", "lady",
-         "Is the child or the lady crossing the street?"),
-        ("svo_r000000_neg", "svo_subject", "2", "crossing the street", "lady", "child",
-         "Is the lady or the child crossing the street?"),
+        (
+            "svo_r000000_pos",
+            "svo_subject",
+            "1",
+            "crossing the street",
+            "child",
+            "lady",
+            "Is the child or the lady crossing the street?",
+        ),
+        (
+            "svo_r000000_neg",
+            "svo_subject",
+            "2",
+            "crossing the street",
+            "lady",
+            "child",
+            "Is the lady or the child crossing the street?",
+        ),
         ("svo_r000001_pos", "svo_verb", "3", "man", "riding", "feeding", "Is the man riding or feeding?"),
         ("svo_r000001_neg", "svo_verb", "4", "man", "feeding", "riding", "Is the man feeding or riding?"),
-        ("svo_r000002_pos", "svo_object", "5", "child crossing", "road", "bridge",
-         "Is the child crossing the road or the bridge?"),
-        ("svo_r000002_neg", "svo_object", "6", "child crossing", "bridge", "road",
-         "Is the child crossing the bridge or the road?"),
+        (
+            "svo_r000002_pos",
+            "svo_object",
+            "5",
+            "child crossing",
+            "road",
+            "bridge",
+            "Is the child crossing the road or the bridge?",
+        ),
+        (
+            "svo_r000002_neg",
+            "svo_object",
+            "6",
+            "child crossing",
+            "bridge",
+            "road",
+            "Is the child crossing the bridge or the road?",
+        ),
     ]
     assert len(samples) == len(expected)
     for row, (sample_id, task, image, subject, answer, distractor, question) in zip(
-            samples.itertuples(index=False), expected):
+        samples.itertuples(index=False), expected
+    ):
         assert (row.sample_id, row.task, row.image_id, row.subject, row.answer, row.distractor_given) == (
-            sample_id, task, image, subject, answer, distractor)
+            sample_id,
+            task,
+            image,
+            subject,
+            answer,
+            distractor,
+        )
         assert row.image_path == str(cache / f"{image}.png")
         assert row.category == row.group == task.removeprefix("svo_")
         assert row.pool_key == sample_id.rsplit("_", 1)[0]
         assert row.mask_path == ""
         assert QUESTION_TEMPLATES[task].format(subject=row.subject, a=row.answer, b=row.distractor_given) == question
     assert samples.loc[:1, ["triplet", "corrupt_triplet"]].values.tolist() == [
-        ["child,cross,street", "lady,cross,street"], ["lady,cross,street", "child,cross,street"]]
+        ["child,cross,street", "lady,cross,street"],
+        ["lady,cross,street", "child,cross,street"],
+    ]
 
     # SIP: the pool row (pool_key, distractor) is the other image of the row.
     assert list(pool.columns) == list(IMAGE_POOL_COLUMNS)
@@ -111,15 +208,19 @@ def test_samples_pool_and_questions_row_by_row(read, tmp_path):
     assert list(exclusions.columns) == list(EXCLUSION_COLUMNS) and set(exclusions["stage"]) == {"read:svo"}
     for side in ("pos", "neg"):
         assert reasons[f"svo_r000003_{side}"] == (
-            "svo_probes.csv line 5: pos_triplet 'dog,sit' is not 'subject,verb,object'")
+            "svo_probes.csv line 5: pos_triplet 'dog,sit' is not 'subject,verb,object'"
+        )
         assert reasons[f"svo_r000004_{side}"] == (
-            "svo_probes.csv line 6: expected exactly one of subj_neg/verb_neg/obj_neg true, got 2 (subj_neg, verb_neg)")
+            "svo_probes.csv line 6: expected exactly one of subj_neg/verb_neg/obj_neg true, got 2 (subj_neg, verb_neg)"
+        )
         assert reasons[f"svo_r000005_{side}"] == (
-            "svo_probes.csv line 7: triplets dog,sit,grass / cat,sit,grass differ in subject, but verb_neg says verb")
+            "svo_probes.csv line 7: triplets dog,sit,grass / cat,sit,grass differ in subject, but verb_neg says verb"
+        )
         assert reasons[f"svo_r000006_{side}"] == "svo_probes.csv line 8: contains excluded word(s) ['person']"
         assert reasons[f"svo_r000007_{side}"] == f"svo_probes.csv line 9: duplicate of svo_r000000_{side}"
         assert reasons[f"svo_r000008_{side}"] == (
-            "svo_probes.csv line 10: negative image failed to download: HTTP 404 (http://img.example/404.jpg)")
+            "svo_probes.csv line 10: negative image failed to download: HTTP 404 (http://img.example/404.jpg)"
+        )
         assert reasons[f"svo_r000009_{side}"] == "svo_probes.csv line 11: subj_neg = 'maybe' is not a boolean"
     assert len(samples) + len(exclusions) == 2 * len(ROWS)
 
@@ -137,8 +238,10 @@ def test_url_not_in_downloads_table_is_excluded(tmp_path):
     downloads = pd.DataFrame(columns=list(DOWNLOAD_COLUMNS))
     samples, pool, exclusions = read_svo_probes(tmp_path / "svo_probes.csv", downloads, dataset="svo")
     assert samples.empty and pool.empty
-    assert exclusions["reason"].tolist() == [
-        f"svo_probes.csv line 2: positive image not downloaded: {U}1.jpg is not in the downloads table"] * 2
+    assert (
+        exclusions["reason"].tolist()
+        == [f"svo_probes.csv line 2: positive image not downloaded: {U}1.jpg is not in the downloads table"] * 2
+    )
 
 
 def test_tables_are_byte_identical_on_rerun(read, tmp_path):
@@ -168,11 +271,25 @@ def test_given_distractor_is_used_by_the_distractor_stage(read):
     assert distractors["distractor"].tolist() == samples["distractor_given"].tolist()
 
 
-@pytest.mark.parametrize("verb, expected", [
-    ("cross", "crossing"), ("ride", "riding"), ("sit", "sitting"), ("swim", "swimming"), ("lie", "lying"),
-    ("see", "seeing"), ("eat", "eating"), ("play", "playing"), ("open", "opening"), ("fix", "fixing"),
-    ("jump over", "jumping over"), ("sing", "singing"), ("begin", "beginning"), ("dance", "dancing"),
-])
+@pytest.mark.parametrize(
+    "verb, expected",
+    [
+        ("cross", "crossing"),
+        ("ride", "riding"),
+        ("sit", "sitting"),
+        ("swim", "swimming"),
+        ("lie", "lying"),
+        ("see", "seeing"),
+        ("eat", "eating"),
+        ("play", "playing"),
+        ("open", "opening"),
+        ("fix", "fixing"),
+        ("jump over", "jumping over"),
+        ("sing", "singing"),
+        ("begin", "beginning"),
+        ("dance", "dancing"),
+    ],
+)
 def test_gerund(verb, expected):
     assert gerund(verb) == expected
 

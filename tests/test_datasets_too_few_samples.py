@@ -34,16 +34,27 @@ def run_script(name: str, tmp_path: Path, **fields) -> None:
 
 def reader_outputs(tmp_path: Path) -> dict[str, str]:
     out = tmp_path / "results" / "datasets" / "fer"
-    return {"samples": str(out / "samples.parquet"), "pool": str(out / "image_pool.parquet"),
-            "exclusions": str(out / "read_exclusions.parquet")}
+    return {
+        "samples": str(out / "samples.parquet"),
+        "pool": str(out / "image_pool.parquet"),
+        "exclusions": str(out / "read_exclusions.parquet"),
+    }
 
 
 def read_fer(tmp_path: Path, source: Path, min_per_task: int = 1, **section) -> dict[str, str]:
     outputs = reader_outputs(tmp_path)
     run_script(
-        "read_facial_expressions.py", tmp_path, wildcards=SimpleNamespace(dataset="fer"), output=outputs,
-        params=SimpleNamespace(section={"path": str(source), "tasks": FER_TASKS, **section}, seed=0,
-                               out_dir=str(tmp_path / "decoded"), min_per_task=min_per_task))
+        "read_facial_expressions.py",
+        tmp_path,
+        wildcards=SimpleNamespace(dataset="fer"),
+        output=outputs,
+        params=SimpleNamespace(
+            section={"path": str(source), "tasks": FER_TASKS, **section},
+            seed=0,
+            out_dir=str(tmp_path / "decoded"),
+            min_per_task=min_per_task,
+        ),
+    )
     return outputs
 
 
@@ -62,7 +73,8 @@ def test_header_only_csv_stops_the_reader(tmp_path):
         read_fer(tmp_path, source)
     assert str(caught.value) == (
         "dataset 'fer', stage read:fer: task 'facial_expressions' has 0 usable samples (selection.min_per_task = 1); "
-        f"the reason for each of the 0 excluded samples is in {failed_table(tmp_path)}")
+        f"the reason for each of the 0 excluded samples is in {failed_table(tmp_path)}"
+    )
     assert pd.read_parquet(failed_table(tmp_path)).empty
     assert not Path(reader_outputs(tmp_path)["samples"]).exists()
 
@@ -70,13 +82,17 @@ def test_header_only_csv_stops_the_reader(tmp_path):
 def test_splits_that_match_nothing_keep_every_reason(tmp_path):
     source = tmp_path / "fer2013.csv"
     source.write_text("emotion,pixels,Usage\n" + "".join(f"3,{pixels(i)},Training\n" for i in range(3)))
-    with pytest.raises(ValueError, match=r"has 0 usable samples .* each of the 3 excluded samples is in .*"
-                                         r"read_exclusions\.failed\.parquet$"):
+    with pytest.raises(
+        ValueError,
+        match=r"has 0 usable samples .* each of the 3 excluded samples is in .*"
+        r"read_exclusions\.failed\.parquet$",
+    ):
         read_fer(tmp_path, source, splits=["train"])
     failed = pd.read_parquet(failed_table(tmp_path))
     assert list(failed.columns) == list(EXCLUSION_COLUMNS)
     assert failed["reason"].tolist() == [
-        f"fer2013.csv line {line}: split 'Training' is not in the configured splits ['train']" for line in (2, 3, 4)]
+        f"fer2013.csv line {line}: split 'Training' is not in the configured splits ['train']" for line in (2, 3, 4)
+    ]
 
     # min_per_task counts too; a successful read removes the stale failed table.
     with pytest.raises(ValueError, match=r"'facial_expressions' has 3 usable samples \(selection.min_per_task = 4\)"):
@@ -98,34 +114,48 @@ def test_mit_states_reader_names_its_table(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(folder / "a.jpg")
     outputs = {key: path.replace("/fer/", "/mit/") for key, path in reader_outputs(tmp_path).items()}
     with pytest.raises(ValueError) as caught:
-        run_script("read_mit_states.py", tmp_path, wildcards=SimpleNamespace(dataset="mit"), output=outputs,
-                   params=SimpleNamespace(section={"path": str(tmp_path / "mit"), "tasks": MIT_TASKS}, seed=0,
-                                          min_per_task=1))
+        run_script(
+            "read_mit_states.py",
+            tmp_path,
+            wildcards=SimpleNamespace(dataset="mit"),
+            output=outputs,
+            params=SimpleNamespace(section={"path": str(tmp_path / "mit"), "tasks": MIT_TASKS}, seed=0, min_per_task=1),
+        )
     failed = tmp_path / "results" / "datasets" / "mit" / "read_exclusions.failed.parquet"
     assert str(caught.value) == (
         "dataset 'mit', stage read:mit: task 'mit_states' has 0 usable samples (selection.min_per_task = 1); "
-        f"the reason for each of the 1 excluded samples is in {failed}")
+        f"the reason for each of the 1 excluded samples is in {failed}"
+    )
     assert pd.read_parquet(failed)["reason"].tolist() == ["state 'new' is not in any configured group"]
 
 
 def test_svo_reader_names_every_short_task(tmp_path):
     csv = tmp_path / "svo_probes.csv"
-    csv.write_text(",".join(CSV_COLUMNS) + '\nA child.,"child,cross,street","lady,cross,street",True,False,False,'
-                   "u1,u2,1,2\n")
+    csv.write_text(
+        ",".join(CSV_COLUMNS) + '\nA child.,"child,cross,street","lady,cross,street",True,False,False,u1,u2,1,2\n'
+    )
     downloads = tmp_path / "downloads.parquet"
     write_table(pd.DataFrame(columns=list(DOWNLOAD_COLUMNS)), downloads, DOWNLOAD_COLUMNS)
     outputs = {key: path.replace("/fer/", "/svo/") for key, path in reader_outputs(tmp_path).items()}
     tasks = {t: {"question": "{a} or {b}"} for t in ("svo_subject", "svo_verb", "svo_object")}
     with pytest.raises(ValueError) as caught:
-        run_script("read_svo_probes.py", tmp_path, wildcards=SimpleNamespace(dataset="svo"), output=outputs,
-                   input=SimpleNamespace(csv=str(csv), downloads=str(downloads)),
-                   params=SimpleNamespace(section={"path": str(csv), "tasks": tasks}, min_per_task=1))
+        run_script(
+            "read_svo_probes.py",
+            tmp_path,
+            wildcards=SimpleNamespace(dataset="svo"),
+            output=outputs,
+            input=SimpleNamespace(csv=str(csv), downloads=str(downloads)),
+            params=SimpleNamespace(section={"path": str(csv), "tasks": tasks}, min_per_task=1),
+        )
     assert str(caught.value).startswith(
         "dataset 'svo', stage read:svo: task 'svo_object' has 0 usable samples; task 'svo_subject' has 0 usable "
         "samples; task 'svo_verb' has 0 usable samples (selection.min_per_task = 1); the reason for each of the 2 "
-        "excluded samples is in ")
-    assert pd.read_parquet(tmp_path / "results/datasets/svo/read_exclusions.failed.parquet")["reason"].tolist() == [
-        "svo_probes.csv line 2: positive image not downloaded: u1 is not in the downloads table"] * 2
+        "excluded samples is in "
+    )
+    assert (
+        pd.read_parquet(tmp_path / "results/datasets/svo/read_exclusions.failed.parquet")["reason"].tolist()
+        == ["svo_probes.csv line 2: positive image not downloaded: u1 is not in the downloads table"] * 2
+    )
 
 
 # -- selection ----------------------------------------------------------------------------------------------
@@ -144,10 +174,12 @@ def test_selection_problem_names_the_short_tasks_and_the_tables():
     assert selection_problem(selected, ["colour", "shape"], 2, 5, "r/m/d/answers.parquet") == (
         "task 'shape' has 0 selected samples (selection.min_per_task = 2); only correctly answered samples are "
         "selected: see r/m/d/answers.parquet (column correct) and, for samples without a prompt, "
-        "r/m/d/prompt_exclusions.parquet")
+        "r/m/d/prompt_exclusions.parquet"
+    )
     assert selection_problem(selected, ["colour"], 3, 5, "a.parquet").startswith("task 'colour' has 2 selected")
     assert selection_problem(selected, ["colour"], 6, 5, "a.parquet") == (
-        "config: selection.min_per_task = 6 is larger than selection.n_per_task = 5, so no selection can reach it")
+        "config: selection.min_per_task = 6 is larger than selection.n_per_task = 5, so no selection can reach it"
+    )
 
 
 def test_select_samples_script_stops_on_a_task_without_right_answers(tmp_path):
@@ -155,14 +187,19 @@ def test_select_samples_script_stops_on_a_task_without_right_answers(tmp_path):
     write_table(answers([("a", "colour", True), ("b", "shape", False)]), path, ANSWER_COLUMNS)
     selected = tmp_path / "results" / "m" / "d" / "selected.parquet"
     with pytest.raises(ValueError) as caught:
-        run_script("select_samples.py", tmp_path, input=SimpleNamespace(answers=str(path)),
-                   output=SimpleNamespace(selected=str(selected)), wildcards=SimpleNamespace(model="m", dataset="d"),
-                   params=SimpleNamespace(selection={"n_per_task": 4, "min_per_task": 1}, tasks=["colour", "shape"],
-                                          seed=0))
+        run_script(
+            "select_samples.py",
+            tmp_path,
+            input=SimpleNamespace(answers=str(path)),
+            output=SimpleNamespace(selected=str(selected)),
+            wildcards=SimpleNamespace(model="m", dataset="d"),
+            params=SimpleNamespace(selection={"n_per_task": 4, "min_per_task": 1}, tasks=["colour", "shape"], seed=0),
+        )
     assert str(caught.value) == (
         "model 'm', dataset 'd', stage select_samples: task 'shape' has 0 selected samples (selection.min_per_task "
         f"= 1); only correctly answered samples are selected: see {path} (column correct) and, for samples without "
-        f"a prompt, {path.with_name('prompt_exclusions.parquet')}")
+        f"a prompt, {path.with_name('prompt_exclusions.parquet')}"
+    )
     assert not selected.exists()
 
 

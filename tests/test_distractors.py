@@ -24,8 +24,16 @@ VALUES = {
     "tiny": ["red", "crimson"],
 }
 GROUPS = {
-    "colour": {"red": "colour", "crimson": "colour", "scarlet": "colour", "blue": "colour", "green": "colour",
-               "mauve": "colour", "circle": "shape", "square": "shape"},
+    "colour": {
+        "red": "colour",
+        "crimson": "colour",
+        "scarlet": "colour",
+        "blue": "colour",
+        "green": "colour",
+        "mauve": "colour",
+        "circle": "shape",
+        "square": "shape",
+    },
     "emotion": {"happy": "positive", "glad": "positive", "sad": "negative", "angry": "negative", "calm": "neutral"},
     "tiny": {"red": "c", "crimson": "c"},
 }
@@ -38,19 +46,31 @@ def kv() -> KeyedVectors:
     angles = np.arccos(list(COSINES.values()))
     vectors = np.zeros((len(COSINES) + len(EMOTIONS), 2 + len(EMOTIONS)), dtype=np.float32)
     vectors[: len(COSINES), :2] = np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    vectors[len(COSINES):, 2:] = np.eye(len(EMOTIONS))
+    vectors[len(COSINES) :, 2:] = np.eye(len(EMOTIONS))
     kv = KeyedVectors(vector_size=vectors.shape[1], count=0, dtype=np.float32)
     kv.add_vectors(list(COSINES) + EMOTIONS, vectors)
     return kv
 
 
 def _samples(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
-    return pd.DataFrame([
-        {"sample_id": sid, "dataset": "d", "task": task, "image_id": sid, "image_path": f"{sid}.png",
-         "mask_path": "", "subject": "object", "answer": answer, "category": answer,
-         "group": GROUPS[task][answer], "pool_key": "k"}
-        for sid, task, answer in rows
-    ])
+    return pd.DataFrame(
+        [
+            {
+                "sample_id": sid,
+                "dataset": "d",
+                "task": task,
+                "image_id": sid,
+                "image_path": f"{sid}.png",
+                "mask_path": "",
+                "subject": "object",
+                "answer": answer,
+                "category": answer,
+                "group": GROUPS[task][answer],
+                "pool_key": "k",
+            }
+            for sid, task, answer in rows
+        ]
+    )
 
 
 def _choose(kv, samples, seed=0, threshold=0.8):
@@ -66,14 +86,18 @@ def test_filters_with_recorded_reasons_and_respects_group(kv):
     assert set(chosen["distractor"]) == {"blue", "green"}  # both remaining candidates get drawn
     assert np.allclose(chosen["cosine"], chosen["distractor"].map(COSINES), atol=1e-6)
     reasons = rejected[rejected["sample_id"] == "s0"].set_index("candidate")["reason"].to_dict()
-    assert reasons == {"crimson": "cosine 0.950 > threshold 0.8", "scarlet": "near-synonym",
-                       "mauve": "not in vocabulary: mauve"}
+    assert reasons == {
+        "crimson": "cosine 0.950 > threshold 0.8",
+        "scarlet": "near-synonym",
+        "mauve": "not in vocabulary: mauve",
+    }
     assert math.isnan(rejected.set_index("candidate").loc["mauve", "cosine"].iloc[0])
 
 
 def test_other_group_rule(kv):
-    samples = _samples([(f"e{i}", "emotion", "happy") for i in range(30)]
-                       + [(f"f{i}", "emotion", "calm") for i in range(30)])
+    samples = _samples(
+        [(f"e{i}", "emotion", "happy") for i in range(30)] + [(f"f{i}", "emotion", "calm") for i in range(30)]
+    )
     chosen, _, excluded = _choose(kv, samples)
     assert excluded.empty
     assert set(chosen.loc[chosen["answer"] == "happy", "distractor"]) == {"sad", "angry", "calm"}
@@ -95,23 +119,47 @@ def test_with_the_pool_only_values_pictured_for_the_pool_key_are_kept(kv):
     # MIT-States: a noun exists in a few states only; a distractor without its image has no SIP pair.
     samples = _samples([(f"s{i}", "colour", "red") for i in range(20)] + [("t", "colour", "red")])
     samples.loc[samples["sample_id"] == "t", "pool_key"] = "bare"
-    pool = pd.DataFrame([
-        {"dataset": "d", "task": "colour", "pool_key": "k", "value": value, "image_path": f"k_{value}.png",
-         "mask_path": ""}
-        for value in ("red", "green", "crimson")
-    ] + [{"dataset": "d", "task": "shape", "pool_key": "bare", "value": "blue", "image_path": "b.png",
-          "mask_path": ""}])
+    pool = pd.DataFrame(
+        [
+            {
+                "dataset": "d",
+                "task": "colour",
+                "pool_key": "k",
+                "value": value,
+                "image_path": f"k_{value}.png",
+                "mask_path": "",
+            }
+            for value in ("red", "green", "crimson")
+        ]
+        + [
+            {
+                "dataset": "d",
+                "task": "shape",
+                "pool_key": "bare",
+                "value": "blue",
+                "image_path": "b.png",
+                "mask_path": "",
+            }
+        ]
+    )
     chosen, rejected, excluded = choose_distractors(samples, VALUES, GROUPS, RULE, kv, 0.8, SYNONYMS, 0, pool)
     assert set(chosen["distractor"]) == {"green"} and len(chosen) == 20
     reasons = rejected[rejected["sample_id"] == "s0"].set_index("candidate")["reason"].to_dict()
-    assert reasons == {"crimson": "cosine 0.950 > threshold 0.8", "scarlet": "near-synonym",
-                       "mauve": "not in vocabulary: mauve", "blue": "no image of blue for k"}
+    assert reasons == {
+        "crimson": "cosine 0.950 > threshold 0.8",
+        "scarlet": "near-synonym",
+        "mauve": "not in vocabulary: mauve",
+        "blue": "no image of blue for k",
+    }
     # The other task's image of blue does not count: the pool is looked up by (task, pool_key).
-    assert excluded.to_dict("records") == [{
-        "sample_id": "t", "stage": "distractors",
-        "reason": "all 5 candidates rejected: 1 cosine above threshold, 1 near-synonym, 1 not in vocabulary, "
-                  "2 no pool image",
-    }]
+    assert excluded.to_dict("records") == [
+        {
+            "sample_id": "t",
+            "stage": "distractors",
+            "reason": "all 5 candidates rejected: 1 cosine above threshold, 1 near-synonym, 1 not in vocabulary, "
+            "2 no pool image",
+        }
+    ]
     without_pool = _choose(kv, samples)[0].set_index("sample_id")["distractor"]
     assert set(without_pool) == {"blue", "green"}
 
@@ -123,8 +171,11 @@ def test_answer_without_vector_is_excluded(kv):
 
 
 def test_deterministic_down_to_parquet_bytes(kv, tmp_path):
-    samples = _samples([(f"s{i}", "colour", "red") for i in range(20)] + [("m", "colour", "mauve")]
-                       + [(f"e{i}", "emotion", "sad") for i in range(20)])
+    samples = _samples(
+        [(f"s{i}", "colour", "red") for i in range(20)]
+        + [("m", "colour", "mauve")]
+        + [(f"e{i}", "emotion", "sad") for i in range(20)]
+    )
     contracts = (DISTRACTOR_COLUMNS, DISTRACTOR_REJECTION_COLUMNS, EXCLUSION_COLUMNS)
     outputs = []
     for run in range(2):

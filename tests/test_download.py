@@ -113,7 +113,8 @@ def test_download_reasons_no_placeholders_and_resume(server, tmp_path):
     for path in [*GOOD, "/flaky.png"]:
         assert Handler.requests[path] == before[path], path
     assert again.loc[[server + p for p in BAD_REASONS], "reason"].tolist() == [
-        reason.format(server=server) for reason in BAD_REASONS.values()]
+        reason.format(server=server) for reason in BAD_REASONS.values()
+    ]
 
     # A damaged cache file is not trusted: it is downloaded again and replaced.
     damaged = Path(rows.loc[server + "/a.png", "path"])
@@ -124,8 +125,12 @@ def test_download_reasons_no_placeholders_and_resume(server, tmp_path):
 
 
 def test_unreachable_and_invalid_urls_are_recorded(tmp_path):
-    table = download_images(["ftp://example.org/x.png", "http://127.0.0.1:9/x.png"], tmp_path,
-                            settings=Settings(timeout=TIMEOUT, retries=0), progress=False).set_index("url")
+    table = download_images(
+        ["ftp://example.org/x.png", "http://127.0.0.1:9/x.png"],
+        tmp_path,
+        settings=Settings(timeout=TIMEOUT, retries=0),
+        progress=False,
+    ).set_index("url")
     assert table.loc["ftp://example.org/x.png", "reason"] == "invalid URL (only http/https): 'ftp://example.org/x.png'"
     assert table.loc["http://127.0.0.1:9/x.png", "reason"].startswith("connection error:")
     assert not table["ok"].any()
@@ -134,12 +139,42 @@ def test_unreachable_and_invalid_urls_are_recorded(tmp_path):
 
 def test_svo_samples_of_failed_images_are_excluded_with_the_download_reason(server, tmp_path):
     rows = [
-        ["A child crossing the street.", "child,cross,street", "lady,cross,street", "True", "False", "False",
-         server + "/a.png", server + "/b.jpg", "101", "102"],
-        ["A dog lying on grass.", "dog,lie,grass", "goat,lie,grass", "True", "False", "False",
-         server + "/c.png", server + "/missing.png", "103", "104"],
-        ["A man riding a horse.", "man,ride,horse", "man,feed,horse", "False", "True", "False",
-         server + "/slow.png", server + "/b.jpg", "105", "102"],
+        [
+            "A child crossing the street.",
+            "child,cross,street",
+            "lady,cross,street",
+            "True",
+            "False",
+            "False",
+            server + "/a.png",
+            server + "/b.jpg",
+            "101",
+            "102",
+        ],
+        [
+            "A dog lying on grass.",
+            "dog,lie,grass",
+            "goat,lie,grass",
+            "True",
+            "False",
+            "False",
+            server + "/c.png",
+            server + "/missing.png",
+            "103",
+            "104",
+        ],
+        [
+            "A man riding a horse.",
+            "man,ride,horse",
+            "man,feed,horse",
+            "False",
+            "True",
+            "False",
+            server + "/slow.png",
+            server + "/b.jpg",
+            "105",
+            "102",
+        ],
     ]
     csv_path = tmp_path / "svo_probes.csv"
     pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(csv_path, index=False)
@@ -153,8 +188,12 @@ def test_svo_samples_of_failed_images_are_excluded_with_the_download_reason(serv
     # Reasons name the CSV file line (line 1 is the header).
     missing = f"svo_probes.csv line 3: negative image failed to download: HTTP 404 ({server}/missing.png)"
     slow = f"svo_probes.csv line 4: positive image failed to download: timeout after {TIMEOUT:g}s ({server}/slow.png)"
-    assert reasons == {"svo_r000001_pos": missing, "svo_r000001_neg": missing,
-                       "svo_r000002_pos": slow, "svo_r000002_neg": slow}
+    assert reasons == {
+        "svo_r000001_pos": missing,
+        "svo_r000001_neg": missing,
+        "svo_r000002_pos": slow,
+        "svo_r000002_neg": slow,
+    }
     assert set(pool["pool_key"]) == {"svo_r000000"}
 
 
@@ -226,7 +265,10 @@ def test_huge_and_endless_bodies_are_refused_and_the_rest_continues(body_server,
     # endless bodies stop at the limit (reading on would take the whole 5 s timeout, or all 16 MiB).
     for url in huge:
         assert (rows.loc[url, "ok"], rows.loc[url, "reason"], rows.loc[url, "attempts"]) == (
-            False, "body larger than 100000 bytes (download.max_bytes)", 1), url
+            False,
+            "body larger than 100000 bytes (download.max_bytes)",
+            1,
+        ), url
     assert rows.loc[good, "ok"] and Path(rows.loc[good, "path"]).read_bytes() == SMALL
 
 
@@ -240,10 +282,17 @@ def test_schema_download_section_matches_the_downloader():
         assert isinstance(spec["description"], str), key
     defaults = Settings()
     assert {key: spec["default"] for key, spec in download.items()} == {
-        "workers": 8, "timeout_s": defaults.timeout, "retries": defaults.retries, "backoff_s": defaults.backoff,
-        "max_bytes": defaults.max_bytes, "max_image_pixels": defaults.max_image_pixels}
+        "workers": 8,
+        "timeout_s": defaults.timeout,
+        "retries": defaults.retries,
+        "backoff_s": defaults.backoff,
+        "max_bytes": defaults.max_bytes,
+        "max_image_pixels": defaults.max_image_pixels,
+    }
     assert (defaults.max_bytes, defaults.max_image_pixels) == (MAX_BYTES, MAX_IMAGE_PIXELS) == (32 * 2**20, 50_000_000)
-    assert download["max_image_pixels"]["maximum"] == MAX_IMAGE_PIXELS  # what notice.workflow.runtime.load_image accepts
+    assert (
+        download["max_image_pixels"]["maximum"] == MAX_IMAGE_PIXELS
+    )  # what notice.workflow.runtime.load_image accepts
 
 
 def encoded(mode: str, fmt: str) -> bytes:
@@ -271,8 +320,9 @@ class PublishedHandler(FixtureHandler):
 
 def test_published_formats_are_kept_under_their_real_format_and_load_as_rgb(tmp_path):
     with serve(PublishedHandler) as url:
-        table = download_images([url + path for path in PUBLISHED_BODIES], tmp_path, workers=2, settings=SETTINGS,
-                                progress=False)
+        table = download_images(
+            [url + path for path in PUBLISHED_BODIES], tmp_path, workers=2, settings=SETTINGS, progress=False
+        )
     assert table["ok"].all(), table[["url", "reason"]].to_string()
     saved_paths = dict(zip(table["url"], table["path"]))
     for path, (_, body, extension) in PUBLISHED_BODIES.items():

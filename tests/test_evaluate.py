@@ -13,7 +13,6 @@ COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle", "cross"]
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     with one_torch_thread():
@@ -29,11 +28,21 @@ def samples(n_per_task: int = 10) -> pd.DataFrame:
     for task, values in (("colour", COLOURS), ("shape", SHAPES)):
         for i in range(n_per_task):
             answer = values[i % len(values)]
-            rows.append(dict(
-                sample_id=f"{task}-{i:03d}", dataset="toy", task=task, image_id=f"img{i}",
-                image_path=f"img{i % 3}", mask_path="", subject="object", answer=answer, category=answer,
-                group=task, pool_key="k",
-            ))
+            rows.append(
+                dict(
+                    sample_id=f"{task}-{i:03d}",
+                    dataset="toy",
+                    task=task,
+                    image_id=f"img{i}",
+                    image_path=f"img{i % 3}",
+                    mask_path="",
+                    subject="object",
+                    answer=answer,
+                    category=answer,
+                    group=task,
+                    pool_key="k",
+                )
+            )
     return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
 
 
@@ -41,8 +50,16 @@ def distractors(df: pd.DataFrame) -> pd.DataFrame:
     def pick(row):
         values = COLOURS if row.task == "colour" else SHAPES
         return values[(values.index(row.answer) + 1) % len(values)]
-    return pd.DataFrame({"sample_id": df.sample_id, "task": df.task, "answer": df.answer,
-                         "distractor": df.apply(pick, axis=1), "cosine": 0.1})
+
+    return pd.DataFrame(
+        {
+            "sample_id": df.sample_id,
+            "task": df.task,
+            "answer": df.answer,
+            "distractor": df.apply(pick, axis=1),
+            "cosine": 0.1,
+        }
+    )
 
 
 def test_build_prompts_balances_answer_order_per_task():
@@ -124,16 +141,23 @@ def answers(rows: list[tuple[str, str, str, bool, bool]]) -> pd.DataFrame:
 
 
 def test_accuracy_table_by_hand():
-    df = answers([
-        ("a", "colour", "red", True, True), ("b", "colour", "red", False, False),
-        ("c", "colour", "blue", True, True), ("d", "shape", "circle", True, False),
-    ])
+    df = answers(
+        [
+            ("a", "colour", "red", True, True),
+            ("b", "colour", "red", False, False),
+            ("c", "colour", "blue", True, True),
+            ("d", "shape", "circle", True, False),
+        ]
+    )
     table = accuracy_table(df)
     assert list(table.columns) == ["task", "category", "n", "n_correct", "accuracy"]
     got = {(r.task, r.category): (r.n, r.n_correct, r.accuracy) for r in table.itertuples()}
     assert got == {
-        ("colour", ALL_CATEGORIES): (3, 2, pytest.approx(2 / 3)), ("colour", "blue"): (1, 1, 1.0),
-        ("colour", "red"): (2, 1, 0.5), ("shape", ALL_CATEGORIES): (1, 0, 0.0), ("shape", "circle"): (1, 0, 0.0),
+        ("colour", ALL_CATEGORIES): (3, 2, pytest.approx(2 / 3)),
+        ("colour", "blue"): (1, 1, 1.0),
+        ("colour", "red"): (2, 1, 0.5),
+        ("shape", ALL_CATEGORIES): (1, 0, 0.0),
+        ("shape", "circle"): (1, 0, 0.0),
     }
     assert table.iloc[0].category == ALL_CATEGORIES
 

@@ -58,10 +58,19 @@ def every_patch(adapter, inp) -> list[Patch]:
     """Every site kind × layer × position (× head), shuffled."""
     positions = patch_positions_with_image_samples(adapter, inp)
     head_sites = [site for site, parent in HEAD_SITE_PARENT.items() if parent in adapter.module_sites]
-    patches = [Patch(site, layer, p) for site in (*adapter.module_sites, "layer")
-               for layer in range(adapter.n_layers) for p in positions]
-    patches += [Patch(site, layer, p, head) for site in head_sites for layer in range(adapter.n_layers)
-                for p in positions for head in range(adapter.n_heads)]
+    patches = [
+        Patch(site, layer, p)
+        for site in (*adapter.module_sites, "layer")
+        for layer in range(adapter.n_layers)
+        for p in positions
+    ]
+    patches += [
+        Patch(site, layer, p, head)
+        for site in head_sites
+        for layer in range(adapter.n_layers)
+        for p in positions
+        for head in range(adapter.n_heads)
+    ]
     random.Random(0).shuffle(patches)
     return patches
 
@@ -95,7 +104,8 @@ def test_the_heads_of_a_site_together_are_the_site(adapter):
     for layer in range(adapter.n_layers):
         site = reference.run_patched(adapter, corrupt, Patch(parent, layer, position), acts)
         heads = reference.run_patched(
-            adapter, corrupt, [Patch(adapter.head_site, layer, position, h) for h in range(adapter.n_heads)], acts)
+            adapter, corrupt, [Patch(adapter.head_site, layer, position, h) for h in range(adapter.n_heads)], acts
+        )
         torch.testing.assert_close(heads, site, rtol=1e-6, atol=1e-6)
 
 

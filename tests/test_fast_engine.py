@@ -66,10 +66,14 @@ def every_patch(adapter, inp, seed: int = 0) -> list[Patch]:
     head_sites = [f"{site}_head" for site in adapter.module_sites if site != "mlp"]
     patches = [
         Patch(site, layer, pos)
-        for site in (*adapter.module_sites, "layer") for layer in range(adapter.n_layers) for pos in patch_positions_with_image_samples(adapter, inp)
+        for site in (*adapter.module_sites, "layer")
+        for layer in range(adapter.n_layers)
+        for pos in patch_positions_with_image_samples(adapter, inp)
     ] + [
         Patch(site, layer, pos, head)
-        for site in head_sites for layer in range(adapter.n_layers) for pos in patch_positions_with_image_samples(adapter, inp)
+        for site in head_sites
+        for layer in range(adapter.n_layers)
+        for pos in patch_positions_with_image_samples(adapter, inp)
         for head in range(adapter.n_heads)
     ]
     random.Random(seed).shuffle(patches)

@@ -24,13 +24,22 @@ from notice.present.figures import (
 )
 
 # what a browser would fetch: script/img/link sources, CSS url(...) and JavaScript imports
-NETWORK_LOAD = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?(?:https?:)?//|"""
-                          r"""import\s*(?:\(|[^;]*?from)\s*["'](?:https?:)?//""", re.IGNORECASE)
+NETWORK_LOAD = re.compile(
+    r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//|url\(\s*["']?(?:https?:)?//|"""
+    r"""import\s*(?:\(|[^;]*?from)\s*["'](?:https?:)?//""",
+    re.IGNORECASE,
+)
 
 
 def accuracy_table() -> pd.DataFrame:
-    df = pd.DataFrame({"task": ["A", "A", "A", "B", "B"], "category": ["red", "blue", "all", "happy", "all"],
-                       "n": [10, 10, 20, 5, 5], "n_correct": [9, 8, 17, 5, 5]})
+    df = pd.DataFrame(
+        {
+            "task": ["A", "A", "A", "B", "B"],
+            "category": ["red", "blue", "all", "happy", "all"],
+            "n": [10, 10, 20, 5, 5],
+            "n_correct": [9, 8, 17, 5, 5],
+        }
+    )
     return df.assign(accuracy=df["n_correct"] / df["n"])
 
 
@@ -59,8 +68,9 @@ def written(tmp_path_factory) -> dict[str, list]:
 
 def test_file_names(written):
     names = {kind: sorted(p.name for p in paths) for kind, paths in written.items()}
-    assert names["module"] == sorted(f"module_toy_A_{c}_image.{ext}" for c in ("sip", "gaussian_noise")
-                                     for ext in ("png", "svg", "html"))
+    assert names["module"] == sorted(
+        f"module_toy_A_{c}_image.{ext}" for c in ("sip", "gaussian_noise") for ext in ("png", "svg", "html")
+    )
     assert names["heads"] == sorted(f"heads_toy_cross_attn_head.{ext}" for ext in ("png", "svg", "html"))
     assert names["corruptions"] == sorted(f"corruptions_toy_A_image.{ext}" for ext in ("png", "svg", "html"))
     assert names["bootstrap"] == sorted(f"bootstrap_toy_cross_attn_head.{ext}" for ext in ("png", "svg", "html"))
@@ -98,13 +108,19 @@ def test_safe_stem():
 
 def test_head_heatmap_of_a_large_model(tmp_path):
     # LLaVA-7B size: 32 layers × 32 heads × 3 tasks × 2 modalities = 6,144 rows
-    grid = pd.MultiIndex.from_product([["A", "B", "C"], ["image", "text"], range(32), range(32)],
-                                      names=["task", "modality", "layer", "head"]).to_frame(index=False)
-    effects = grid.assign(model="llava", site="self_attn_head", metric="logit_diff",
-                          corruption=grid["modality"].map({"image": "sip", "text": "str"}),
-                          mean=(grid["layer"] - grid["head"]) / 32.0)
-    universal = pd.DataFrame({"model": ["llava"], "site": ["self_attn_head"], "layer": [28], "head": [2],
-                              "kind": ["multimodal"]})
+    grid = pd.MultiIndex.from_product(
+        [["A", "B", "C"], ["image", "text"], range(32), range(32)], names=["task", "modality", "layer", "head"]
+    ).to_frame(index=False)
+    effects = grid.assign(
+        model="llava",
+        site="self_attn_head",
+        metric="logit_diff",
+        corruption=grid["modality"].map({"image": "sip", "text": "str"}),
+        mean=(grid["layer"] - grid["head"]) / 32.0,
+    )
+    universal = pd.DataFrame(
+        {"model": ["llava"], "site": ["self_attn_head"], "layer": [28], "head": [2], "kind": ["multimodal"]}
+    )
     paths = head_heatmaps(significant_heads(effects), universal, tmp_path)
     assert [p.name for p in paths] == [f"heads_llava_self_attn_head.{ext}" for ext in ("png", "svg", "html")]
     assert all(p.stat().st_size > 1000 for p in paths)

@@ -39,8 +39,9 @@ def fake_env(monkeypatch, lock_dir: Path, n_gpus: int) -> dict:
 
 def start_holder(env: dict, seconds: float) -> subprocess.Popen:
     """A process that takes its job device (through the workflow scripts' resolve_device) and keeps it."""
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(seconds)], env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(seconds)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     line = process.stdout.readline()
     assert line.startswith("device "), (line, process.stderr.read() if process.poll() is not None else "")
     return process
@@ -154,8 +155,9 @@ def lease_intervals(log_dir: Path) -> list[tuple[str, str, datetime, datetime]]:
             lease = re.search(STAMP + r" INFO notice\.workflow\.gpu: leased GPU cuda:\d+ \(device id '(\d+)'", text)
             assert lease, f"{log}: no lease line\n{text[-2000:]}"
             stamps = re.findall(r"^" + STAMP, text, re.MULTILINE)
-            intervals.append((str(log.relative_to(log_dir)), lease.group(2), parse_stamp(lease.group(1)),
-                              parse_stamp(stamps[-1])))
+            intervals.append(
+                (str(log.relative_to(log_dir)), lease.group(2), parse_stamp(lease.group(1)), parse_stamp(stamps[-1]))
+            )
     return intervals
 
 
@@ -175,12 +177,14 @@ def test_concurrent_gpu_jobs_never_share_a_fake_gpu(monkeypatch, tmp_path):
     assert {device for _, device, _, _ in intervals} == {"0", "1"}
     for i, (log_a, device_a, start_a, end_a) in enumerate(intervals):
         assert start_a <= end_a
-        for log_b, device_b, start_b, end_b in intervals[i + 1:]:
+        for log_b, device_b, start_b, end_b in intervals[i + 1 :]:
             if device_a == device_b:
                 assert end_a < start_b or end_b < start_a, f"{log_a} and {log_b} held GPU {device_a} at once"
     concurrent = [
-        (log_a, log_b) for i, (log_a, _, start_a, end_a) in enumerate(intervals)
-        for log_b, _, start_b, end_b in intervals[i + 1:] if start_a < end_b and start_b < end_a
+        (log_a, log_b)
+        for i, (log_a, _, start_a, end_a) in enumerate(intervals)
+        for log_b, _, start_b, end_b in intervals[i + 1 :]
+        if start_a < end_b and start_b < end_a
     ]
     assert concurrent, f"no two GPU jobs ever ran at the same time: {intervals}"
     fake_env(monkeypatch, locks, 2)
@@ -218,8 +222,12 @@ def test_a_bad_gpu_jobs_value_stops_the_run_naming_the_key(tmp_path):
 
 
 def test_fault_injection_lives_in_the_tests_not_in_the_package():
-    sources = [path for folder in ("notice", "workflow_scripts", "rules") for path in (REPO / folder).rglob("*.*")
-               if path.suffix in {".py", ".smk"}]
+    sources = [
+        path
+        for folder in ("notice", "workflow_scripts", "rules")
+        for path in (REPO / folder).rglob("*.*")
+        if path.suffix in {".py", ".smk"}
+    ]
     switches = ("FAKE_GPUS", "FAIL_AT_SAMPLE", "fail_at")
     found = [f"{path}: {s}" for path in sources for s in switches if s in path.read_text()]
     assert not found, found

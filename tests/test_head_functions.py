@@ -39,8 +39,8 @@ OTHERS = [1, 2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15]  # neither object nor patch 
 
 def scene_mask() -> np.ndarray:
     mask = np.zeros((8, 8))
-    mask[2:4, 2:6] = 1.0   # patches 5 (row 1, col 1) and 6 (row 1, col 2)
-    mask[4, 2:4] = 1.0     # top half of patch 9 (row 2, col 1)
+    mask[2:4, 2:6] = 1.0  # patches 5 (row 1, col 1) and 6 (row 1, col 2)
+    mask[4, 2:4] = 1.0  # top half of patch 9 (row 2, col 1)
     return mask
 
 
@@ -63,8 +63,9 @@ def entropy(p) -> float:
 def per_sample_table(maps: np.ndarray, mask: np.ndarray | None, sample_id: str = "s0") -> pd.DataFrame:
     frac = None if mask is None else object_fraction(mask, (4, 4))
     table, _ = sample_scores(maps, np.ones(maps.shape[:3]), [0], [0, 1, 2, 3], CONFIG, frac)
-    return table.assign(sample_id=sample_id, model="m", site="cross_attn_head", query="<answer>",
-                        token="red", is_head_position=True)
+    return table.assign(
+        sample_id=sample_id, model="m", site="cross_attn_head", query="<answer>", token="red", is_head_position=True
+    )
 
 
 def test_object_fraction_averages_pixels_per_patch():
@@ -108,8 +109,9 @@ def test_rest_entropy_by_hand():
 
 
 def test_sample_scores_by_hand():
-    table, outliers = sample_scores(scene_maps(), np.full((1, 4, 1), 0.5), [0], [0, 1, 2, 3], CONFIG,
-                                    object_fraction(scene_mask(), (4, 4)))
+    table, outliers = sample_scores(
+        scene_maps(), np.full((1, 4, 1), 0.5), [0], [0, 1, 2, 3], CONFIG, object_fraction(scene_mask(), (4, 4))
+    )
     assert outliers.tolist() == [[p == 0 for p in range(16)]]
     assert table["head"].tolist() == [0, 1, 2, 3, AVERAGE_HEAD]
     object_attention = [0.4 + 0.4 + 0.5 * 0.2, 0.0, 2.5 / 15, 0.4]
@@ -133,7 +135,11 @@ def test_scores_and_classes_with_mask():
     assert heads.loc[2, "entropy_gain"] == pytest.approx(1.0 - average_rest)
     assert heads.loc[AVERAGE_HEAD, "entropy_gain"] == pytest.approx(0.0)
     assert heads["function"].to_dict() == {
-        0: "object_detection", 1: "object_suppression", 2: "outlier_suppression", 3: "none", AVERAGE_HEAD: "none",
+        0: "object_detection",
+        1: "object_suppression",
+        2: "outlier_suppression",
+        3: "none",
+        AVERAGE_HEAD: "none",
     }
     assert heads["has_object_mask"].all()
     assert heads.loc[0, "label"] == "L0.H0" and heads.loc[AVERAGE_HEAD, "label"] == "L0.avg"
@@ -161,8 +167,9 @@ def test_without_mask_only_outlier_scores():
 
 def test_scores_average_over_samples_and_thresholds_come_from_config():
     swapped = scene_maps()[:, [3, 1, 2, 0]]  # heads 0 and 3 exchanged
-    per_sample = pd.concat([per_sample_table(scene_maps(), scene_mask(), "s0"),
-                            per_sample_table(swapped, scene_mask(), "s1")])
+    per_sample = pd.concat(
+        [per_sample_table(scene_maps(), scene_mask(), "s0"), per_sample_table(swapped, scene_mask(), "s1")]
+    )
     scores = head_function_scores(per_sample, ["model", "site"], CONFIG).set_index("head")
     assert scores.loc[0, "detection_score"] == pytest.approx((0.9 + 0.4) / 2 / AREA)
     assert scores.loc[0, "n_samples"] == 2 and scores.loc[0, "n_masked"] == 2
@@ -175,7 +182,18 @@ def test_query_labels():
     tokens = ["[CLS]", "is", "the", "object", "a", "circle", "or", "a", "square", "?", "[SEP]"]
     ids = list(range(len(tokens)))
     assert query_labels(ids, tokens, range(len(tokens)), answer_id=5, distractor_id=8) == [
-        "[CLS]", "is", "the", "object", "a", "<answer>", "or", "a#2", "<distractor>", "?", "<last>"]
+        "[CLS]",
+        "is",
+        "the",
+        "object",
+        "a",
+        "<answer>",
+        "or",
+        "a#2",
+        "<distractor>",
+        "?",
+        "<last>",
+    ]
 
 
 def test_grounding_summary_names_the_best_head():

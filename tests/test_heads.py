@@ -48,11 +48,21 @@ def head_rows(task: str, corruption: str, modality: str, planted: list, n_sample
                 # ±0.2 noise whose sign depends on the head, so resampling moves heads differently;
                 # it averages to exactly 0 over the 20 samples
                 effect = (10.0 if (layer, head) in planted else 0.0) + 0.2 * (-1) ** (i + head)
-                rows.append(row(
-                    task=task, corruption=corruption, modality=modality, sample_id=f"{task}{i:02d}",
-                    site="cross_attn_head", layer=layer, head=head, position=3 + i % 2,
-                    token="red" if i % 2 else "blue", logit_diff=effect, prob_restoration=effect / 20,
-                ))
+                rows.append(
+                    row(
+                        task=task,
+                        corruption=corruption,
+                        modality=modality,
+                        sample_id=f"{task}{i:02d}",
+                        site="cross_attn_head",
+                        layer=layer,
+                        head=head,
+                        position=3 + i % 2,
+                        token="red" if i % 2 else "blue",
+                        logit_diff=effect,
+                        prob_restoration=effect / 20,
+                    )
+                )
     return rows
 
 
@@ -79,18 +89,38 @@ def test_head_effects_mean_std_n():
 
 def test_noise_draws_are_averaged_per_sample_first():
     # sample s0 has three draws (1, 2, 3 → 2), sample s1 one draw (10): mean of samples = 6, not 4
-    rows = [row(task="A", corruption="gaussian_noise", modality="image", sample_id=s, site="self_attn_head",
-                layer=0, head=0, position=5, logit_diff=v) for s, v in [("s0", 1), ("s0", 2), ("s0", 3), ("s1", 10)]]
+    rows = [
+        row(
+            task="A",
+            corruption="gaussian_noise",
+            modality="image",
+            sample_id=s,
+            site="self_attn_head",
+            layer=0,
+            head=0,
+            position=5,
+            logit_diff=v,
+        )
+        for s, v in [("s0", 1), ("s0", 2), ("s0", 3), ("s1", 10)]
+    ]
     effects = head_effects(pd.DataFrame(rows))
     assert effects["mean"].item() == pytest.approx(6.0)
     assert effects["n"].item() == 2
 
 
 def test_two_sigma_threshold_by_hand():
-    effects = pd.DataFrame({
-        "model": "m", "task": "t", "corruption": "sip", "modality": "image", "site": "cross_attn_head",
-        "layer": 0, "head": [0, 1, 2, 3], "mean": [1.0, 2.0, 3.0, 10.0],
-    })
+    effects = pd.DataFrame(
+        {
+            "model": "m",
+            "task": "t",
+            "corruption": "sip",
+            "modality": "image",
+            "site": "cross_attn_head",
+            "layer": 0,
+            "head": [0, 1, 2, 3],
+            "mean": [1.0, 2.0, 3.0, 10.0],
+        }
+    )
     # mean 4, population variance (9 + 4 + 1 + 36) / 4 = 12.5
     two = significant_heads(effects, k=2.0)
     assert two["threshold"].tolist() == pytest.approx([4 + 2 * math.sqrt(12.5)] * 4)  # 11.0711
@@ -163,9 +193,19 @@ def borderline_results(n: int = 5) -> pd.DataFrame:
             for layer in range(LAYERS):
                 for head in range(HEADS):
                     effect = 30.0 if (layer, head) == (1, 1) and i == 0 else 0.0
-                    rows.append(row(task=task, corruption=CORRUPTION[modality], modality=modality,
-                                    sample_id=f"s{i}", site="cross_attn_head", layer=layer, head=head,
-                                    position=4, logit_diff=effect))
+                    rows.append(
+                        row(
+                            task=task,
+                            corruption=CORRUPTION[modality],
+                            modality=modality,
+                            sample_id=f"s{i}",
+                            site="cross_attn_head",
+                            layer=layer,
+                            head=head,
+                            position=4,
+                            logit_diff=effect,
+                        )
+                    )
     return pd.DataFrame(rows)
 
 
@@ -175,8 +215,9 @@ def test_bootstrap_borderline_fraction():
     head = boot[(boot["layer"] == 1) & (boot["head"] == 1)].set_index("modality")
     # direct re-implementation with the same generator: significant iff sample s0 is drawn
     drawn = {
-        modality: (bootstrap_indices(seed, ("toy", "A", CORRUPTION[modality], modality, "cross_attn_head"),
-                                     n, n_draws) == 0).any(axis=1)
+        modality: (
+            bootstrap_indices(seed, ("toy", "A", CORRUPTION[modality], modality, "cross_attn_head"), n, n_draws) == 0
+        ).any(axis=1)
         for modality in ("image", "text")
     }
     assert head.loc["image", "frac_significant"] == drawn["image"].mean()
@@ -220,11 +261,33 @@ def module_rows() -> pd.DataFrame:
         for site in ("mlp", "self_attn"):
             for layer in range(2):
                 for position, token in enumerate(tokens):
-                    rows.append(row(task="A", corruption="sip", modality="image", sample_id=f"s{i}", site=site,
-                                    layer=layer, position=position, token=token,
-                                    prob_restoration=float(i + layer + position)))
-    rows.append(row(task="A", corruption="sip", modality="image", sample_id="s0", site="cross_attn_head",
-                    layer=0, head=1, position=2, token="red", prob_restoration=99.0))
+                    rows.append(
+                        row(
+                            task="A",
+                            corruption="sip",
+                            modality="image",
+                            sample_id=f"s{i}",
+                            site=site,
+                            layer=layer,
+                            position=position,
+                            token=token,
+                            prob_restoration=float(i + layer + position),
+                        )
+                    )
+    rows.append(
+        row(
+            task="A",
+            corruption="sip",
+            modality="image",
+            sample_id="s0",
+            site="cross_attn_head",
+            layer=0,
+            head=1,
+            position=2,
+            token="red",
+            prob_restoration=99.0,
+        )
+    )
     return pd.DataFrame(rows)
 
 

@@ -62,8 +62,11 @@ def test_downloader_refuses_images_over_the_pixel_limit_without_retrying(server,
         rows = download_images(urls, tmp_path, settings=Settings(timeout=5, retries=2), progress=False)
     rows = rows.set_index("url")
     for path in ["/64mp.png", "/400mp.png", "/valid-64mp.png"]:
-        assert (rows.loc[server + path, "ok"], rows.loc[server + path, "reason"], rows.loc[server + path, "attempts"]) \
-            == (False, "image larger than 50000000 pixels (download.max_image_pixels)", 1), path
+        assert (
+            rows.loc[server + path, "ok"],
+            rows.loc[server + path, "reason"],
+            rows.loc[server + path, "attempts"],
+        ) == (False, "image larger than 50000000 pixels (download.max_image_pixels)", 1), path
     assert rows.loc[server + "/small.png", "ok"]
     assert [p.read_bytes() for p in tmp_path.iterdir()] == [SMALL]
 

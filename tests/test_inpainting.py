@@ -32,28 +32,57 @@ def _tiny_pipeline_dir(root: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=9, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        sample_size=16,
+        in_channels=9,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
     )
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=32,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in "abcdefghijklmnopqrstuvwxyz":
         vocab[char] = len(vocab)
         vocab[f"{char}</w>"] = len(vocab)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, steps_offset=1
+    )
     pipe = StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     path = root / "tiny-sd-inpainting"
     pipe.save_pretrained(path)
@@ -110,17 +139,46 @@ def test_inpaint_samples_writes_pool_masks_and_exclusions(pipe, tmp_path):
     sample_mask = np.zeros((30, 40), dtype=np.uint8)
     sample_mask[5:15, 10:30] = 255
     Image.fromarray(sample_mask).save(sample_mask_path)
-    samples = pd.DataFrame([
-        dict(sample_id="svo_r000000_pos", dataset="svo", task="svo_subject", image_id="11", image_path=str(clean_path),
-             mask_path=str(sample_mask_path), pool_key="svo_r000000", distractor="lady",
-             corrupt_triplet="lady,cross,street"),
-        dict(sample_id="svo_r000001_pos", dataset="svo", task="svo_object", image_id="12", image_path=str(clean_path),
-             mask_path="", pool_key="svo_r000001", distractor="road", corrupt_triplet="child,cross,road"),
-        dict(sample_id="svo_r000002_pos", dataset="svo", task="svo_object", image_id="13", image_path=str(clean_path),
-             mask_path=str(sample_mask_path), pool_key="svo_r000002", distractor="x", corrupt_triplet="broken"),
-    ])
-    pool, exclusions = inpaint_samples(pipe, samples, tmp_path / "out", MaskSpec(source="sample"), SETTINGS, seed=0,
-                                       progress=False)
+    samples = pd.DataFrame(
+        [
+            dict(
+                sample_id="svo_r000000_pos",
+                dataset="svo",
+                task="svo_subject",
+                image_id="11",
+                image_path=str(clean_path),
+                mask_path=str(sample_mask_path),
+                pool_key="svo_r000000",
+                distractor="lady",
+                corrupt_triplet="lady,cross,street",
+            ),
+            dict(
+                sample_id="svo_r000001_pos",
+                dataset="svo",
+                task="svo_object",
+                image_id="12",
+                image_path=str(clean_path),
+                mask_path="",
+                pool_key="svo_r000001",
+                distractor="road",
+                corrupt_triplet="child,cross,road",
+            ),
+            dict(
+                sample_id="svo_r000002_pos",
+                dataset="svo",
+                task="svo_object",
+                image_id="13",
+                image_path=str(clean_path),
+                mask_path=str(sample_mask_path),
+                pool_key="svo_r000002",
+                distractor="x",
+                corrupt_triplet="broken",
+            ),
+        ]
+    )
+    pool, exclusions = inpaint_samples(
+        pipe, samples, tmp_path / "out", MaskSpec(source="sample"), SETTINGS, seed=0, progress=False
+    )
     assert list(pool.columns) == list(IMAGE_POOL_COLUMNS)
     assert pool[["pool_key", "value"]].values.tolist() == [["svo_r000000", "lady"]]
     saved_mask = np.asarray(Image.open(pool.loc[0, "mask_path"])) > 0
@@ -137,15 +195,24 @@ def test_inpaint_samples_writes_pool_masks_and_exclusions(pipe, tmp_path):
     mask_dir = tmp_path / "masks"
     mask_dir.mkdir()
     Image.fromarray(sample_mask[::2, ::2]).save(mask_dir / "12.png")  # other size: resized to the image
-    pool, exclusions = inpaint_samples(pipe, samples.iloc[:2], tmp_path / "out2",
-                                       MaskSpec(source="dir", mask_dir=str(mask_dir)), SETTINGS, seed=0, progress=False)
+    pool, exclusions = inpaint_samples(
+        pipe,
+        samples.iloc[:2],
+        tmp_path / "out2",
+        MaskSpec(source="dir", mask_dir=str(mask_dir)),
+        SETTINGS,
+        seed=0,
+        progress=False,
+    )
     assert pool["value"].tolist() == ["road"]
     assert exclusions["reason"].tolist() == [f"mask file {mask_dir / '11.png'} not found"]
 
 
 def test_prompt_is_filled_with_the_negative_triplet():
-    assert inpaint_prompt("lady,cross,street", "a picture of {subject} {verb} {object}") == \
-        "a picture of lady cross street"
+    assert (
+        inpaint_prompt("lady,cross,street", "a picture of {subject} {verb} {object}")
+        == "a picture of lady cross street"
+    )
 
 
 def test_missing_model_fails_fast_naming_model_and_hf_home(tmp_path, monkeypatch):
@@ -154,7 +221,9 @@ def test_missing_model_fails_fast_naming_model_and_hf_home(tmp_path, monkeypatch
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-home" / "hub"))
-    with pytest.raises(ModelNotFoundError, match=r"inpainting model 'stabilityai/stable-diffusion-2-inpainting'.*HF_HOME"):
+    with pytest.raises(
+        ModelNotFoundError, match=r"inpainting model 'stabilityai/stable-diffusion-2-inpainting'.*HF_HOME"
+    ):
         resolve_inpaint_model(DEFAULT_MODEL)
     with pytest.raises(ModelNotFoundError, match="inpainting model directory .* does not exist"):
         load_inpaint_pipeline(str(tmp_path / "no-such-dir"))

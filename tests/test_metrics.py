@@ -62,5 +62,5 @@ def test_scores_and_result_row():
 
 
 def test_row_columns_complete_the_result_table():
-    assert RESULT_COLUMNS[-len(ROW_COLUMNS):] == ROW_COLUMNS
+    assert RESULT_COLUMNS[-len(ROW_COLUMNS) :] == ROW_COLUMNS
     assert ROW_COLUMNS[0] == "site"

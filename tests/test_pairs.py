@@ -50,12 +50,22 @@ def _prompts(first_token) -> pd.DataFrame:
     for sid, task, _, answer, distractor, correct_first in SAMPLES:
         first, second = (answer, distractor) if correct_first else (distractor, answer)
         question = format_question(sid, first, second)
-        rows.append({
-            "sample_id": sid, "task": task, "category": answer, "image_path": f"img/{sid}.png",
-            "mask_path": f"mask/{sid}.png", "answer": answer, "distractor": distractor,
-            "correct_first": correct_first, "question": question, "prompt": format_prompt(question),
-            "answer_token_id": first_token(answer), "distractor_token_id": first_token(distractor),
-        })
+        rows.append(
+            {
+                "sample_id": sid,
+                "task": task,
+                "category": answer,
+                "image_path": f"img/{sid}.png",
+                "mask_path": f"mask/{sid}.png",
+                "answer": answer,
+                "distractor": distractor,
+                "correct_first": correct_first,
+                "question": question,
+                "prompt": format_prompt(question),
+                "answer_token_id": first_token(answer),
+                "distractor_token_id": first_token(distractor),
+            }
+        )
     return pd.DataFrame(rows, columns=list(PROMPT_COLUMNS))
 
 
@@ -100,8 +110,9 @@ def test_str_pairs_line_up_token_for_token(bert, prompts):
         partner = corrupt_options if pair.correct_first else corrupt_options[::-1]
         assert sample_of[partner][0] != pair.sample_id and sample_of[partner][1] == pair.task
         assert not {pair.answer, pair.distractor} & set(partner)
-        assert pair.clean_prompt.replace(clean_options[0], "").replace(clean_options[1], "") == \
-            pair.corrupt_prompt.replace(corrupt_options[0], "").replace(corrupt_options[1], "")
+        assert pair.clean_prompt.replace(clean_options[0], "").replace(
+            clean_options[1], ""
+        ) == pair.corrupt_prompt.replace(corrupt_options[0], "").replace(corrupt_options[1], "")
         assert (pair.corruption, pair.modality, pair.noise_seed) == ("str", "text", -1)
         assert pair.clean_image_path == pair.corrupt_image_path and pair.clean_mask_path == pair.corrupt_mask_path
 
@@ -136,18 +147,32 @@ def test_str_skips_partner_whose_tokens_merge_across_the_option_boundary():
         return [101] + [vocab.setdefault(w, len(vocab) + 1000) for w in words] + [102]
 
     rows = [("a", "cat", "dog"), ("b", "ant", "bee"), ("c", "pig", "cow")]
-    prompts = pd.DataFrame([
-        {"sample_id": sid, "task": "t", "category": a, "image_path": "i.png", "mask_path": "", "answer": a,
-         "distractor": d, "correct_first": True, "question": f"is it {a} or {d}?", "prompt": f"is it {a} or {d}?",
-         "answer_token_id": 0, "distractor_token_id": 0}
-        for sid, a, d in rows
-    ])
+    prompts = pd.DataFrame(
+        [
+            {
+                "sample_id": sid,
+                "task": "t",
+                "category": a,
+                "image_path": "i.png",
+                "mask_path": "",
+                "answer": a,
+                "distractor": d,
+                "correct_first": True,
+                "question": f"is it {a} or {d}?",
+                "prompt": f"is it {a} or {d}?",
+                "answer_token_id": 0,
+                "distractor_token_id": 0,
+            }
+            for sid, a, d in rows
+        ]
+    )
     pairs, excluded = str_pairs(prompts, tokenize, lambda sid, a, b: f"is it {a} or {b}?", lambda q: q, 0)
     # "is it ant or bee?" has as many tokens as "is it cat or dog?" but its "?" position changes.
     assert "ant" not in " ".join(pairs["corrupt_prompt"])
     assert pairs.set_index("sample_id").loc["a", "corrupt_prompt"] == "is it pig or cow?"
     assert excluded.set_index("sample_id")["reason"].to_dict() == {
-        "b": "options do not start and end on token boundaries of the clean prompt"}
+        "b": "options do not start and end on token boundaries of the clean prompt"
+    }
 
 
 def test_str_with_sentencepiece_style_tokenizer_keeps_aligned_pairs():
@@ -157,8 +182,9 @@ def test_str_with_sentencepiece_style_tokenizer_keeps_aligned_pairs():
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>"]))
     prompts = _prompts(lambda option: tokenizer.encode(option).ids[0]).query("task == 'colour'")
-    pairs, excluded = str_pairs(prompts, lambda text: [1] + tokenizer.encode(text).ids, format_question,
-                                format_prompt, 0)
+    pairs, excluded = str_pairs(
+        prompts, lambda text: [1] + tokenizer.encode(text).ids, format_question, format_prompt, 0
+    )
     assert len(pairs) + len(excluded) == len(prompts) and len(pairs) >= 4
     for pair in pairs.itertuples():
         clean, corrupt = tokenizer.encode(pair.clean_prompt), tokenizer.encode(pair.corrupt_prompt)
@@ -170,23 +196,39 @@ def test_str_with_sentencepiece_style_tokenizer_keeps_aligned_pairs():
 
 def test_str_formatter_mismatch_is_loud(bert, prompts):
     with pytest.raises(ValueError, match="do not rebuild"):
-        str_pairs(prompts, lambda text: bert(text)["input_ids"], lambda sid, a, b: f"is it {a} or {b}?",
-                  format_prompt, 0)
+        str_pairs(
+            prompts, lambda text: bert(text)["input_ids"], lambda sid, a, b: f"is it {a} or {b}?", format_prompt, 0
+        )
 
 
 def _sip_inputs(prompts):
     """Samples with pool_key "<task>-<n>", and a pool with one image per (pool_key, distractor), except:
     none for c2, and two for c3 (one of them the clean image)."""
     samples = prompts[["sample_id", "task", "distractor"]].assign(
-        dataset="d", pool_key=prompts["task"] + "-" + prompts["sample_id"].str[1])
+        dataset="d", pool_key=prompts["task"] + "-" + prompts["sample_id"].str[1]
+    )
     pool = [
-        {"dataset": "d", "task": t, "pool_key": k, "value": v, "image_path": f"pool/{k}/{v}.png",
-         "mask_path": f"pool/{k}/{v}_mask.png"}
+        {
+            "dataset": "d",
+            "task": t,
+            "pool_key": k,
+            "value": v,
+            "image_path": f"pool/{k}/{v}.png",
+            "mask_path": f"pool/{k}/{v}_mask.png",
+        }
         for t, k, v in samples[["task", "pool_key", "distractor"]].itertuples(index=False, name=None)
         if k != "colour-2"
     ]
-    pool.append({"dataset": "d", "task": "colour", "pool_key": "colour-3", "value": "pink",
-                 "image_path": "img/c3.png", "mask_path": ""})
+    pool.append(
+        {
+            "dataset": "d",
+            "task": "colour",
+            "pool_key": "colour-3",
+            "value": "pink",
+            "image_path": "img/c3.png",
+            "mask_path": "",
+        }
+    )
     return samples.drop(columns="distractor"), pd.DataFrame(pool)
 
 
@@ -202,8 +244,10 @@ def test_sip_uses_the_pool_image_of_the_distractor(prompts):
         assert pair.clean_prompt == pair.corrupt_prompt and pair.clean_image_path == f"img/{pair.sample_id}.png"
         assert (pair.corruption, pair.modality, pair.noise_seed) == ("sip", "image", -1)
     reasons = excluded.set_index("sample_id")["reason"].to_dict()
-    assert reasons == {"c2": "no pool image for pool_key 'colour-2' and value 'green'",
-                       "c3": "pool image for 'pink' is the clean image img/c3.png"}
+    assert reasons == {
+        "c2": "no pool image for pool_key 'colour-2' and value 'green'",
+        "c3": "pool image for 'pink' is the clean image img/c3.png",
+    }
 
 
 def test_sip_duplicate_pool_images_are_loud(prompts):

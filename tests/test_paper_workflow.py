@@ -41,10 +41,46 @@ TIMEOUT_S = 0.5
 # BLIP's WordPiece splits it into walk ##ing (2 tokens, so STR needs an equally long partner) and
 # LLaVA's word-level tokenizer makes it <unk>.
 EXTRA_WORDS = [
-    "child", "lady", "dog", "cat", "man", "boy", "girl", "woman", "person", "crossing", "sitting", "running",
-    "eating", "riding", "sleeping", "walk", "##ing", "street", "road", "grass", "beach", "bench", "horse", "bike",
-    "apple", "bread", "building", "shirt", "this", "feeling", "old", "new", "ancient", "small", "large", "sliced",
-    "wrinkled", "crumpled", "frayed", *EMOTIONS,
+    "child",
+    "lady",
+    "dog",
+    "cat",
+    "man",
+    "boy",
+    "girl",
+    "woman",
+    "person",
+    "crossing",
+    "sitting",
+    "running",
+    "eating",
+    "riding",
+    "sleeping",
+    "walk",
+    "##ing",
+    "street",
+    "road",
+    "grass",
+    "beach",
+    "bench",
+    "horse",
+    "bike",
+    "apple",
+    "bread",
+    "building",
+    "shirt",
+    "this",
+    "feeling",
+    "old",
+    "new",
+    "ancient",
+    "small",
+    "large",
+    "sliced",
+    "wrinkled",
+    "crumpled",
+    "frayed",
+    *EMOTIONS,
 ]
 
 
@@ -87,10 +123,10 @@ SVO_ROWS = [
     ("dog,sit,grass", "dog,sit,beach", "object", "/img/16.jpg", "/img/17.jpg"),
     ("man,ride,horse", "man,ride,bike", "object", "/img/18.jpg", "/img/19.jpg"),
     ("lady,sit,bench", "lady,sit,grass", "object", "/img/20.jpg", "/img/21.jpg"),
-    ("boy,eat,apple", "girl,eat,apple", "subject", "/img/22.jpg", "/missing.jpg"),     # 12: 404
+    ("boy,eat,apple", "girl,eat,apple", "subject", "/img/22.jpg", "/missing.jpg"),  # 12: 404
     ("boy,ride,bike", "woman,ride,bike", "subject", "/truncated.jpg", "/img/28.jpg"),  # 13: truncated
-    ("cat,sit,road", "cat,sit,street", "object", "/img/29.jpg", "/page.jpg"),         # 14: not an image
-    ("girl,run,beach", "girl,walk,beach", "verb", "/slow.jpg", "/img/30.jpg"),        # 15: timeout
+    ("cat,sit,road", "cat,sit,street", "object", "/img/29.jpg", "/page.jpg"),  # 14: not an image
+    ("girl,run,beach", "girl,walk,beach", "verb", "/slow.jpg", "/img/30.jpg"),  # 15: timeout
     ("person,ride,horse", "man,ride,horse", "subject", "/img/23.jpg", "/img/24.jpg"),  # 16: excluded word
     ("child,cross,street", "child,walk,street", "subject", "/img/25.jpg", "/img/31.jpg"),  # 17: wrong flag
 ]
@@ -111,12 +147,20 @@ def write_svo_csv(path: Path, server: str) -> Path:
         flags = {r: str(r == role) for r in ("subject", "verb", "object")}
         if index == 17:
             flags = {"subject": "True", "verb": "False", "object": "False"}
-        rows.append({
-            "sentence": f"A {pos.split(',')[0]} doing something ({index}).", "pos_triplet": pos, "neg_triplet": neg,
-            "subj_neg": flags["subject"], "verb_neg": flags["verb"], "obj_neg": flags["object"],
-            "pos_url": server + pos_url, "neg_url": server + neg_url,
-            "pos_image_id": f"p{index}", "neg_image_id": f"n{index}",
-        })
+        rows.append(
+            {
+                "sentence": f"A {pos.split(',')[0]} doing something ({index}).",
+                "pos_triplet": pos,
+                "neg_triplet": neg,
+                "subj_neg": flags["subject"],
+                "verb_neg": flags["verb"],
+                "obj_neg": flags["object"],
+                "pos_url": server + pos_url,
+                "neg_url": server + neg_url,
+                "pos_image_id": f"p{index}",
+                "neg_image_id": f"n{index}",
+            }
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=list(CSV_COLUMNS)).to_csv(path, index=False)
     return path
@@ -124,12 +168,18 @@ def write_svo_csv(path: Path, server: str) -> Path:
 
 # -- MIT-States ---------------------------------------------------------------------------------------------
 MIT_FOLDERS = {  # folder -> image files (all valid jpgs)
-    "old building": ["a.jpg", "b.jpg"], "new building": ["a.jpg"], "ancient building": ["a.jpg"],
-    "small apple": ["a.jpg", "b.jpg"], "large apple": ["a.jpg"], "sliced apple": ["a.jpg"],
-    "wrinkled shirt": ["a.jpg"], "crumpled shirt": ["a.jpg"], "frayed shirt": ["a.jpg"],
+    "old building": ["a.jpg", "b.jpg"],
+    "new building": ["a.jpg"],
+    "ancient building": ["a.jpg"],
+    "small apple": ["a.jpg", "b.jpg"],
+    "large apple": ["a.jpg"],
+    "sliced apple": ["a.jpg"],
+    "wrinkled shirt": ["a.jpg"],
+    "crumpled shirt": ["a.jpg"],
+    "frayed shirt": ["a.jpg"],
 }
 MIT_BAD = {  # sample id (under the dataset) -> the reader's reason starts with
-    "adj building/a.jpg": "",   # unlabelled folder
+    "adj building/a.jpg": "",  # unlabelled folder
     "shiny building/a.jpg": "",  # state in no group
     "old building/notes.txt": "notes.txt: not an image file",
     "new building/broken.jpg": "",
@@ -167,15 +217,23 @@ FER_BAD = [  # (emotion, pixels, Usage, reason fragment)
 
 
 def write_fer_csv(path: Path) -> Path:
-    rows = [{"emotion": str(label), "pixels": fer_pixels(i), "Usage": usage} for i, (label, usage) in enumerate(FER_GOOD)]
+    rows = [
+        {"emotion": str(label), "pixels": fer_pixels(i), "Usage": usage} for i, (label, usage) in enumerate(FER_GOOD)
+    ]
     rows += [{"emotion": e, "pixels": p, "Usage": u} for e, p, u, _ in FER_BAD]
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows, columns=["emotion", "pixels", "Usage"]).to_csv(path, index=False)
     return path
 
 
-FER_FOLDERS = {("train", "happy"): 2, ("train", "angry"): 2, ("train", "sad"): 1, ("train", "neutral"): 1,
-               ("validation", "happy"): 1, ("validation", "fear"): 1}
+FER_FOLDERS = {
+    ("train", "happy"): 2,
+    ("train", "angry"): 2,
+    ("train", "sad"): 1,
+    ("train", "neutral"): 1,
+    ("validation", "happy"): 1,
+    ("validation", "fear"): 1,
+}
 
 
 def write_fer_folders(root: Path) -> Path:
@@ -184,7 +242,8 @@ def write_fer_folders(root: Path) -> Path:
         folder.mkdir(parents=True)
         for k in range(count):
             Image.fromarray(np.random.default_rng(300 + 10 * n + k).integers(0, 256, (48, 48), dtype=np.uint8)).save(
-                folder / f"{k}.jpg")
+                folder / f"{k}.jpg"
+            )
     (root / "images" / "train" / "happy" / "broken.jpg").write_bytes(b"not a jpeg")
     return root
 
@@ -231,7 +290,9 @@ def data_config(sources: dict, seed: int = 0, models: tuple[str, ...] = MODELS) 
     config["models"] = {name: config["models"][name] for name in models}
     config["datasets"]["svo_probes"]["download"] = {"workers": 4, "timeout_s": TIMEOUT_S, "retries": 0, "backoff_s": 0}
     config["datasets"]["facial_folders"] = {
-        **copy.deepcopy(config["datasets"]["facial_expressions"]), "path": str(sources["facial_folders"])}
+        **copy.deepcopy(config["datasets"]["facial_expressions"]),
+        "path": str(sources["facial_folders"]),
+    }
     config["datasets"]["facial_folders"].pop("splits")
     for name in models:
         config["models"][name].update(dtype="float32", device="cpu")
@@ -249,7 +310,8 @@ def corruptions_of(dataset: str) -> list[str]:
 
 def answer_targets(models) -> list[str]:
     return [
-        "resources/datasets/facial_folders/samples.parquet", "results/datasets/facial_folders/distractors.parquet",
+        "resources/datasets/facial_folders/samples.parquet",
+        "results/datasets/facial_folders/distractors.parquet",
         *(f"results/{m}/{d}/{f}" for m in models for d in EVALUATED for f in ("answers.parquet", "accuracy.csv")),
     ]
 
@@ -305,7 +367,9 @@ def test_svo_read_and_download_reasons(workdir, sources):
     server = sources["server"]
     downloads = table(workdir, "resources/downloads/svo_probes/downloads.parquet").set_index("url")
     assert downloads.loc[server + "/missing.jpg", "reason"] == "HTTP 404"
-    assert not downloads.loc[[server + p for p in ("/missing.jpg", "/truncated.jpg", "/page.jpg", "/slow.jpg")], "ok"].any()
+    assert not downloads.loc[
+        [server + p for p in ("/missing.jpg", "/truncated.jpg", "/page.jpg", "/slow.jpg")], "ok"
+    ].any()
     good = downloads[downloads.index.str.contains("/img/")]
     assert good["ok"].all() and len(good) == 32
     for url, row in good.iterrows():  # each cached file is exactly the server's image
@@ -321,7 +385,11 @@ def test_svo_read_and_download_reasons(workdir, sources):
 
     first = samples.loc["svo_probes_r000000_pos"]
     assert (first.task, first.answer, first.distractor_given, first.subject) == (
-        "svo_subject", "child", "lady", "crossing the street")
+        "svo_subject",
+        "child",
+        "lady",
+        "crossing the street",
+    )
     assert first.image_path == downloads.loc[server + "/img/0.jpg", "path"]
     assert first.corrupt_triplet == "lady,cross,street"
     verb = samples.loc["svo_probes_r000004_neg"]
@@ -342,7 +410,12 @@ def test_mit_states_and_fer_read_with_reasons(workdir):
         assert reasons[f"mit_states/{name}"] and reasons[f"mit_states/{name}"].startswith(start), name
     old = samples.loc["mit_states/old building/a.jpg"]
     assert (old.task, old.subject, old.answer, old.category, old.pool_key) == (
-        "mit_states", "building", "old", "colour", "building")
+        "mit_states",
+        "building",
+        "old",
+        "colour",
+        "building",
+    )
 
     fer = table(workdir, "resources/datasets/facial_expressions/samples.parquet").set_index("sample_id")
     fer_reasons = excluded(workdir, "results/datasets/facial_expressions/read_exclusions.parquet")
@@ -441,8 +514,11 @@ def test_pair_manifests_row_by_row(workdir, sources, model):
     options = "child or the lady" if row.correct_first else "lady or the child"
     assert f"Is the {options} crossing the street?" in row.clean_prompt
     neg = sip.loc["svo_probes_r000000_neg"]  # the same row the other way round
-    assert (neg.answer, neg.clean_image_path, neg.corrupt_image_path) == ("lady", row.corrupt_image_path,
-                                                                          row.clean_image_path)
+    assert (neg.answer, neg.clean_image_path, neg.corrupt_image_path) == (
+        "lady",
+        row.corrupt_image_path,
+        row.clean_image_path,
+    )
 
     mit = table(workdir, f"results/{model}/mit_states/pairs/sip.parquet").set_index("sample_id")
     old = mit.loc["mit_states/old building/a.jpg"]
@@ -470,14 +546,15 @@ def test_sd_inpaint_pairs_use_the_generated_images(workdir, model):
     for sample_id, pair in pairs.iterrows():
         assert pair.corrupt_image_path == generated[(samples.loc[sample_id, "pool_key"], pair.distractor)]
         assert f"/{model}/svo_probes/sd_inpaint/images/" in pair.corrupt_image_path
-        clean, corrupt = (np.asarray(Image.open(workdir / p).convert("RGB"))
-                          for p in (pair.clean_image_path, pair.corrupt_image_path))
+        clean, corrupt = (
+            np.asarray(Image.open(workdir / p).convert("RGB")) for p in (pair.clean_image_path, pair.corrupt_image_path)
+        )
         mask = np.asarray(Image.open(workdir / pair.corrupt_mask_path)) > 0
         assert clean.shape == corrupt.shape and (clean[~mask] == corrupt[~mask]).all()
 
 
 def option_span(ids: list[int], option: list[int]) -> range:
-    starts = [i for i in range(len(ids) - len(option) + 1) if ids[i: i + len(option)] == option]
+    starts = [i for i in range(len(ids) - len(option) + 1) if ids[i : i + len(option)] == option]
     assert len(starts) == 1, (ids, option)
     return range(starts[0], starts[0] + len(option))
 
@@ -492,8 +569,10 @@ def test_str_pairs_line_up_token_by_token(workdir, sources, model):
         for pair in pairs.itertuples(index=False):
             clean, corrupt = (tokenizer(p)["input_ids"] for p in (pair.clean_prompt, pair.corrupt_prompt))
             assert len(clean) == len(corrupt), pair.sample_id
-            spans = [option_span(clean, tokenizer(o, add_special_tokens=False)["input_ids"])
-                     for o in (pair.answer, pair.distractor)]
+            spans = [
+                option_span(clean, tokenizer(o, add_special_tokens=False)["input_ids"])
+                for o in (pair.answer, pair.distractor)
+            ]
             differ = {i for i, (a, b) in enumerate(zip(clean, corrupt)) if a != b}
             assert differ <= set(spans[0]) | set(spans[1]), pair.sample_id
             assert all(differ & set(span) for span in spans), pair.sample_id  # both options replaced
@@ -507,10 +586,12 @@ def test_str_pairs_line_up_token_by_token(workdir, sources, model):
 
 
 def manifests(model: str) -> list[str]:
-    return [*(f"results/{model}/{d}/pairs/{c}.parquet" for d in EVALUATED for c in corruptions_of(d)),
-            *(f"results/{model}/{d}/selected.parquet" for d in EVALUATED),
-            *(f"resources/datasets/{d}/{t}.parquet" for d in EVALUATED for t in ("samples", "image_pool")),
-            *(f"results/datasets/{d}/distractors.parquet" for d in EVALUATED)]
+    return [
+        *(f"results/{model}/{d}/pairs/{c}.parquet" for d in EVALUATED for c in corruptions_of(d)),
+        *(f"results/{model}/{d}/selected.parquet" for d in EVALUATED),
+        *(f"resources/datasets/{d}/{t}.parquet" for d in EVALUATED for t in ("samples", "image_pool")),
+        *(f"results/datasets/{d}/distractors.parquet" for d in EVALUATED),
+    ]
 
 
 def digests(workdir: Path, paths: list[str]) -> dict[str, str]:
@@ -522,10 +603,12 @@ def test_same_seed_same_bytes_other_seed_other_manifests(workdir, sources, tmp_p
     # One model is enough here (per-model outputs do not depend on the other model), and halves the time.
     model = "llava"
     again, other = tmp_path / "again", tmp_path / "other"
-    seeded = {f"results/{model}/svo_probes/pairs/gn_mult.parquet",  # noise seeds
-              f"results/{model}/mit_states/pairs/str.parquet",  # partners, answer order
-              f"results/{model}/facial_expressions/pairs/sip.parquet",  # the pool's seeded picks
-              "resources/datasets/facial_expressions/image_pool.parquet"}
+    seeded = {
+        f"results/{model}/svo_probes/pairs/gn_mult.parquet",  # noise seeds
+        f"results/{model}/mit_states/pairs/str.parquet",  # partners, answer order
+        f"results/{model}/facial_expressions/pairs/sip.parquet",  # the pool's seeded picks
+        "resources/datasets/facial_expressions/image_pool.parquet",
+    }
     # The SVO-Probes reader has no random choice: its tables do not depend on the seed.
     unseeded = "resources/datasets/svo_probes/samples.parquet"
     # Side by side: each run leaves cores idle between its short jobs. The other seed's run stops at the
@@ -533,8 +616,10 @@ def test_same_seed_same_bytes_other_seed_other_manifests(workdir, sources, tmp_p
     again.mkdir()
     other.mkdir()
     with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(run_data_stages, work, data_config(sources, seed, models=(model,)), pairs)
-                for work, seed, pairs in ((again, 0, None), (other, 1, sorted(p for p in seeded if "/pairs/" in p)))]
+        runs = [
+            pool.submit(run_data_stages, work, data_config(sources, seed, models=(model,)), pairs)
+            for work, seed, pairs in ((again, 0, None), (other, 1, sorted(p for p in seeded if "/pairs/" in p)))
+        ]
         for run in runs:
             run.result()
     first = digests(workdir, manifests(model))
@@ -560,9 +645,23 @@ def test_full_paper_dag_plans(sources, tmp_path):
     assert restored == PAPER and config["selection"]["n_per_task"] == 500
     code, output = dry_run(tmp_path, config)
     assert code == 0, output[-4000:]
-    for rule in ("download_svo_images", "read_dataset_svo_probes", "read_dataset_mit_states",
-                 "read_dataset_facial_expressions", "distractors", "prompts", "evaluate_shard", "select_samples",
-                 "inpaint_sip", "pairs", "cache_clean", "patch", "gather_patching", "analyse_heads", "report"):
+    for rule in (
+        "download_svo_images",
+        "read_dataset_svo_probes",
+        "read_dataset_mit_states",
+        "read_dataset_facial_expressions",
+        "distractors",
+        "prompts",
+        "evaluate_shard",
+        "select_samples",
+        "inpaint_sip",
+        "pairs",
+        "cache_clean",
+        "patch",
+        "gather_patching",
+        "analyse_heads",
+        "report",
+    ):
         assert re.search(rf"^(local)?rule {rule}:", output, re.MULTILINE), f"rule {rule} missing from the plan"
     assert "synthetic_dataset" not in output and "train_toy_model" not in output
     for model in MODELS:
@@ -572,11 +671,14 @@ def test_full_paper_dag_plans(sources, tmp_path):
     assert "results/blip/mit_states/patching/sd_inpaint" not in output
 
 
-@pytest.mark.parametrize("dataset, key_path, expected", [
-    ("svo_probes", "svo.csv", "expected the SVO-Probes CSV file"),
-    ("mit_states", "mit", "expected the MIT-States directory holding images/<adjective> <noun>/*.jpg"),
-    ("facial_expressions", "fer2013.csv", "expected the FER-2013 fer2013.csv file, or a directory"),
-])
+@pytest.mark.parametrize(
+    "dataset, key_path, expected",
+    [
+        ("svo_probes", "svo.csv", "expected the SVO-Probes CSV file"),
+        ("mit_states", "mit", "expected the MIT-States directory holding images/<adjective> <noun>/*.jpg"),
+        ("facial_expressions", "fer2013.csv", "expected the FER-2013 fer2013.csv file, or a directory"),
+    ],
+)
 def test_missing_dataset_path_stops_at_start(sources, tmp_path, dataset, key_path, expected):
     config = paper_config(sources)
     missing = str(tmp_path / "nowhere" / key_path)

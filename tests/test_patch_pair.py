@@ -34,8 +34,18 @@ from notice.workflow.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, rea
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("blip", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 WIDE = {"llava_next", "qwen2_vl", "qwen2_5_vl"}  # families that take a 40x24 image as it is (any resolution)
-TOY = ToyModelConfig(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
-                     vision_intermediate=64, text_hidden=32, text_intermediate=64, text_heads=4, text_kv_heads=2)
+TOY = ToyModelConfig(
+    image_size=32,
+    patch_size=8,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate=64,
+    text_hidden=32,
+    text_intermediate=64,
+    text_heads=4,
+    text_kv_heads=2,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,8 +58,13 @@ def one_thread() -> Iterator[None]:
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny model directories of all five families and random images."""
     root = tmp_path_factory.mktemp("patch_pair")
-    builds = {"blip": lambda: build_blip(TOY), "llava": lambda: build_llava(TOY), "llava_next": llava_next_tiny.build,
-              "qwen2_vl": lambda: qwen2_vl_tiny.build("qwen2_vl"), "qwen2_5_vl": lambda: qwen2_vl_tiny.build("qwen2_5_vl")}
+    builds = {
+        "blip": lambda: build_blip(TOY),
+        "llava": lambda: build_llava(TOY),
+        "llava_next": llava_next_tiny.build,
+        "qwen2_vl": lambda: qwen2_vl_tiny.build("qwen2_vl"),
+        "qwen2_5_vl": lambda: qwen2_vl_tiny.build("qwen2_5_vl"),
+    }
     for name, build in builds.items():
         model, processor = build()
         model.save_pretrained(root / name)
@@ -72,14 +87,37 @@ def images(tmp: Path, family: str) -> tuple[str, str]:
 
 def cli_args(tmp: Path, family: str, corruption: str, out: Path, *extra: str) -> list[str]:
     clean, corrupt = images(tmp, family)
-    corrupt_args = {"sip": ["--corrupt-image", corrupt], "str": ["--corrupt-question", STR_QUESTION],
-                    "gn_mult": ["--noise", "gn_mult"], "gn_add": ["--noise", "gn_add"]}[corruption]
-    return ["patch-pair", "--model", str(tmp / family), "--image", clean, "--question", QUESTION,
-            "--answer", "red", "--distractor", "green", *corrupt_args, "--out", str(out), *extra]
+    corrupt_args = {
+        "sip": ["--corrupt-image", corrupt],
+        "str": ["--corrupt-question", STR_QUESTION],
+        "gn_mult": ["--noise", "gn_mult"],
+        "gn_add": ["--noise", "gn_add"],
+    }[corruption]
+    return [
+        "patch-pair",
+        "--model",
+        str(tmp / family),
+        "--image",
+        clean,
+        "--question",
+        QUESTION,
+        "--answer",
+        "red",
+        "--distractor",
+        "green",
+        *corrupt_args,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def expected_rows(
-    tmp: Path, family: str, corruption: str, engine: str = "fast", prompt_template: str | None = None,
+    tmp: Path,
+    family: str,
+    corruption: str,
+    engine: str = "fast",
+    prompt_template: str | None = None,
     noise_seed: int = 0,
 ) -> pd.DataFrame:
     """The workflow's patching stage on the same pair, built here by hand, through a Parquet file."""
@@ -87,12 +125,21 @@ def expected_rows(
     clean, corrupt = images(tmp, family)
     prompt = adapter.format_prompt(QUESTION)
     pair = {
-        "sample_id": "pair", "task": "cli", "category": "cli", "corruption": corruption,
-        "modality": "text" if corruption == "str" else "image", "correct_first": True,
-        "answer": "red", "distractor": "green",
-        "answer_token_id": adapter.option_token_id("red"), "distractor_token_id": adapter.option_token_id("green"),
-        "clean_image_path": clean, "corrupt_image_path": corrupt if corruption == "sip" else clean,
-        "clean_mask_path": "", "corrupt_mask_path": "", "clean_prompt": prompt,
+        "sample_id": "pair",
+        "task": "cli",
+        "category": "cli",
+        "corruption": corruption,
+        "modality": "text" if corruption == "str" else "image",
+        "correct_first": True,
+        "answer": "red",
+        "distractor": "green",
+        "answer_token_id": adapter.option_token_id("red"),
+        "distractor_token_id": adapter.option_token_id("green"),
+        "clean_image_path": clean,
+        "corrupt_image_path": corrupt if corruption == "sip" else clean,
+        "clean_mask_path": "",
+        "corrupt_mask_path": "",
+        "clean_prompt": prompt,
         "corrupt_prompt": adapter.format_prompt(STR_QUESTION) if corruption == "str" else prompt,
         "noise_seed": noise_seed if corruption.startswith("gn_") else -1,
     }
@@ -100,8 +147,13 @@ def expected_rows(
     prompts = pd.DataFrame({"sample_id": ["pair"], "image_path": [clean], "prompt": [prompt]})
     with torch.inference_mode():
         rows = patch_pairs(
-            adapter, pairs, cache_clean_runs(adapter, prompts, load_image), load_image, engine=engine,
-            corruption_settings={"nu": 5.0, "sigma_multiplier": 3.0}, patching_settings={"batch_size": 64},
+            adapter,
+            pairs,
+            cache_clean_runs(adapter, prompts, load_image),
+            load_image,
+            engine=engine,
+            corruption_settings={"nu": 5.0, "sigma_multiplier": 3.0},
+            patching_settings={"batch_size": 64},
             labels={"model": str(tmp / family), "dataset": "cli"},
         )
     path = tmp / f"expected_{family}_{corruption}_{engine}.parquet"
@@ -137,10 +189,13 @@ def test_reference_engine_and_additive_noise(tmp: Path) -> None:
     assert_same_rows(out, expected_rows(tmp, "llava", "gn_add", engine="reference", noise_seed=7))
 
 
-@pytest.mark.parametrize("family, template", [
-    ("llava", "USER: <image>\nquestion: {question} ASSISTANT:"),
-    ("qwen2_vl", "<|vision_start|><|image_pad|><|vision_end|>{question}"),
-])
+@pytest.mark.parametrize(
+    "family, template",
+    [
+        ("llava", "USER: <image>\nquestion: {question} ASSISTANT:"),
+        ("qwen2_vl", "<|vision_start|><|image_pad|><|vision_end|>{question}"),
+    ],
+)
 def test_prompt_template_is_used_verbatim(tmp: Path, family: str, template: str) -> None:
     out = tmp / f"out_template_{family}.parquet"
     assert main(cli_args(tmp, family, "str", out, "--prompt-template", template)) == 0
@@ -157,8 +212,11 @@ def test_entry_point(tmp: Path) -> None:
     out = tmp / "out_subprocess.parquet"
     done = subprocess.run(  # on one thread like the in-process expectation, so the floats are the same
         [sys.executable, "-m", "notice", *cli_args(tmp, "blip", "sip", out)],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert "LD clean" in done.stdout and "patched runs" in done.stdout
@@ -181,21 +239,24 @@ def replace(args: list[str], option: str, value: str) -> list[str]:
 
 def without(args: list[str], option: str) -> list[str]:
     start = args.index(option)
-    return args[:start] + args[start + 2:]
+    return args[:start] + args[start + 2 :]
 
 
-@pytest.mark.parametrize("case, words", [
-    ("unknown_model_type", ["'bert'", "supported model types", "llava"]),
-    ("model_not_found", ["does not exist", "/no/such/model"]),
-    ("image_unreadable", ["not_an_image.png", "cannot decode image"]),
-    ("image_missing", ["missing.png", "cannot decode image"]),
-    ("same_first_token", ["'crimson'", "'scarlet'", "same first token", "'<unk>'"]),
-    ("token_length", ["16 tokens", "18", "same token length"]),
-    ("image_size", ["46 tokens", "54", "image of another size"]),
-    ("no_corruption", ["one of the arguments", "--corrupt-image", "--noise"]),
-    ("two_corruptions", ["--noise", "not allowed with", "--corrupt-image"]),
-    ("template_without_question", ["--prompt-template", "{question}"]),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("unknown_model_type", ["'bert'", "supported model types", "llava"]),
+        ("model_not_found", ["does not exist", "/no/such/model"]),
+        ("image_unreadable", ["not_an_image.png", "cannot decode image"]),
+        ("image_missing", ["missing.png", "cannot decode image"]),
+        ("same_first_token", ["'crimson'", "'scarlet'", "same first token", "'<unk>'"]),
+        ("token_length", ["16 tokens", "18", "same token length"]),
+        ("image_size", ["46 tokens", "54", "image of another size"]),
+        ("no_corruption", ["one of the arguments", "--corrupt-image", "--noise"]),
+        ("two_corruptions", ["--noise", "not allowed with", "--corrupt-image"]),
+        ("template_without_question", ["--prompt-template", "{question}"]),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_code_2(
     tmp: Path, case: str, words: list[str], capsys: pytest.CaptureFixture
 ) -> None:

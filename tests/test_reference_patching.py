@@ -60,8 +60,10 @@ def adapter(request):
 def test_corruption_changes_the_answer_scores(adapter, corruption):
     clean, corrupt = inputs(adapter, corruption)
     tau, tau_p = adapter.option_token_id("red"), adapter.option_token_id("green")
-    assert abs(scores(adapter.answer_logits(clean), tau, tau_p).ld
-               - scores(adapter.answer_logits(corrupt), tau, tau_p).ld) > 1e-3
+    assert (
+        abs(scores(adapter.answer_logits(clean), tau, tau_p).ld - scores(adapter.answer_logits(corrupt), tau, tau_p).ld)
+        > 1e-3
+    )
 
 
 def test_patching_nothing_gives_the_corrupt_logits(adapter):
@@ -134,8 +136,9 @@ def test_patch_sample_rows(adapter, corruption):
     tau, tau_p = adapter.option_token_id("red"), adapter.option_token_id("green")
     patches = default_patches(adapter, clean, tau)[::7]
     rows = patch_sample(adapter, clean, corrupt, patches, tau, tau_p)
-    assert [(r["site"], r["layer"], r["position"], r["head"]) for r in rows] == \
-        [(p.site, p.layer, p.position, p.head) for p in patches]
+    assert [(r["site"], r["layer"], r["position"], r["head"]) for r in rows] == [
+        (p.site, p.layer, p.position, p.head) for p in patches
+    ]
     assert all(tuple(r) == ROW_COLUMNS for r in rows)
     clean_s = scores(adapter.answer_logits(clean), tau, tau_p)
     corrupt_s = scores(adapter.answer_logits(corrupt), tau, tau_p)
@@ -157,11 +160,15 @@ def test_default_patch_order(adapter):
     positions = adapter.patch_positions(clean)
     n_module = len(adapter.module_sites) * adapter.n_layers * len(positions)
     assert len(patches) == n_module + adapter.n_layers * adapter.n_heads
-    assert patches[:n_module] == [Patch(s, layer, p) for s in adapter.module_sites
-                                  for layer in range(adapter.n_layers) for p in positions]
+    assert patches[:n_module] == [
+        Patch(s, layer, p) for s in adapter.module_sites for layer in range(adapter.n_layers) for p in positions
+    ]
     head_pos = adapter.head_position(clean, tau)
-    assert patches[n_module:] == [Patch(adapter.head_site, layer, head_pos, h)
-                                  for layer in range(adapter.n_layers) for h in range(adapter.n_heads)]
+    assert patches[n_module:] == [
+        Patch(adapter.head_site, layer, head_pos, h)
+        for layer in range(adapter.n_layers)
+        for h in range(adapter.n_heads)
+    ]
 
 
 def test_invalid_patches_and_misaligned_prompts_fail():

@@ -20,8 +20,13 @@ def analysis(tmp_path_factory):
     sig = significant_heads(head_effects(results))
     universal = universal_heads(sig)
     table = universal_heads_table(sig, universal, bootstrap_heads(results, n_draws=40, seed=0))
-    pngs = [p for p in head_heatmaps(sig, universal, out) + bootstrap_stability(table, out)
-            + accuracy_chart(accuracy_table(), out) if p.suffix == ".png"]
+    pngs = [
+        p
+        for p in head_heatmaps(sig, universal, out)
+        + bootstrap_stability(table, out)
+        + accuracy_chart(accuracy_table(), out)
+        if p.suffix == ".png"
+    ]
     return out, table, pngs
 
 
@@ -30,8 +35,11 @@ def test_report_contains_every_figure_and_is_offline(analysis):
     summary = summarise_findings(table, accuracy_table())
     sections = [
         Section("Summary", html=summary),
-        Section("Heads", text="Patching single heads.\n\nSource: https://example.org/data.csv",
-                figures=[Figure(p, f"Caption for {p.stem}") for p in pngs]),
+        Section(
+            "Heads",
+            text="Patching single heads.\n\nSource: https://example.org/data.csv",
+            figures=[Figure(p, f"Caption for {p.stem}") for p in pngs],
+        ),
         Section("Tables", tables=[Table(table, "Universal heads"), Table(accuracy_table(), "Accuracy")]),
     ]
     html = build_report(sections, out / "report.html").read_text()
@@ -68,17 +76,35 @@ def test_summary_numbers(analysis):
 def test_summary_of_a_model_without_universal_heads_names_its_significant_heads(analysis):
     _, table, _ = analysis
     rows = [  # (task, corruption, layer, head, mean, significant): a different head per task, none universal
-        ("A", "sip", 0, 1, 2.0, True), ("A", "sip", 1, 3, 1.5, True), ("A", "sip", 0, 0, 0.1, False),
-        ("B", "sip", 1, 0, 3.0, True), ("B", "sip", 0, 1, 0.2, False),
-        ("A", "str", 0, 2, 0.1, False), ("B", "str", 1, 1, 0.4, True),
+        ("A", "sip", 0, 1, 2.0, True),
+        ("A", "sip", 1, 3, 1.5, True),
+        ("A", "sip", 0, 0, 0.1, False),
+        ("B", "sip", 1, 0, 3.0, True),
+        ("B", "sip", 0, 1, 0.2, False),
+        ("A", "str", 0, 2, 0.1, False),
+        ("B", "str", 1, 1, 0.4, True),
         ("A", "gn_mult", 1, 1, 5.0, True),  # Gaussian noise does not define universal heads
     ]
     significant = pd.DataFrame(
-        [{"model": "other", "site": "cross_attn_head", "task": t, "corruption": c, "layer": layer, "head": head,
-          "mean": mean, "significant": sig} for t, c, layer, head, mean, sig in rows])
+        [
+            {
+                "model": "other",
+                "site": "cross_attn_head",
+                "task": t,
+                "corruption": c,
+                "layer": layer,
+                "head": head,
+                "mean": mean,
+                "significant": sig,
+            }
+            for t, c, layer, head, mean, sig in rows
+        ]
+    )
     summary = summarise_findings(table, accuracy_table(), models=["toy", "other"], significant=significant)
-    assert ("<b>other</b>: no universal heads.<br><small>Significant heads per condition: A (sip): L0.H1, L1.H3; "
-            "A (str): none; B (sip): L1.H0; B (str): L1.H1.</small>") in summary
+    assert (
+        "<b>other</b>: no universal heads.<br><small>Significant heads per condition: A (sip): L0.H1, L1.H3; "
+        "A (str): none; B (sip): L1.H0; B (str): L1.H1.</small>"
+    ) in summary
     assert "gn_mult" not in summary
     assert "vision: L1.H2 (vision in 100% of 40 resamples)" in summary  # models with universal heads unchanged
 
@@ -88,8 +114,9 @@ def test_summary_lists_frequent_candidates():
     sig = significant_heads(head_effects(results))
     boot = bootstrap_heads(results, n_draws=100, seed=3)
     table = universal_heads_table(sig, universal_heads(sig).iloc[0:0], boot, min_frac_universal=0.5)
-    accuracy = pd.DataFrame({"model": ["toy"], "task": ["A"], "category": ["(all)"], "n": [4], "n_correct": [3],
-                             "accuracy": [0.75]})
+    accuracy = pd.DataFrame(
+        {"model": ["toy"], "task": ["A"], "category": ["(all)"], "n": [4], "n_correct": [3], "accuracy": [0.75]}
+    )
     summary = summarise_findings(table, accuracy)
     frac = boot.loc[(boot["layer"] == 1) & (boot["head"] == 1), "frac_universal"].iloc[0]
     assert f"often under resampling: L1.H1 (universal in {frac:.0%} of 100 resamples)" in summary

@@ -39,8 +39,15 @@ from notice.present.figures import (
 from notice.present.report import TABLE_FILES, workflow_report
 
 GRID, OBJECT = (4, 4), [0, 1, 4, 5]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--virtual-time-budget=10000",
+]
 CHECKER = """<script>
 window.addEventListener("load", () => {
   const sizes = Array.from(document.images).map((img, i) => {
@@ -70,8 +77,12 @@ def open_in_chromium(html: Path, tmp_path: Path) -> tuple[list[str], list[str]]:
     """(natural size of every image, console errors) of `html` with the checker appended."""
     checked = tmp_path / f"{html.stem}.checked.html"
     checked.write_text(html.read_text().replace("</body>", CHECKER + "</body>"))
-    done = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
-                           checked.as_uri()], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", checked.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     sizes = re.search(r'data-image-sizes="([^"]*)"', done.stdout)
     assert sizes, "the checker did not run: " + done.stdout[:500]
@@ -84,13 +95,24 @@ def records(site_weights: np.ndarray, prefix: str) -> list[dict]:
     mask = np.zeros((32, 32), np.float32)
     mask[:16, :16] = 1.0
     rng = np.random.default_rng(0)
-    return [{
-        "sample_id": f"{prefix}{i}", "task": "A", "weights": site_weights, "mass": np.ones(site_weights.shape[:3]),
-        "all_heads_average": site_weights.mean(axis=(0, 1)), "layers": np.arange(site_weights.shape[0]),
-        "heads": np.arange(site_weights.shape[1]), "grid": np.asarray(GRID),
-        "query_labels": np.asarray(["is", "<answer>"]), "query_tokens": np.asarray(["is", "red"]),
-        "head_query_index": 1, "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "mask": mask,
-    } for i in range(2)]
+    return [
+        {
+            "sample_id": f"{prefix}{i}",
+            "task": "A",
+            "weights": site_weights,
+            "mass": np.ones(site_weights.shape[:3]),
+            "all_heads_average": site_weights.mean(axis=(0, 1)),
+            "layers": np.arange(site_weights.shape[0]),
+            "heads": np.arange(site_weights.shape[1]),
+            "grid": np.asarray(GRID),
+            "query_labels": np.asarray(["is", "<answer>"]),
+            "query_tokens": np.asarray(["is", "red"]),
+            "head_query_index": 1,
+            "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            "mask": mask,
+        }
+        for i in range(2)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -105,22 +127,42 @@ def report(tmp_path_factory):
     self_ = np.full((2, 4, 2, 16), 1 / 16)
     config = HeadFunctionConfig()
     keys = ["model", "site", "dataset"]
-    groups = {("toy", "cross_attn_head", "synthetic"): records(cross, "b"),
-              ("toy_llava", "self_attn_head", "synthetic"): records(self_, "l")}
+    groups = {
+        ("toy", "cross_attn_head", "synthetic"): records(cross, "b"),
+        ("toy_llava", "self_attn_head", "synthetic"): records(self_, "l"),
+    }
     scores = scores_from_records(groups, keys, config)
     grounding = grounding_summary(scores, keys)
     figure_dirs = {"toy": out / "toy", "toy_llava": out / "toy_llava"}
     modules = module_table()
-    pngs = [p for p in module_heatmaps(modules, figure_dirs["toy"]) + head_heatmaps(sig, universal, figure_dirs["toy"])
-            + corruption_comparison(modules, figure_dirs["toy"]) + bootstrap_stability(universal, figure_dirs["toy"])
-            + accuracy_chart(accuracy_table(), figure_dirs["toy"]) if p.suffix == ".png"]
+    pngs = [
+        p
+        for p in module_heatmaps(modules, figure_dirs["toy"])
+        + head_heatmaps(sig, universal, figure_dirs["toy"])
+        + corruption_comparison(modules, figure_dirs["toy"])
+        + bootstrap_stability(universal, figure_dirs["toy"])
+        + accuracy_chart(accuracy_table(), figure_dirs["toy"])
+        if p.suffix == ".png"
+    ]
     for (model, site, _), recs in groups.items():
         in_model = (universal["model"] == model) & (universal["site"] == site)
         panels = overlay_panels(universal[in_model], scores[(scores["model"] == model)], max_heads=4)
-        pngs += [p for p in attention_overlays(recs, panels, figure_dirs[model] / f"attention_{model}_synthetic", model)
-                 if p.suffix == ".png"]
-    html = workflow_report(universal, sig, accuracy_table(), scores, grounding, figure_dirs,
-                           {"k_sigma": 2.0, "head_functions": {}}, out / "report.html", out / "tables")
+        pngs += [
+            p
+            for p in attention_overlays(recs, panels, figure_dirs[model] / f"attention_{model}_synthetic", model)
+            if p.suffix == ".png"
+        ]
+    html = workflow_report(
+        universal,
+        sig,
+        accuracy_table(),
+        scores,
+        grounding,
+        figure_dirs,
+        {"k_sigma": 2.0, "head_functions": {}},
+        out / "report.html",
+        out / "tables",
+    )
     return html, pngs, out
 
 
@@ -141,7 +183,10 @@ def test_paper_tables_written(report):
     assert table1.loc["L2.H0", "kind"] == "multimodal" and table1.loc["L1.H2", "kind"] == "vision"
     assert table1.loc["L2.H0", "n_conditions"] == 4 and table1.loc["L1.H2", "n_conditions"] == 2
     assert table1.loc["L2.H0", "frac_universal"] == 1.0
-    assert "| toy     | cross_attn_head | L1.H2          | L0.H3        | L2.H0" in (out / "tables/table1_universal_heads.md").read_text()
+    assert (
+        "| toy     | cross_attn_head | L1.H2          | L0.H3        | L2.H0"
+        in (out / "tables/table1_universal_heads.md").read_text()
+    )
     table3 = (out / "tables/table3_head_functions.md").read_text()
     assert re.search(r"\| toy +\| cross_attn_head \| object_detection +\| L2\.H0", table3)
 
@@ -156,9 +201,19 @@ def test_every_figure_renders_offline_in_chromium(report, tmp_path):
     assert len(sizes) == len(pngs) and all(not s.startswith("0x") for s in sizes), sizes
     assert errors == [], errors
     screenshot = out / "report.png"
-    done = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'shot'}",
-                           f"--screenshot={screenshot}", "--window-size=1280,4000", html.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            chromium(),
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'shot'}",
+            f"--screenshot={screenshot}",
+            "--window-size=1280,4000",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and screenshot.stat().st_size > 50_000, done.stderr[-2000:]
     print(f"screenshot: {screenshot}")
 

@@ -32,8 +32,11 @@ MIT_GROUPS = {"old": "colour", "new": "colour", "small": "shape", "large": "shap
 FER_GROUPS = {"happy": "positive", "sad": "negative", "angry": "negative"}
 # dataset -> (kind, images relative to its root, the task's groups)
 FOLDER_DATASETS = {
-    "mit": ("mit_states", ["images/old building/a.jpg", "images/new building/a.jpg", "images/small apple/a.jpg"],
-            MIT_GROUPS),
+    "mit": (
+        "mit_states",
+        ["images/old building/a.jpg", "images/new building/a.jpg", "images/small apple/a.jpg"],
+        MIT_GROUPS,
+    ),
     "fer_plain": ("facial_expressions", ["train/happy/a.jpg", "train/sad/a.jpg"], FER_GROUPS),  # <split>/<emotion>
     "fer_images": ("facial_expressions", ["images/train/happy/a.jpg", "images/train/sad/a.jpg"], FER_GROUPS),
 }
@@ -42,13 +45,22 @@ READ_RULE = {"mit_states": "read_dataset_mit_states", "facial_expressions": "rea
 
 def folder_config(root: Path) -> dict:
     datasets = {
-        name: {"kind": kind, "path": str(root / name),
-               "tasks": {kind: {"question": "Is this {subject} {a} or {b}?", "values": sorted(groups), "groups": groups}}}
+        name: {
+            "kind": kind,
+            "path": str(root / name),
+            "tasks": {kind: {"question": "Is this {subject} {a} or {b}?", "values": sorted(groups), "groups": groups}},
+        }
         for name, (kind, _, groups) in FOLDER_DATASETS.items()
     }
-    return {"seed": 0, "datasets": datasets,  # the model is never trained: only the readers are targeted
-            "models": {"toy_blip": {"train": {"family": "blip", "dataset": "mit"}}},
-            "corruptions": {"sip": {}}, "selection": {"n_per_task": 1}, "patching": {}, "analysis": {}}
+    return {
+        "seed": 0,
+        "datasets": datasets,  # the model is never trained: only the readers are targeted
+        "models": {"toy_blip": {"train": {"family": "blip", "dataset": "mit"}}},
+        "corruptions": {"sip": {}},
+        "selection": {"n_per_task": 1},
+        "patching": {},
+        "analysis": {},
+    }
 
 
 READ_TARGETS = [f"resources/datasets/{name}/samples.parquet" for name in FOLDER_DATASETS]
@@ -81,12 +93,15 @@ def test_nothing_is_planned_when_no_folder_changed(folders):
     assert planned_reads(folders) == []
 
 
-@pytest.mark.parametrize("dataset, added", [
-    ("mit", "images/old building/b.jpg"),   # an image in a state folder
-    ("mit", "images/large apple/a.jpg"),    # a new state folder
-    ("fer_plain", "train/happy/b.jpg"),     # an image in a <split>/<emotion> copy
-    ("fer_images", "images/train/angry/a.jpg"),  # a new emotion folder in an images/<split>/<emotion> copy
-])
+@pytest.mark.parametrize(
+    "dataset, added",
+    [
+        ("mit", "images/old building/b.jpg"),  # an image in a state folder
+        ("mit", "images/large apple/a.jpg"),  # a new state folder
+        ("fer_plain", "train/happy/b.jpg"),  # an image in a <split>/<emotion> copy
+        ("fer_images", "images/train/angry/a.jpg"),  # a new emotion folder in an images/<split>/<emotion> copy
+    ],
+)
 def test_an_added_image_reruns_only_its_reader(folders, dataset, added):
     jpeg(folders / "sources" / dataset / added, 99)
     kind = FOLDER_DATASETS[dataset][0]
@@ -105,27 +120,57 @@ def test_a_rewritten_image_reruns_its_reader(folders):
 # explicitly (most to the schema's default), so that each one can be changed below.
 SMALL = {
     "seed": 0,
-    "datasets": {"synthetic": {
-        "kind": "synthetic", "n_scenes": 16, "image_size": 64, "subject": "object",
-        "tasks": {task: {**spec, "distractor_rule": "any"} for task, spec in copy.deepcopy(SYNTHETIC_TASKS).items()},
-        "distractors": {"vectors": "glove-6b-50d", "cosine_threshold": 0.88, "near_synonyms": []},
-    }},
-    "models": {"toy_blip": {
-        "train": {"family": "blip", "dataset": "synthetic", "steps": 120, "batch_size": 32, "seed": 0,
-                  "n_train_images": 2000, "n_eval_images": 50},
-        "dtype": "float32", "device": "cpu", "prompt_template": None, "max_new_tokens": 5,
-    }},
+    "datasets": {
+        "synthetic": {
+            "kind": "synthetic",
+            "n_scenes": 16,
+            "image_size": 64,
+            "subject": "object",
+            "tasks": {
+                task: {**spec, "distractor_rule": "any"} for task, spec in copy.deepcopy(SYNTHETIC_TASKS).items()
+            },
+            "distractors": {"vectors": "glove-6b-50d", "cosine_threshold": 0.88, "near_synonyms": []},
+        }
+    },
+    "models": {
+        "toy_blip": {
+            "train": {
+                "family": "blip",
+                "dataset": "synthetic",
+                "steps": 120,
+                "batch_size": 32,
+                "seed": 0,
+                "n_train_images": 2000,
+                "n_eval_images": 50,
+            },
+            "dtype": "float32",
+            "device": "cpu",
+            "prompt_template": None,
+            "max_new_tokens": 5,
+        }
+    },
     "corruptions": {"sip": {}},
     "selection": {"n_per_task": 2, "min_per_task": 1},
     "sharding": {"n_shards": 1},
     "gpu_jobs": {"threads": 1, "mem_mb": 1000, "runtime": 10},
     "patching": {"engine": "fast", "module_sites": True, "head_sites": True, "batch_size": 64},
     "analysis": {
-        "metric": "logit_diff", "k_sigma": 2.0, "bootstrap_draws": 5, "universal_corruptions": ["sip", "str"],
-        "attention_samples": 4, "overlay_samples": 3, "overlay_heads": 4,
-        "head_functions": {"outlier_z": 3.0, "outlier_min_ratio": 2.0, "object_patch_fraction": 0.5,
-                           "detection_threshold": 2.0, "lift_threshold": 1.5, "outlier_lift_threshold": 1.5,
-                           "entropy_margin": 0.05},
+        "metric": "logit_diff",
+        "k_sigma": 2.0,
+        "bootstrap_draws": 5,
+        "universal_corruptions": ["sip", "str"],
+        "attention_samples": 4,
+        "overlay_samples": 3,
+        "overlay_heads": 4,
+        "head_functions": {
+            "outlier_z": 3.0,
+            "outlier_min_ratio": 2.0,
+            "object_patch_fraction": 0.5,
+            "detection_threshold": 2.0,
+            "lift_threshold": 1.5,
+            "outlier_lift_threshold": 1.5,
+            "entropy_margin": 0.05,
+        },
     },
 }
 MODEL_LOADERS = {"evaluate_shard", "attention_patterns", "cache_clean", "patch"}
@@ -134,8 +179,10 @@ HEAD_FUNCTIONS = {"head_functions", "report"}
 # models.toy_blip.train.dataset (no other valid value in a one-dataset config), sharding.n_shards (new shard
 # jobs, no params change of the finished ones).
 CHANGES = {
-    "seed": (1, {"synthetic_dataset", "distractors", "prompts", "select_samples", "attention_patterns",
-                 "analyse_heads"}),  # SIP pairs draw nothing
+    "seed": (
+        1,
+        {"synthetic_dataset", "distractors", "prompts", "select_samples", "attention_patterns", "analyse_heads"},
+    ),  # SIP pairs draw nothing
     "datasets.synthetic.n_scenes": (17, {"synthetic_dataset"}),
     "datasets.synthetic.image_size": (32, {"synthetic_dataset", "train_toy_model"}),
     "datasets.synthetic.subject": ("shape", set()),  # the synthetic generator's subject is always "object"
@@ -148,9 +195,17 @@ CHANGES = {
     "datasets.synthetic.distractors.vectors": ("vectors.kv", {"distractors"}),
     "datasets.synthetic.distractors.cosine_threshold": (0.87, {"distractors"}),
     "datasets.synthetic.distractors.near_synonyms": ([["red", "purple"]], {"distractors"}),
-    **{f"models.toy_blip.train.{key}": (value, {"train_toy_model"}) for key, value in (
-        ("family", "llava"), ("steps", 121), ("batch_size", 16), ("seed", 1), ("n_train_images", 1000),
-        ("n_eval_images", 40))},
+    **{
+        f"models.toy_blip.train.{key}": (value, {"train_toy_model"})
+        for key, value in (
+            ("family", "llava"),
+            ("steps", 121),
+            ("batch_size", 16),
+            ("seed", 1),
+            ("n_train_images", 1000),
+            ("n_eval_images", 40),
+        )
+    },
     "models.toy_blip.dtype": ("bfloat16", MODEL_LOADERS),
     "models.toy_blip.device": ("auto", MODEL_LOADERS),
     "models.toy_blip.prompt_template": ("Question: {question} Answer:", MODEL_LOADERS | {"prompts"}),
@@ -160,8 +215,10 @@ CHANGES = {
     "gpu_jobs.threads": (2, set()),
     "gpu_jobs.mem_mb": (2000, set()),
     "gpu_jobs.runtime": (20, set()),
-    **{f"patching.{key}": (value, {"patch"}) for key, value in (
-        ("engine", "reference"), ("module_sites", False), ("head_sites", False), ("batch_size", 32))},
+    **{
+        f"patching.{key}": (value, {"patch"})
+        for key, value in (("engine", "reference"), ("module_sites", False), ("head_sites", False), ("batch_size", 32))
+    },
     "analysis.metric": ("prob_restoration", {"analyse_heads"}),
     "analysis.k_sigma": (2.5, {"analyse_heads", "figures", "report"}),
     "analysis.bootstrap_draws": (6, {"analyse_heads"}),
@@ -169,9 +226,18 @@ CHANGES = {
     "analysis.attention_samples": (3, {"attention_patterns"}),
     "analysis.overlay_samples": (2, {"figures"}),
     "analysis.overlay_heads": (3, {"figures"}),
-    **{f"analysis.head_functions.{key}": (value, HEAD_FUNCTIONS) for key, value in (
-        ("outlier_z", 2.5), ("outlier_min_ratio", 2.5), ("object_patch_fraction", 0.4), ("detection_threshold", 2.5),
-        ("lift_threshold", 2.0), ("outlier_lift_threshold", 2.0), ("entropy_margin", 0.1))},
+    **{
+        f"analysis.head_functions.{key}": (value, HEAD_FUNCTIONS)
+        for key, value in (
+            ("outlier_z", 2.5),
+            ("outlier_min_ratio", 2.5),
+            ("object_patch_fraction", 0.4),
+            ("detection_threshold", 2.5),
+            ("lift_threshold", 2.0),
+            ("outlier_lift_threshold", 2.0),
+            ("entropy_margin", 0.1),
+        )
+    },
 }
 
 
@@ -226,13 +292,31 @@ def test_a_key_changes_the_params_of_exactly_the_rules_that_read_it(finished, ke
     assert params_changed(finished, write_config(finished / f"{key}.yaml", changed(key, value))) == expected
 
 
-@pytest.mark.parametrize("key, reruns", [
-    # Not the prompts (nor anything before them): the answers and everything after them.
-    ("models.toy_blip.max_new_tokens", {"evaluate_shard", "gather_answers", "select_samples", "attention_patterns",
-                                        "cache_clean", "pairs", "patch", "gather_patching", "analyse_heads",
-                                        "head_functions", "figures", "report", "all"}),
-    ("analysis.overlay_heads", {"figures", "report", "all"}),
-])
+@pytest.mark.parametrize(
+    "key, reruns",
+    [
+        # Not the prompts (nor anything before them): the answers and everything after them.
+        (
+            "models.toy_blip.max_new_tokens",
+            {
+                "evaluate_shard",
+                "gather_answers",
+                "select_samples",
+                "attention_patterns",
+                "cache_clean",
+                "pairs",
+                "patch",
+                "gather_patching",
+                "analyse_heads",
+                "head_functions",
+                "figures",
+                "report",
+                "all",
+            },
+        ),
+        ("analysis.overlay_heads", {"figures", "report", "all"}),
+    ],
+)
 def test_the_plan_reruns_the_readers_and_their_downstream_only(finished, key, reruns):
     value, _ = CHANGES[key]
     result = snakemake(finished, "-n", configfile=write_config(finished / f"{key}.yaml", changed(key, value)))

@@ -32,7 +32,9 @@ def test_gather_keeps_shard_order_and_columns(tmp_path):
     paths = []
     for k, ids in enumerate([["a", "b"], [], ["c"]]):
         path = tmp_path / f"{k}.parquet"
-        pd.DataFrame({"sample_id": pd.Series(ids, dtype=str), "x": pd.Series(range(len(ids)), dtype=float)}).to_parquet(path)
+        pd.DataFrame({"sample_id": pd.Series(ids, dtype=str), "x": pd.Series(range(len(ids)), dtype=float)}).to_parquet(
+            path
+        )
         paths.append(path)
     gathered = gather_tables(paths, ["x", "sample_id"])
     assert gathered["sample_id"].tolist() == ["a", "b", "c"] and list(gathered.columns) == ["x", "sample_id"]

@@ -148,8 +148,9 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 
     def start(self, name: str, command: list[str], env: dict | None = None) -> None:
         with open(self.root / f"log/{name}.out", "w") as log:
-            self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                    env=env or self.env, start_new_session=True)
+            self.processes[name] = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env or self.env, start_new_session=True
+            )
 
     def wait_for(self, what: str, check, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -162,7 +163,9 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.logs()}")
 
     def logs(self) -> str:
-        return "\n".join(f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted((self.root / "log").iterdir()))
+        return "\n".join(
+            f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted((self.root / "log").iterdir())
+        )
 
     def run(self, *command: str) -> subprocess.CompletedProcess:
         return subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=60)
@@ -174,9 +177,19 @@ PartitionName={PARTITION} Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         shutil.copyfile(self.conf, SYSTEM_CONF)
         self.installed_conf = True
         root = self.root
-        self.start("munged", ["munged", "--foreground", "--force", f"--socket={self.munge_socket}",
-                              f"--key-file={root}/munge.key", f"--pid-file={root}/run/munged.pid",
-                              f"--log-file={root}/log/munged.log", f"--seed-file={root}/run/munged.seed"])
+        self.start(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={root}/munge.key",
+                f"--pid-file={root}/run/munged.pid",
+                f"--log-file={root}/log/munged.log",
+                f"--seed-file={root}/run/munged.seed",
+            ],
+        )
         self.wait_for("munged's socket", self.munge_socket.exists)
         self.start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
         self.wait_for("slurmctld", lambda: self.run("scontrol", "ping").returncode == 0)
@@ -274,8 +287,15 @@ def test_gpu_rules_are_submitted_with_a_gpu_and_use_the_scheduler_s(cluster, tmp
 
     profile = slurm_test_profile(tmp_path)
     started = time.monotonic()
-    result = snakemake(work, SLURM_TARGET, "--profile", str(profile), configfile=configfile,
-                       env={"SLURM_CONF": str(cluster.conf)}, timeout=600)
+    result = snakemake(
+        work,
+        SLURM_TARGET,
+        "--profile",
+        str(profile),
+        configfile=configfile,
+        env={"SLURM_CONF": str(cluster.conf)},
+        timeout=600,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:] + cluster.logs()
     print(f"SLURM part of the workflow: {time.monotonic() - started:.0f} s")

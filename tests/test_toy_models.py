@@ -38,7 +38,16 @@ def test_blip_roundtrip_through_save_pretrained(tmp_path):
     inp2 = loaded_processor(images=_image(), text=make_question("colour", "red", "blue"), return_tensors="pt")
     assert inp.keys() == inp2.keys() and all(torch.equal(inp[k], inp2[k]) for k in inp)
     assert loaded_processor.tokenizer.convert_ids_to_tokens(inp["input_ids"][0]) == [
-        "[CLS]", "is", "the", "object", "red", "or", "blue", "?", "[SEP]"]
+        "[CLS]",
+        "is",
+        "the",
+        "object",
+        "red",
+        "or",
+        "blue",
+        "?",
+        "[SEP]",
+    ]
     with torch.no_grad():
         assert torch.equal(model.generate(**inp, max_new_tokens=3), loaded.generate(**inp, max_new_tokens=3))
     # The decoder starts from [DEC] and stops at [SEP], as in Salesforce/blip-vqa-base.
@@ -151,8 +160,19 @@ def test_configs_from_settings_maps_workflow_keys_and_checks_the_architecture():
     from notice.demo.toy_config import configs_from_settings
 
     model_cfg, train_cfg = configs_from_settings(
-        {"family": "llava", "dataset": "synthetic", "seed": 3, "steps": 7, "lr": 0.002,
-         "text_layers": 3, "text_heads": 8, "text_kv_heads": 4, "patch_size": 16}, image_size=48)
+        {
+            "family": "llava",
+            "dataset": "synthetic",
+            "seed": 3,
+            "steps": 7,
+            "lr": 0.002,
+            "text_layers": 3,
+            "text_heads": 8,
+            "text_kv_heads": 4,
+            "patch_size": 16,
+        },
+        image_size=48,
+    )
     assert (model_cfg.image_size, model_cfg.seed, model_cfg.text_layers, model_cfg.text_heads) == (48, 3, 3, 8)
     assert (model_cfg.text_kv_heads, model_cfg.patch_size, model_cfg.n_patches) == (4, 16, 9)
     assert (train_cfg.steps, train_cfg.lr) == (7, 0.002)

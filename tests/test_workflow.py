@@ -27,11 +27,22 @@ TINY = {
         # Batches of 32 for 120 steps: on the 32 scenes colour 0.91 and shape 0.50 / 0.59 (BLIP / LLaVA),
         # right answers enough to select 4 per task and STR partners in both tasks, in about half the time of
         # 250 steps (which learn no more shape).
-        name: {"train": {"family": family, "dataset": "synthetic", "steps": 120, "batch_size": 32, "seed": 0,
-                         "n_train_images": 2000, "n_eval_images": 200, **arch}}
+        name: {
+            "train": {
+                "family": family,
+                "dataset": "synthetic",
+                "steps": 120,
+                "batch_size": 32,
+                "seed": 0,
+                "n_train_images": 2000,
+                "n_eval_images": 200,
+                **arch,
+            }
+        }
         # The LLaVA with the demo's MLPs of 128: cheaper steps, and more right answers to select from.
-        for name, family, arch in zip(MODELS, ("blip", "llava"),
-                                      ({}, {"vision_intermediate": 128, "text_intermediate": 128}))
+        for name, family, arch in zip(
+            MODELS, ("blip", "llava"), ({}, {"vision_intermediate": 128, "text_intermediate": 128})
+        )
     },
     "corruptions": {"sip": {}, "str": {}, "gn_mult": {"nu": 5.0, "n_draws": 2}},
     "selection": {"n_per_task": 4},
@@ -64,7 +75,11 @@ def dry_run(workdir: Path, config: dict, name: str, *targets: str) -> list[tuple
 def planned_jobs(output: str) -> dict[str, int]:
     """Snakemake's own 'Job stats' table of a dry run: rule -> count."""
     stats = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE) if m.group(1) != "total"}
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE)
+        if m.group(1) != "total"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +92,9 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_results_tables_follow_the_contract(workdir):
     for model in MODELS:
-        tables = {c: pd.read_parquet(workdir / f"results/{model}/synthetic/patching/{c}.parquet") for c in TINY["corruptions"]}
+        tables = {
+            c: pd.read_parquet(workdir / f"results/{model}/synthetic/patching/{c}.parquet") for c in TINY["corruptions"]
+        }
         for corruption, table in tables.items():
             assert list(table.columns) == list(RESULT_COLUMNS)
             assert len(table) > 0, f"{model} {corruption}: no patched runs"
@@ -186,16 +203,25 @@ def test_a_crashed_shard_is_resumed_without_recomputing_finished_ones(workdir, t
     configfile = write_config(work / "sharded.yaml", config)
     ids = sorted(pd.read_parquet(work / "results/toy_blip/synthetic/selected.parquet")["sample_id"])
     failing = ids[-1]  # the last id lands in shard 1 of 2
-    failed = snakemake(work, "--cores", "2", "--keep-going", CRASH_TARGET, configfile=configfile,
-                       env=fault_env(NOTICE_TEST_FAIL_AT_SAMPLE=failing))
+    failed = snakemake(
+        work,
+        "--cores",
+        "2",
+        "--keep-going",
+        CRASH_TARGET,
+        configfile=configfile,
+        env=fault_env(NOTICE_TEST_FAIL_AT_SAMPLE=failing),
+    )
     assert failed.returncode != 0
     shards = work / "results/toy_blip/synthetic/patching/sip"
     assert (shards / "shard0-of2.parquet").exists()
     assert not (shards / "shard1-of2.parquet").exists() and not list(shards.glob("*.tmp"))
     assert "failing on purpose" in (work / "results/logs/patch/toy_blip/synthetic/sip/shard1-of2.log").read_text()
-    finished = {path: path.stat().st_mtime_ns for pattern in ("answers/shard*-of2.parquet", "clean_cache/shard*-of2.pt",
-                                                              "patching/sip/shard*-of2.parquet")
-                for path in work.glob(f"results/toy_blip/synthetic/{pattern}")}
+    finished = {
+        path: path.stat().st_mtime_ns
+        for pattern in ("answers/shard*-of2.parquet", "clean_cache/shard*-of2.pt", "patching/sip/shard*-of2.parquet")
+        for path in work.glob(f"results/toy_blip/synthetic/{pattern}")
+    }
     assert len(finished) == 2 + 2 + 1, finished  # both evaluation and clean-cache shards, one patching shard
 
     jobs = dry_run(work, config, "sharded.yaml", CRASH_TARGET)
@@ -210,7 +236,16 @@ def test_a_crashed_shard_is_resumed_without_recomputing_finished_ones(workdir, t
     pd.testing.assert_frame_equal(uninterrupted, resumed_table, check_exact=False, atol=1e-6, rtol=0)
 
 
-COMPARED = ["ld_clean", "ld_corrupt", "ld_patched", "p_clean", "p_corrupt", "p_patched", "logit_diff", "prob_restoration"]
+COMPARED = [
+    "ld_clean",
+    "ld_corrupt",
+    "ld_patched",
+    "p_clean",
+    "p_corrupt",
+    "p_patched",
+    "logit_diff",
+    "prob_restoration",
+]
 # Both engine families, both modalities (the reference engine costs 2x the fast one here; noise against the
 # reference is in test_fast_engine).
 ENGINE_TARGETS = [patching_table(model, corruption) for model in MODELS for corruption in ("sip", "str")]

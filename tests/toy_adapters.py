@@ -26,8 +26,16 @@ from notice.demo.toy_config import ToyModelConfig
 QUESTION = "is the object red or green?"
 STR_QUESTION = "is the object blue or yellow?"  # same token length as QUESTION in both toy tokenizers
 
-SMALL = dict(image_size=32, patch_size=8, vision_hidden=32, vision_layers=1, vision_heads=2,
-             vision_intermediate=64, text_hidden=32, text_intermediate=64)
+SMALL = dict(
+    image_size=32,
+    patch_size=8,
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate=64,
+    text_hidden=32,
+    text_intermediate=64,
+)
 
 
 def reinit(model: torch.nn.Module, std: float, seed: int) -> torch.nn.Module:
@@ -69,8 +77,11 @@ def qwen2_5_vl_adapter(seed: int = 0, std: float = 0.3) -> Qwen25VLAdapter:
 
 # Tiny random adapter of every family, for the tests that run over all of them.
 FAMILY_ADAPTERS: dict[str, Callable[..., VLMAdapter]] = {
-    "blip": blip_adapter, "llava": llava_adapter, "llava_next": llava_next_adapter,
-    "qwen2_vl": qwen2_vl_adapter, "qwen2_5_vl": qwen2_5_vl_adapter,
+    "blip": blip_adapter,
+    "llava": llava_adapter,
+    "llava_next": llava_next_adapter,
+    "qwen2_vl": qwen2_vl_adapter,
+    "qwen2_5_vl": qwen2_5_vl_adapter,
 }
 
 

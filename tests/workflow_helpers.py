@@ -45,8 +45,12 @@ SYNTHETIC_TASKS = {
 
 def synthetic_dataset(n_scenes: int, threshold: float = 0.88) -> dict:
     """A config section for the embedded synthetic dataset with both tasks."""
-    return {"kind": "synthetic", "n_scenes": n_scenes, "tasks": copy.deepcopy(SYNTHETIC_TASKS),
-            "distractors": {"cosine_threshold": threshold}}
+    return {
+        "kind": "synthetic",
+        "n_scenes": n_scenes,
+        "tasks": copy.deepcopy(SYNTHETIC_TASKS),
+        "distractors": {"cosine_threshold": threshold},
+    }
 
 
 def sharded_blip_config(n_scenes: int, n_shards: int) -> dict:
@@ -56,8 +60,19 @@ def sharded_blip_config(n_scenes: int, n_shards: int) -> dict:
         "datasets": {"synthetic": synthetic_dataset(n_scenes)},
         # Trained just enough to answer some samples of both tasks right (a task with no right answer
         # stops selection: selection.min_per_task).
-        "models": {"toy_blip": {"train": {"family": "blip", "dataset": "synthetic", "steps": 120, "batch_size": 32,
-                                          "seed": 0, "n_train_images": 2000, "n_eval_images": 20}}},
+        "models": {
+            "toy_blip": {
+                "train": {
+                    "family": "blip",
+                    "dataset": "synthetic",
+                    "steps": 120,
+                    "batch_size": 32,
+                    "seed": 0,
+                    "n_train_images": 2000,
+                    "n_eval_images": 20,
+                }
+            }
+        },
         "corruptions": {"sip": {}},
         "selection": {"n_per_task": 2},
         "sharding": {"n_shards": n_shards},

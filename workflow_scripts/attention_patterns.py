@@ -17,4 +17,6 @@ with logged(snakemake.log[0]) as log:
     out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         index = write_records(adapter, chosen, load_image, out)
-    log.info("%d attention records (%d with an object mask) in %s", len(index), int(index["has_object_mask"].sum()), out)
+    log.info(
+        "%d attention records (%d with an object mask) in %s", len(index), int(index["has_object_mask"].sum()), out
+    )

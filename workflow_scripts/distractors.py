@@ -31,7 +31,10 @@ with logged(snakemake.log[0]) as log:
     )
     log.info(
         "%d samples: %d with a distractor, %d excluded, %d candidate rejections",
-        len(samples), len(distractors), len(exclusions), len(rejections),
+        len(samples),
+        len(distractors),
+        len(exclusions),
+        len(rejections),
     )
     write_table(distractors, snakemake.output.distractors, DISTRACTOR_COLUMNS)
     write_table(rejections, snakemake.output.rejections, DISTRACTOR_REJECTION_COLUMNS)

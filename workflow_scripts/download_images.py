@@ -19,6 +19,8 @@ with logged(snakemake.log[0]) as log:
     table = download_images(urls, snakemake.params.cache_dir, options.get("workers", 8), settings)
     failed = table[~table["ok"]]
     log.info("%d ok (%d from the cache), %d failed", table["ok"].sum(), table["cached"].sum(), len(failed))
-    log.info("failure reasons:\n%s", failed["reason"].str.replace(r"\d+(\.\d+)?s$", "Ns", regex=True)
-             .value_counts().to_string())
+    log.info(
+        "failure reasons:\n%s",
+        failed["reason"].str.replace(r"\d+(\.\d+)?s$", "Ns", regex=True).value_counts().to_string(),
+    )
     write_table(table, snakemake.output.downloads, DOWNLOAD_COLUMNS)

@@ -46,7 +46,9 @@ with logged(snakemake.log[0]) as log:
             settings["overlay_heads"],
         )
         written += attention_overlays(
-            records, panels, out / safe_stem("attention", model, dataset),
+            records,
+            panels,
+            out / safe_stem("attention", model, dataset),
             f"{model} · {dataset}: where the fusion-attention heads look",
             "Universal heads and the best object detector vs the average head; cyan: the object's mask.",
         )

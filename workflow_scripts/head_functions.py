@@ -16,16 +16,29 @@ with logged(snakemake.log[0]) as log:
         if records:
             groups[(model, records[0]["site"], dataset)] = records
     if not groups:
-        log.warning("%s: no attention records (no correctly answered sample): empty head-function tables",
-                    ", ".join(snakemake.input.attention))
+        log.warning(
+            "%s: no attention records (no correctly answered sample): empty head-function tables",
+            ", ".join(snakemake.input.attention),
+        )
     scores = scores_from_records(groups, KEYS, config)
     grounding = grounding_summary(scores, KEYS)
     log.info("%d score rows; grounding:\n%s", len(scores), grounding.to_string(index=False))
     grounding.to_csv(snakemake.output.grounding, index=False)
     # the Markdown keeps to what a reader looks at; every head and query is in the CSV
-    write_tables(scores, [
-        Table(grounding, "Best object detector per model, site and dataset (detection score: multiple of uniform "
-                         "attention on the object's patches)."),
-        Table(scores[scores["is_head_position"]], "Scores at the head-patching position (the adapter's: the answer token "
-                                                  "or the last prompt token); all queries: head_functions.csv."),
-    ], snakemake.output.scores, snakemake.output.markdown)
+    write_tables(
+        scores,
+        [
+            Table(
+                grounding,
+                "Best object detector per model, site and dataset (detection score: multiple of uniform "
+                "attention on the object's patches).",
+            ),
+            Table(
+                scores[scores["is_head_position"]],
+                "Scores at the head-patching position (the adapter's: the answer token "
+                "or the last prompt token); all queries: head_functions.csv.",
+            ),
+        ],
+        snakemake.output.scores,
+        snakemake.output.markdown,
+    )

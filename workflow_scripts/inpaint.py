@@ -20,7 +20,8 @@ with logged(snakemake.log[0]) as log:
     merged = selected[["sample_id", "distractor"]].merge(samples, on="sample_id", how="left", validate="one_to_one")
     mask = options.get("mask", {})
     pipe = load_inpaint_pipeline(
-        options.get("model", DEFAULT_MODEL), resolve_device(options.get("device", "auto")),
+        options.get("model", DEFAULT_MODEL),
+        resolve_device(options.get("device", "auto")),
         options.get("dtype", "float32"),
     )
     pool, exclusions = inpaint_samples(

@@ -55,6 +55,8 @@ with logged(snakemake.log[0]) as log:
         kind = {"gn_mult": "multiplicative", "gn_add": "additive"}[corruption]
         pairs = gaussian_pairs(selected, kind, settings.get("n_draws", 3), seed)
         exclusions = pd.DataFrame({column: pd.Series(dtype=str) for column in EXCLUSION_COLUMNS})
-    log.info("%s: %d pairs from %d selected samples, %d excluded", corruption, len(pairs), len(selected), len(exclusions))
+    log.info(
+        "%s: %d pairs from %d selected samples, %d excluded", corruption, len(pairs), len(selected), len(exclusions)
+    )
     write_table(pairs, snakemake.output.pairs, PAIR_COLUMNS)
     write_table(exclusions, snakemake.output.exclusions, EXCLUSION_COLUMNS)

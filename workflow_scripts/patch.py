@@ -18,7 +18,10 @@ with logged(snakemake.log[0]) as log:
         raise ValueError(f"{snakemake.input.cache}: no clean run for samples {missing[:5]} (of {len(missing)})")
     with torch.inference_mode():
         results = patch_pairs(
-            adapter, pairs, clean_runs, load_image,
+            adapter,
+            pairs,
+            clean_runs,
+            load_image,
             engine=snakemake.params.patching.get("engine", "reference"),
             corruption_settings=snakemake.params.corruption,
             patching_settings=snakemake.params.patching,

@@ -24,5 +24,6 @@ with logged(snakemake.log[0]) as log:
     rows = (len(samples) + len(exclusions)) // 2  # two samples (one per image) per CSV row
     log.info("%d rows -> %d samples kept, %d excluded; %d pool images", rows, len(samples), len(exclusions), len(pool))
     log.info("samples per task:\n%s", samples["task"].value_counts().sort_index().to_string())
-    write_read_tables(samples, pool, exclusions, snakemake.output, dataset, list(TASKS.values()),
-                      snakemake.params.min_per_task)
+    write_read_tables(
+        samples, pool, exclusions, snakemake.output, dataset, list(TASKS.values()), snakemake.params.min_per_task
+    )

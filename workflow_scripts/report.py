@@ -15,9 +15,14 @@ def read_all(paths) -> pd.DataFrame:
 with logged(snakemake.log[0]) as log:
     inputs = snakemake.input
     path = workflow_report(
-        read_all(inputs.universal), read_all(inputs.significant), read_all(inputs.accuracy),
+        read_all(inputs.universal),
+        read_all(inputs.significant),
+        read_all(inputs.accuracy),
         read_all(inputs.head_functions),
-        read_all(inputs.grounding), dict(zip(snakemake.params.models, map(Path, inputs.figures))),
-        snakemake.params.analysis, snakemake.output.report, Path(snakemake.output.table1[0]).parent,
+        read_all(inputs.grounding),
+        dict(zip(snakemake.params.models, map(Path, inputs.figures))),
+        snakemake.params.analysis,
+        snakemake.output.report,
+        Path(snakemake.output.table1[0]).parent,
     )
     log.info("report written to %s", path)

@@ -10,9 +10,12 @@ with logged(snakemake.log[0]) as log:
     settings = snakemake.params.selection
     selected = select_samples(answers, settings["n_per_task"], snakemake.params.seed)
     log.info("selected %d of %d correctly answered samples", len(selected), int(answers["correct"].sum()))
-    problem = selection_problem(selected, snakemake.params.tasks, settings["min_per_task"], settings["n_per_task"],
-                                snakemake.input.answers)
+    problem = selection_problem(
+        selected, snakemake.params.tasks, settings["min_per_task"], settings["n_per_task"], snakemake.input.answers
+    )
     if problem:
-        raise ValueError(f"model {snakemake.wildcards.model!r}, dataset {snakemake.wildcards.dataset!r}, "
-                         f"stage select_samples: {problem}")
+        raise ValueError(
+            f"model {snakemake.wildcards.model!r}, dataset {snakemake.wildcards.dataset!r}, "
+            f"stage select_samples: {problem}"
+        )
     write_table(selected, snakemake.output.selected, ANSWER_COLUMNS)

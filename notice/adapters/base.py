@@ -43,22 +43,29 @@ class ModelInput:
     `pixel_attention_mask`, `token_type_ids`, ...), passed to the model's forward as they are.
     """
 
-    input_ids: torch.Tensor       # [1, T]
+    input_ids: torch.Tensor  # [1, T]
     attention_mask: torch.Tensor  # [1, T]
-    pixel_values: torch.Tensor    # as the processor gives it ([1, C, H, W], tiles, or flattened patches)
-    tokens: list[str]             # one display string per position of input_ids
+    pixel_values: torch.Tensor  # as the processor gives it ([1, C, H, W], tiles, or flattened patches)
+    tokens: list[str]  # one display string per position of input_ids
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the model's forward for this input."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "pixel_values": self.pixel_values, **self.extra}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "pixel_values": self.pixel_values,
+            **self.extra,
+        }
 
 
 def model_input(encoding: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype) -> ModelInput:
     """A ModelInput from a processor's output (`return_tensors="pt"`), floats cast to the model's dtype."""
-    tensors = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-               for k, v in encoding.items() if isinstance(v, torch.Tensor)}
+    tensors = {
+        k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        for k, v in encoding.items()
+        if isinstance(v, torch.Tensor)
+    }
     input_ids = tensors.pop("input_ids")
     return ModelInput(
         input_ids=input_ids,
@@ -90,11 +97,11 @@ class VLMAdapter(ABC):
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # Hugging Face `config.model_type` values handled
-    model_class: ClassVar[type]             # transformers class that `from_pretrained` loads
+    model_class: ClassVar[type]  # transformers class that `from_pretrained` loads
     # "{question}" is replaced by the question; None: the processor's chat template with an image
     # and the question as the user's turn, and the generation prompt.
     default_prompt_template: ClassVar[str | None]
-    fast_engine: ClassVar[str]              # key of the family's engine in patching.fast_core.FAST_FAMILIES
+    fast_engine: ClassVar[str]  # key of the family's engine in patching.fast_core.FAST_FAMILIES
 
     def __init__(self, model: torch.nn.Module, processor, prompt_template: str | None = None):
         self.model = model.eval()
@@ -125,7 +132,7 @@ class VLMAdapter(ABC):
     def head_dim(self) -> int: ...
 
     module_sites: ClassVar[tuple[str, ...]]  # module-wise sites, e.g. ("mlp", "self_attn", "cross_attn")
-    head_site: ClassVar[str]                 # "cross_attn_head" or "self_attn_head"
+    head_site: ClassVar[str]  # "cross_attn_head" or "self_attn_head"
 
     def site_width(self, site: str) -> int:
         """Width of the activation at `site` (a head site: one head's slice)."""

@@ -87,7 +87,9 @@ class BlipAdapter(VLMAdapter):
         )[0]
 
     @torch.no_grad()
-    def _decoder_logits(self, question_embeds: torch.Tensor, inp: ModelInput, decoder_ids: torch.Tensor) -> torch.Tensor:
+    def _decoder_logits(
+        self, question_embeds: torch.Tensor, inp: ModelInput, decoder_ids: torch.Tensor
+    ) -> torch.Tensor:
         """Decoder logits [V] for the token after `decoder_ids` [1, n]."""
         logits = self.model.text_decoder(
             input_ids=decoder_ids,

@@ -22,14 +22,26 @@ QUESTION_LEN = 12
 VOCAB = 30524
 BASE = dict(
     text=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    vision=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                image_size=384, patch_size=16),
+    vision=dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=384,
+        patch_size=16,
+    ),
 )
 SIZES: dict[Size, dict] = {
     "tiny": dict(
         text=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
-        vision=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                    image_size=32, patch_size=16),
+        vision=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=16,
+        ),
     ),
     "bench": BASE,
     "real": BASE,
@@ -42,12 +54,15 @@ def rows_logits(adapter: BlipAdapter, inp: ModelInput) -> torch.Tensor:
     model = adapter.model
     image = model.vision_model(pixel_values=inp.pixel_values)[0]
     encoded = model.text_encoder(
-        input_ids=inp.input_ids, attention_mask=inp.attention_mask, encoder_hidden_states=image,
+        input_ids=inp.input_ids,
+        attention_mask=inp.attention_mask,
+        encoder_hidden_states=image,
         encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long, device=image.device),
     )[0]
     bos = torch.full((inp.input_ids.shape[0], 1), model.config.text_config.bos_token_id, device=image.device)
-    logits = model.text_decoder(input_ids=bos, encoder_hidden_states=encoded,
-                                encoder_attention_mask=inp.attention_mask, use_cache=False).logits
+    logits = model.text_decoder(
+        input_ids=bos, encoder_hidden_states=encoded, encoder_attention_mask=inp.attention_mask, use_cache=False
+    ).logits
     return logits[:, -1].float()
 
 
@@ -63,8 +78,14 @@ def bench_case(real_size: bool = False, *, family: str = "blip", tiny: bool = Fa
     text, vision = dims["text"], dims["vision"]
     side = vision["image_size"]
     return sip_case(
-        family, adapter, ids, (1, 3, side, side), tau=ids[4], tau_p=ids[6], rows_logits=rows_logits,
+        family,
+        adapter,
+        ids,
+        (1, 3, side, side),
+        tau=ids[4],
+        tau_p=ids[6],
+        rows_logits=rows_logits,
         description=f"BLIP (blip-vqa-base layout): {(side // vision['patch_size']) ** 2 + 1} image tokens, "
-                    f"{QUESTION_LEN}-token question, {text['num_hidden_layers']}+{text['num_hidden_layers']} "
-                    f"text layers × {text['hidden_size']}",
+        f"{QUESTION_LEN}-token question, {text['num_hidden_layers']}+{text['num_hidden_layers']} "
+        f"text layers × {text['hidden_size']}",
     )

@@ -63,7 +63,6 @@ def blip_decoder_logits(
     ).logits
 
 
-
 @register_toy
 class BlipToy(ToyFamily):
     name = "blip"
@@ -78,8 +77,9 @@ class BlipToy(ToyFamily):
     def end_token_id(self, tokenizer) -> int:
         return tokenizer.sep_token_id
 
-    def two_step_logits(self, model, prompt_ids: list[list[int]], pixels: torch.Tensor, answer_ids: torch.Tensor,
-                        tokenizer) -> torch.Tensor:
+    def two_step_logits(
+        self, model, prompt_ids: list[list[int]], pixels: torch.Tensor, answer_ids: torch.Tensor, tokenizer
+    ) -> torch.Tensor:
         ids, mask = pad_prompts(prompt_ids, tokenizer.pad_token_id, left=False)
         bos = torch.full_like(answer_ids, tokenizer.bos_token_id)
         return blip_decoder_logits(model, ids, mask, pixels, torch.stack([bos, answer_ids], 1))[:, :2]

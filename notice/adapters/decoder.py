@@ -126,7 +126,7 @@ class DecoderVLMAdapter(VLMAdapter):
             num_beams=1,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
-        new_ids = out[0, inp.input_ids.shape[1]:].tolist()
+        new_ids = out[0, inp.input_ids.shape[1] :].tolist()
         return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:

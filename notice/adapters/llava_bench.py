@@ -19,23 +19,40 @@ from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
 
 VOCAB = 32064
 IMAGE_TOKEN = 32000
-TEXT_BEFORE_IMAGE = 3   # "<s> USER :"
-TEXT_AFTER_IMAGE = 27   # "\n{question} Answer with one word. ASSISTANT:"
-CLIP_L_336 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                  image_size=336, patch_size=14, projection_dim=768)
+TEXT_BEFORE_IMAGE = 3  # "<s> USER :"
+TEXT_AFTER_IMAGE = 27  # "\n{question} Answer with one word. ASSISTANT:"
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+)
 VISION: dict[Size, dict] = {
-    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 image_size=28, patch_size=14, projection_dim=32),
+    "tiny": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    ),
     "bench": CLIP_L_336,
     "real": CLIP_L_336,
 }
 TEXT: dict[Size, dict] = {
-    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=64),
-    "bench": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
-                  intermediate_size=2816),
-    "real": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                 intermediate_size=11008),
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    ),
+    "bench": dict(
+        hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4, intermediate_size=2816
+    ),
+    "real": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008
+    ),
 }
 
 
@@ -46,17 +63,23 @@ def bench_case(real_size: bool = False, *, family: str = "llava", tiny: bool = F
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**vision),
         text_config=LlamaConfig(**text, vocab_size=VOCAB, max_position_embeddings=4096),
-        image_token_index=IMAGE_TOKEN, image_seq_length=n_image, vision_feature_layer=-2,
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=n_image,
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
     adapter = LlavaAdapter(build_model(LlavaForConditionalGeneration, config, size, device), processor=None)
     rng = random.Random(0)
     words = random_ids(rng, TEXT_BEFORE_IMAGE + TEXT_AFTER_IMAGE - 1, 100, IMAGE_TOKEN)
-    ids = [1, *words[:TEXT_BEFORE_IMAGE - 1], *[IMAGE_TOKEN] * n_image, *words[TEXT_BEFORE_IMAGE - 1:]]
+    ids = [1, *words[: TEXT_BEFORE_IMAGE - 1], *[IMAGE_TOKEN] * n_image, *words[TEXT_BEFORE_IMAGE - 1 :]]
     side = vision["image_size"]
     return sip_case(
-        family, adapter, ids, (1, 3, side, side),
-        tau=rng.randrange(100, IMAGE_TOKEN), tau_p=rng.randrange(100, IMAGE_TOKEN),
+        family,
+        adapter,
+        ids,
+        (1, 3, side, side),
+        tau=rng.randrange(100, IMAGE_TOKEN),
+        tau_p=rng.randrange(100, IMAGE_TOKEN),
         description=f"LLaVA-1.5 layout: CLIP {side} px ({n_image} image tokens), {len(ids)}-token prompt, "
-                    f"Llama {text['num_hidden_layers']} layers × {text['hidden_size']}",
+        f"Llama {text['num_hidden_layers']} layers × {text['hidden_size']}",
     )

@@ -21,15 +21,16 @@ from notice.adapters.llava_bench import TEXT as LLAVA_TEXT
 from notice.adapters.llava_next import LlavaNextAdapter
 from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
 
-TEXT_BEFORE_IMAGE = 4   # "<s> ▁[ INST ]"
-TEXT_AFTER_IMAGE = 26   # "\n{question} [/INST]"
+TEXT_BEFORE_IMAGE = 4  # "<s> ▁[ INST ]"
+TEXT_AFTER_IMAGE = 26  # "\n{question} [/INST]"
 PROMPT = "[INST] <image>\n{question} [/INST]"  # the processor's chat template (no processor here)
 TILE_ROWS, TILE_COLS = 1, 2  # the canvas the image fits: base view + 2 tiles
 TEXT: dict[Size, dict] = {
     "tiny": LLAVA_TEXT["tiny"],
     "bench": LLAVA_TEXT["bench"],
-    "real": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                 intermediate_size=14336),
+    "real": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336
+    ),
 }
 
 
@@ -49,19 +50,25 @@ def bench_case(real_size: bool = False, *, family: str = "llava_next", tiny: boo
         text_config=MistralConfig(**text, vocab_size=VOCAB, max_position_embeddings=32768, sliding_window=None),
         image_token_index=IMAGE_TOKEN,
         image_grid_pinpoints=[[tile * h, tile * w] for h, w in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))],
-        image_seq_length=(tile // vision["patch_size"]) ** 2, vision_feature_layer=-2,
+        image_seq_length=(tile // vision["patch_size"]) ** 2,
+        vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    adapter = LlavaNextAdapter(build_model(LlavaNextForConditionalGeneration, config, size, device), processor=None,
-                               prompt_template=PROMPT)
+    adapter = LlavaNextAdapter(
+        build_model(LlavaNextForConditionalGeneration, config, size, device), processor=None, prompt_template=PROMPT
+    )
     rng = random.Random(0)
     words = random_ids(rng, TEXT_BEFORE_IMAGE + TEXT_AFTER_IMAGE - 1, 100, IMAGE_TOKEN)
-    ids = [1, *words[:TEXT_BEFORE_IMAGE - 1], *[IMAGE_TOKEN] * n_image, *words[TEXT_BEFORE_IMAGE - 1:]]
+    ids = [1, *words[: TEXT_BEFORE_IMAGE - 1], *[IMAGE_TOKEN] * n_image, *words[TEXT_BEFORE_IMAGE - 1 :]]
     n_views = 1 + TILE_ROWS * TILE_COLS
     return sip_case(
-        family, adapter, ids, (1, n_views, 3, tile, tile),
-        tau=rng.randrange(100, IMAGE_TOKEN), tau_p=rng.randrange(100, IMAGE_TOKEN),
+        family,
+        adapter,
+        ids,
+        (1, n_views, 3, tile, tile),
+        tau=rng.randrange(100, IMAGE_TOKEN),
+        tau_p=rng.randrange(100, IMAGE_TOKEN),
         extra={"image_sizes": torch.tensor([[tile * TILE_ROWS, tile * TILE_COLS]])},
         description=f"LLaVA-NeXT layout: CLIP {tile} px, base + {n_views - 1} tiles ({n_image} image tokens), "
-                    f"{len(ids)}-token prompt, Mistral {text['num_hidden_layers']} layers × {text['hidden_size']}",
+        f"{len(ids)}-token prompt, Mistral {text['num_hidden_layers']} layers × {text['hidden_size']}",
     )

@@ -28,12 +28,44 @@ from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD, build_vocabulary
 
 # Every word of the synthetic questions and of the chat templates (lowercased: the normaliser
 # lowercases), plus the punctuation the Whitespace pre-tokenizer splits off words.
-WORDS: tuple[str, ...] = tuple(sorted(
-    set(build_vocabulary(()))  # the toy models' words
-    | {"red", "green", "blue", "yellow", "purple", "circle", "square", "triangle", "cross", "object", "shape",
-       "colour", "is", "the", "or", "what", "answer", "with", "one", "word", "user", "assistant", "system",
-       "you", "are", "a", "helpful", "?", ".", ":", ","}
-))
+WORDS: tuple[str, ...] = tuple(
+    sorted(
+        set(build_vocabulary(()))  # the toy models' words
+        | {
+            "red",
+            "green",
+            "blue",
+            "yellow",
+            "purple",
+            "circle",
+            "square",
+            "triangle",
+            "cross",
+            "object",
+            "shape",
+            "colour",
+            "is",
+            "the",
+            "or",
+            "what",
+            "answer",
+            "with",
+            "one",
+            "word",
+            "user",
+            "assistant",
+            "system",
+            "you",
+            "are",
+            "a",
+            "helpful",
+            "?",
+            ".",
+            ":",
+            ",",
+        }
+    )
+)
 
 # llava-v1.6-mistral's template, short: images first, then the text, inside [INST] ... [/INST].
 CHAT_TEMPLATE = (
@@ -99,17 +131,34 @@ def build(
     is the CLIP tile side; `grid_pinpoints` are the any-resolution canvases (multiples of it).
     """
     tokenizer = word_tokenizer(
-        ["<unk>", "<s>", "</s>", "<pad>", "<image>"], "<unk>", bos_token="<s>", added=INSTRUCTION_TOKENS,
-        eos_token="</s>", pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
+        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
+        "<unk>",
+        bos_token="<s>",
+        added=INSTRUCTION_TOKENS,
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
     )
     vision = CLIPVisionConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        image_size=image_size, patch_size=patch_size, projection_dim=hidden,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=hidden,
     )
     text = MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     pinpoints = [list(p) for p in grid_pinpoints]
     config = LlavaNextConfig(

@@ -91,7 +91,6 @@ def build_llava(
     return model, processor
 
 
-
 @register_toy
 class LlavaToy(ToyFamily):
     name = "llava"
@@ -100,15 +99,20 @@ class LlavaToy(ToyFamily):
     default_steps = 3200
     generate_returns_prompt = True
 
-    def build(self, cfg: ToyModelConfig, training: bool = False) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    def build(
+        self, cfg: ToyModelConfig, training: bool = False
+    ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
         # SDPA trains the toy LLaVA about twice as fast as eager on CPU; the saved weights load with either.
         return build_llava(cfg, attn_implementation="sdpa" if training else "eager")
 
     def end_token_id(self, tokenizer) -> int:
         return tokenizer.eos_token_id
 
-    def two_step_logits(self, model, prompt_ids: list[list[int]], pixels: torch.Tensor, answer_ids: torch.Tensor,
-                        tokenizer) -> torch.Tensor:
+    def two_step_logits(
+        self, model, prompt_ids: list[list[int]], pixels: torch.Tensor, answer_ids: torch.Tensor, tokenizer
+    ) -> torch.Tensor:
         # Prompt then the answer token; left padding puts both scored positions at the end.
-        ids, mask = pad_prompts([p + [int(a)] for p, a in zip(prompt_ids, answer_ids)], tokenizer.pad_token_id, left=True)
+        ids, mask = pad_prompts(
+            [p + [int(a)] for p, a in zip(prompt_ids, answer_ids)], tokenizer.pad_token_id, left=True
+        )
         return model(input_ids=ids, attention_mask=mask, pixel_values=pixels, logits_to_keep=2).logits

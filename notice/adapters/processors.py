@@ -34,7 +34,9 @@ def image_only(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     cannot find it by name (copy.deepcopy works). Cached: one subclass per class.
     """
     attributes = [name for name in cls.get_attributes() if "video" not in name]
-    return type(cls.__name__, (cls,), {"__module__": cls.__module__, "get_attributes": classmethod(lambda _: attributes)})
+    return type(
+        cls.__name__, (cls,), {"__module__": cls.__module__, "get_attributes": classmethod(lambda _: attributes)}
+    )
 
 
 def _processor_class(source: str) -> type[ProcessorMixin]:

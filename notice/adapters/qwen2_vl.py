@@ -59,8 +59,9 @@ class _QwenVLAdapter(DecoderVLMAdapter):
     def mask_view(self, mask: Image.Image, inp: ModelInput) -> np.ndarray:
         # The processor sizes an image by its own resolution: resize the mask to the image's first.
         height, width = self.model_view(inp).shape[:2]
-        out = self.processor.image_processor(images=mask.convert("RGB").resize((width, height)), return_tensors="pt",
-                                             do_normalize=False, do_resize=False)
+        out = self.processor.image_processor(
+            images=mask.convert("RGB").resize((width, height)), return_tensors="pt", do_normalize=False, do_resize=False
+        )
         return (self._unpatchify(out["pixel_values"], out["image_grid_thw"]).mean(0) > 0.5).float().numpy()
 
 

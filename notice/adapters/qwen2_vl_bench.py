@@ -32,38 +32,69 @@ from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
 
 VOCAB = 152064
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
-PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-          "<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n")  # chat template
+PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
+)  # chat template
 # As PROMPT tokenises: 15 tokens up to <|vision_start|>, 16 from <|vision_end|> on (a 10-token question).
 TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE = 15, 16
 PATCH, MERGE, TEMPORAL = 14, 2, 2
 IMAGE_SIDE: dict[Size, int] = {"tiny": 56, "bench": 448, "real": 448}
 TEXT: dict[Size, dict] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, mrope_section=[2, 3, 3]),
-    "bench": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
-                  intermediate_size=2816, mrope_section=[8, 12, 12]),
-    "real": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                 intermediate_size=18944, mrope_section=[16, 24, 24]),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        mrope_section=[2, 3, 3],
+    ),
+    "bench": dict(
+        hidden_size=1024,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=2816,
+        mrope_section=[8, 12, 12],
+    ),
+    "real": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        mrope_section=[16, 24, 24],
+    ),
 }
 # (width, heads, MLP width (Qwen2.5-VL), depth); the Qwen2-VL tower's MLP is 4 × its width.
 TOWER: dict[Size, tuple[int, int, int, int]] = {
-    "tiny": (32, 2, 64, 2), "bench": (1280, 16, 3420, 8), "real": (1280, 16, 3420, 32),
+    "tiny": (32, 2, 64, 2),
+    "bench": (1280, 16, 3420, 8),
+    "real": (1280, 16, 3420, 32),
 }
-CLASSES = {"qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLAdapter),
-           "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen25VLAdapter)}
+CLASSES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLAdapter),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen25VLAdapter),
+}
 
 
 def vision_config(family: str, size: Size, text_hidden: int) -> dict:
     """The tower's config; the families name the widths differently (Qwen2-VL: `embed_dim` is the
     tower's width and `hidden_size` the merger's output; Qwen2.5-VL: `hidden_size` and `out_hidden_size`)."""
     width, heads, mlp, depth = TOWER[size]
-    common = dict(depth=depth, num_heads=heads, patch_size=PATCH, spatial_merge_size=MERGE,
-                  temporal_patch_size=TEMPORAL)
+    common = dict(
+        depth=depth, num_heads=heads, patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL
+    )
     if family == "qwen2_vl":
         return dict(common, embed_dim=width, hidden_size=text_hidden, mlp_ratio=4)
-    return dict(common, hidden_size=width, out_hidden_size=text_hidden, intermediate_size=mlp, window_size=112,
-                fullatt_block_indexes=list(range(7, depth, 8)) or [depth - 1])
+    return dict(
+        common,
+        hidden_size=width,
+        out_hidden_size=text_hidden,
+        intermediate_size=mlp,
+        window_size=112,
+        fullatt_block_indexes=list(range(7, depth, 8)) or [depth - 1],
+    )
 
 
 def bench_case(real_size: bool = False, *, family: str = "qwen2_vl", tiny: bool = False, device: str = "cpu") -> Case:
@@ -72,11 +103,18 @@ def bench_case(real_size: bool = False, *, family: str = "qwen2_vl", tiny: bool 
     text = dict(TEXT[size])
     section = text.pop("mrope_section")
     config = config_cls(
-        text_config=dict(text, vocab_size=VOCAB, max_position_embeddings=32768, bos_token_id=151643,
-                         eos_token_id=151645, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                               "mrope_section": section}),
+        text_config=dict(
+            text,
+            vocab_size=VOCAB,
+            max_position_embeddings=32768,
+            bos_token_id=151643,
+            eos_token_id=151645,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+        ),
         vision_config=vision_config(family, size, text["hidden_size"]),
-        image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD, vision_start_token_id=VISION_START,
+        image_token_id=IMAGE_PAD,
+        video_token_id=VIDEO_PAD,
+        vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
     adapter = adapter_cls(build_model(model_cls, config, size, device), processor=None, prompt_template=PROMPT)
@@ -84,14 +122,25 @@ def bench_case(real_size: bool = False, *, family: str = "qwen2_vl", tiny: bool 
     n_image = (grid // MERGE) ** 2
     rng = random.Random(0)
     words = random_ids(rng, TEXT_BEFORE_IMAGE + TEXT_AFTER_IMAGE - 2, 100, 150000)
-    ids = [*words[:TEXT_BEFORE_IMAGE - 1], VISION_START, *[IMAGE_PAD] * n_image, VISION_END,
-           *words[TEXT_BEFORE_IMAGE - 1:]]
+    ids = [
+        *words[: TEXT_BEFORE_IMAGE - 1],
+        VISION_START,
+        *[IMAGE_PAD] * n_image,
+        VISION_END,
+        *words[TEXT_BEFORE_IMAGE - 1 :],
+    ]
     return sip_case(
-        family, adapter, ids, (grid * grid, 3 * TEMPORAL * PATCH * PATCH),
-        tau=rng.randrange(100, 150000), tau_p=rng.randrange(100, 150000),
-        extra={"image_grid_thw": torch.tensor([[1, grid, grid]]),
-               "mm_token_type_ids": (torch.tensor([ids]) == IMAGE_PAD).int()},
+        family,
+        adapter,
+        ids,
+        (grid * grid, 3 * TEMPORAL * PATCH * PATCH),
+        tau=rng.randrange(100, 150000),
+        tau_p=rng.randrange(100, 150000),
+        extra={
+            "image_grid_thw": torch.tensor([[1, grid, grid]]),
+            "mm_token_type_ids": (torch.tensor([ids]) == IMAGE_PAD).int(),
+        },
         description=f"{'Qwen2-VL' if family == 'qwen2_vl' else 'Qwen2.5-VL'} layout: {IMAGE_SIDE[size]} px "
-                    f"({n_image} image tokens), tower {TOWER[size][3]} layers × {TOWER[size][0]}, {len(ids)}-token "
-                    f"prompt, Qwen2 {text['num_hidden_layers']} layers × {text['hidden_size']}",
+        f"({n_image} image tokens), tower {TOWER[size][3]} layers × {TOWER[size][0]}, {len(ids)}-token "
+        f"prompt, Qwen2 {text['num_hidden_layers']} layers × {text['hidden_size']}",
     )

@@ -31,8 +31,14 @@ Kind = Literal["qwen2_vl", "qwen2_5_vl"]
 
 # Ids in the real checkpoints' order; Qwen has no unknown token, but a word-level model needs one.
 SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>", "<unk>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<unk>",
 )
 
 # Qwen2-VL-Instruct's template, short: default system turn, images in place, generation prompt.
@@ -70,8 +76,14 @@ def _vision_config(kind: Kind, hidden: int, layers: int, heads: int, patch_size:
         # embed_dim is the tower's width, hidden_size the merger's output (the text width).
         return dict(common, embed_dim=hidden, hidden_size=hidden, mlp_ratio=2)
     # Windows of 2×2 merged tokens; the last block attends globally, as every 8th does in the real tower.
-    return dict(common, hidden_size=hidden, out_hidden_size=hidden, intermediate_size=2 * hidden,
-                window_size=2 * 2 * patch_size, fullatt_block_indexes=[layers - 1])
+    return dict(
+        common,
+        hidden_size=hidden,
+        out_hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        window_size=2 * 2 * patch_size,
+        fullatt_block_indexes=[layers - 1],
+    )
 
 
 def build(
@@ -92,15 +104,25 @@ def build(
     """
     config_cls, model_cls, processor_cls = _CLASSES[kind]
     tokenizer = word_tokenizer(
-        SPECIAL_TOKENS, "<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        SPECIAL_TOKENS,
+        "<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(hidden // heads)},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
     )
     config = config_cls(
         text_config=text,
@@ -117,5 +139,7 @@ def build(
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=2, temporal_patch_size=2
     )
-    processor = image_only(processor_cls)(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    processor = image_only(processor_cls)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
     return model, processor

@@ -103,7 +103,7 @@ def layout_problem(relative: Path, depth: int, layout: str) -> str:
     if len(parts) < depth:
         return f"file outside {layout} folder"
     if len(parts) > depth:
-        nested = "/".join(parts[depth - 1:-1])
+        nested = "/".join(parts[depth - 1 : -1])
         return f"in nested sub-folder {nested!r}; images are read only directly inside {layout} folder"
     return ""
 
@@ -131,8 +131,10 @@ def csv_rows(path: Path, columns: Sequence[str], max_rows: int | None = None) ->
         records = _records(path, stream)
         header_line, header = next(records, (0, None))
         if header is None or isinstance(header, csv.Error):
-            raise TableError(f"{path}: cannot parse as CSV: {'empty file' if header is None else header} "
-                             f"(expected a header line with columns {list(columns)})")
+            raise TableError(
+                f"{path}: cannot parse as CSV: {'empty file' if header is None else header} "
+                f"(expected a header line with columns {list(columns)})"
+            )
         names = [name.strip() for name in header]
         missing = [c for c in columns if c not in names]
         if missing:
@@ -157,13 +159,17 @@ def _records(path: Path, stream: TextIO) -> Iterator[tuple[int, list[str] | csv.
             return
         except csv.Error as error:
             if str(error) == _EOF_IN_QUOTES:
-                raise TableError(f"{path}: cannot parse as CSV: the quoted field opened on line {start} is never "
-                                 "closed (unexpected end of file)") from None
+                raise TableError(
+                    f"{path}: cannot parse as CSV: the quoted field opened on line {start} is never "
+                    "closed (unexpected end of file)"
+                ) from None
             record = error
         except UnicodeDecodeError as error:
-            byte = error.object[error.start:error.start + 1]
-            raise TableError(f"{path}: cannot parse as CSV: not UTF-8 text (byte {byte!r}: {error.reason}, at or "
-                             f"after line {end + 1}); save it as UTF-8") from None
+            byte = error.object[error.start : error.start + 1]
+            raise TableError(
+                f"{path}: cannot parse as CSV: not UTF-8 text (byte {byte!r}: {error.reason}, at or "
+                f"after line {end + 1}); save it as UTF-8"
+            ) from None
         end = reader.line_num
         if record != []:
             yield start, record
@@ -197,8 +203,13 @@ def too_few(counts: Mapping[str, int], minimum: int, what: str) -> str:
 
 
 def write_read_tables(
-    samples: pd.DataFrame, pool: pd.DataFrame, exclusions: pd.DataFrame, outputs: Mapping[str, str],
-    dataset: str, tasks: Sequence[str], min_per_task: int,
+    samples: pd.DataFrame,
+    pool: pd.DataFrame,
+    exclusions: pd.DataFrame,
+    outputs: Mapping[str, str],
+    dataset: str,
+    tasks: Sequence[str],
+    min_per_task: int,
 ) -> None:
     """Write a reader's three tables, or, when a task has fewer than `min_per_task` samples, raise.
 
@@ -225,7 +236,11 @@ def failed_table(path: str | Path) -> Path:
 
 
 def selection_problem(
-    selected: pd.DataFrame, tasks: Sequence[str], min_per_task: int, n_per_task: int, answers_path: str | Path,
+    selected: pd.DataFrame,
+    tasks: Sequence[str],
+    min_per_task: int,
+    n_per_task: int,
+    answers_path: str | Path,
 ) -> str:
     """Why a (model, dataset) selection cannot be patched ("" when every task has `min_per_task` samples).
 
@@ -233,12 +248,16 @@ def selection_problem(
     (its `correct` column), and the prompts stage's exclusions next to it say what never got a prompt.
     """
     if min_per_task > n_per_task:
-        return (f"config: selection.min_per_task = {min_per_task} is larger than selection.n_per_task = "
-                f"{n_per_task}, so no selection can reach it")
+        return (
+            f"config: selection.min_per_task = {min_per_task} is larger than selection.n_per_task = "
+            f"{n_per_task}, so no selection can reach it"
+        )
     short = too_few(task_counts(selected, tasks), min_per_task, "selected samples")
     if not short:
         return ""
     answers_path = Path(answers_path)
-    return (f"{short} (selection.min_per_task = {min_per_task}); only correctly answered samples are selected: "
-            f"see {answers_path} (column correct) and, for samples without a prompt, "
-            f"{answers_path.with_name('prompt_exclusions.parquet')}")
+    return (
+        f"{short} (selection.min_per_task = {min_per_task}); only correctly answered samples are selected: "
+        f"see {answers_path} (column correct) and, for samples without a prompt, "
+        f"{answers_path.with_name('prompt_exclusions.parquet')}"
+    )

@@ -49,8 +49,15 @@ DOWNLOAD_COLUMNS: tuple[str, ...] = ("url", "ok", "path", "sha256", "reason", "a
 DOWNLOAD_DTYPES = {"ok": "bool", "attempts": "int64", "cached": "bool"}
 
 # File extension of each PIL format we accept; other decodable formats use the lower-case format name.
-EXTENSIONS: dict[str, str] = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp",
-                              "TIFF": ".tif", "MPO": ".jpg"}
+EXTENSIONS: dict[str, str] = {
+    "JPEG": ".jpg",
+    "PNG": ".png",
+    "GIF": ".gif",
+    "WEBP": ".webp",
+    "BMP": ".bmp",
+    "TIFF": ".tif",
+    "MPO": ".jpg",
+}
 # Some image hosts refuse Python's default agent string.
 USER_AGENT = "Mozilla/5.0 (compatible; notice-workflow/0.1; research image download)"
 RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -80,11 +87,11 @@ class ImageTooLarge(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    timeout: float = 30.0        # seconds per attempt (connect, each read, and the whole body)
-    retries: int = 2             # extra attempts after a retryable failure
-    backoff: float = 1.0         # sleep backoff * 2**i seconds before retry i
+    timeout: float = 30.0  # seconds per attempt (connect, each read, and the whole body)
+    retries: int = 2  # extra attempts after a retryable failure
+    backoff: float = 1.0  # sleep backoff * 2**i seconds before retry i
     user_agent: str = USER_AGENT
-    max_bytes: int = MAX_BYTES   # a longer body is refused (config download.max_bytes)
+    max_bytes: int = MAX_BYTES  # a longer body is refused (config download.max_bytes)
     max_image_pixels: int = MAX_IMAGE_PIXELS  # a larger image is refused (config download.max_image_pixels)
 
 
@@ -173,8 +180,9 @@ def fetch(url: str, settings: Settings) -> tuple[bytes, str]:
             final = response.geturl()
             if final != url and any(marker in final.lower() for marker in PLACEHOLDER_REDIRECTS):
                 raise DownloadError(f"placeholder image (redirected to {final})", retryable=False)
-            return read_body(response, settings.max_bytes, deadline, timeout_reason), \
-                response.headers.get_content_type()
+            return read_body(
+                response, settings.max_bytes, deadline, timeout_reason
+            ), response.headers.get_content_type()
     except urllib.error.HTTPError as error:
         raise DownloadError(f"HTTP {error.code}", retryable=error.code in RETRYABLE_HTTP) from None
     except urllib.error.URLError as error:
@@ -260,8 +268,15 @@ def _extension_of_download(data: bytes, content_type: str, max_pixels: int) -> s
 
 
 def _row(url: str, ok: bool, path: Path | None, sha: str, reason: str, attempts: int, cached: bool) -> dict:
-    return {"url": url, "ok": ok, "path": str(path) if path else "", "sha256": sha, "reason": reason,
-            "attempts": attempts, "cached": cached}
+    return {
+        "url": url,
+        "ok": ok,
+        "path": str(path) if path else "",
+        "sha256": sha,
+        "reason": reason,
+        "attempts": attempts,
+        "cached": cached,
+    }
 
 
 def download_images(
@@ -276,8 +291,10 @@ def download_images(
     cache.mkdir(parents=True, exist_ok=True)
     unique = sorted(set(urls))
     rows = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            tqdm(total=len(unique), desc="images", unit="url", file=sys.stderr, disable=not progress) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, workers)) as pool,
+        tqdm(total=len(unique), desc="images", unit="url", file=sys.stderr, disable=not progress) as bar,
+    ):
         futures = [pool.submit(download_one, url, cache, settings) for url in unique]
         for future in as_completed(futures):
             rows.append(future.result())

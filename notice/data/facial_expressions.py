@@ -63,14 +63,23 @@ FOLDER_LAYOUT = "a '<split>/<emotion>/'"
 # Folder names of the image-folder copies (lower-cased) -> adjective.
 FOLDER_EMOTIONS: dict[str, str] = {
     **{emotion: emotion for emotion in EMOTIONS},
-    "anger": "angry", "disgust": "disgusted", "fear": "fearful", "happiness": "happy", "sadness": "sad",
+    "anger": "angry",
+    "disgust": "disgusted",
+    "fear": "fearful",
+    "happiness": "happy",
+    "sadness": "sad",
     "surprise": "surprised",
 }
 # The paper groups the seven emotions into positive / negative / neutral without listing them; surprise
 # counts as positive here (as in valence-based groupings of FER-2013).
 EMOTION_GROUPS: dict[str, str] = {
-    "happy": "positive", "surprised": "positive", "neutral": "neutral",
-    "angry": "negative", "disgusted": "negative", "fearful": "negative", "sad": "negative",
+    "happy": "positive",
+    "surprised": "positive",
+    "neutral": "neutral",
+    "angry": "negative",
+    "disgusted": "negative",
+    "fearful": "negative",
+    "sad": "negative",
 }
 SIDE = 48
 
@@ -133,11 +142,22 @@ def read_facial_expressions(
         records, exclusions = _folder_records(source, dataset, groups, splits)
     else:
         raise FileNotFoundError(
-            f"{source}: neither a fer2013.csv file nor a directory with [images/]<split>/<emotion>/*.jpg")
+            f"{source}: neither a fer2013.csv file nor a directory with [images/]<split>/<emotion>/*.jpg"
+        )
     samples = [
-        {"sample_id": r.sample_id, "dataset": dataset, "task": TASK, "image_id": r.image_id,
-         "image_path": r.image_path, "mask_path": "", "subject": SUBJECT, "answer": r.emotion,
-         "category": r.emotion, "group": groups[r.emotion], "pool_key": r.sample_id}
+        {
+            "sample_id": r.sample_id,
+            "dataset": dataset,
+            "task": TASK,
+            "image_id": r.image_id,
+            "image_path": r.image_path,
+            "mask_path": "",
+            "subject": SUBJECT,
+            "answer": r.emotion,
+            "category": r.emotion,
+            "group": groups[r.emotion],
+            "pool_key": r.sample_id,
+        }
         for r in records
     ]
     return samples_frame(samples), pool_frame(_pool(records, dataset, seed)), exclusions_frame(exclusions)
@@ -156,8 +176,16 @@ def _pool(records: list[Record], dataset: str, seed: int) -> list[dict]:
             if emotion == record.emotion or not candidates:
                 continue
             chosen = candidates[pick(seed, len(candidates), dataset, record.sample_id, emotion)]
-            pool.append({"dataset": dataset, "task": TASK, "pool_key": record.sample_id, "value": emotion,
-                         "image_path": chosen.image_path, "mask_path": ""})
+            pool.append(
+                {
+                    "dataset": dataset,
+                    "task": TASK,
+                    "pool_key": record.sample_id,
+                    "value": emotion,
+                    "image_path": chosen.image_path,
+                    "mask_path": "",
+                }
+            )
     return pool
 
 

@@ -69,9 +69,7 @@ def load_inpaint_pipeline(name_or_path: str = DEFAULT_MODEL, device: str = "cpu"
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
     source = resolve_inpaint_model(name_or_path)
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(
-        source, dtype=getattr(torch, dtype), local_files_only=True
-    )
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(source, dtype=getattr(torch, dtype), local_files_only=True)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -83,7 +81,7 @@ def box_mask(width: int, height: int, box: Sequence[float]) -> np.ndarray:
     if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
         raise ValueError(f"mask box {tuple(box)} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
     mask = np.zeros((height, width), dtype=bool)
-    mask[round(y0 * height):round(y1 * height), round(x0 * width):round(x1 * width)] = True
+    mask[round(y0 * height) : round(y1 * height), round(x0 * width) : round(x1 * width)] = True
     return mask
 
 
@@ -128,8 +126,13 @@ def inpaint(
     work_image = clean.convert("RGB").resize(size, Image.Resampling.BICUBIC)
     work_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
     generated = pipe(
-        prompt=prompt, image=work_image, mask_image=work_mask, height=settings.size, width=settings.size,
-        num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+        prompt=prompt,
+        image=work_image,
+        mask_image=work_mask,
+        height=settings.size,
+        width=settings.size,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
         generator=torch.Generator("cpu").manual_seed(seed),
     ).images[0]
     return composite(clean, generated, mask)
@@ -161,8 +164,21 @@ def inpaint_samples(
     and corrupt_triplet (SVO-Probes). Pool rows: (pool_key, value = distractor) -> the generated image
     (``out_dir/images``) and its mask (``out_dir/masks``), the same contract as the dataset's own pool.
     """
-    check_columns(samples, ("sample_id", "dataset", "task", "image_id", "image_path", "mask_path", "pool_key",
-                            "distractor", "corrupt_triplet"), "inpaint samples")
+    check_columns(
+        samples,
+        (
+            "sample_id",
+            "dataset",
+            "task",
+            "image_id",
+            "image_path",
+            "mask_path",
+            "pool_key",
+            "distractor",
+            "corrupt_triplet",
+        ),
+        "inpaint samples",
+    )
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -182,8 +198,16 @@ def inpaint_samples(
         image_path, mask_path = out / "images" / f"{stem}.png", out / "masks" / f"{stem}.png"
         image.save(image_path, format="PNG")
         Image.fromarray(region.astype(np.uint8) * 255).save(mask_path, format="PNG")
-        pool.append({"dataset": row.dataset, "task": row.task, "pool_key": row.pool_key, "value": row.distractor,
-                     "image_path": str(image_path), "mask_path": str(mask_path)})
+        pool.append(
+            {
+                "dataset": row.dataset,
+                "task": row.task,
+                "pool_key": row.pool_key,
+                "value": row.distractor,
+                "image_path": str(image_path),
+                "mask_path": str(mask_path),
+            }
+        )
     pool_df = make_table(pool, IMAGE_POOL_COLUMNS, {})
     duplicated = pool_df.duplicated(["dataset", "task", "pool_key", "value"], keep=False)
     if duplicated.any():

@@ -44,30 +44,88 @@ FOLDER_LAYOUT = "an '<adjective> <noun>'"
 # The authors' state groups (NOTICE preprocessing of MIT-States), as state -> group.
 _GROUP_LISTS: dict[str, tuple[str, ...]] = {
     "colour": (
-        "caramelized", "painted", "bright", "dark", "unpainted", "engraved", "wet", "burnt", "weathered",
-        "rusty", "old", "new", "dry", "verdant", "clean", "frozen", "thawed", "ancient", "moldy", "muddy",
+        "caramelized",
+        "painted",
+        "bright",
+        "dark",
+        "unpainted",
+        "engraved",
+        "wet",
+        "burnt",
+        "weathered",
+        "rusty",
+        "old",
+        "new",
+        "dry",
+        "verdant",
+        "clean",
+        "frozen",
+        "thawed",
+        "ancient",
+        "moldy",
+        "muddy",
         "fresh",
     ),
     "shape": (
-        "small", "large", "thick", "thin", "coiled", "cracked", "folded", "sliced", "dented", "chipped",
-        "shattered", "diced", "straight", "empty", "cut", "pressed", "torn", "broken", "tiny", "huge",
-        "melted", "draped", "scratched",
+        "small",
+        "large",
+        "thick",
+        "thin",
+        "coiled",
+        "cracked",
+        "folded",
+        "sliced",
+        "dented",
+        "chipped",
+        "shattered",
+        "diced",
+        "straight",
+        "empty",
+        "cut",
+        "pressed",
+        "torn",
+        "broken",
+        "tiny",
+        "huge",
+        "melted",
+        "draped",
+        "scratched",
     ),
     "texture": (
-        "crushed", "crumpled", "splintered", "wrinkled", "ruffled", "mossy", "molten", "windblown", "eroded",
-        "pureed", "crinkled", "frayed", "brushed", "barren",
+        "crushed",
+        "crumpled",
+        "splintered",
+        "wrinkled",
+        "ruffled",
+        "mossy",
+        "molten",
+        "windblown",
+        "eroded",
+        "pureed",
+        "crinkled",
+        "frayed",
+        "brushed",
+        "barren",
     ),
 }
 STATE_GROUPS: dict[str, str] = {state: group for group, states in _GROUP_LISTS.items() for state in states}
 
 # The authors' near-synonyms: each list is a state and the states never used as its distractor.
 NEAR_SYNONYMS: tuple[tuple[str, ...], ...] = (
-    ("small", "tiny", "little"), ("large", "huge", "massive", "thick"), ("thin", "slim"),
-    ("cracked", "broken", "chipped", "shattered", "splintered"), ("sliced", "diced"), ("cut", "torn"),
-    ("scratched", "cracked", "chipped", "shattered", "broken", "splintered"), ("wet", "moist"),
-    ("weathered", "rusty", "ancient", "old"), ("new", "fresh", "clean"),
+    ("small", "tiny", "little"),
+    ("large", "huge", "massive", "thick"),
+    ("thin", "slim"),
+    ("cracked", "broken", "chipped", "shattered", "splintered"),
+    ("sliced", "diced"),
+    ("cut", "torn"),
+    ("scratched", "cracked", "chipped", "shattered", "broken", "splintered"),
+    ("wet", "moist"),
+    ("weathered", "rusty", "ancient", "old"),
+    ("new", "fresh", "clean"),
     ("crushed", "cracked", "chipped", "shattered", "broken", "splintered"),
-    ("crumpled", "wrinkled", "crinkled"), ("ruffled", "frayed"), ("windblown", "barren"),
+    ("crumpled", "wrinkled", "crinkled"),
+    ("ruffled", "frayed"),
+    ("windblown", "barren"),
 )
 
 
@@ -105,22 +163,39 @@ def read_mit_states(
         sample_id, image_id = f"{dataset}/{relative.as_posix()}", relative.as_posix()
         folder = relative.parts[0]
         parsed = split_folder(folder)
-        reason = (layout_problem(relative, 2, FOLDER_LAYOUT) or _folder_problem(folder, parsed, groups)
-                  or _file_problem(path))
+        reason = (
+            layout_problem(relative, 2, FOLDER_LAYOUT) or _folder_problem(folder, parsed, groups) or _file_problem(path)
+        )
         if reason:
             exclusions.append(exclusion(sample_id, dataset, reason))
             continue
         adjective, noun = parsed
         group = groups[adjective]
-        samples.append({
-            "sample_id": sample_id, "dataset": dataset, "task": TASK, "image_id": image_id,
-            "image_path": str(path), "mask_path": "", "subject": noun, "answer": adjective,
-            "category": group, "group": group, "pool_key": noun,
-        })
+        samples.append(
+            {
+                "sample_id": sample_id,
+                "dataset": dataset,
+                "task": TASK,
+                "image_id": image_id,
+                "image_path": str(path),
+                "mask_path": "",
+                "subject": noun,
+                "answer": adjective,
+                "category": group,
+                "group": group,
+                "pool_key": noun,
+            }
+        )
         usable.setdefault((noun, adjective), []).append(str(path))
     pool = [
-        {"dataset": dataset, "task": TASK, "pool_key": noun, "value": adjective,
-         "image_path": paths[pick(seed, len(paths), dataset, noun, adjective)], "mask_path": ""}
+        {
+            "dataset": dataset,
+            "task": TASK,
+            "pool_key": noun,
+            "value": adjective,
+            "image_path": paths[pick(seed, len(paths), dataset, noun, adjective)],
+            "mask_path": "",
+        }
         for (noun, adjective), paths in sorted(usable.items())
     ]
     return samples_frame(samples), pool_frame(pool), exclusions_frame(exclusions)

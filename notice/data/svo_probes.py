@@ -43,8 +43,16 @@ from notice.data import RowError, csv_rows, exclusion, exclusions_frame, pool_fr
 from notice.workflow.tables import check_columns
 
 CSV_COLUMNS: tuple[str, ...] = (
-    "sentence", "pos_triplet", "neg_triplet", "subj_neg", "verb_neg", "obj_neg",
-    "pos_url", "neg_url", "pos_image_id", "neg_image_id",
+    "sentence",
+    "pos_triplet",
+    "neg_triplet",
+    "subj_neg",
+    "verb_neg",
+    "obj_neg",
+    "pos_url",
+    "neg_url",
+    "pos_image_id",
+    "neg_image_id",
 )
 ROLES: tuple[str, ...] = ("subject", "verb", "object")
 ROLE_FLAGS: dict[str, str] = {"subject": "subj_neg", "verb": "verb_neg", "object": "obj_neg"}
@@ -60,10 +68,24 @@ EXTRA_COLUMNS: tuple[str, ...] = ("distractor_given", "triplet", "corrupt_triple
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no", ""}
 # -ing forms that the spelling rules below get wrong.
 _IRREGULAR_ING = {
-    "be": "being", "see": "seeing", "flee": "fleeing", "ski": "skiing", "dye": "dyeing", "hoe": "hoeing",
-    "canoe": "canoeing", "panic": "panicking", "picnic": "picnicking", "begin": "beginning",
-    "forget": "forgetting", "admit": "admitting", "control": "controlling", "patrol": "patrolling",
-    "equip": "equipping", "permit": "permitting", "regret": "regretting", "upset": "upsetting",
+    "be": "being",
+    "see": "seeing",
+    "flee": "fleeing",
+    "ski": "skiing",
+    "dye": "dyeing",
+    "hoe": "hoeing",
+    "canoe": "canoeing",
+    "panic": "panicking",
+    "picnic": "picnicking",
+    "begin": "beginning",
+    "forget": "forgetting",
+    "admit": "admitting",
+    "control": "controlling",
+    "patrol": "patrolling",
+    "equip": "equipping",
+    "permit": "permitting",
+    "regret": "regretting",
+    "upset": "upsetting",
 }
 
 
@@ -175,28 +197,48 @@ def read_svo_probes(
             role, triplets = _checked_row(row, excluded_words)
             paths = {side: _image_path(images, row[f"{side}_url"], side) for side in ("pos", "neg")}
         except RowError as error:
-            exclusions += [exclusion(ids[side], dataset, row_reason(csv_path, csv_row.line, error))
-                           for side in ("pos", "neg")]
+            exclusions += [
+                exclusion(ids[side], dataset, row_reason(csv_path, csv_row.line, error)) for side in ("pos", "neg")
+            ]
             continue
         task = TASKS[role]
         for side, other in (("pos", "neg"), ("neg", "pos")):
             own, corrupt = triplets[side], triplets[other]
             sample = {
-                "sample_id": ids[side], "dataset": dataset, "task": task, "image_id": row[f"{side}_image_id"],
-                "image_path": paths[side], "mask_path": "", "subject": question_context(own, role),
-                "answer": option(own, role), "category": role, "group": role, "pool_key": pool_key,
-                "distractor_given": option(corrupt, role), "triplet": own.text(), "corrupt_triplet": corrupt.text(),
+                "sample_id": ids[side],
+                "dataset": dataset,
+                "task": task,
+                "image_id": row[f"{side}_image_id"],
+                "image_path": paths[side],
+                "mask_path": "",
+                "subject": question_context(own, role),
+                "answer": option(own, role),
+                "category": role,
+                "group": role,
+                "pool_key": pool_key,
+                "distractor_given": option(corrupt, role),
+                "triplet": own.text(),
+                "corrupt_triplet": corrupt.text(),
             }
             # The same question about the same image can come from several rows: keep the first.
             key = (task, paths[side], sample["subject"], sample["answer"], sample["distractor_given"])
             if key in seen:
-                exclusions.append(exclusion(
-                    ids[side], dataset, row_reason(csv_path, csv_row.line, f"duplicate of {seen[key]}")))
+                exclusions.append(
+                    exclusion(ids[side], dataset, row_reason(csv_path, csv_row.line, f"duplicate of {seen[key]}"))
+                )
             else:
                 seen[key] = ids[side]
                 samples.append(sample)
-            pool.append({"dataset": dataset, "task": task, "pool_key": pool_key, "value": sample["answer"],
-                         "image_path": paths[side], "mask_path": ""})
+            pool.append(
+                {
+                    "dataset": dataset,
+                    "task": task,
+                    "pool_key": pool_key,
+                    "value": sample["answer"],
+                    "image_path": paths[side],
+                    "mask_path": "",
+                }
+            )
     return samples_frame(samples, EXTRA_COLUMNS), pool_frame(pool), exclusions_frame(exclusions)
 
 

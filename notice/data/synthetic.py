@@ -223,11 +223,21 @@ def generate_dataset(
         own = {"colour": scene.colour, "shape": scene.shape}
         for task, values in TASK_VALUES.items():
             pool_key = f"{scene_id}_{task}"
-            samples.append(dict(
-                sample_id=f"{dataset}_{pool_key}", dataset=dataset, task=task, image_id=scene_id,
-                image_path=str(image_path), mask_path=str(mask_path), subject=SUBJECT, answer=own[task],
-                category=own[task], group=VALUE_GROUPS[own[task]], pool_key=pool_key,
-            ))
+            samples.append(
+                dict(
+                    sample_id=f"{dataset}_{pool_key}",
+                    dataset=dataset,
+                    task=task,
+                    image_id=scene_id,
+                    image_path=str(image_path),
+                    mask_path=str(mask_path),
+                    subject=SUBJECT,
+                    answer=own[task],
+                    category=own[task],
+                    group=VALUE_GROUPS[own[task]],
+                    pool_key=pool_key,
+                )
+            )
             for value in values:
                 v_image, v_mask = image_path, mask_path
                 if value != own[task]:
@@ -237,8 +247,16 @@ def generate_dataset(
                     if task == "shape":  # a colour variant keeps the scene's mask
                         v_mask = out / "variants" / f"{pool_key}_{value}_mask.png"
                         _save_png(v_m.astype(np.uint8) * 255, v_mask)
-                pool.append(dict(dataset=dataset, task=task, pool_key=pool_key, value=value,
-                                 image_path=str(v_image), mask_path=str(v_mask)))
+                pool.append(
+                    dict(
+                        dataset=dataset,
+                        task=task,
+                        pool_key=pool_key,
+                        value=value,
+                        image_path=str(v_image),
+                        mask_path=str(v_mask),
+                    )
+                )
     samples_df = pd.DataFrame(samples, columns=list(SAMPLE_COLUMNS))
     pool_df = pd.DataFrame(pool, columns=list(IMAGE_POOL_COLUMNS))
     write_table(samples_df, out / "samples.parquet", SAMPLE_COLUMNS)

@@ -33,24 +33,36 @@ class ToyModelConfig:
 
     def vision_settings(self) -> dict[str, int | float]:
         """Hugging Face config arguments of the vision tower, as every toy family names them."""
-        return dict(hidden_size=self.vision_hidden, num_hidden_layers=self.vision_layers,
-                    num_attention_heads=self.vision_heads, intermediate_size=self.vision_intermediate,
-                    image_size=self.image_size, patch_size=self.patch_size,
-                    # explicit: a vision config's own default may be 1e-10 (position and class embeddings)
-                    initializer_range=self.initializer_range)
+        return dict(
+            hidden_size=self.vision_hidden,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.vision_heads,
+            intermediate_size=self.vision_intermediate,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            # explicit: a vision config's own default may be 1e-10 (position and class embeddings)
+            initializer_range=self.initializer_range,
+        )
 
     def text_settings(self) -> dict[str, int | float]:
         """Hugging Face config arguments of the text stream, as every toy family names them."""
-        return dict(hidden_size=self.text_hidden, num_hidden_layers=self.text_layers,
-                    num_attention_heads=self.text_heads, intermediate_size=self.text_intermediate,
-                    max_position_embeddings=self.max_positions, initializer_range=self.initializer_range)
+        return dict(
+            hidden_size=self.text_hidden,
+            num_hidden_layers=self.text_layers,
+            num_attention_heads=self.text_heads,
+            intermediate_size=self.text_intermediate,
+            max_position_embeddings=self.max_positions,
+            initializer_range=self.initializer_range,
+        )
 
     def check(self) -> None:
         """Raise ValueError naming the setting when the widths, heads or patches do not fit together."""
-        divides = [("patch_size", self.patch_size, "image_size", self.image_size),
-                   ("vision_heads", self.vision_heads, "vision_hidden", self.vision_hidden),
-                   ("text_heads", self.text_heads, "text_hidden", self.text_hidden),
-                   ("text_kv_heads", self.text_kv_heads, "text_heads", self.text_heads)]
+        divides = [
+            ("patch_size", self.patch_size, "image_size", self.image_size),
+            ("vision_heads", self.vision_heads, "vision_hidden", self.vision_hidden),
+            ("text_heads", self.text_heads, "text_hidden", self.text_hidden),
+            ("text_kv_heads", self.text_kv_heads, "text_heads", self.text_heads),
+        ]
         for name, value, of_name, of_value in divides:
             if of_value % value:
                 raise ValueError(f"toy model: {name}={value} must divide {of_name}={of_value}")
@@ -84,7 +96,10 @@ def configs_from_settings(settings: Mapping[str, object], image_size: int) -> tu
     unknown = set(settings) - architecture - recipe - {"seed", *WORKFLOW_TRAIN_KEYS}
     if unknown:
         raise ValueError(f"toy model: unknown keys {sorted(unknown)}")
-    model_cfg = ToyModelConfig(image_size=image_size, seed=int(settings.get("seed", 0)),
-                               **{k: v for k, v in settings.items() if k in architecture})
+    model_cfg = ToyModelConfig(
+        image_size=image_size,
+        seed=int(settings.get("seed", 0)),
+        **{k: v for k, v in settings.items() if k in architecture},
+    )
     model_cfg.check()
     return model_cfg, TrainConfig(**{k: v for k, v in settings.items() if k in recipe})

@@ -47,9 +47,9 @@ class ToyFamily(ABC):
 
     name: ClassVar[str]
     special_tokens: ClassVar[tuple[str, ...]]  # in id order, before the words
-    prompt_template: ClassVar[str]             # "{question}" is replaced; the model is trained on it
-    default_steps: ClassVar[int]               # the measured recipe's training steps (docs/toy_models.md)
-    generate_returns_prompt: ClassVar[bool]    # `generate` output starts with the prompt's ids
+    prompt_template: ClassVar[str]  # "{question}" is replaced; the model is trained on it
+    default_steps: ClassVar[int]  # the measured recipe's training steps (docs/toy_models.md)
+    generate_returns_prompt: ClassVar[bool]  # `generate` output starts with the prompt's ids
 
     @abstractmethod
     def build(self, cfg: ToyModelConfig, training: bool = False) -> tuple[torch.nn.Module, object]:
@@ -60,8 +60,9 @@ class ToyFamily(ABC):
         """The token that should follow the one-word answer."""
 
     @abstractmethod
-    def two_step_logits(self, model, prompt_ids: list[list[int]], pixels: torch.Tensor, answer_ids: torch.Tensor,
-                        tokenizer) -> torch.Tensor:
+    def two_step_logits(
+        self, model, prompt_ids: list[list[int]], pixels: torch.Tensor, answer_ids: torch.Tensor, tokenizer
+    ) -> torch.Tensor:
         """Logits [B, 2, V] of the answer step and the step after it (which should predict the end)."""
 
     def format_prompt(self, question: str) -> str:
@@ -139,7 +140,9 @@ class _PromptCache:
     def __call__(self, question: str) -> list[int]:
         if question not in self.ids:
             prompt = format_prompt(self.family, question)
-            self.ids[question] = self.processor(images=self.blank, text=prompt, return_tensors="pt")["input_ids"][0].tolist()
+            self.ids[question] = self.processor(images=self.blank, text=prompt, return_tensors="pt")["input_ids"][
+                0
+            ].tolist()
         return self.ids[question]
 
 
@@ -149,8 +152,13 @@ def format_prompt(family: str, question: str) -> str:
 
 
 def greedy_answers(
-    model, processor, family: str, images: Sequence[np.ndarray], questions: Sequence[str],
-    batch_size: int = 100, max_new_tokens: int = 3,
+    model,
+    processor,
+    family: str,
+    images: Sequence[np.ndarray],
+    questions: Sequence[str],
+    batch_size: int = 100,
+    max_new_tokens: int = 3,
 ) -> list[str]:
     """Greedy generated answer strings (special tokens removed) for exact-match accuracy.
 
@@ -164,13 +172,16 @@ def greedy_answers(
         for length in sorted(set(lengths)):
             idx = [i for i, n in enumerate(lengths) if n == length]
             for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size]
-                inputs = processor(images=[images[i] for i in chunk],
-                                   text=[format_prompt(family, questions[i]) for i in chunk],
-                                   return_tensors="pt", padding=True)
+                chunk = idx[start : start + batch_size]
+                inputs = processor(
+                    images=[images[i] for i in chunk],
+                    text=[format_prompt(family, questions[i]) for i in chunk],
+                    return_tensors="pt",
+                    padding=True,
+                )
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 if TOY_FAMILIES[family].generate_returns_prompt:
-                    out = out[:, inputs["input_ids"].shape[1]:]
+                    out = out[:, inputs["input_ids"].shape[1] :]
                 for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
                     answers[i] = text.strip()
     return answers
@@ -204,6 +215,7 @@ def _lr_lambda(warmup: int, total: int):
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
     return f
 
 
@@ -244,10 +256,12 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
             idx = rng.integers(len(scenes), size=tc.batch_size)
             qs = [draw_question(rng, scenes[i], tc.shape_fraction) for i in idx]
             answer_ids = torch.tensor([tokenizer.convert_tokens_to_ids(q.answer) for q in qs])
-            logits = toy.two_step_logits(model, [prompts(q.text) for q in qs],
-                                         pixel_values(pool_images[idx]), answer_ids, tokenizer)
+            logits = toy.two_step_logits(
+                model, [prompts(q.text) for q in qs], pixel_values(pool_images[idx]), answer_ids, tokenizer
+            )
             loss = F.cross_entropy(logits[:, 0], answer_ids) + F.cross_entropy(
-                logits[:, 1], torch.full_like(answer_ids, end_id))
+                logits[:, 1], torch.full_like(answer_ids, end_id)
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -262,9 +276,12 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
                 window["hits"][q.task][1] += 1
             if step % tc.log_every == 0 or step == steps:
                 accs = {t: h / max(n, 1) for t, (h, n) in window["hits"].items()}
-                print(f"[{family}] step {step}/{steps} loss {window['loss'] / window['n']:.4f} "
-                      + " ".join(f"acc_{t} {a:.3f}" for t, a in accs.items())
-                      + f" lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - wall0:.0f}s", flush=True)
+                print(
+                    f"[{family}] step {step}/{steps} loss {window['loss'] / window['n']:.4f} "
+                    + " ".join(f"acc_{t} {a:.3f}" for t, a in accs.items())
+                    + f" lr {sched.get_last_lr()[0]:.2e} {time.perf_counter() - wall0:.0f}s",
+                    flush=True,
+                )
                 window = {"loss": 0.0, "n": 0, "hits": {t: [0, 0] for t in TASKS}}
         train_wall, train_cpu = time.perf_counter() - wall0, time.process_time() - cpu0
         model.eval()
@@ -272,14 +289,24 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
         wall1 = time.perf_counter()
         metrics = evaluate(model, processor, family, cfg.seed, tc.n_eval_images, cfg.image_size)
         metrics.update(
-            family=family, seed=cfg.seed, steps=steps, final_train_loss=float(loss.item()),
-            train_wall_s=round(train_wall, 1), train_cpu_s=round(train_cpu, 1),
-            eval_wall_s=round(time.perf_counter() - wall1, 1), torch_threads=torch.get_num_threads(),
+            family=family,
+            seed=cfg.seed,
+            steps=steps,
+            final_train_loss=float(loss.item()),
+            train_wall_s=round(train_wall, 1),
+            train_cpu_s=round(train_cpu, 1),
+            eval_wall_s=round(time.perf_counter() - wall1, 1),
+            torch_threads=torch.get_num_threads(),
             n_parameters=sum(p.numel() for p in model.parameters()),
-            model_config=asdict(cfg), train_config=asdict(replace(tc, steps=steps)),
+            model_config=asdict(cfg),
+            train_config=asdict(replace(tc, steps=steps)),
         )
-        print(f"[{family}] held-out accuracy " + " ".join(f"{t} {a:.4f}" for t, a in metrics["accuracy"].items())
-              + f" (train {train_wall:.0f}s wall, {train_cpu:.0f}s CPU)", flush=True)
+        print(
+            f"[{family}] held-out accuracy "
+            + " ".join(f"{t} {a:.4f}" for t, a in metrics["accuracy"].items())
+            + f" (train {train_wall:.0f}s wall, {train_cpu:.0f}s CPU)",
+            flush=True,
+        )
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
@@ -299,14 +326,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = sub.add_parser("train", help="train a toy model and save it with save_pretrained")
     p.add_argument("--family", choices=sorted(TOY_FAMILIES), required=True)
     p.add_argument("--out", required=True, help="output directory (model, processor, training_metrics.json)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="default: %s" % {name: toy.default_steps for name, toy in sorted(TOY_FAMILIES.items())})
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="default: %s" % {name: toy.default_steps for name, toy in sorted(TOY_FAMILIES.items())},
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train-images", type=int, default=TrainConfig.n_train_images)
     p.add_argument("--n-eval-images", type=int, default=TrainConfig.n_eval_images)
     args = parser.parse_args(argv)
-    train(args.family, ToyModelConfig(seed=args.seed), args.out,
-          TrainConfig(steps=args.steps, n_train_images=args.n_train_images, n_eval_images=args.n_eval_images))
+    train(
+        args.family,
+        ToyModelConfig(seed=args.seed),
+        args.out,
+        TrainConfig(steps=args.steps, n_train_images=args.n_train_images, n_eval_images=args.n_eval_images),
+    )
 
 
 # The registry import list: importing the family modules registers their toys in TOY_FAMILIES

@@ -35,12 +35,12 @@ from notice.workflow.tables import check_columns, read_table, write_table
 class PatchAttention:
     """Attention of layers × heads × query positions to the image patches of one prompt."""
 
-    weights: torch.Tensor        # [L, H, Q, P] renormalised over the P patches (float32)
-    mass: torch.Tensor           # [L, H, Q] raw attention on the patches before renormalising
+    weights: torch.Tensor  # [L, H, Q, P] renormalised over the P patches (float32)
+    mass: torch.Tensor  # [L, H, Q] raw attention on the patches before renormalising
     layers: list[int]
     heads: list[int]
     query_positions: list[int]
-    grid: tuple[int, int]        # (rows, cols); patch p sits at (p // cols, p % cols)
+    grid: tuple[int, int]  # (rows, cols); patch p sits at (p // cols, p % cols)
 
     @property
     def raw(self) -> torch.Tensor:
@@ -77,6 +77,7 @@ def patch_attention(
                 raise RuntimeError("attention weights are None: load the model with attn_implementation='eager'")
             rows = probs[0].index_select(0, head_idx).index_select(1, query_idx)  # [H, Q, K]
             captured[layer] = rows.index_select(2, key_idx).float()
+
         return hook
 
     handles = [modules[layer].register_forward_hook(capture(layer)) for layer in layers]
@@ -89,14 +90,25 @@ def patch_attention(
     mass = patches.sum(-1)
     return PatchAttention(
         weights=patches / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None],
-        mass=mass, layers=layers, heads=heads, query_positions=queries, grid=grid,
+        mass=mass,
+        layers=layers,
+        heads=heads,
+        query_positions=queries,
+        grid=grid,
     )
 
 
 # -- per-sample attention records (rule `attention_patterns`) ----------------------------------------
 
 RECORD_INDEX_COLUMNS: tuple[str, ...] = (
-    "sample_id", "task", "category", "answer", "distractor", "file", "has_object_mask", "head_query_index",
+    "sample_id",
+    "task",
+    "category",
+    "answer",
+    "distractor",
+    "file",
+    "has_object_mask",
+    "head_query_index",
 )
 
 
@@ -136,16 +148,26 @@ def attention_record(adapter: VLMAdapter, row: pd.Series, load_image: Callable[[
     mask = adapter.mask_view(Image.open(mask_path), inp) if mask_path else np.zeros((0, 0), np.float32)
     weights = attention.weights.numpy()
     return {
-        "sample_id": str(row["sample_id"]), "task": str(row["task"]), "site": adapter.head_site,
-        "weights": weights, "mass": attention.mass.numpy(),
-        "average": weights.mean(axis=1), "all_heads_average": weights.mean(axis=(0, 1)),
-        "layers": np.asarray(attention.layers), "heads": np.asarray(attention.heads),
-        "query_positions": np.asarray(attention.query_positions), "grid": np.asarray(attention.grid),
+        "sample_id": str(row["sample_id"]),
+        "task": str(row["task"]),
+        "site": adapter.head_site,
+        "weights": weights,
+        "mass": attention.mass.numpy(),
+        "average": weights.mean(axis=1),
+        "all_heads_average": weights.mean(axis=(0, 1)),
+        "layers": np.asarray(attention.layers),
+        "heads": np.asarray(attention.heads),
+        "query_positions": np.asarray(attention.query_positions),
+        "grid": np.asarray(attention.grid),
         "query_tokens": np.asarray([inp.tokens[p] for p in attention.query_positions]),
-        "query_labels": np.asarray(query_labels(ids, inp.tokens, attention.query_positions,
-                                                int(row["answer_token_id"]), int(row["distractor_token_id"]))),
+        "query_labels": np.asarray(
+            query_labels(
+                ids, inp.tokens, attention.query_positions, int(row["answer_token_id"]), int(row["distractor_token_id"])
+            )
+        ),
         "head_query_index": attention.query_positions.index(head_position),
-        "image": adapter.model_view(inp), "mask": mask,
+        "image": adapter.model_view(inp),
+        "mask": mask,
     }
 
 
@@ -182,9 +204,14 @@ def write_records(
         record = attention_record(adapter, row, load_image)
         name = re.sub(r"[^A-Za-z0-9._-]+", "_", record["sample_id"]) + ".npz"
         save_record(record, out / name)
-        rows.append({**{key: row[key] for key in ("sample_id", "task", "category", "answer", "distractor")},
-                     "file": name, "has_object_mask": bool(record["mask"].size),
-                     "head_query_index": record["head_query_index"]})
+        rows.append(
+            {
+                **{key: row[key] for key in ("sample_id", "task", "category", "answer", "distractor")},
+                "file": name,
+                "has_object_mask": bool(record["mask"].size),
+                "head_query_index": record["head_query_index"],
+            }
+        )
     index = pd.DataFrame(rows, columns=list(RECORD_INDEX_COLUMNS))
     write_table(index, out / "index.parquet", RECORD_INDEX_COLUMNS)
     return index

@@ -116,8 +116,11 @@ def _filter_candidates(
             f"distractors: task {task!r}: sample group {answer_group!r} of {answer!r} disagrees with "
             f"the configured group {task_groups[answer]!r}"
         )
-    candidates = [v for v in dict.fromkeys(values_by_task[task]) if v != answer and _allowed(
-        task, v, answer_group, task_rule, task_groups)]
+    candidates = [
+        v
+        for v in dict.fromkeys(values_by_task[task])
+        if v != answer and _allowed(task, v, answer_group, task_rule, task_groups)
+    ]
     if not candidates:
         return [], [], f"no candidate value for rule {task_rule} (answer {answer}, group {answer_group})"
     answer_vec, answer_missing = phrase_vector(kv, answer)
@@ -167,8 +170,12 @@ def _with_pool_image(
 def _all_rejected(rejected: list[dict]) -> str:
     """E.g. "all 3 candidates rejected: 2 cosine above threshold, 1 near-synonym"."""
     kinds = [row["reason"].split(" ")[0] for row in rejected]
-    labels = {"cosine": "cosine above threshold", "near-synonym": "near-synonym", "not": "not in vocabulary",
-              "no": "no pool image"}
+    labels = {
+        "cosine": "cosine above threshold",
+        "near-synonym": "near-synonym",
+        "not": "not in vocabulary",
+        "no": "no pool image",
+    }
     counts = ", ".join(f"{kinds.count(kind)} {labels.get(kind, kind)}" for kind in dict.fromkeys(kinds))
     return f"all {len(rejected)} candidates rejected: {counts}"
 

@@ -66,10 +66,12 @@ def build_prompts(
             continue
         answer_id, distractor_id = adapter.option_token_id(row.answer), adapter.option_token_id(row.distractor)
         if answer_id == distractor_id:
-            exclusions.append(_exclusion(
-                row.sample_id,
-                f"answer {row.answer!r} and distractor {row.distractor!r} share the first token id {answer_id}",
-            ))
+            exclusions.append(
+                _exclusion(
+                    row.sample_id,
+                    f"answer {row.answer!r} and distractor {row.distractor!r} share the first token id {answer_id}",
+                )
+            )
             continue
         kept.append({**row._asdict(), "answer_token_id": answer_id, "distractor_token_id": distractor_id})
 
@@ -107,14 +109,21 @@ def evaluate(
         inp = adapter.prepare(load_image(row.image_path), row.prompt)
         clean = scores(adapter.answer_logits(inp), row.answer_token_id, row.distractor_token_id)
         predicted = adapter.generate_answer(inp, max_new_tokens)
-        rows.append({"predicted": predicted, "correct": is_correct(predicted, row.answer),
-                     "ld_clean": clean.ld, "p_clean": clean.p})
+        rows.append(
+            {
+                "predicted": predicted,
+                "correct": is_correct(predicted, row.answer),
+                "ld_clean": clean.ld,
+                "p_clean": clean.p,
+            }
+        )
     answers = pd.concat([prompts_df.reset_index(drop=True), pd.DataFrame(rows, index=range(len(prompts_df)))], axis=1)
     return answers[list(ANSWER_COLUMNS)]
 
 
 def accuracy_table(answers_df: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per task (category == "(all)") and per (task, category): n, n_correct, accuracy."""
+
     def summarise(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         out = df.groupby(keys, sort=True)["correct"].agg(n="size", n_correct="sum").reset_index()
         out["n_correct"] = out["n_correct"].astype(int)

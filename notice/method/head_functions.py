@@ -44,18 +44,49 @@ ANSWER_QUERY, DISTRACTOR_QUERY, LAST_QUERY = "<answer>", "<distractor>", "<last>
 MAD_TO_STD = 1.4826  # MAD of a normal distribution × this = its standard deviation
 
 SAMPLE_SCORE_COLUMNS: tuple[str, ...] = (
-    "layer", "head", "query_index", "image_mass", "object_attention", "object_area", "object_ratio",
-    "outlier_attention", "n_outliers", "rest_entropy",
+    "layer",
+    "head",
+    "query_index",
+    "image_mass",
+    "object_attention",
+    "object_area",
+    "object_ratio",
+    "outlier_attention",
+    "n_outliers",
+    "rest_entropy",
 )
 SCORE_COLUMNS: tuple[str, ...] = (
-    "layer", "head", "label", "query", "is_head_position", "n_samples", "n_masked", "has_object_mask", "image_mass",
-    "object_area", "detection_score", "object_lift", "outlier_attention", "n_outliers", "outlier_lift",
-    "rest_entropy", "entropy_gain", "function",
+    "layer",
+    "head",
+    "label",
+    "query",
+    "is_head_position",
+    "n_samples",
+    "n_masked",
+    "has_object_mask",
+    "image_mass",
+    "object_area",
+    "detection_score",
+    "object_lift",
+    "outlier_attention",
+    "n_outliers",
+    "outlier_lift",
+    "rest_entropy",
+    "entropy_gain",
+    "function",
 )
 
 GROUNDING_COLUMNS: tuple[str, ...] = (
-    "best_label", "best_query", "best_tokens", "best_detection", "best_object_lift", "best_function",
-    "mean_detection", "mean_detection_at_best_query", "best_detection_at_head_position", "n_detection_heads",
+    "best_label",
+    "best_query",
+    "best_tokens",
+    "best_detection",
+    "best_object_lift",
+    "best_function",
+    "mean_detection",
+    "mean_detection_at_best_query",
+    "best_detection_at_head_position",
+    "n_detection_heads",
     "grounds_objects",
 )
 
@@ -142,27 +173,29 @@ def sample_scores(
     """
     n_layers, n_heads, n_queries, _ = weights.shape
     # the average head is one more head: the mean of the layer's maps
-    maps = np.concatenate([weights, weights.mean(axis=1, keepdims=True)], axis=1)          # [L, H+1, Q, P]
-    masses = np.concatenate([mass, mass.mean(axis=1, keepdims=True)], axis=1)              # [L, H+1, Q]
-    outliers = outlier_patches(weights.mean(axis=(1, 2)), config, object_frac)             # [L, P]
+    maps = np.concatenate([weights, weights.mean(axis=1, keepdims=True)], axis=1)  # [L, H+1, Q, P]
+    masses = np.concatenate([mass, mass.mean(axis=1, keepdims=True)], axis=1)  # [L, H+1, Q]
+    outliers = outlier_patches(weights.mean(axis=(1, 2)), config, object_frac)  # [L, P]
     keep = np.broadcast_to(~outliers[:, None, None, :], maps.shape)
     area = float(object_frac.mean()) if object_frac is not None else 0.0
     if area > 0:
         object_attention = maps @ object_frac
     else:  # no mask, or the object is not in the model's view (cropped away)
         area, object_attention = np.nan, np.full(masses.shape, np.nan)
-    table = pd.DataFrame({
-        "layer": np.repeat(np.asarray(layers), (n_heads + 1) * n_queries),
-        "head": np.tile(np.repeat(np.append(np.asarray(heads), AVERAGE_HEAD), n_queries), n_layers),
-        "query_index": np.tile(np.arange(n_queries), n_layers * (n_heads + 1)),
-        "image_mass": masses.ravel(),
-        "object_attention": object_attention.ravel(),
-        "object_area": area,
-        "object_ratio": object_attention.ravel() / area,
-        "outlier_attention": np.where(~keep, maps, 0.0).sum(-1).ravel(),
-        "n_outliers": np.repeat(outliers.sum(-1), (n_heads + 1) * n_queries),
-        "rest_entropy": rest_entropy(maps, keep).ravel(),
-    })
+    table = pd.DataFrame(
+        {
+            "layer": np.repeat(np.asarray(layers), (n_heads + 1) * n_queries),
+            "head": np.tile(np.repeat(np.append(np.asarray(heads), AVERAGE_HEAD), n_queries), n_layers),
+            "query_index": np.tile(np.arange(n_queries), n_layers * (n_heads + 1)),
+            "image_mass": masses.ravel(),
+            "object_attention": object_attention.ravel(),
+            "object_area": area,
+            "object_ratio": object_attention.ravel() / area,
+            "outlier_attention": np.where(~keep, maps, 0.0).sum(-1).ravel(),
+            "n_outliers": np.repeat(outliers.sum(-1), (n_heads + 1) * n_queries),
+            "rest_entropy": rest_entropy(maps, keep).ravel(),
+        }
+    )
     return table, outliers
 
 
@@ -180,8 +213,15 @@ def query_labels(
     labels = []
     for position in positions:
         token_id = token_ids[position]
-        base = (ANSWER_QUERY if token_id == answer_id else DISTRACTOR_QUERY if token_id == distractor_id
-                else LAST_QUERY if position == last else tokens[position])
+        base = (
+            ANSWER_QUERY
+            if token_id == answer_id
+            else DISTRACTOR_QUERY
+            if token_id == distractor_id
+            else LAST_QUERY
+            if position == last
+            else tokens[position]
+        )
         seen[base] = seen.get(base, 0) + 1
         labels.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
     return labels
@@ -190,12 +230,19 @@ def query_labels(
 def classify(scores: pd.DataFrame, config: HeadFunctionConfig) -> pd.Series:
     """The function of each row of aggregated scores (see module doc); NaN scores never qualify."""
     masked = scores["has_object_mask"].astype(bool)
-    detection = masked & (scores["detection_score"] >= config.detection_threshold) & (
-        scores["object_lift"] >= config.lift_threshold)
-    object_suppression = masked & (scores["object_lift"] <= 1 / config.lift_threshold) & (
-        scores["outlier_lift"] >= config.outlier_lift_threshold)
+    detection = (
+        masked
+        & (scores["detection_score"] >= config.detection_threshold)
+        & (scores["object_lift"] >= config.lift_threshold)
+    )
+    object_suppression = (
+        masked
+        & (scores["object_lift"] <= 1 / config.lift_threshold)
+        & (scores["outlier_lift"] >= config.outlier_lift_threshold)
+    )
     outlier_suppression = (scores["outlier_lift"] <= 1 / config.outlier_lift_threshold) & (
-        scores["entropy_gain"] >= config.entropy_margin)
+        scores["entropy_gain"] >= config.entropy_margin
+    )
     function = np.select([detection, object_suppression, outlier_suppression], list(FUNCTIONS[:3]), "none")
     return pd.Series(function, index=scores.index, name="function")
 
@@ -213,19 +260,28 @@ def head_function_scores(
     Columns: group_keys + SCORE_COLUMNS[:5] + tokens + the rest of SCORE_COLUMNS.
     """
     keys = list(group_keys)
-    check_columns(per_sample, keys + list(SAMPLE_SCORE_COLUMNS) + ["query", "sample_id", "token", "is_head_position"],
-                  "per-sample scores")
+    check_columns(
+        per_sample,
+        keys + list(SAMPLE_SCORE_COLUMNS) + ["query", "sample_id", "token", "is_head_position"],
+        "per-sample scores",
+    )
     by = keys + ["layer", "head", "query"]
     grouped = per_sample.groupby(by, sort=True)
     out = grouped.agg(
-        n_samples=("sample_id", "nunique"), n_masked=("object_ratio", "count"), image_mass=("image_mass", "mean"),
-        is_head_position=("is_head_position", "mean"), object_area=("object_area", "mean"), detection_score=("object_ratio", "mean"),
-        outlier_attention=("outlier_attention", "mean"), n_outliers=("n_outliers", "mean"),
+        n_samples=("sample_id", "nunique"),
+        n_masked=("object_ratio", "count"),
+        image_mass=("image_mass", "mean"),
+        is_head_position=("is_head_position", "mean"),
+        object_area=("object_area", "mean"),
+        detection_score=("object_ratio", "mean"),
+        outlier_attention=("outlier_attention", "mean"),
+        n_outliers=("n_outliers", "mean"),
         rest_entropy=("rest_entropy", "mean"),
     ).reset_index()
     out["tokens"] = grouped["token"].agg(token_label).to_numpy()
-    reference = out.loc[out["head"] == AVERAGE_HEAD, keys + ["layer", "query", "detection_score",
-                                                              "outlier_attention", "rest_entropy"]]
+    reference = out.loc[
+        out["head"] == AVERAGE_HEAD, keys + ["layer", "query", "detection_score", "outlier_attention", "rest_entropy"]
+    ]
     ref = out.merge(reference, on=keys + ["layer", "query"], how="left", suffixes=("", "_avg"))
     with np.errstate(divide="ignore", invalid="ignore"):
         out["object_lift"] = (ref["detection_score"] / ref["detection_score_avg"]).to_numpy()
@@ -233,8 +289,10 @@ def head_function_scores(
     out["entropy_gain"] = (ref["rest_entropy"] - ref["rest_entropy_avg"]).to_numpy()
     out["is_head_position"] = out["is_head_position"] > 0.5
     out["has_object_mask"] = out["n_masked"] > 0
-    out["label"] = [head_label(layer, head) if head != AVERAGE_HEAD else f"L{layer}.avg"
-                    for layer, head in zip(out["layer"], out["head"])]
+    out["label"] = [
+        head_label(layer, head) if head != AVERAGE_HEAD else f"L{layer}.avg"
+        for layer, head in zip(out["layer"], out["head"])
+    ]
     out["function"] = classify(out, config)
     columns = keys + list(SCORE_COLUMNS[:5]) + ["tokens"] + list(SCORE_COLUMNS[5:])
     return out[columns]
@@ -256,16 +314,22 @@ def grounding_summary(scores: pd.DataFrame, group_keys: Sequence[str]) -> pd.Dat
     for group, df in heads.groupby(keys, sort=True):
         best = df.loc[df["detection_score"].idxmax()]
         detectors = df.loc[df["function"] == "object_detection", ["layer", "head"]].drop_duplicates()
-        rows.append({
-            **dict(zip(keys, group)),
-            "best_label": best["label"], "best_query": best["query"], "best_tokens": best["tokens"],
-            "best_detection": best["detection_score"], "best_object_lift": best["object_lift"],
-            "best_function": best["function"],
-            "mean_detection": df["detection_score"].mean(),
-            "mean_detection_at_best_query": df.loc[df["query"] == best["query"], "detection_score"].mean(),
-            "best_detection_at_head_position": df.loc[df["is_head_position"], "detection_score"].max(),
-            "n_detection_heads": len(detectors), "grounds_objects": len(detectors) > 0,
-        })
+        rows.append(
+            {
+                **dict(zip(keys, group)),
+                "best_label": best["label"],
+                "best_query": best["query"],
+                "best_tokens": best["tokens"],
+                "best_detection": best["detection_score"],
+                "best_object_lift": best["object_lift"],
+                "best_function": best["function"],
+                "mean_detection": df["detection_score"].mean(),
+                "mean_detection_at_best_query": df.loc[df["query"] == best["query"], "detection_score"].mean(),
+                "best_detection_at_head_position": df.loc[df["is_head_position"], "detection_score"].max(),
+                "n_detection_heads": len(detectors),
+                "grounds_objects": len(detectors) > 0,
+            }
+        )
     return pd.DataFrame(rows, columns=keys + list(GROUNDING_COLUMNS))
 
 
@@ -277,13 +341,22 @@ def record_scores(record: Mapping, config: HeadFunctionConfig, labels: Mapping[s
     """
     mask = np.asarray(record["mask"])
     frac = object_fraction(mask, tuple(int(g) for g in record["grid"])) if mask.size else None
-    table, _ = sample_scores(np.asarray(record["weights"]), np.asarray(record["mass"]),
-                             list(record["layers"]), list(record["heads"]), config, frac)
+    table, _ = sample_scores(
+        np.asarray(record["weights"]),
+        np.asarray(record["mass"]),
+        list(record["layers"]),
+        list(record["heads"]),
+        config,
+        frac,
+    )
     query = table["query_index"].to_numpy()
     return table.assign(
-        sample_id=str(record["sample_id"]), task=str(record["task"]),
-        query=np.asarray(record["query_labels"])[query], token=np.asarray(record["query_tokens"])[query],
-        is_head_position=query == int(record["head_query_index"]), **labels,
+        sample_id=str(record["sample_id"]),
+        task=str(record["task"]),
+        query=np.asarray(record["query_labels"])[query],
+        token=np.asarray(record["query_tokens"])[query],
+        is_head_position=query == int(record["head_query_index"]),
+        **labels,
     )
 
 
@@ -294,8 +367,11 @@ def scores_from_records(
 
     No records (a model that answered no sample correctly has none) give an empty table with the columns.
     """
-    per_sample = [record_scores(record, config, dict(zip(group_keys, group)))
-                  for group, records in records_by_group.items() for record in records]
+    per_sample = [
+        record_scores(record, config, dict(zip(group_keys, group)))
+        for group, records in records_by_group.items()
+        for record in records
+    ]
     if not per_sample:
         return pd.DataFrame(columns=list(group_keys) + list(SCORE_COLUMNS[:5]) + ["tokens"] + list(SCORE_COLUMNS[5:]))
     return head_function_scores(pd.concat(per_sample, ignore_index=True), group_keys, config)
@@ -313,9 +389,25 @@ def universal_head_functions(scores: pd.DataFrame, universal: pd.DataFrame) -> p
     heads = universal[["model", "site", "layer", "head", "kind"]].drop_duplicates()
     at_head = scores[scores["is_head_position"] & (scores["head"] != AVERAGE_HEAD)]
     merged = heads.merge(at_head, on=["model", "site", "layer", "head"], how="inner")
-    columns = ["model", "site", "dataset", "layer", "head", "label", "kind", "function", "query", "tokens",
-               "n_samples", "has_object_mask", "detection_score", "object_lift", "outlier_attention",
-               "outlier_lift", "entropy_gain"]
+    columns = [
+        "model",
+        "site",
+        "dataset",
+        "layer",
+        "head",
+        "label",
+        "kind",
+        "function",
+        "query",
+        "tokens",
+        "n_samples",
+        "has_object_mask",
+        "detection_score",
+        "object_lift",
+        "outlier_attention",
+        "outlier_lift",
+        "entropy_gain",
+    ]
     return merged[columns].sort_values(["model", "site", "dataset", "layer", "head"]).reset_index(drop=True)
 
 
@@ -330,6 +422,8 @@ def function_table(functions: pd.DataFrame) -> pd.DataFrame:
     for (model, site), df in functions.groupby(["model", "site"], sort=True):
         datasets = sorted(df["dataset"].unique())
         for function in FUNCTIONS:
-            cells = {d: ", ".join(df.loc[(df["dataset"] == d) & (df["function"] == function), "label"]) for d in datasets}
+            cells = {
+                d: ", ".join(df.loc[(df["dataset"] == d) & (df["function"] == function), "label"]) for d in datasets
+            }
             rows.append({"model": model, "site": site, "function": function, **cells})
     return pd.DataFrame(rows)

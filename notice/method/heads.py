@@ -45,10 +45,7 @@ def _per_sample(results_df: pd.DataFrame, keys: Sequence[str], sites: Sequence[s
     check_columns(results_df, list(keys) + ["sample_id", "site", metric], "results table")
     rows = results_df[results_df["site"].isin(sites)]
     return (
-        rows.groupby(list(keys) + ["sample_id"], sort=True, observed=True)[metric]
-        .mean()
-        .rename("value")
-        .reset_index()
+        rows.groupby(list(keys) + ["sample_id"], sort=True, observed=True)[metric].mean().rename("value").reset_index()
     )
 
 
@@ -224,9 +221,7 @@ def universal_heads_table(
     frequent = bootstrap_df.loc[bootstrap_df["frac_universal"] >= min_frac_universal, keys].drop_duplicates()
     heads = frequent.merge(universal_df[keys + ["kind"]], on=keys, how="outer")
     heads["kind"] = heads["kind"].fillna("none")
-    merged = heads.merge(significant_df, on=keys, how="left").merge(
-        bootstrap_df, on=list(HEAD_KEYS), how="left"
-    )
+    merged = heads.merge(significant_df, on=keys, how="left").merge(bootstrap_df, on=list(HEAD_KEYS), how="left")
     own = np.full(len(merged), np.nan)
     for kind in KINDS:
         mask = (merged["kind"] == kind).to_numpy()
@@ -236,8 +231,22 @@ def universal_heads_table(
     rank = {kind: i for i, kind in enumerate(KINDS + ("none",))}
     order = ["model", "site", "kind", "layer", "head", "task", "corruption", "modality"]
     merged = merged.sort_values(order, key=lambda s: s.map(rank) if s.name == "kind" else s).reset_index(drop=True)
-    columns = keys[:4] + ["label", "kind", "task", "corruption", "modality", "metric", "mean", "std", "n", "threshold",
-                          "significant", "frac_significant", "ci_low", "ci_high"]
+    columns = keys[:4] + [
+        "label",
+        "kind",
+        "task",
+        "corruption",
+        "modality",
+        "metric",
+        "mean",
+        "std",
+        "n",
+        "threshold",
+        "significant",
+        "frac_significant",
+        "ci_low",
+        "ci_high",
+    ]
     columns += [f"frac_universal_{kind}" for kind in KINDS] + ["frac_universal", "frac_universal_kind", "n_draws"]
     return merged[columns]
 
@@ -278,7 +287,10 @@ def module_effects(results_df: pd.DataFrame, metric: str = "logit_diff") -> pd.D
 
 
 KIND_MODALITIES: dict[str, tuple[str, ...]] = {
-    "vision": ("image",), "text": ("text",), "multimodal": ("image", "text"), "none": ("image", "text"),
+    "vision": ("image",),
+    "text": ("text",),
+    "multimodal": ("image", "text"),
+    "none": ("image", "text"),
 }
 
 
@@ -292,30 +304,79 @@ def universal_heads_summary(universal_table: pd.DataFrame, corruptions: Collecti
     "task/corruption: mean [low, high], significant in x%" per condition. frac_universal is the
     fraction of resamples in which the head is universal of its own kind (any kind for "none").
     """
-    check_columns(universal_table, ["model", "site", "layer", "head", "label", "kind", "task", "corruption",
-                                    "modality", "mean", "frac_significant", "ci_low", "ci_high",
-                                    "frac_universal", "frac_universal_kind", "n_draws"], "universal heads table")
+    check_columns(
+        universal_table,
+        [
+            "model",
+            "site",
+            "layer",
+            "head",
+            "label",
+            "kind",
+            "task",
+            "corruption",
+            "modality",
+            "mean",
+            "frac_significant",
+            "ci_low",
+            "ci_high",
+            "frac_universal",
+            "frac_universal_kind",
+            "n_draws",
+        ],
+        "universal heads table",
+    )
     rows = []
     for (model, site, layer, head), df in universal_table.groupby(list(UNIVERSAL_KEYS), sort=True):
         kind = df["kind"].iloc[0]
-        own = _only(df[df["modality"].isin(KIND_MODALITIES[kind])], corruptions).sort_values(["modality", "task", "corruption"])
+        own = _only(df[df["modality"].isin(KIND_MODALITIES[kind])], corruptions).sort_values(
+            ["modality", "task", "corruption"]
+        )
         frac = df["frac_universal_kind"].iloc[0]
-        rows.append({
-            "model": model, "site": site, "layer": layer, "head": head, "label": head_label(layer, head), "kind": kind,
-            "frac_universal": df["frac_universal"].iloc[0] if pd.isna(frac) else frac,
-            "frac_significant_min": own["frac_significant"].min(), "mean_effect": own["mean"].mean(),
-            "ci_low_min": own["ci_low"].min(), "ci_high_max": own["ci_high"].max(),
-            "n_conditions": len(own), "n_draws": int(df["n_draws"].iloc[0]),
-            "conditions": "; ".join(
-                f"{r.task}/{r.corruption}: {r.mean:.3g} [{r.ci_low:.3g}, {r.ci_high:.3g}], significant in {r.frac_significant:.0%}"
-                for r in own.itertuples()),
-        })
+        rows.append(
+            {
+                "model": model,
+                "site": site,
+                "layer": layer,
+                "head": head,
+                "label": head_label(layer, head),
+                "kind": kind,
+                "frac_universal": df["frac_universal"].iloc[0] if pd.isna(frac) else frac,
+                "frac_significant_min": own["frac_significant"].min(),
+                "mean_effect": own["mean"].mean(),
+                "ci_low_min": own["ci_low"].min(),
+                "ci_high_max": own["ci_high"].max(),
+                "n_conditions": len(own),
+                "n_draws": int(df["n_draws"].iloc[0]),
+                "conditions": "; ".join(
+                    f"{r.task}/{r.corruption}: {r.mean:.3g} [{r.ci_low:.3g}, {r.ci_high:.3g}], significant in {r.frac_significant:.0%}"
+                    for r in own.itertuples()
+                ),
+            }
+        )
     rank = {kind: i for i, kind in enumerate(KINDS + ("none",))}
-    out = pd.DataFrame(rows, columns=["model", "site", "layer", "head", "label", "kind", "frac_universal",
-                                      "frac_significant_min", "mean_effect", "ci_low_min", "ci_high_max",
-                                      "n_conditions", "n_draws", "conditions"])
-    return out.sort_values(["model", "site", "kind", "layer", "head"],
-                           key=lambda s: s.map(rank) if s.name == "kind" else s).reset_index(drop=True)
+    out = pd.DataFrame(
+        rows,
+        columns=[
+            "model",
+            "site",
+            "layer",
+            "head",
+            "label",
+            "kind",
+            "frac_universal",
+            "frac_significant_min",
+            "mean_effect",
+            "ci_low_min",
+            "ci_high_max",
+            "n_conditions",
+            "n_draws",
+            "conditions",
+        ],
+    )
+    return out.sort_values(
+        ["model", "site", "kind", "layer", "head"], key=lambda s: s.map(rank) if s.name == "kind" else s
+    ).reset_index(drop=True)
 
 
 def universal_heads_by_kind(summary: pd.DataFrame) -> pd.DataFrame:
@@ -323,6 +384,11 @@ def universal_heads_by_kind(summary: pd.DataFrame) -> pd.DataFrame:
     check_columns(summary, ["model", "site", "label", "kind"], "universal heads summary")
     rows = []
     for (model, site), df in summary.groupby(["model", "site"], sort=True):
-        rows.append({"model": model, "site": site,
-                     **{f"{kind} heads": ", ".join(df.loc[df["kind"] == kind, "label"]) for kind in KINDS}})
+        rows.append(
+            {
+                "model": model,
+                "site": site,
+                **{f"{kind} heads": ", ".join(df.loc[df["kind"] == kind, "label"]) for kind in KINDS},
+            }
+        )
     return pd.DataFrame(rows, columns=["model", "site"] + [f"{kind} heads" for kind in KINDS])

@@ -17,7 +17,7 @@ import torch
 from notice.workflow.tables import RESULT_COLUMNS
 
 # The per-patch part of a result row (RESULT_COLUMNS minus the model/sample identification).
-ROW_COLUMNS: tuple[str, ...] = RESULT_COLUMNS[RESULT_COLUMNS.index("site"):]
+ROW_COLUMNS: tuple[str, ...] = RESULT_COLUMNS[RESULT_COLUMNS.index("site") :]
 
 
 def logit_diff(logits: torch.Tensor, tau: int, tau_p: int) -> torch.Tensor:
@@ -59,14 +59,28 @@ def scores(logits: torch.Tensor, tau: int, tau_p: int) -> Scores:
 
 
 def result_row(
-    site: str, layer: int, head: int, position: int, token: str,
-    clean: Scores, corrupt: Scores, patched: Scores,
+    site: str,
+    layer: int,
+    head: int,
+    position: int,
+    token: str,
+    clean: Scores,
+    corrupt: Scores,
+    patched: Scores,
 ) -> dict:
     """One row with the ROW_COLUMNS of the results table."""
     return {
-        "site": site, "layer": layer, "head": head, "position": position, "token": token,
-        "ld_clean": clean.ld, "ld_corrupt": corrupt.ld, "ld_patched": patched.ld,
-        "p_clean": clean.p, "p_corrupt": corrupt.p, "p_patched": patched.p,
+        "site": site,
+        "layer": layer,
+        "head": head,
+        "position": position,
+        "token": token,
+        "ld_clean": clean.ld,
+        "ld_corrupt": corrupt.ld,
+        "ld_patched": patched.ld,
+        "p_clean": clean.p,
+        "p_corrupt": corrupt.p,
+        "p_patched": patched.p,
         "logit_diff": patched.ld - corrupt.ld,
         "prob_restoration": patched.p - corrupt.p,
     }

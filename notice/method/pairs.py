@@ -37,7 +37,10 @@ FormatQuestion = Callable[[str, str, str], str]
 FormatPrompt = Callable[[str], str]
 
 PAIR_DTYPES = {
-    "correct_first": "bool", "answer_token_id": "int64", "distractor_token_id": "int64", "noise_seed": "int64",
+    "correct_first": "bool",
+    "answer_token_id": "int64",
+    "distractor_token_id": "int64",
+    "noise_seed": "int64",
 }
 GAUSSIAN_CORRUPTIONS = {"multiplicative": "gn_mult", "additive": "gn_add"}
 NO_NOISE = -1
@@ -56,7 +59,8 @@ def sip_pairs(
     pool_key_of = {
         sid: (dataset, task, pool_key)
         for sid, dataset, task, pool_key in samples_df[["sample_id", "dataset", "task", "pool_key"]].itertuples(
-            index=False, name=None)
+            index=False, name=None
+        )
     }
     duplicated = pool_df.duplicated(["dataset", "task", "pool_key", "value"], keep=False)
     if duplicated.any():
@@ -109,8 +113,9 @@ def str_pairs(
     pairs, exclusions = [], []
     for prompt in prompts_df.itertuples(index=False):
         slots = _Slots.of(prompt, format_question, format_prompt)
-        clean = _Tokenized.of(slots, slots.first_second(prompt.answer, prompt.distractor, prompt.correct_first),
-                              tokens, empty)
+        clean = _Tokenized.of(
+            slots, slots.first_second(prompt.answer, prompt.distractor, prompt.correct_first), tokens, empty
+        )
         if clean is None:
             reason = "options do not start and end on token boundaries of the clean prompt"
         else:
@@ -136,8 +141,15 @@ def gaussian_pairs(
     if n_draws < 1:
         raise ValueError(f"gaussian_pairs: n_draws must be >= 1, got {n_draws}")
     pairs = [
-        _pair(prompt, GAUSSIAN_CORRUPTIONS[kind], "image", prompt.image_path, prompt.mask_path, prompt.prompt,
-              stable_seed(seed, prompt.sample_id, draw))
+        _pair(
+            prompt,
+            GAUSSIAN_CORRUPTIONS[kind],
+            "image",
+            prompt.image_path,
+            prompt.mask_path,
+            prompt.prompt,
+            stable_seed(seed, prompt.sample_id, draw),
+        )
         for prompt in prompts_df.itertuples(index=False)
         for draw in range(n_draws)
     ]
@@ -163,8 +175,11 @@ class _Slots:
                 f"{prompt.prompt!r}"
             )
         template = format_prompt(format_question(prompt.sample_id, _SLOT_A, _SLOT_B))
-        if template.count(_SLOT_A) != 1 or template.count(_SLOT_B) != 1 or template.index(_SLOT_A) > template.index(
-                _SLOT_B):
+        if (
+            template.count(_SLOT_A) != 1
+            or template.count(_SLOT_B) != 1
+            or template.index(_SLOT_A) > template.index(_SLOT_B)
+        ):
             raise ValueError(
                 f"str_pairs: sample {prompt.sample_id!r}: the options must appear once each, in order: {template!r}"
             )
@@ -200,8 +215,9 @@ class _Tokenized:
     options: tuple[range, range]
 
     @classmethod
-    def of(cls, slots: _Slots, options: tuple[str, str], tokens: Callable[[str], tuple[int, ...]],
-           empty: tuple[int, ...]) -> _Tokenized | None:
+    def of(
+        cls, slots: _Slots, options: tuple[str, str], tokens: Callable[[str], tuple[int, ...]], empty: tuple[int, ...]
+    ) -> _Tokenized | None:
         """None when an option does not start and end on a token boundary (a merge across its edge).
 
         Tokenizing the text up to a boundary must give a prefix of the full tokenization (apart from
@@ -211,7 +227,7 @@ class _Tokenized:
         ids = tokens(text)
         lead = _common_prefix(empty, ids)
         trail = len(empty) - lead
-        if ids[len(ids) - trail:] != empty[lead:]:
+        if ids[len(ids) - trail :] != empty[lead:]:
             return None
         positions = []
         for boundary in slots.boundaries(*options):
@@ -269,16 +285,27 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _pair(prompt, corruption: str, modality: str, corrupt_image: str, corrupt_mask: str, corrupt_prompt: str,
-          noise_seed: int) -> dict:
+def _pair(
+    prompt, corruption: str, modality: str, corrupt_image: str, corrupt_mask: str, corrupt_prompt: str, noise_seed: int
+) -> dict:
     return {
-        "sample_id": prompt.sample_id, "task": prompt.task, "category": prompt.category,
-        "corruption": corruption, "modality": modality, "correct_first": bool(prompt.correct_first),
-        "answer": prompt.answer, "distractor": prompt.distractor,
-        "answer_token_id": prompt.answer_token_id, "distractor_token_id": prompt.distractor_token_id,
-        "clean_image_path": prompt.image_path, "corrupt_image_path": corrupt_image,
-        "clean_mask_path": prompt.mask_path, "corrupt_mask_path": corrupt_mask,
-        "clean_prompt": prompt.prompt, "corrupt_prompt": corrupt_prompt, "noise_seed": noise_seed,
+        "sample_id": prompt.sample_id,
+        "task": prompt.task,
+        "category": prompt.category,
+        "corruption": corruption,
+        "modality": modality,
+        "correct_first": bool(prompt.correct_first),
+        "answer": prompt.answer,
+        "distractor": prompt.distractor,
+        "answer_token_id": prompt.answer_token_id,
+        "distractor_token_id": prompt.distractor_token_id,
+        "clean_image_path": prompt.image_path,
+        "corrupt_image_path": corrupt_image,
+        "clean_mask_path": prompt.mask_path,
+        "corrupt_mask_path": corrupt_mask,
+        "clean_prompt": prompt.prompt,
+        "corrupt_prompt": corrupt_prompt,
+        "noise_seed": noise_seed,
     }
 
 

@@ -62,9 +62,7 @@ def _load_file(path: str, mtime_ns: int) -> KeyedVectors:
     try:
         if fmt == "kv":
             return KeyedVectors.load(path)
-        return KeyedVectors.load_word2vec_format(
-            path, binary=fmt == "word2vec-binary", no_header=fmt == "glove-text"
-        )
+        return KeyedVectors.load_word2vec_format(path, binary=fmt == "word2vec-binary", no_header=fmt == "glove-text")
     except Exception as err:  # gensim raises many types (ValueError, EOFError, UnicodeError, ...)
         raise VectorsError(f"{path}: cannot parse as {fmt} word vectors: {err}") from err
 

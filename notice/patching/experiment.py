@@ -55,7 +55,8 @@ def select_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int, s
     keep_modules = settings.get("module_sites", True)
     keep_heads = settings.get("head_sites", True)
     return [
-        patch for patch in default_patches(adapter, inp, answer_token_id)
+        patch
+        for patch in default_patches(adapter, inp, answer_token_id)
         if (keep_heads if patch.site == adapter.head_site else keep_modules)
     ]
 
@@ -88,13 +89,21 @@ def patch_pairs(
         corrupt_inp = adapter.prepare(load_image(pair.corrupt_image_path), pair.corrupt_prompt)
         patches = select_patches(adapter, clean_inp, int(pair.answer_token_id), patching_settings)
         rows = run(
-            adapter, clean_inp, corrupt_inp, patches, int(pair.answer_token_id), int(pair.distractor_token_id),
+            adapter,
+            clean_inp,
+            corrupt_inp,
+            patches,
+            int(pair.answer_token_id),
+            int(pair.distractor_token_id),
             corrupt_image_fn=corrupt_image_fn(pair.corruption, corruption_settings, int(pair.noise_seed)),
             clean=clean_runs[str(pair.sample_id)],
         )
         frame = pd.DataFrame(rows)
         for column, value in {
-            **labels, "task": pair.task, "corruption": pair.corruption, "modality": pair.modality,
+            **labels,
+            "task": pair.task,
+            "corruption": pair.corruption,
+            "modality": pair.modality,
             "sample_id": pair.sample_id,
         }.items():
             frame[column] = value

@@ -111,10 +111,18 @@ def patch_sample(
     clean_scores, corrupt = scores(engine.clean_logits, tau, tau_p), scores(engine.corrupt_logits, tau, tau_p)
 
     patched: list[Scores] = [corrupt] * len(patches)
-    todo = sorted((i for i, p in enumerate(patches) if not engine.is_noop(p)), key=lambda i: engine.order_key(patches[i]))
+    todo = sorted(
+        (i for i, p in enumerate(patches) if not engine.is_noop(p)), key=lambda i: engine.order_key(patches[i])
+    )
     budget = memory_budget or default_memory_budget(adapter.device)
-    with tqdm(total=len(patches), desc=f"fast patching ({adapter.family})", unit="run", file=sys.stderr,
-              disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:
+    with tqdm(
+        total=len(patches),
+        desc=f"fast patching ({adapter.family})",
+        unit="run",
+        file=sys.stderr,
+        disable=not progress,
+        mininterval=1.0 if sys.stderr.isatty() else 30.0,
+    ) as bar:
         bar.update(len(patches) - len(todo))
         for chunk in chunks(engine, patches, todo, batch_size, budget):
             logits = engine.run_rows([patches[i] for i in chunk])

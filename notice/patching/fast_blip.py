@@ -87,7 +87,9 @@ class BlipFast(FastFamily):
         kv = []
         for block in self.layers:
             attn = block.crossattention.self
-            kv.append((attn.key(image[0]).view(shape).transpose(0, 1), attn.value(image[0]).view(shape).transpose(0, 1)))
+            kv.append(
+                (attn.key(image[0]).view(shape).transpose(0, 1), attn.value(image[0]).view(shape).transpose(0, 1))
+            )
         return kv
 
     def capture(self, run: Run, inp: ModelInput, image: torch.Tensor) -> torch.Tensor:
@@ -171,7 +173,9 @@ class BlipFast(FastFamily):
         pos = torch.tensor([p.position for p in patches], device=self.adapter.device)
         stage = self.stage_of(patches)
         v = self.patched_inputs(layer, patches)
-        own_a1 = block.attention.output.LayerNorm(block.attention.output.dense(v["self_attn"]) + corrupt["h_in"][layer][pos])
+        own_a1 = block.attention.output.LayerNorm(
+            block.attention.output.dense(v["self_attn"]) + corrupt["h_in"][layer][pos]
+        )
         a1 = torch.where(stage == 0, own_a1, corrupt["a1"][layer][pos])
         ctx2 = torch.where(stage == 0, self._cross_attention(layer, a1[:, None])[:, 0], v["cross_attn"])
         own_a2 = block.crossattention.output.LayerNorm(block.crossattention.output.dense(ctx2) + a1)
@@ -197,8 +201,9 @@ class BlipFast(FastFamily):
         bos = torch.full((1, 1), self.adapter.model.config.text_config.bos_token_id, device=encoded.device)
         h = decoder.bert.embeddings(input_ids=bos)  # [1, 1, D] until the first cross-attention
         # The question's mask, the same for every row (broadcast over them).
-        mask = create_bidirectional_mask(config=decoder.config, inputs_embeds=h, attention_mask=self.question_mask,
-                                         encoder_hidden_states=encoded[:1])
+        mask = create_bidirectional_mask(
+            config=decoder.config, inputs_embeds=h, attention_mask=self.question_mask, encoder_hidden_states=encoded[:1]
+        )
         for block in decoder.bert.encoder.layer:
             own = _one_row_products(block.attention.output.dense, _one_row_products(block.attention.self.value, h))
             a1 = block.attention.output.LayerNorm(own + h)

@@ -75,7 +75,7 @@ def shared_prefix_attention(
     B, H, S, d = query.shape
     n_kv = key.shape[1]
     n_rep = H // n_kv
-    scale = scaling if scaling is not None else d ** -0.5
+    scale = scaling if scaling is not None else d**-0.5
     grouped = query.reshape(B, n_kv, n_rep * S, d)
     blocked = torch.ones(S, S, dtype=torch.bool, device=query.device).triu(1).repeat(n_rep, 1)
     scores = (torch.matmul(grouped, key.transpose(-1, -2)) * scale).masked_fill(blocked, torch.finfo(query.dtype).min)
@@ -144,6 +144,7 @@ class DecoderFast(FastFamily):
             def record_site(x: torch.Tensor) -> torch.Tensor:
                 record[site][layer] = x[0].detach()
                 return x
+
             return record_site
 
         def layer_input(layer: int):
@@ -151,6 +152,7 @@ class DecoderFast(FastFamily):
                 resid[layer] = (args[0] if args else kwargs["hidden_states"])[0].detach()
                 if layer == 0:
                     position_embeddings.append(kwargs["position_embeddings"])
+
             return hook
 
         cache = DynamicCache(config=self.adapter.model.config)
@@ -222,7 +224,9 @@ class DecoderFast(FastFamily):
                     h = new if h is None else torch.cat([h, new])
                     order += entering
                 with self._patched(layer, [patches[i] for i in entering], first_row, start):
-                    h = _main(self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin, shared_prefix=prefix))
+                    h = _main(
+                        self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin, shared_prefix=prefix)
+                    )
                 # Positions the patch cannot have changed keep the corrupt run's values bit-identical,
                 # whatever the batch: before a row's patched position (causality) and, in the layer it
                 # enters at, every position but the patched one.

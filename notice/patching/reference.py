@@ -35,13 +35,17 @@ def activation_key(site: str, layer: int) -> SiteKey:
 
 
 @contextmanager
-def hooked(module: torch.nn.Module, kind: Literal["input", "output"], fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+def hooked(
+    module: torch.nn.Module, kind: Literal["input", "output"], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
     """While active, replace the module's first positional input (or its main output) by fn(it)."""
     if kind == "input":
+
         def pre_hook(_module, args):
             if not args:
                 raise RuntimeError(f"{type(module).__name__} was called without a positional input to patch")
             return (fn(args[0]),) + tuple(args[1:])
+
         handle = module.register_forward_pre_hook(pre_hook)
     else:
         handle = module.register_forward_hook(lambda _m, _a, output: VLMAdapter.replace_output_tensor(output, fn))
@@ -71,6 +75,7 @@ def capture(
         def record(x: torch.Tensor) -> torch.Tensor:
             acts[key] = x[0].detach().clone()
             return x
+
         return record
 
     with ExitStack() as stack:
@@ -102,7 +107,9 @@ def check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
         raise ValueError(f"{patch}: layer must be in [0, {adapter.n_layers})")
 
 
-def check_patches(adapter: VLMAdapter, clean_inp: ModelInput, corrupt_inp: ModelInput, patches: Sequence[Patch]) -> None:
+def check_patches(
+    adapter: VLMAdapter, clean_inp: ModelInput, corrupt_inp: ModelInput, patches: Sequence[Patch]
+) -> None:
     """Raise ValueError unless the prompts line up position by position and every patch exists."""
     if clean_inp.input_ids.shape != corrupt_inp.input_ids.shape:
         raise ValueError(
@@ -121,6 +128,7 @@ def _overwrite(patch: Patch, clean: torch.Tensor, head_dim: int) -> Callable[[to
         x = x.clone()  # never modify a tensor the model may still read elsewhere
         x[0, patch.position, dims] = clean[patch.position, dims].to(x.dtype)
         return x
+
     return overwrite
 
 
@@ -173,7 +181,13 @@ def patch_sample(
     clean, corrupt = scores(clean_logits, tau, tau_p), scores(corrupt_logits, tau, tau_p)
     return [
         result_row(
-            p.site, p.layer, p.head, p.position, clean_inp.tokens[p.position], clean, corrupt,
+            p.site,
+            p.layer,
+            p.head,
+            p.position,
+            clean_inp.tokens[p.position],
+            clean,
+            corrupt,
             scores(run_patched(adapter, corrupt_inp, p, clean_acts, corrupt_image_fn), tau, tau_p),
         )
         for p in patches
@@ -192,11 +206,14 @@ def default_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int) 
     head_pos = adapter.head_position(inp, answer_token_id)
     module_wise = [
         Patch(site, layer, position)
-        for site in adapter.module_sites for layer in range(adapter.n_layers) for position in positions
+        for site in adapter.module_sites
+        for layer in range(adapter.n_layers)
+        for position in positions
     ]
     head_wise = [
         Patch(adapter.head_site, layer, head_pos, head)
-        for layer in range(adapter.n_layers) for head in range(adapter.n_heads)
+        for layer in range(adapter.n_layers)
+        for head in range(adapter.n_heads)
     ]
     return module_wise + head_wise
 
@@ -208,14 +225,18 @@ def _seeded_normal(shape: torch.Size, seed: int) -> torch.Tensor:
 
 def multiplicative_noise(nu: float, seed: int) -> ImageFn:
     """Palit et al.: embeddings × ε, ε ~ N(1, ν²) elementwise (ν is the standard deviation; they use 5)."""
+
     def apply(x: torch.Tensor) -> torch.Tensor:
         return x * (1 + nu * _seeded_normal(x.shape, seed)).to(x.device, x.dtype)
+
     return apply
 
 
 def additive_noise(scale: float, seed: int, sigma: float | None = None) -> ImageFn:
     """ROME-style: embeddings + N(0, (scale·σ)²), σ given or else the std of the embeddings themselves."""
+
     def apply(x: torch.Tensor) -> torch.Tensor:
         std = float(x.float().std()) if sigma is None else sigma
         return x + (scale * std * _seeded_normal(x.shape, seed)).to(x.device, x.dtype)
+
     return apply

@@ -64,14 +64,18 @@ def save_chart(chart: alt.TopLevelMixin, stem: str | Path) -> list[Path]:
     # the default transformer inlines the data, as `chart.save` does
     with alt.data_transformers.enable("default"), alt.data_transformers.disable_max_rows():
         spec = chart.to_dict(context={"pre_transform": False})
-    versions = {"vega_version": alt.VEGA_VERSION, "vegalite_version": alt.VEGALITE_VERSION,
-                "vegaembed_version": alt.VEGAEMBED_VERSION}
+    versions = {
+        "vega_version": alt.VEGA_VERSION,
+        "vegalite_version": alt.VEGALITE_VERSION,
+        "vegaembed_version": alt.VEGAEMBED_VERSION,
+    }
     svg_text = spec_to_mimebundle(spec, "svg", mode="vega-lite", **versions)["image/svg+xml"]
     svg.write_text(svg_text, encoding="utf-8")
     png.write_bytes(vl_convert.svg_to_png(svg_text, scale=PNG_SCALE, ppi=72))
     # no action menu: its "open in editor" link is the one thing in the page that leaves the machine
-    page = spec_to_mimebundle(spec, "html", mode="vega-lite", embed_options={"actions": False}, template="inline",
-                              **versions)["text/html"]
+    page = spec_to_mimebundle(
+        spec, "html", mode="vega-lite", embed_options={"actions": False}, template="inline", **versions
+    )["text/html"]
     html.write_text(page, encoding="utf-8")
     return paths
 
@@ -132,11 +136,13 @@ def _module_panels(df: pd.DataFrame, colour: alt.Color) -> alt.FacetChart:
         .mark_rect()
         .encode(
             x=alt.X("layer:O", title="Layer patched", axis=alt.Axis(labelAngle=0)),
-            y=alt.Y("position_label:N", title="Token position patched",
-                    sort=alt.EncodingSortField(field="position", op="min")),
+            y=alt.Y(
+                "position_label:N",
+                title="Token position patched",
+                sort=alt.EncodingSortField(field="position", op="min"),
+            ),
             color=colour,
-            tooltip=["site_title:N", "layer:O", "position:O", "token:N",
-                     alt.Tooltip("mean:Q", format=".4f"), "n:Q"],
+            tooltip=["site_title:N", "layer:O", "position:O", "token:N", alt.Tooltip("mean:Q", format=".4f"), "n:Q"],
         )
         .properties(width=max(120, cell * n_layers), height=cell * n_positions)
         .facet(column=alt.Column("site_title:N", title=None, sort=_site_order(df["site"])))
@@ -148,8 +154,11 @@ def module_heatmaps(module_effects_df: pd.DataFrame, out_dir: str | Path) -> lis
 
     Files: module_<model>_<task>_<corruption>_<modality>.{png,svg,html}.
     """
-    check_columns(module_effects_df, ["model", "task", "corruption", "modality", "site", "layer",
-                                      "position", "token", "mean", "n"], "module effects")
+    check_columns(
+        module_effects_df,
+        ["model", "task", "corruption", "modality", "site", "layer", "position", "token", "mean", "n"],
+        "module effects",
+    )
     paths: list[Path] = []
     for (model, task, corruption, modality), df in module_effects_df.groupby(
         ["model", "task", "corruption", "modality"], sort=True
@@ -171,16 +180,18 @@ def _condition(df: pd.DataFrame) -> pd.Series:
     return df["modality"] + " corrupted (" + df["corruption"] + ")"
 
 
-def head_heatmaps(effects_df: pd.DataFrame, universal_df: pd.DataFrame, out_dir: str | Path,
-                  k: float = 2.0) -> list[Path]:
+def head_heatmaps(
+    effects_df: pd.DataFrame, universal_df: pd.DataFrame, out_dir: str | Path, k: float = 2.0
+) -> list[Path]:
     """Paper Fig. 5: layer × head heatmaps of the mean head effect, per task × corruption.
 
     Universal heads carry a letter (V vision, T text, M multimodal) in every panel; when
     `effects_df` has a `significant` column (from `significant_heads`), the heads significant in a
     panel are outlined. Files: heads_<model>_<site>.{png,svg,html}.
     """
-    check_columns(effects_df, ["model", "task", "corruption", "modality", "site", "layer", "head", "mean"],
-                  "head effects")
+    check_columns(
+        effects_df, ["model", "task", "corruption", "modality", "site", "layer", "head", "mean"], "head effects"
+    )
     paths: list[Path] = []
     for (model, site), df in effects_df.groupby(["model", "site"], sort=True):
         df = df.copy()
@@ -195,29 +206,39 @@ def head_heatmaps(effects_df: pd.DataFrame, universal_df: pd.DataFrame, out_dir:
         df["dark"] = df["mean"].abs() > 0.5 * _bound(df["mean"])
         df = df[["task", "condition", "layer", "head", "label", "mean", "kind", "mark", "outlined", "dark"]]
         cell = _cell(max(df["layer"].nunique(), df["head"].nunique()), span=300)
-        base = alt.Chart().encode(
-            x=alt.X("head:O", title="Head", axis=alt.Axis(labelAngle=0, labelOverlap="parity")),
-            y=alt.Y("layer:O", title="Layer", axis=alt.Axis(labelOverlap="parity")),
-        ).properties(width=cell * df["head"].nunique(), height=cell * df["layer"].nunique())
+        base = (
+            alt.Chart()
+            .encode(
+                x=alt.X("head:O", title="Head", axis=alt.Axis(labelAngle=0, labelOverlap="parity")),
+                y=alt.Y("layer:O", title="Layer", axis=alt.Axis(labelOverlap="parity")),
+            )
+            .properties(width=cell * df["head"].nunique(), height=cell * df["layer"].nunique())
+        )
         heat = base.mark_rect().encode(
             color=colour,
             tooltip=["label:N", "task:N", "condition:N", alt.Tooltip("mean:Q", format=".4f"), "kind:N"],
         )
         outline = base.mark_rect(filled=False, stroke="black", strokeWidth=1.5).transform_filter("datum.outlined")
-        letters = base.mark_text(fontWeight="bold", fontSize=max(8, cell - 6)).encode(
-            text="mark:N", color=alt.condition("datum.dark", alt.value("white"), alt.value("black"))
-        ).transform_filter("datum.mark != ''")
-        chart = alt.layer(heat, outline, letters, data=df).facet(
-            row=alt.Row("condition:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left")),
-            column=alt.Column("task:N", title="Task"),
-        ).properties(
-            title=alt.TitleParams(
-                f"{model}: patching single {SITE_TITLES.get(site, site)} (mean over samples)",
-                subtitle=[
-                    "Letters mark universal heads: V vision, T text, M multimodal.",
-                    f"Outlined: significant in that panel (mean above the mean of all heads + {k:g} SD).",
-                ],
-                anchor="start",
+        letters = (
+            base.mark_text(fontWeight="bold", fontSize=max(8, cell - 6))
+            .encode(text="mark:N", color=alt.condition("datum.dark", alt.value("white"), alt.value("black")))
+            .transform_filter("datum.mark != ''")
+        )
+        chart = (
+            alt.layer(heat, outline, letters, data=df)
+            .facet(
+                row=alt.Row("condition:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left")),
+                column=alt.Column("task:N", title="Task"),
+            )
+            .properties(
+                title=alt.TitleParams(
+                    f"{model}: patching single {SITE_TITLES.get(site, site)} (mean over samples)",
+                    subtitle=[
+                        "Letters mark universal heads: V vision, T text, M multimodal.",
+                        f"Outlined: significant in that panel (mean above the mean of all heads + {k:g} SD).",
+                    ],
+                    anchor="start",
+                )
             )
         )
         paths += save_chart(chart, Path(out_dir) / safe_stem("heads", model, site))
@@ -235,8 +256,11 @@ def corruption_comparison(module_effects_df: pd.DataFrame, out_dir: str | Path) 
     colour scale (noise and semantic corruptions differ in magnitude; the figure compares where the
     effect sits). Files: corruptions_<model>_<task>_<modality>.{png,svg,html}.
     """
-    check_columns(module_effects_df, ["model", "task", "corruption", "modality", "site", "layer",
-                                      "position", "token", "mean"], "module effects")
+    check_columns(
+        module_effects_df,
+        ["model", "task", "corruption", "modality", "site", "layer", "position", "token", "mean"],
+        "module effects",
+    )
     paths: list[Path] = []
     for (model, task, modality), df in module_effects_df.groupby(["model", "task", "modality"], sort=True):
         corruptions = sorted(df["corruption"].unique(), key=_corruption_key)
@@ -247,11 +271,15 @@ def corruption_comparison(module_effects_df: pd.DataFrame, out_dir: str | Path) 
             sub = _with_labels(df[df["corruption"] == corruption])
             colour = _diverging("mean", sub["mean"], _metric_title(sub))
             rows.append(_module_panels(sub, colour).properties(title=f"Corruption: {corruption}"))
-        chart = alt.vconcat(*rows).resolve_scale(color="independent").properties(
-            title=alt.TitleParams(
-                f"{model} · {task}: where the patching effect sits under each {modality} corruption",
-                subtitle="Module-wise patching, mean over samples; colour scales differ per row.",
-                anchor="start",
+        chart = (
+            alt.vconcat(*rows)
+            .resolve_scale(color="independent")
+            .properties(
+                title=alt.TitleParams(
+                    f"{model} · {task}: where the patching effect sits under each {modality} corruption",
+                    subtitle="Module-wise patching, mean over samples; colour scales differ per row.",
+                    anchor="start",
+                )
             )
         )
         paths += save_chart(chart, Path(out_dir) / safe_stem("corruptions", model, task, modality))
@@ -266,9 +294,26 @@ def bootstrap_stability(universal_table: pd.DataFrame, out_dir: str | Path, top:
     with its 95% percentile interval per condition. The `top` heads by universal fraction.
     Files: bootstrap_<model>_<site>.{png,svg,html}.
     """
-    check_columns(universal_table, ["model", "site", "label", "kind", "task", "corruption", "modality",
-                                    "mean", "frac_significant", "ci_low", "ci_high", "frac_universal",
-                                    "frac_universal_kind", "n_draws"], "universal heads table")
+    check_columns(
+        universal_table,
+        [
+            "model",
+            "site",
+            "label",
+            "kind",
+            "task",
+            "corruption",
+            "modality",
+            "mean",
+            "frac_significant",
+            "ci_low",
+            "ci_high",
+            "frac_universal",
+            "frac_universal_kind",
+            "n_draws",
+        ],
+        "universal heads table",
+    )
     paths: list[Path] = []
     for (model, site), df in universal_table.groupby(["model", "site"], sort=True):
         df = df.copy()
@@ -280,35 +325,66 @@ def bootstrap_stability(universal_table: pd.DataFrame, out_dir: str | Path, top:
         y = alt.Y("label:N", sort=order, title="Head")
         height = max(22, 8 * df["condition"].nunique()) * len(order)
         heads = df.drop_duplicates("label")
-        bars = alt.Chart(heads).mark_bar().encode(
-            x=alt.X("stability:Q", title="Fraction of resamples universal", scale=alt.Scale(domain=[0, 1])),
-            y=y,
-            color=alt.Color("kind:N", title="Kind (full data)", sort=list(KINDS) + ["none"],
-                            scale=alt.Scale(domain=list(KIND_COLOURS), range=list(KIND_COLOURS.values()))),
-            tooltip=["label:N", "kind:N", alt.Tooltip("stability:Q", format=".3f")],
-        ).properties(width=180, height=height)
+        bars = (
+            alt.Chart(heads)
+            .mark_bar()
+            .encode(
+                x=alt.X("stability:Q", title="Fraction of resamples universal", scale=alt.Scale(domain=[0, 1])),
+                y=y,
+                color=alt.Color(
+                    "kind:N",
+                    title="Kind (full data)",
+                    sort=list(KINDS) + ["none"],
+                    scale=alt.Scale(domain=list(KIND_COLOURS), range=list(KIND_COLOURS.values())),
+                ),
+                tooltip=["label:N", "kind:N", alt.Tooltip("stability:Q", format=".3f")],
+            )
+            .properties(width=180, height=height)
+        )
         condition = alt.Color("condition:N", title="Task · corruption")
-        significance = alt.Chart(df).mark_point(filled=True, size=50).encode(
-            x=alt.X("frac_significant:Q", title="Fraction of resamples significant", scale=alt.Scale(domain=[0, 1])),
-            y=y, yOffset="condition:N", color=condition, shape=alt.Shape("modality:N", title="Corrupted modality"),
-            tooltip=["label:N", "condition:N", alt.Tooltip("frac_significant:Q", format=".3f")],
-        ).properties(width=180, height=height)
+        significance = (
+            alt.Chart(df)
+            .mark_point(filled=True, size=50)
+            .encode(
+                x=alt.X(
+                    "frac_significant:Q", title="Fraction of resamples significant", scale=alt.Scale(domain=[0, 1])
+                ),
+                y=y,
+                yOffset="condition:N",
+                color=condition,
+                shape=alt.Shape("modality:N", title="Corrupted modality"),
+                tooltip=["label:N", "condition:N", alt.Tooltip("frac_significant:Q", format=".3f")],
+            )
+            .properties(width=180, height=height)
+        )
         effect_base = alt.Chart(df).encode(y=y, color=condition, yOffset="condition:N")
         effect = alt.layer(
-            effect_base.mark_rule().encode(x=alt.X("ci_low:Q", title=["Mean effect with 95% interval", _metric_title(df)]),
-                                           x2="ci_high:Q"),
+            effect_base.mark_rule().encode(
+                x=alt.X("ci_low:Q", title=["Mean effect with 95% interval", _metric_title(df)]), x2="ci_high:Q"
+            ),
             effect_base.mark_point(filled=True).encode(
-                x="mean:Q", tooltip=["label:N", "condition:N", alt.Tooltip("mean:Q", format=".4f"),
-                                     alt.Tooltip("ci_low:Q", format=".4f"), alt.Tooltip("ci_high:Q", format=".4f")]),
+                x="mean:Q",
+                tooltip=[
+                    "label:N",
+                    "condition:N",
+                    alt.Tooltip("mean:Q", format=".4f"),
+                    alt.Tooltip("ci_low:Q", format=".4f"),
+                    alt.Tooltip("ci_high:Q", format=".4f"),
+                ],
+            ),
         ).properties(width=260, height=height)
         # kinds colour the bars; conditions colour the two right panels, which share one legend
         per_condition = alt.hconcat(significance, effect).resolve_scale(color="shared", shape="shared")
-        chart = alt.hconcat(bars, per_condition).resolve_scale(color="independent", shape="independent").properties(
-            title=alt.TitleParams(
-                f"{model}: how stable are the universal {SITE_TITLES.get(site, site)}?",
-                subtitle=f"{int(df['n_draws'].max())} bootstrap resamples of the samples of every task and "
-                "corruption; grey: universal in many resamples but not on the full data.",
-                anchor="start",
+        chart = (
+            alt.hconcat(bars, per_condition)
+            .resolve_scale(color="independent", shape="independent")
+            .properties(
+                title=alt.TitleParams(
+                    f"{model}: how stable are the universal {SITE_TITLES.get(site, site)}?",
+                    subtitle=f"{int(df['n_draws'].max())} bootstrap resamples of the samples of every task and "
+                    "corruption; grey: universal in many resamples but not on the full data.",
+                    anchor="start",
+                )
             )
         )
         paths += save_chart(chart, Path(out_dir) / safe_stem("bootstrap", model, site))
@@ -332,22 +408,32 @@ def accuracy_chart(accuracy_df: pd.DataFrame, out_dir: str | Path, model: str | 
     order = sorted(df.loc[~total, "category"].unique()) + sorted(df.loc[total, "category"].unique())
     base = alt.Chart().encode(
         x=alt.X("category:N", title="Category", sort=order),
-        y=alt.Y("accuracy:Q", title="Accuracy (exact match)", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+        y=alt.Y(
+            "accuracy:Q", title="Accuracy (exact match)", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")
+        ),
     )
     bars = base.mark_bar().encode(
-        color=alt.Color("scope:N", title=None, scale=alt.Scale(domain=["one category", "all categories"],
-                                                               range=["#9ecae1", "#08519c"])),
+        color=alt.Color(
+            "scope:N",
+            title=None,
+            scale=alt.Scale(domain=["one category", "all categories"], range=["#9ecae1", "#08519c"]),
+        ),
         tooltip=["task:N", "category:N", "count:N", alt.Tooltip("accuracy:Q", format=".1%")],
     )
     counts = base.mark_text(dy=-6, fontSize=9).encode(text="count:N")
-    chart = alt.layer(bars, counts, data=df).properties(width=max(120, 28 * df["category"].nunique()), height=200) \
-        .facet(column=alt.Column("task:N", title="Task")).resolve_scale(x="independent").properties(
+    chart = (
+        alt.layer(bars, counts, data=df)
+        .properties(width=max(120, 28 * df["category"].nunique()), height=200)
+        .facet(column=alt.Column("task:N", title="Task"))
+        .resolve_scale(x="independent")
+        .properties(
             title=alt.TitleParams(
                 title,
                 subtitle="Labels: correct / asked. Only correctly answered samples are patched.",
                 anchor="start",
             )
         )
+    )
     return save_chart(chart, Path(out_dir) / (safe_stem("accuracy", model) if model else "accuracy"))
 
 
@@ -363,8 +449,13 @@ def _ramp(values: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(values, stops, OVERLAY_RAMP[:, c]) for c in range(3)], axis=-1)
 
 
-def overlay_image(image: np.ndarray, attention: np.ndarray, grid: tuple[int, int],
-                  mask: np.ndarray | None = None, size: int = OVERLAY_PIXELS) -> Image.Image:
+def overlay_image(
+    image: np.ndarray,
+    attention: np.ndarray,
+    grid: tuple[int, int],
+    mask: np.ndarray | None = None,
+    size: int = OVERLAY_PIXELS,
+) -> Image.Image:
     """The image (greyed) with the per-patch attention as a heatmap on top, the mask's edge in cyan.
 
     `attention` [rows · cols] (row-major patches) is scaled to its maximum, so each panel shows where
@@ -401,8 +492,9 @@ def _query_index(record: dict, query: str) -> int | None:
     return labels.index(query) if query in labels else None
 
 
-def attention_overlays(records: list[dict], panels: pd.DataFrame, out_stem: str | Path, title: str,
-                       subtitle: str = "") -> list[Path]:
+def attention_overlays(
+    records: list[dict], panels: pd.DataFrame, out_stem: str | Path, title: str, subtitle: str = ""
+) -> list[Path]:
     """Paper Fig. 6/7: attention of chosen heads vs the average head, overlaid on sample images.
 
     One row per record (`notice.method.attention.attention_record`); columns: the image with the object's
@@ -419,8 +511,10 @@ def attention_overlays(records: list[dict], panels: pd.DataFrame, out_stem: str 
         frac = object_fraction(mask, grid) if mask.size else None
         row = f"{number + 1}. {record['sample_id']} ({record['task']})"
         head_query = int(record["head_query_index"])
-        maps = [("image", None, ""), ("average head", record["all_heads_average"][head_query],
-                                     f"from {record['query_labels'][head_query]}")]
+        maps = [
+            ("image", None, ""),
+            ("average head", record["all_heads_average"][head_query], f"from {record['query_labels'][head_query]}"),
+        ]
         layers, heads = list(record["layers"]), list(record["heads"])
         for panel in panels.itertuples():
             q = _query_index(record, str(panel.query))
@@ -436,8 +530,17 @@ def attention_overlays(records: list[dict], panels: pd.DataFrame, out_stem: str 
                 label = f"{note}: {share:.0%} on object ({share / frac.mean():.1f}× uniform)"
             elif attention is None:
                 label = "object outlined" if frac is not None else "no object mask"
-            cells.append({"row": row, "column": name, "order": column, "x": 0.5, "y": 0.5, "label": label,
-                          "url": _data_uri(overlay_image(record["image"], shown, grid, mask))})
+            cells.append(
+                {
+                    "row": row,
+                    "column": name,
+                    "order": column,
+                    "x": 0.5,
+                    "y": 0.5,
+                    "label": label,
+                    "url": _data_uri(overlay_image(record["image"], shown, grid, mask)),
+                }
+            )
     if not cells:
         raise ValueError(f"{out_stem}: no attention records to draw")
     df = pd.DataFrame(cells)
@@ -445,13 +548,19 @@ def attention_overlays(records: list[dict], panels: pd.DataFrame, out_stem: str 
     axis = dict(scale=alt.Scale(domain=[0, 1]), axis=None)
     base = alt.Chart().properties(width=OVERLAY_PIXELS, height=OVERLAY_PIXELS + 14)
     images = base.mark_image(width=OVERLAY_PIXELS, height=OVERLAY_PIXELS).encode(
-        x=alt.X("x:Q", **axis), y=alt.Y("y:Q", **axis), url="url:N", tooltip=["row:N", "column:N", "label:N"])
+        x=alt.X("x:Q", **axis), y=alt.Y("y:Q", **axis), url="url:N", tooltip=["row:N", "column:N", "label:N"]
+    )
     labels = base.mark_text(fontSize=9, baseline="top", dy=OVERLAY_PIXELS / 2 + 2).encode(
-        x=alt.X("x:Q", **axis), y=alt.Y("y:Q", **axis), text="label:N")
-    chart = alt.layer(images, labels, data=df).facet(
-        row=alt.Row("row:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left")),
-        column=alt.Column("column:N", title=None, sort=order),
-    ).properties(title=alt.TitleParams(title, subtitle=subtitle, anchor="start"))
+        x=alt.X("x:Q", **axis), y=alt.Y("y:Q", **axis), text="label:N"
+    )
+    chart = (
+        alt.layer(images, labels, data=df)
+        .facet(
+            row=alt.Row("row:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left")),
+            column=alt.Column("column:N", title=None, sort=order),
+        )
+        .properties(title=alt.TitleParams(title, subtitle=subtitle, anchor="start"))
+    )
     return save_chart(chart, out_stem)
 
 
@@ -464,8 +573,11 @@ def overlay_panels(universal_df: pd.DataFrame, scores: pd.DataFrame, max_heads: 
     the highest detection score (any query) is added as "best detector", so the figure answers the
     grounding question even when no head is universal. Columns: layer, head, query, title.
     """
-    check_columns(scores, ["layer", "head", "label", "query", "is_head_position", "detection_score", "function"],
-                  "head function scores")
+    check_columns(
+        scores,
+        ["layer", "head", "label", "query", "is_head_position", "detection_score", "function"],
+        "head function scores",
+    )
     heads = scores[scores["head"] >= 0]
     at_head = heads[heads["is_head_position"]]
     head_query = at_head["query"].mode().iloc[0] if len(at_head) else None
@@ -477,11 +589,23 @@ def overlay_panels(universal_df: pd.DataFrame, scores: pd.DataFrame, max_heads: 
         for head in chosen.itertuples():
             found = at_head[(at_head["layer"] == head.layer) & (at_head["head"] == head.head)]
             function = found["function"].iloc[0] if len(found) else "not scored"
-            rows.append({"layer": head.layer, "head": head.head, "query": head_query,
-                         "title": f"{head_label(head.layer, head.head)} {head.kind}: {function}"})
+            rows.append(
+                {
+                    "layer": head.layer,
+                    "head": head.head,
+                    "query": head_query,
+                    "title": f"{head_label(head.layer, head.head)} {head.kind}: {function}",
+                }
+            )
     scored = heads.dropna(subset=["detection_score"])
     if len(scored):
         best = scored.loc[scored["detection_score"].idxmax()]
-        rows.append({"layer": int(best["layer"]), "head": int(best["head"]), "query": best["query"],
-                     "title": f"{best['label']} best detector: {best['function']}"})
+        rows.append(
+            {
+                "layer": int(best["layer"]),
+                "head": int(best["head"]),
+                "query": best["query"],
+                "title": f"{best['label']} best detector: {best['function']}",
+            }
+        )
     return pd.DataFrame(rows, columns=["layer", "head", "query", "title"])

@@ -76,8 +76,7 @@ def _figure_html(figure: Figure) -> str:
         raise ValueError(f"report: cannot embed {path}; expected one of {sorted(MIME_TYPES)}")
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     caption = _escape(figure.caption)
-    return (f'<figure><img src="data:{mime};base64,{data}" alt="{caption}">'
-            f"<figcaption>{caption}</figcaption></figure>")
+    return f'<figure><img src="data:{mime};base64,{data}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
 
 
 def _table_html(table: Table) -> str:
@@ -107,19 +106,24 @@ def _check_offline(document: str) -> None:
         raise ValueError(f"report: external reference(s) in the HTML: {outside[:5] or 'http(s)://'}")
 
 
-def build_report(sections: Sequence[Section], out_html: str | Path, title: str = "NOTICE activation patching report") -> Path:
+def build_report(
+    sections: Sequence[Section], out_html: str | Path, title: str = "NOTICE activation patching report"
+) -> Path:
     """Write one self-contained HTML file with a table of contents and every section; return its path."""
-    contents = "".join(f'<li><a href="#{_anchor(i, s.title)}">{_escape(s.title)}</a></li>'
-                       for i, s in enumerate(sections))
-    document = "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_escape(title)}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{_escape(title)}</h1>",
-        f"<nav><ul>{contents}</ul></nav>",
-        *(_section_html(i, s) for i, s in enumerate(sections)),
-        "</body></html>",
-    ])
+    contents = "".join(
+        f'<li><a href="#{_anchor(i, s.title)}">{_escape(s.title)}</a></li>' for i, s in enumerate(sections)
+    )
+    document = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{_escape(title)}</title><style>{STYLE}</style></head><body>",
+            f"<h1>{_escape(title)}</h1>",
+            f"<nav><ul>{contents}</ul></nav>",
+            *(_section_html(i, s) for i, s in enumerate(sections)),
+            "</body></html>",
+        ]
+    )
     _check_offline(document)
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +153,9 @@ def _significant_note(significant: pd.DataFrame | None, model: str, corruptions:
     several_sites = sig["site"].nunique() > 1
     parts = []
     for (site, task, corruption), group in sig.groupby(["site", "task", "corruption"], sort=True):
-        heads = group[group["significant"].astype(bool)].sort_values(["mean", "layer", "head"], ascending=[False, True, True])
+        heads = group[group["significant"].astype(bool)].sort_values(
+            ["mean", "layer", "head"], ascending=[False, True, True]
+        )
         names = ", ".join(head_label(layer, head) for layer, head in zip(heads["layer"], heads["head"])) or "none"
         where = f"{SITE_TITLES.get(site, site)}, " if several_sites else ""
         parts.append(f"{where}{task} ({corruption}): {names}")
@@ -176,11 +182,20 @@ def _universal_summary(
                 names = "; ".join(_head_phrase(h) for _, h in chosen.iterrows()) or "none"
                 kinds.append(f"{kind}: {names}")
             candidates = heads[heads["kind"] == "none"]
-            extra = "<br>" + _escape("Not universal on the full data but often under resampling: " + "; ".join(
-                _head_phrase(h) for _, h in candidates.iterrows())) if len(candidates) else ""
+            extra = (
+                "<br>"
+                + _escape(
+                    "Not universal on the full data but often under resampling: "
+                    + "; ".join(_head_phrase(h) for _, h in candidates.iterrows())
+                )
+                if len(candidates)
+                else ""
+            )
             items.append(
                 f"<li><b>{_escape(model)}</b>, {_escape(SITE_TITLES.get(site, site))}: "
-                + _escape(". ".join(kinds)) + "." + extra
+                + _escape(". ".join(kinds))
+                + "."
+                + extra
                 + f"<br><small>Conditions: image corruption: {_escape(_conditions(sub, 'image'))}; "
                 f"text corruption: {_escape(_conditions(sub, 'text'))}.</small></li>"
             )
@@ -209,8 +224,12 @@ def _accuracy_summary(accuracy_df: pd.DataFrame) -> list[str]:
 
 
 def summarise_findings(
-    universal_table: pd.DataFrame, accuracy_df: pd.DataFrame, models: Sequence[str] = (), k: float = 2.0,
-    significant: pd.DataFrame | None = None, corruptions: Sequence[str] = ("sip", "str"),
+    universal_table: pd.DataFrame,
+    accuracy_df: pd.DataFrame,
+    models: Sequence[str] = (),
+    k: float = 2.0,
+    significant: pd.DataFrame | None = None,
+    corruptions: Sequence[str] = ("sip", "str"),
 ) -> str:
     """An HTML fragment summarising the universal heads (with bootstrap stability) and the accuracy.
 
@@ -221,14 +240,32 @@ def summarise_findings(
     output), a model without universal heads is shown its significant heads per task under each of the
     `corruptions` that define universal heads, so the reader sees why.
     """
-    check_columns(universal_table, ["model", "site", "label", "kind", "task", "corruption", "modality",
-                                    "frac_universal", "frac_universal_kind", "n_draws"], "universal heads table")
+    check_columns(
+        universal_table,
+        [
+            "model",
+            "site",
+            "label",
+            "kind",
+            "task",
+            "corruption",
+            "modality",
+            "frac_universal",
+            "frac_universal_kind",
+            "n_draws",
+        ],
+        "universal heads table",
+    )
     check_columns(accuracy_df, ["task", "category", "n", "n_correct", "accuracy"], "accuracy table")
     if significant is not None:
-        check_columns(significant, ["model", "site", "layer", "head", "task", "corruption", "mean", "significant"],
-                      "significant heads table")
+        check_columns(
+            significant,
+            ["model", "site", "layer", "head", "task", "corruption", "mean", "significant"],
+            "significant heads table",
+        )
     heads = _universal_summary(universal_table, models, significant, corruptions) or [
-        "<li>No universal heads found.</li>"]
+        "<li>No universal heads found.</li>"
+    ]
     accuracy = _accuracy_summary(accuracy_df) or ["<li>No accuracy rows.</li>"]
     return (
         '<div class="summary"><h3>Universal heads</h3>'
@@ -243,20 +280,20 @@ def summarise_findings(
 # Caption of every figure kind that notice.present.figures writes, by file-name prefix.
 FIGURE_CAPTIONS: dict[str, str] = {
     "module": "Module-wise activation patching (paper Fig. 3): mean effect of patching each module's clean "
-              "output into the corrupt run, per text position (columns) and layer (rows), one panel per module.",
+    "output into the corrupt run, per text position (columns) and layer (rows), one panel per module.",
     "heads": "Head-wise activation patching (paper Fig. 5): mean logit-difference effect of each attention head "
-             "(layer × head) per task and corruption; universal heads are lettered (V vision, T text, M multimodal) "
-             "and heads above the k-sigma threshold outlined.",
+    "(layer × head) per task and corruption; universal heads are lettered (V vision, T text, M multimodal) "
+    "and heads above the k-sigma threshold outlined.",
     "corruptions": "Semantic image pairs against Gaussian noise (paper Fig. 4/10): the same module-wise patching "
-                   "under each image corruption, one row per corruption.",
+    "under each image corruption, one row per corruption.",
     "bootstrap": "Stability of the top heads: fraction of bootstrap resamples of the samples in which each head "
-                 "is significant / universal, with the 95% interval of its mean effect.",
+    "is significant / universal, with the 95% interval of its mean effect.",
     "accuracy": "Exact-match accuracy on the clean prompts per task and category (paper Table 2).",
     "attention": "Attention patterns (paper Fig. 6/7): per sample (rows), the image with the object's mask outlined "
-                 "in cyan, the average over all fusion-attention heads from the head-patching position, each "
-                 "universal head there (with its scored function) and the best object detector (at its own query "
-                 "token), overlaid on the image as the model sees it; each panel is scaled to its own maximum and "
-                 "labelled with the share of patch attention on the object and its multiple of uniform attention.",
+    "in cyan, the average over all fusion-attention heads from the head-patching position, each "
+    "universal head there (with its scored function) and the best object detector (at its own query "
+    "token), overlaid on the image as the model sees it; each panel is scaled to its own maximum and "
+    "labelled with the share of patch attention on the object and its multiple of uniform attention.",
 }
 
 
@@ -276,8 +313,10 @@ def write_tables(csv: pd.DataFrame, tables: Sequence[Table], csv_path: str | Pat
     csv_path, md_path = Path(csv_path), Path(md_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     csv.to_csv(csv_path, index=False)
-    parts = [f"**{t.caption}**\n\n" + (t.df.to_markdown(index=False, floatfmt=".4g") if len(t.df) else "(none)")
-             for t in tables]
+    parts = [
+        f"**{t.caption}**\n\n" + (t.df.to_markdown(index=False, floatfmt=".4g") if len(t.df) else "(none)")
+        for t in tables
+    ]
     md_path.write_text("\n\n".join(parts) + "\n", encoding="utf-8")
 
 
@@ -297,26 +336,32 @@ def _grounding_item(row: pd.Series) -> str:
 
 
 def _function_item(row: pd.Series) -> str:
-    return (f"{row['model']} {row['label']} ({row['kind']}), {row['dataset']}: {row['function']} at {row['query']} "
-            f"(detection {_times(row['detection_score'])} uniform, outlier attention "
-            f"{_times(row['outlier_lift'])} the average head's)")
+    return (
+        f"{row['model']} {row['label']} ({row['kind']}), {row['dataset']}: {row['function']} at {row['query']} "
+        f"(detection {_times(row['detection_score'])} uniform, outlier attention "
+        f"{_times(row['outlier_lift'])} the average head's)"
+    )
 
 
 def _verdict(grounding: pd.DataFrame, config: HeadFunctionConfig) -> str:
     """The paper's question answered from the numbers: cross-attention vs self-attention fusion."""
     cross = grounding[grounding["site"] == "cross_attn_head"]
     self_ = grounding[grounding["site"] == "self_attn_head"]
-    rule = (f"a head is an object detector when its detection score is at least {config.detection_threshold:g}× "
-            f"uniform and {config.lift_threshold:g}× its layer's average head")
+    rule = (
+        f"a head is an object detector when its detection score is at least {config.detection_threshold:g}× "
+        f"uniform and {config.lift_threshold:g}× its layer's average head"
+    )
     if cross.empty or self_.empty:
         present = ", ".join(sorted(SITE_TITLES.get(s, s) for s in grounding["site"].unique())) or "no"
         return f"Cannot be answered from this run: only {present} heads were scored on images with object masks."
     best_cross, best_self = cross.loc[cross["best_detection"].idxmax()], self_.loc[self_["best_detection"].idxmax()]
-    numbers = (f"best cross-attention head {best_cross['best_label']} ({best_cross['model']}) "
-               f"{_times(best_cross['best_detection'])} uniform attention on the object vs best self-attention head "
-               f"{best_self['best_label']} ({best_self['model']}) {_times(best_self['best_detection'])}; "
-               f"object detectors: {int(cross['n_detection_heads'].sum())} cross-attention, "
-               f"{int(self_['n_detection_heads'].sum())} self-attention ({rule})")
+    numbers = (
+        f"best cross-attention head {best_cross['best_label']} ({best_cross['model']}) "
+        f"{_times(best_cross['best_detection'])} uniform attention on the object vs best self-attention head "
+        f"{best_self['best_label']} ({best_self['model']}) {_times(best_self['best_detection'])}; "
+        f"object detectors: {int(cross['n_detection_heads'].sum())} cross-attention, "
+        f"{int(self_['n_detection_heads'].sum())} self-attention ({rule})"
+    )
     cross_grounds, self_grounds = bool(cross["grounds_objects"].any()), bool(self_["grounds_objects"].any())
     if cross_grounds and not self_grounds:
         answer = "Yes, in this run: cross-attention grounds objects and self-attention does not"
@@ -335,11 +380,29 @@ def grounding_findings(grounding: pd.DataFrame, functions: pd.DataFrame, config:
     `grounding` is `head_functions.grounding_summary` output over (model, site, dataset);
     `functions` is `head_functions.universal_head_functions` output.
     """
-    check_columns(grounding, ["model", "site", "dataset", "best_label", "best_query", "best_tokens", "best_detection",
-                              "best_object_lift", "best_detection_at_head_position", "mean_detection",
-                              "n_detection_heads", "grounds_objects"], "grounding summary")
-    check_columns(functions, ["model", "site", "dataset", "label", "kind", "function", "query", "detection_score",
-                              "outlier_lift"], "universal head functions")
+    check_columns(
+        grounding,
+        [
+            "model",
+            "site",
+            "dataset",
+            "best_label",
+            "best_query",
+            "best_tokens",
+            "best_detection",
+            "best_object_lift",
+            "best_detection_at_head_position",
+            "mean_detection",
+            "n_detection_heads",
+            "grounds_objects",
+        ],
+        "grounding summary",
+    )
+    check_columns(
+        functions,
+        ["model", "site", "dataset", "label", "kind", "function", "query", "detection_score", "outlier_lift"],
+        "universal head functions",
+    )
     heads = [f"<li>{_escape(_function_item(row))}</li>" for _, row in functions.iterrows()]
     items = [f"<li>{_escape(_grounding_item(row))}</li>" for _, row in grounding.iterrows()]
     return (
@@ -357,8 +420,14 @@ TABLE_FILES: tuple[str, ...] = ("table1_universal_heads", "table2_accuracy", "ta
 
 
 def workflow_report(
-    universal: pd.DataFrame, significant: pd.DataFrame, accuracy: pd.DataFrame, scores: pd.DataFrame,
-    grounding: pd.DataFrame, figure_dirs: dict[str, Path], settings: dict, out_html: str | Path,
+    universal: pd.DataFrame,
+    significant: pd.DataFrame,
+    accuracy: pd.DataFrame,
+    scores: pd.DataFrame,
+    grounding: pd.DataFrame,
+    figure_dirs: dict[str, Path],
+    settings: dict,
+    out_html: str | Path,
     tables_dir: str | Path,
 ) -> Path:
     """The workflow's report and the paper's Tables 1-3 (`tables_dir`/<TABLE_FILES>.csv and .md).
@@ -372,24 +441,37 @@ def workflow_report(
     corruptions = settings.get("universal_corruptions", ["sip", "str"])
     summary = universal_heads_summary(universal, corruptions)
     functions = universal_head_functions(scores, universal)
-    table1 = [Table(universal_heads_by_kind(summary), "Universal heads per model and kind (paper Table 1)."),
-              Table(summary, "Universal heads with bootstrap stability: fraction of resamples universal (own kind), "
-                             "least fraction significant over the defining conditions, widest 95% interval of the "
-                             "mean effect, and every defining condition.")]
+    table1 = [
+        Table(universal_heads_by_kind(summary), "Universal heads per model and kind (paper Table 1)."),
+        Table(
+            summary,
+            "Universal heads with bootstrap stability: fraction of resamples universal (own kind), "
+            "least fraction significant over the defining conditions, widest 95% interval of the "
+            "mean effect, and every defining condition.",
+        ),
+    ]
     table2 = [Table(accuracy, "Exact-match accuracy on the clean prompts (paper Table 2).")]
-    table3 = [Table(function_table(functions), "Functions of the universal heads per dataset, scored at the "
-                                               "head-patching position (paper Table 3)."),
-              Table(functions, "Head-function scores of the universal heads at the head-patching position.")]
+    table3 = [
+        Table(
+            function_table(functions),
+            "Functions of the universal heads per dataset, scored at the head-patching position (paper Table 3).",
+        ),
+        Table(functions, "Head-function scores of the universal heads at the head-patching position."),
+    ]
     for name, csv, tables in zip(TABLE_FILES, (summary, accuracy, functions), (table1, table2, table3)):
         write_tables(csv, tables, Path(tables_dir) / f"{name}.csv", Path(tables_dir) / f"{name}.md")
     models = list(figure_dirs)
     sections = [
-        Section("Summary", html=summarise_findings(universal, accuracy, models, settings.get("k_sigma", 2.0),
-                                                   significant, corruptions)
-                + grounding_findings(grounding, functions, config)),
+        Section(
+            "Summary",
+            html=summarise_findings(universal, accuracy, models, settings.get("k_sigma", 2.0), significant, corruptions)
+            + grounding_findings(grounding, functions, config),
+        ),
         Section("Accuracy", tables=table2),
         Section("Universal heads", tables=[*table1, Table(universal, "Universal heads per condition.")]),
-        Section("Head functions", tables=[*table3, Table(grounding, "Best object detector per model, site and dataset.")]),
+        Section(
+            "Head functions", tables=[*table3, Table(grounding, "Best object detector per model, site and dataset.")]
+        ),
     ]
     for model, figure_dir in figure_dirs.items():
         sections += figure_sections(model, Path(figure_dir))

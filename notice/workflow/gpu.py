@@ -142,8 +142,12 @@ def job_device(lock_dir: str | os.PathLike | None = None, timeout: float | None 
 
     if under_slurm():
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        log.info("SLURM job %s: CUDA_VISIBLE_DEVICES=%s (the scheduler's choice, no lease); using %s",
-                 os.environ["SLURM_JOB_ID"], os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"), device)
+        log.info(
+            "SLURM job %s: CUDA_VISIBLE_DEVICES=%s (the scheduler's choice, no lease); using %s",
+            os.environ["SLURM_JOB_ID"],
+            os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>"),
+            device,
+        )
     else:
         stack = contextlib.ExitStack()
         lease = stack.enter_context(leased_gpu(lock_dir, timeout))

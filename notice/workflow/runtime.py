@@ -19,8 +19,11 @@ def logged(log_path: str | os.PathLike) -> Iterator[logging.Logger]:
     An exception is logged with its traceback before it propagates, so the log says why a job failed.
     """
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", buffering=1) as stream, contextlib.redirect_stdout(stream), \
-            contextlib.redirect_stderr(stream):
+    with (
+        open(log_path, "w", buffering=1) as stream,
+        contextlib.redirect_stdout(stream),
+        contextlib.redirect_stderr(stream),
+    ):
         handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root = logging.getLogger()

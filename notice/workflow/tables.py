@@ -14,17 +14,17 @@ import pandas as pd
 
 # One row per question about one image. Same format for every dataset (synthetic and real).
 SAMPLE_COLUMNS: tuple[str, ...] = (
-    "sample_id",   # unique, stable across runs
-    "dataset",     # dataset name from the config
-    "task",        # e.g. "colour", "shape", "svo", "mit_states", "facial_expressions"
-    "image_id",    # identity of the clean image (several samples may share one image)
+    "sample_id",  # unique, stable across runs
+    "dataset",  # dataset name from the config
+    "task",  # e.g. "colour", "shape", "svo", "mit_states", "facial_expressions"
+    "image_id",  # identity of the clean image (several samples may share one image)
     "image_path",  # path of the clean image
-    "mask_path",   # path of the object's mask (PNG, 0/255) or "" when none exists
-    "subject",     # noun the question is about, used by question templates ("object", "person")
-    "answer",      # correct option, e.g. "red"
-    "category",    # category used for accuracy tables and balanced selection (usually == answer)
-    "group",       # attribute group of the answer (e.g. "warm"), used by distractor rules
-    "pool_key",    # SIP: the corrupt image is the pool image with this key and value == distractor
+    "mask_path",  # path of the object's mask (PNG, 0/255) or "" when none exists
+    "subject",  # noun the question is about, used by question templates ("object", "person")
+    "answer",  # correct option, e.g. "red"
+    "category",  # category used for accuracy tables and balanced selection (usually == answer)
+    "group",  # attribute group of the answer (e.g. "warm"), used by distractor rules
+    "pool_key",  # SIP: the corrupt image is the pool image with this key and value == distractor
 )
 
 # Images available as SIP corrupt images: one row per (pool_key, value).
@@ -40,11 +40,18 @@ EXCLUSION_COLUMNS: tuple[str, ...] = ("sample_id", "stage", "reason")
 
 # One row per (model, sample): the clean prompt as the model sees it and the scored answer tokens.
 PROMPT_COLUMNS: tuple[str, ...] = (
-    "sample_id", "task", "category", "image_path", "mask_path", "answer", "distractor",
-    "correct_first",      # bool: the correct option is named first in the question
-    "question",           # the question (options in the chosen order), before the model's template
-    "prompt",             # the full prompt string given to the processor
-    "answer_token_id", "distractor_token_id",
+    "sample_id",
+    "task",
+    "category",
+    "image_path",
+    "mask_path",
+    "answer",
+    "distractor",
+    "correct_first",  # bool: the correct option is named first in the question
+    "question",  # the question (options in the chosen order), before the model's template
+    "prompt",  # the full prompt string given to the processor
+    "answer_token_id",
+    "distractor_token_id",
 )
 
 # One row per (model, sample): the model's clean answer.
@@ -52,19 +59,46 @@ ANSWER_COLUMNS: tuple[str, ...] = PROMPT_COLUMNS + ("predicted", "correct", "ld_
 
 # One row per (model, selected sample, corruption): what the corrupt run sees.
 PAIR_COLUMNS: tuple[str, ...] = (
-    "sample_id", "task", "category", "corruption", "modality", "correct_first",
-    "answer", "distractor", "answer_token_id", "distractor_token_id",
-    "clean_image_path", "corrupt_image_path", "clean_mask_path", "corrupt_mask_path",
-    "clean_prompt", "corrupt_prompt",
-    "noise_seed",         # gaussian-noise corruptions: seed of this draw, else -1
+    "sample_id",
+    "task",
+    "category",
+    "corruption",
+    "modality",
+    "correct_first",
+    "answer",
+    "distractor",
+    "answer_token_id",
+    "distractor_token_id",
+    "clean_image_path",
+    "corrupt_image_path",
+    "clean_mask_path",
+    "corrupt_mask_path",
+    "clean_prompt",
+    "corrupt_prompt",
+    "noise_seed",  # gaussian-noise corruptions: seed of this draw, else -1
 )
 
 # The results table: one row per patched run. The contract later work and users rely on.
 RESULT_COLUMNS: tuple[str, ...] = (
-    "model", "dataset", "task", "corruption", "modality", "sample_id",
-    "site", "layer", "head", "position", "token",
-    "ld_clean", "ld_corrupt", "ld_patched", "p_clean", "p_corrupt", "p_patched",
-    "logit_diff", "prob_restoration",
+    "model",
+    "dataset",
+    "task",
+    "corruption",
+    "modality",
+    "sample_id",
+    "site",
+    "layer",
+    "head",
+    "position",
+    "token",
+    "ld_clean",
+    "ld_corrupt",
+    "ld_patched",
+    "p_clean",
+    "p_corrupt",
+    "p_patched",
+    "logit_diff",
+    "prob_restoration",
 )
 
 SITES: tuple[str, ...] = ("mlp", "self_attn", "cross_attn", "self_attn_head", "cross_attn_head", "layer")

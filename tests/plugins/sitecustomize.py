@@ -44,7 +44,9 @@ def _fake_gpus(gpu, n: int) -> None:
     gpu.visible_gpus = lambda: [str(i) for i in range(n)]
 
     def use_the_cpu(lease) -> str:
-        logging.getLogger("notice.workflow.gpu").info("device id %r is fake (%s): running on the CPU", lease.device_id, FAKE_GPUS)
+        logging.getLogger("notice.workflow.gpu").info(
+            "device id %r is fake (%s): running on the CPU", lease.device_id, FAKE_GPUS
+        )
         return "cpu"
 
     gpu.use_leased_device = use_the_cpu
@@ -64,4 +66,6 @@ def _fail_at(experiment, sample_id: str) -> None:
 if os.environ.get(FAKE_GPUS):
     sys.meta_path.insert(0, _AfterImport("notice.workflow.gpu", lambda m: _fake_gpus(m, int(os.environ[FAKE_GPUS]))))
 if os.environ.get(FAIL_AT_SAMPLE):
-    sys.meta_path.insert(0, _AfterImport("notice.patching.experiment", lambda m: _fail_at(m, os.environ[FAIL_AT_SAMPLE])))
+    sys.meta_path.insert(
+        0, _AfterImport("notice.patching.experiment", lambda m: _fail_at(m, os.environ[FAIL_AT_SAMPLE]))
+    )
