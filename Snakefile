@@ -26,12 +26,6 @@ include: "rules/analysis.smk"
 include: "rules/report.smk"
 
 
-# Every rule runs the `notice` library on one pinned stack; with --use-conda, that environment.
-for _rule in workflow.rules:
-    if not (_rule.norun or _rule.conda_env):
-        _rule.conda_env = os.path.join(workflow.basedir, "envs/notice.yaml")
-
-
 rule all:
     default_target: True
     input:

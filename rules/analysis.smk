@@ -24,6 +24,8 @@ rule analyse_heads:
         f"{RESULTS}/logs/analyse_heads/{{model}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/analyse_heads/{{model}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     params:
         analysis=keys_of(config["analysis"], "metric", "k_sigma", "bootstrap_draws", "universal_corruptions"),
         seed=config["seed"],
@@ -49,6 +51,10 @@ rule figures:
         ),
     log:
         f"{RESULTS}/logs/figures/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/figures/{{model}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     params:
         analysis=keys_of(config["analysis"], "k_sigma", "overlay_samples", "overlay_heads"),
         datasets=DATASETS,
@@ -66,6 +72,8 @@ rule attention_patterns:
         f"{RESULTS}/logs/attention_patterns/{{model}}/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/attention_patterns/{{model}}/{{dataset}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
@@ -89,6 +97,10 @@ rule head_functions:
         grounding=f"{RESULTS}/{{model}}/analysis/grounding.csv",
     log:
         f"{RESULTS}/logs/head_functions/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/head_functions/{{model}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     params:
         datasets=DATASETS,
         thresholds=config["analysis"]["head_functions"],

@@ -11,6 +11,8 @@ rule synthetic_dataset:
         f"{RESULTS}/benchmarks/synthetic_dataset/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("synthetic"),
+    conda:
+        "../envs/notice.yaml"
     params:
         # What the generator reads: not questions or distractor settings (they must not regenerate the images);
         # task values only checked, in any order.

@@ -11,6 +11,10 @@ rule distractors:
         exclusions=f"{RESULTS}/datasets/{{dataset}}/distractor_exclusions.parquet",
     log:
         f"{RESULTS}/logs/distractors/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/distractors/{{dataset}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     params:
         section=lambda wildcards: {
             **keys_of(dataset_section(wildcards), "distractors"),

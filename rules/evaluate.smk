@@ -11,6 +11,10 @@ rule prompts:
         exclusions=f"{RESULTS}/{{model}}/{{dataset}}/prompt_exclusions.parquet",
     log:
         f"{RESULTS}/logs/prompts/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/prompts/{{model}}/{{dataset}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     params:
         model=model_settings("prompt_template"),
         model_path=lambda wildcards: model_path(wildcards.model),
@@ -30,6 +34,8 @@ rule evaluate_shard:
         f"{RESULTS}/logs/evaluate/{{model}}/{{dataset}}/{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate/{{model}}/{{dataset}}/{{shard}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
@@ -56,6 +62,10 @@ rule gather_answers:
         ),
     log:
         f"{RESULTS}/logs/gather_answers/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/gather_answers/{{model}}/{{dataset}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     script:
         "../workflow_scripts/gather_answers.py"
 
@@ -67,6 +77,10 @@ rule select_samples:
         selected=f"{RESULTS}/{{model}}/{{dataset}}/selected.parquet",
     log:
         f"{RESULTS}/logs/select_samples/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/select_samples/{{model}}/{{dataset}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     params:
         selection=config["selection"],
         tasks=lambda wildcards: sorted(config["datasets"][wildcards.dataset]["tasks"]),

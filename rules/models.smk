@@ -8,6 +8,8 @@ rule train_toy_model:
         f"{RESULTS}/logs/train_toy_model/{{model}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train_toy_model/{{model}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     # Training uses one torch thread whatever the machine (notice.demo.toy_models.train: more threads sum floats
     # in another order and train another model), so a job takes one core; the two toy models train side by side.
     threads: 1

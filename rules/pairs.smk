@@ -12,6 +12,10 @@ rule pairs:
         exclusions=f"{RESULTS}/{{model}}/{{dataset}}/pairs/{{corruption}}.exclusions.parquet",
     log:
         f"{RESULTS}/logs/pairs/{{model}}/{{dataset}}/{{corruption}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pairs/{{model}}/{{dataset}}/{{corruption}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     params:
         # Only what the job's corruption reads: STR tokenises (the model's template, the questions) and draws
         # partners (seed), GN draws noise seeds (n_draws, seed); SIP and SD-inpaint pairs read none of them.

@@ -1,5 +1,7 @@
 # Clean runs cached once per (model, dataset, shard) and shared by every corruption; patching per
-# (corruption, shard); shards gathered into one results table per corruption.
+# (corruption, shard); shards gathered into one results table per corruption. Shard outputs are kept,
+# not temp(): Snakemake judges its rerun triggers (params, code, inputs) on each shard's own output, so
+# a changed patching setting is seen on the shards that recorded the old one.
 
 
 rule cache_clean:
@@ -12,6 +14,8 @@ rule cache_clean:
         f"{RESULTS}/logs/cache_clean/{{model}}/{{dataset}}/{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/cache_clean/{{model}}/{{dataset}}/{{shard}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
@@ -37,6 +41,8 @@ rule patch:
         f"{RESULTS}/logs/patch/{{model}}/{{dataset}}/{{corruption}}/{{shard}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/patch/{{model}}/{{dataset}}/{{corruption}}/{{shard}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     threads: GPU_JOBS["threads"]
     resources:
         gpu=1,
@@ -60,5 +66,9 @@ rule gather_patching:
         results=f"{RESULTS}/{{model}}/{{dataset}}/patching/{{corruption}}.parquet",
     log:
         f"{RESULTS}/logs/gather_patching/{{model}}/{{dataset}}/{{corruption}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/gather_patching/{{model}}/{{dataset}}/{{corruption}}.tsv"
+    conda:
+        "../envs/notice.yaml"
     script:
         "../workflow_scripts/gather_patching.py"

@@ -19,6 +19,8 @@ rule download_svo_images:
         f"{RESULTS}/benchmarks/download_svo_images/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("svo_probes"),
+    conda:
+        "../envs/notice.yaml"
     params:
         cache_dir=lambda wildcards: f"{RESOURCES}/downloads/{wildcards.dataset}/images",
         max_rows=lambda wildcards: dataset_section(wildcards).get("max_rows"),
@@ -41,6 +43,8 @@ rule read_dataset_svo_probes:
         f"{RESULTS}/benchmarks/read_dataset/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("svo_probes"),
+    conda:
+        "../envs/notice.yaml"
     params:
         section=read_settings,
         min_per_task=config["selection"]["min_per_task"],
@@ -61,6 +65,8 @@ rule read_dataset_mit_states:
         f"{RESULTS}/benchmarks/read_dataset/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("mit_states"),
+    conda:
+        "../envs/notice.yaml"
     params:
         section=read_settings,
         source_files=source_fingerprint,
@@ -84,6 +90,8 @@ rule read_dataset_facial_expressions:
         f"{RESULTS}/benchmarks/read_dataset/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("facial_expressions"),
+    conda:
+        "../envs/notice.yaml"
     params:
         section=read_settings,
         source_files=source_fingerprint,
@@ -110,6 +118,8 @@ rule inpaint_sip:
         f"{RESULTS}/benchmarks/inpaint_sip/{{model}}/{{dataset}}.tsv"
     wildcard_constraints:
         dataset=kind_constraint("svo_probes"),
+    conda:
+        "../envs/notice.yaml"
     threads: GPU_JOBS["threads"]
     resources:
         gpu=1,

@@ -17,6 +17,10 @@ rule report:
         table3=multiext(f"{RESULTS}/tables/table3_head_functions", ".csv", ".md"),
     log:
         f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv"
+    conda:
+        "../envs/notice.yaml"
     params:
         models=MODELS,
         analysis=keys_of(config["analysis"], "k_sigma", "universal_corruptions", "head_functions"),

@@ -104,7 +104,9 @@ class VLMAdapter(ABC):
     fast_engine: ClassVar[str]  # key of the family's engine in patching.fast_core.FAST_FAMILIES
 
     def __init__(self, model: torch.nn.Module, processor, prompt_template: str | None = None):
-        self.model = model.eval()
+        # A transformers model: adapters reach its submodules and config by family-specific attribute
+        # names, which torch's `Module.__getattr__` types as `Tensor | Module`; the accessors type what they return.
+        self.model: Any = model.eval()
         self.processor = processor
         self.prompt_template = prompt_template or self.default_prompt_template or self.chat_prompt_template()
 
