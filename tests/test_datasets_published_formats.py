@@ -98,12 +98,13 @@ def test_svo_multiline_sentence_keeps_line_numbers(tmp_path):
         (
             b"sentence,pos_triplet,neg_triplet,subj_neg,verb_neg,obj_neg,pos_url,neg_url,pos_image_id,neg_image_id\n"
             b'"unclosed,a,b,True,False,False,u,v,1,2\nx,y\n',
-            "svo_probes.csv: cannot parse as CSV: the quoted field opened on line 2 is never closed (unexpected end of file)",
+            "svo_probes.csv: cannot parse as CSV: the quoted field opened on line 2 is never closed "
+            "(unexpected end of file)",
         ),
         (
             b"sentence,pos_triplet\n\xff\xfe,x\n",
-            "svo_probes.csv: cannot parse as CSV: not UTF-8 text (byte b'\\xff': invalid start byte, at or after line 1); "
-            "save it as UTF-8",
+            "svo_probes.csv: cannot parse as CSV: not UTF-8 text (byte b'\\xff': invalid start byte, "
+            "at or after line 1); save it as UTF-8",
         ),
     ],
 )

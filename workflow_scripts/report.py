@@ -1,4 +1,5 @@
-"""The workflow's own report: one self-contained HTML file over every model, and the paper's Tables 1-3 (rule `report`)."""
+"""The workflow's own report (rule `report`): one self-contained HTML file over every model, and the
+paper's Tables 1-3."""
 
 from pathlib import Path
 

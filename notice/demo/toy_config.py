@@ -70,7 +70,10 @@ class ToyModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (docs/toy_models.md). `steps=None` takes the family's measured default (`ToyFamily.default_steps`)."""
+    """Optimisation recipe (docs/toy_models.md).
+
+    `steps=None` takes the family's measured default (`ToyFamily.default_steps`).
+    """
 
     steps: int | None = None
     batch_size: int = 64

@@ -1,1 +1,2 @@
-"""The method: distractor words, sample selection, corrupted pairs, metrics, significant and universal heads, head functions, attention patterns."""
+"""The method around patching: distractor words, sample selection, corrupted pairs, metrics,
+significant and universal heads, attention patterns and head functions."""

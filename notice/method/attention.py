@@ -7,7 +7,8 @@ patches and on which grid (`image_grid`), and which queries can see the image (`
 `PatchAttention.weights` is each row *renormalised over the patches* (sums to 1), so heads are
 compared on where they look on the image; `PatchAttention.mass` keeps the raw fraction of the row
 that went to the patches (cross-attention: 1 − attention to the image [CLS]; self-attention:
-attention on image tokens vs text tokens), because taking attention off the image is itself a behaviour. `raw = weights · mass`.
+attention on image tokens vs text tokens), because taking attention off the image is itself a
+behaviour. `raw = weights · mass`.
 
 Attention probabilities are read from forward hooks on the attention modules (their output[1]),
 sliced to the requested heads, queries and image keys inside the hook, so a 7B model never holds

@@ -8,7 +8,8 @@ Given the image pool, a candidate is also rejected when the pool has no image of
 ``pool_key`` (the SIP corrupt image could not exist: most MIT-States nouns come in only a few states,
 and the authors chose among the states that exist for the noun). One of the remaining candidates is
 drawn with an RNG seeded by (seed, sample_id) only, so a sample's choice does not change when other
-samples are added or removed. Samples with nothing left are excluded with a reason. Where the dataset gives the distractor (``distractor_given``, SVO-Probes'
+samples are added or removed. Samples with nothing left are excluded with a reason. Where the dataset
+gives the distractor (``distractor_given``, SVO-Probes'
 negative triplet) it is used as is, and its cosine is still recorded.
 """
 

@@ -254,7 +254,8 @@ def head_function_scores(
 
     `per_sample` has SAMPLE_SCORE_COLUMNS plus `group_keys`, `query` (from `query_labels`),
     `sample_id`, `token` and `is_head_position` (the adapter's head-patching position: the answer
-    token for cross-attention fusion, the last token for a decoder). Scores are means over the group's samples (object scores over the
+    token for cross-attention fusion, the last token for a decoder). Scores are means over the group's
+    samples (object scores over the
     samples with a mask); lifts and entropy gain compare with the layer's average head of the same
     group and query; is_head_position holds for most of the query's samples.
     Columns: group_keys + SCORE_COLUMNS[:5] + tokens + the rest of SCORE_COLUMNS.

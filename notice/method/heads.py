@@ -349,7 +349,8 @@ def universal_heads_summary(universal_table: pd.DataFrame, corruptions: Collecti
                 "n_conditions": len(own),
                 "n_draws": int(df["n_draws"].iloc[0]),
                 "conditions": "; ".join(
-                    f"{r.task}/{r.corruption}: {r.mean:.3g} [{r.ci_low:.3g}, {r.ci_high:.3g}], significant in {r.frac_significant:.0%}"
+                    f"{r.task}/{r.corruption}: {r.mean:.3g} [{r.ci_low:.3g}, {r.ci_high:.3g}], "
+                    f"significant in {r.frac_significant:.0%}"
                     for r in own.itertuples()
                 ),
             }

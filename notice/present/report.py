@@ -375,7 +375,7 @@ def _verdict(grounding: pd.DataFrame, config: HeadFunctionConfig) -> str:
 
 
 def grounding_findings(grounding: pd.DataFrame, functions: pd.DataFrame, config: HeadFunctionConfig) -> str:
-    """HTML fragment: what the universal heads do, and does cross-attention ground objects while self-attention does not?
+    """HTML fragment: what the universal heads do; does cross-attention ground objects where self-attention does not?
 
     `grounding` is `head_functions.grounding_summary` output over (model, site, dataset);
     `functions` is `head_functions.universal_head_functions` output.
