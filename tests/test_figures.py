@@ -4,12 +4,11 @@ import re
 
 import pandas as pd
 import pytest
-from test_heads import module_rows, planted_results
+from planted_tables import accuracy_table, module_table, planted_results
 
 from notice.method.heads import (
     bootstrap_heads,
     head_effects,
-    module_effects,
     significant_heads,
     universal_heads,
     universal_heads_table,
@@ -29,24 +28,6 @@ NETWORK_LOAD = re.compile(
     r"""import\s*(?:\(|[^;]*?from)\s*["'](?:https?:)?//""",
     re.IGNORECASE,
 )
-
-
-def accuracy_table() -> pd.DataFrame:
-    df = pd.DataFrame(
-        {
-            "task": ["A", "A", "A", "B", "B"],
-            "category": ["red", "blue", "all", "happy", "all"],
-            "n": [10, 10, 20, 5, 5],
-            "n_correct": [9, 8, 17, 5, 5],
-        }
-    )
-    return df.assign(accuracy=df["n_correct"] / df["n"])
-
-
-def module_table() -> pd.DataFrame:
-    sip = module_rows()
-    noise = sip.assign(corruption="gaussian_noise", prob_restoration=-sip["prob_restoration"] / 10)
-    return module_effects(pd.concat([sip, noise]), metric="prob_restoration")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,22 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from planted_tables import (
+    CORRUPTION,
+    HEADS,
+    LAYERS,
+    MULTIMODAL,
+    N_SAMPLES,
+    PARTIAL,
+    PLANTED,
+    TEXT,
+    VISION,
+    borderline_results,
+    head_rows,
+    module_rows,
+    planted_results,
+    row,
+)
 
 from notice.method.heads import (
     bootstrap_heads,
@@ -18,59 +34,6 @@ from notice.method.heads import (
     universal_heads_summary,
     universal_heads_table,
 )
-from notice.workflow.tables import RESULT_COLUMNS
-
-LAYERS, HEADS, N_SAMPLES = 3, 6, 20
-# 18 heads per condition: the 2-sigma rule lets at most 3 equal planted heads through
-# (three 10s among zeros: threshold = 1.667 + 2·3.727 = 9.12).
-MULTIMODAL, VISION, TEXT, PARTIAL = (2, 0), (1, 2), (0, 3), (2, 1)
-PLANTED = {
-    ("A", "image"): [MULTIMODAL, VISION, PARTIAL],  # PARTIAL: significant in one task only
-    ("B", "image"): [MULTIMODAL, VISION],
-    ("A", "text"): [MULTIMODAL, TEXT],
-    ("B", "text"): [MULTIMODAL, TEXT],
-}
-CORRUPTION = {"image": "sip", "text": "str"}
-
-
-def row(**values) -> dict:
-    base = dict.fromkeys(RESULT_COLUMNS, 0.0)
-    base.update(model="toy", dataset="synthetic", head=-1, token="x", ld_clean=2.0, ld_corrupt=-1.0)
-    base.update(values)
-    return base
-
-
-def head_rows(task: str, corruption: str, modality: str, planted: list, n_samples: int = N_SAMPLES) -> list[dict]:
-    rows = []
-    for i in range(n_samples):
-        for layer in range(LAYERS):
-            for head in range(HEADS):
-                # ±0.2 noise whose sign depends on the head, so resampling moves heads differently;
-                # it averages to exactly 0 over the 20 samples
-                effect = (10.0 if (layer, head) in planted else 0.0) + 0.2 * (-1) ** (i + head)
-                rows.append(
-                    row(
-                        task=task,
-                        corruption=corruption,
-                        modality=modality,
-                        sample_id=f"{task}{i:02d}",
-                        site="cross_attn_head",
-                        layer=layer,
-                        head=head,
-                        position=3 + i % 2,
-                        token="red" if i % 2 else "blue",
-                        logit_diff=effect,
-                        prob_restoration=effect / 20,
-                    )
-                )
-    return rows
-
-
-def planted_results() -> pd.DataFrame:
-    rows = []
-    for (task, modality), planted in PLANTED.items():
-        rows += head_rows(task, CORRUPTION[modality], modality, planted)
-    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
 
 
 def heads_of(universal: pd.DataFrame, kind: str) -> set:
@@ -181,34 +144,6 @@ def test_bootstrap_planted_heads_are_stable():
     pd.testing.assert_frame_equal(boot, bootstrap_heads(results, n_draws=200, seed=1, k=2.0, metric="logit_diff"))
 
 
-def borderline_results(n: int = 5) -> pd.DataFrame:
-    """One head with effect 30 in the first sample only, every other effect 0.
-
-    Alone among 18 zero-mean heads, the head is significant iff its first sample is drawn at
-    least once (threshold = 0.514 · its mean), so P(significant) = 1 − (1 − 1/n)^n.
-    """
-    rows = []
-    for modality, task in [("image", "A"), ("text", "A")]:
-        for i in range(n):
-            for layer in range(LAYERS):
-                for head in range(HEADS):
-                    effect = 30.0 if (layer, head) == (1, 1) and i == 0 else 0.0
-                    rows.append(
-                        row(
-                            task=task,
-                            corruption=CORRUPTION[modality],
-                            modality=modality,
-                            sample_id=f"s{i}",
-                            site="cross_attn_head",
-                            layer=layer,
-                            head=head,
-                            position=4,
-                            logit_diff=effect,
-                        )
-                    )
-    return pd.DataFrame(rows)
-
-
 def test_bootstrap_borderline_fraction():
     n, n_draws, seed = 5, 2000, 7
     boot = bootstrap_heads(borderline_results(n), n_draws=n_draws, seed=seed, k=2.0, metric="logit_diff")
@@ -252,43 +187,6 @@ def test_universal_heads_table_lists_frequent_bootstrap_heads():
     table = universal_heads_table(sig, universal.iloc[0:0], boot, min_frac_universal=0.5)
     assert set(table["label"]) == {"L1.H1"} and set(table["kind"]) == {"none"}
     assert table["frac_universal_kind"].isna().all()
-
-
-def module_rows() -> pd.DataFrame:
-    rows = []
-    for i, (first, second) in enumerate([("red", "blue"), ("blue", "red"), ("red", "blue")]):
-        tokens = ["[CLS]", "is", first, "or", second]
-        for site in ("mlp", "self_attn"):
-            for layer in range(2):
-                for position, token in enumerate(tokens):
-                    rows.append(
-                        row(
-                            task="A",
-                            corruption="sip",
-                            modality="image",
-                            sample_id=f"s{i}",
-                            site=site,
-                            layer=layer,
-                            position=position,
-                            token=token,
-                            prob_restoration=float(i + layer + position),
-                        )
-                    )
-    rows.append(
-        row(
-            task="A",
-            corruption="sip",
-            modality="image",
-            sample_id="s0",
-            site="cross_attn_head",
-            layer=0,
-            head=1,
-            position=2,
-            token="red",
-            prob_restoration=99.0,
-        )
-    )
-    return pd.DataFrame(rows)
 
 
 def test_module_effects_mean_and_token_labels():

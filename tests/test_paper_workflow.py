@@ -23,7 +23,7 @@ import pytest
 import yaml
 from http_fixtures import FixtureHandler, image_bytes, serve
 from PIL import Image
-from test_inpainting import _tiny_pipeline_dir
+from tiny_inpainting import tiny_inpaint_pipeline_dir
 from toy_adapters import blip_adapter, llava_adapter
 from transformers import AutoTokenizer
 from workflow_helpers import REPO, snakemake, write_config
@@ -263,7 +263,7 @@ def sources(tmp_path_factory, server):
         adapter.model.save_pretrained(paths[name])
         adapter.processor.save_pretrained(paths[name])
     patcher.undo()
-    paths["sd"] = _tiny_pipeline_dir(root)
+    paths["sd"] = tiny_inpaint_pipeline_dir(root)
     paths["svo_probes"] = write_svo_csv(root / "raw/svo_probes/svo_probes.csv", server)
     paths["mit_states"] = write_mit_states(root / "raw/mit_states")
     paths["facial_expressions"] = write_fer_csv(root / "raw/fer2013/fer2013.csv")

@@ -5,8 +5,7 @@ import re
 
 import pandas as pd
 import pytest
-from test_figures import accuracy_table
-from test_heads import borderline_results, planted_results
+from planted_tables import accuracy_table, borderline_results, planted_results
 
 from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
 from notice.present.figures import accuracy_chart, bootstrap_stability, head_heatmaps

@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_figures import accuracy_table, module_table
-from test_heads import planted_results
+from planted_tables import accuracy_table, module_table, planted_results
 
 from notice.method.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
 from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table

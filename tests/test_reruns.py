@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_workflow import planned, planned_jobs
-from workflow_helpers import SYNTHETIC_TASKS, snakemake, write_config
+from workflow_helpers import SYNTHETIC_TASKS, planned, planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
 

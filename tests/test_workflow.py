@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from workflow_helpers import fault_env, snakemake, synthetic_dataset, write_config
+from workflow_helpers import fault_env, planned, planned_jobs, snakemake, synthetic_dataset, write_config
 
 from notice.workflow.tables import RESULT_COLUMNS
 
@@ -54,32 +53,10 @@ TINY = {
 }
 
 
-def planned(output: str) -> list[tuple[str, dict[str, str]]]:
-    """(rule, wildcards) of every job in a dry run's output."""
-    jobs = []
-    for block in re.split(r"\n(?=\[[^\]]+\]\n)", output):
-        rule = re.search(r"^(?:local)?rule (\w+):", block, re.MULTILINE)
-        if rule:
-            wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.MULTILINE)
-            pairs = [item.split("=", 1) for item in wildcards.group(1).split(", ")] if wildcards else []
-            jobs.append((rule.group(1), dict(pairs)))
-    return jobs
-
-
 def dry_run(workdir: Path, config: dict, name: str, *targets: str) -> list[tuple[str, dict[str, str]]]:
     result = snakemake(workdir, "-n", *targets, configfile=write_config(workdir / name, config))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return planned(result.stdout + result.stderr)
-
-
-def planned_jobs(output: str) -> dict[str, int]:
-    """Snakemake's own 'Job stats' table of a dry run: rule -> count."""
-    stats = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
-    return {
-        m.group(1): int(m.group(2))
-        for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE)
-        if m.group(1) != "total"
-    }
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
-"""Running the workflow from tests: the repository's Snakefile in a temporary working directory."""
+"""Running the workflow from tests: the Snakefile in a temporary working directory; reading its dry-run plans."""
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,28 @@ def snakemake(
         command += ["--configfile", str(configfile)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def planned(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, wildcards) of every job in a dry run's output."""
+    jobs = []
+    for block in re.split(r"\n(?=\[[^\]]+\]\n)", output):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, re.MULTILINE)
+        if rule:
+            wildcards = re.search(r"^\s+wildcards: (.*)$", block, re.MULTILINE)
+            pairs = [item.split("=", 1) for item in wildcards.group(1).split(", ")] if wildcards else []
+            jobs.append((rule.group(1), dict(pairs)))
+    return jobs
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Snakemake's own 'Job stats' table of a dry run: rule -> count."""
+    stats = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE)
+        if m.group(1) != "total"
+    }
 
 
 SYNTHETIC_TASKS = {
