@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CORES ?= all
 SNAKEMAKE := $(VENV)/bin/snakemake
 
-.PHONY: venv demo test check lint bench report clean-results
+.PHONY: venv demo test check lint typecheck bench report clean-results
 
 # The venv sees system site-packages so a GPU machine's own torch is used; CPU torch 2.13.0 only if none.
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -23,8 +23,12 @@ demo: venv
 	$(SNAKEMAKE) --cores $(CORES) --report results/snakemake_report.html
 	@echo "Report: $(CURDIR)/results/report.html (Snakemake report: $(CURDIR)/results/snakemake_report.html)"
 
-# ruff (lint and format), snakefmt on the Snakefile and rules; settings in pyproject.toml.
-lint: venv
+# mypy on notice/ (settings, and why each is what it is, in pyproject.toml).
+typecheck: venv
+	$(VENV)/bin/mypy
+
+# ruff (lint and format), snakefmt on the Snakefile and rules, and the type check; settings in pyproject.toml.
+lint: venv typecheck
 	$(VENV)/bin/ruff check notice tests workflow_scripts
 	$(VENV)/bin/ruff format --check notice tests workflow_scripts
 	$(VENV)/bin/snakefmt --check Snakefile rules

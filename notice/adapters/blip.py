@@ -9,7 +9,7 @@ to the text encoder's output under the question's attention mask.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from transformers import BlipForQuestionAnswering
@@ -40,12 +40,17 @@ class BlipAdapter(VLMAdapter):
         return len(self._layers)
 
     @property
+    def _cross_attention(self) -> Any:
+        """The first layer's cross-attention (BlipTextSelfAttention): its fields by name."""
+        return cast(Any, self._layers[0]).crossattention.self
+
+    @property
     def n_heads(self) -> int:
-        return self._layers[0].crossattention.self.num_attention_heads
+        return self._cross_attention.num_attention_heads
 
     @property
     def head_dim(self) -> int:
-        return self._layers[0].crossattention.self.attention_head_size
+        return self._cross_attention.attention_head_size
 
     @property
     def hidden_size(self) -> int:
@@ -120,7 +125,7 @@ class BlipAdapter(VLMAdapter):
         return self.processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
 
     def site_module(self, site: str, layer: int) -> tuple[torch.nn.Module, Literal["input", "output"]]:
-        block = self._layers[layer]
+        block: Any = self._layers[layer]  # a BlipTextLayer: submodules by name
         site = HEAD_SITE_PARENT.get(site, site)
         if site == "mlp":
             return block.output.dense, "output"
@@ -138,7 +143,7 @@ class BlipAdapter(VLMAdapter):
 
     # -- fusion attention: the text encoder's cross-attention to the vision tower's output ----
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
-        return [layer.crossattention.self for layer in self._layers]
+        return [cast(Any, layer).crossattention.self for layer in self._layers]
 
     def image_grid(self, inp: ModelInput) -> ImageGrid:
         vision = self.model.config.vision_config

@@ -11,6 +11,7 @@ tiny Qwen2-VL builder shares.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -164,7 +165,7 @@ def build(
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_index=cast(int, tokenizer.convert_tokens_to_ids("<image>")),
         image_grid_pinpoints=pinpoints,
         image_seq_length=(image_size // patch_size) ** 2,
         # The default -2 would leave the last layer of a tiny tower unused.

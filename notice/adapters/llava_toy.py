@@ -6,6 +6,8 @@ llava-1.5 prompt.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
@@ -64,12 +66,13 @@ def build_llava(
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_index=cast(int, tokenizer.convert_tokens_to_ids("<image>")),
         image_seq_length=cfg.n_patches,
         # The default -2 would feed only the first layer of a 2-layer tower to the projector.
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
-        initializer_range=cfg.initializer_range,
+        # Not in LlavaConfig's signature: kept as an attribute, which the weight initialisation reads.
+        initializer_range=cfg.initializer_range,  # type: ignore[call-arg]
     )
     torch.manual_seed(cfg.seed)
     model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn_implementation).eval()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 from transformers import (
+    PreTrainedModel,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
@@ -57,7 +58,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-_CLASSES: dict[str, tuple[type, type, type[ProcessorMixin]]] = {
+_CLASSES: dict[str, tuple[type, type[PreTrainedModel], type[ProcessorMixin]]] = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor),
 }
@@ -140,7 +141,7 @@ def build(
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=2, temporal_patch_size=2
     )
-    processor = image_only(processor_cls)(
+    processor = image_only(processor_cls)(  # type: ignore[arg-type]  # type[X] is hashable (python/mypy#20409)
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     return model, processor

@@ -7,7 +7,7 @@ import hashlib
 import os
 
 
-def tree_fingerprint(root: str | os.PathLike) -> str:
+def tree_fingerprint(root: str | os.PathLike[str]) -> str:
     """Hash of the sorted (relative path, size, mtime_ns) of every file under `root`, at any depth.
 
     Names and stat only, no file contents: cheap enough to compute at every workflow start.

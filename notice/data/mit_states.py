@@ -169,6 +169,7 @@ def read_mit_states(
         if reason:
             exclusions.append(exclusion(sample_id, dataset, reason))
             continue
+        assert parsed is not None  # else _folder_problem gave a reason
         adjective, noun = parsed
         group = groups[adjective]
         samples.append(

@@ -36,6 +36,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -186,7 +187,10 @@ def read_svo_probes(
     check_columns(downloads, ("url", "ok", "path", "reason"), "downloads table")
     images = {row.url: row for row in downloads.itertuples(index=False)}
     excluded_words = {word.strip().lower() for word in exclude_words}
-    samples, pool, exclusions, seen = [], [], [], {}
+    samples: list[dict] = []
+    pool: list[dict] = []
+    exclusions: list[dict] = []
+    seen: dict[tuple, str] = {}
     for csv_row in rows:
         row = csv_row.values
         pool_key = f"{dataset}_r{csv_row.index:06d}"
@@ -261,7 +265,7 @@ def _checked_row(row: Mapping[str, str], excluded_words: set[str]) -> tuple[str,
     return role, triplets
 
 
-def _image_path(images: Mapping[str, object], url: str, side: str) -> str:
+def _image_path(images: Mapping[str, Any], url: str, side: str) -> str:
     """The downloaded file of `url`, or RowError with the download's reason."""
     name = "positive" if side == "pos" else "negative"
     if not url.strip():

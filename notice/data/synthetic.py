@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -143,6 +144,7 @@ def sample_scene(rng: np.random.Generator, scene_id: str, image_size: int = 64) 
         Clutter("dot" if i < n_dots else "line", tuple((dots if i < n_dots else lines)[i].tolist()), int(greys[i]))
         for i in range(n)
     )
+    top, bottom = (cast(tuple[int, int, int], tuple(row)) for row in background.tolist())
     return Scene(
         scene_id=scene_id,
         image_size=s,
@@ -150,7 +152,7 @@ def sample_scene(rng: np.random.Generator, scene_id: str, image_size: int = 64) 
         colour=list(COLOURS)[int(rng.integers(len(COLOURS)))],
         center=(cx, cy),
         radius=radius,
-        background=tuple(tuple(row) for row in background.tolist()),
+        background=(top, bottom),
         clutter=clutter,
     )
 

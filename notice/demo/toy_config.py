@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass
@@ -31,7 +32,7 @@ class ToyModelConfig:
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
-    def vision_settings(self) -> dict[str, int | float]:
+    def vision_settings(self) -> dict[str, Any]:
         """Hugging Face config arguments of the vision tower, as every toy family names them."""
         return dict(
             hidden_size=self.vision_hidden,
@@ -44,7 +45,7 @@ class ToyModelConfig:
             initializer_range=self.initializer_range,
         )
 
-    def text_settings(self) -> dict[str, int | float]:
+    def text_settings(self) -> dict[str, Any]:
         """Hugging Face config arguments of the text stream, as every toy family names them."""
         return dict(
             hidden_size=self.text_hidden,
@@ -92,7 +93,7 @@ class TrainConfig:
 WORKFLOW_TRAIN_KEYS = ("family", "dataset")
 
 
-def configs_from_settings(settings: Mapping[str, object], image_size: int) -> tuple[ToyModelConfig, TrainConfig]:
+def configs_from_settings(settings: Mapping[str, Any], image_size: int) -> tuple[ToyModelConfig, TrainConfig]:
     """Architecture and recipe from a workflow `models.<name>.train` section (validated by the schema)."""
     architecture = {f.name for f in fields(ToyModelConfig)} - {"image_size", "seed"}
     recipe = {f.name for f in fields(TrainConfig)}

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from notice.data.synthetic import (
 )
 from notice.demo.toy_config import ToyModelConfig, TrainConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, ProcessorMixin
+
 # Standard CLIP normalisation, used by every toy image processor.
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,7 +55,7 @@ class ToyFamily(ABC):
     generate_returns_prompt: ClassVar[bool]  # `generate` output starts with the prompt's ids
 
     @abstractmethod
-    def build(self, cfg: ToyModelConfig, training: bool = False) -> tuple[torch.nn.Module, object]:
+    def build(self, cfg: ToyModelConfig, training: bool = False) -> tuple[PreTrainedModel, ProcessorMixin]:
         """A randomly initialised (seeded) toy model and its processor; `training`: for the training loop."""
 
     @abstractmethod
@@ -226,14 +229,16 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
     toy = TOY_FAMILIES[family]
     steps = tc.steps if tc.steps is not None else toy.default_steps
     deterministic = torch.are_deterministic_algorithms_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
+    # Its attribute is a property of the module's class (torch's trick), which mypy does not see.
+    determinism: Any = torch.utils.deterministic
+    fill = determinism.fill_uninitialized_memory
     threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
     # One thread whatever the caller set: float sums split over more threads come out in another order and
     # train another model (docs/toy_models.md), so the same settings give the same weights on any machine.
     torch.set_num_threads(1)
     # NaN-filling every new tensor (the deterministic mode's default) costs ~5% here and buys nothing.
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    determinism.fill_uninitialized_memory = False
     try:
         model, processor = toy.build(cfg, training=True)
         tokenizer = processor.tokenizer
@@ -251,7 +256,7 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup_steps, steps))
-        window = {"loss": 0.0, "n": 0, "hits": {t: [0, 0] for t in TASKS}}
+        window: dict[str, Any] = {"loss": 0.0, "n": 0, "hits": {t: [0, 0] for t in TASKS}}
         for step in range(1, steps + 1):
             idx = rng.integers(len(scenes), size=tc.batch_size)
             qs = [draw_question(rng, scenes[i], tc.shape_fraction) for i in idx]
@@ -316,7 +321,7 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
         return metrics
     finally:
         torch.use_deterministic_algorithms(deterministic)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
+        determinism.fill_uninitialized_memory = fill
         torch.set_num_threads(threads)
 
 

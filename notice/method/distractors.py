@@ -59,7 +59,9 @@ def choose_distractors(
     synonyms = _synonym_sets(near_synonyms)
     pictured = None if pool_df is None else pool_values(pool_df)
     filtered: dict[tuple[str, str, str], tuple[list[tuple[str, float]], list[dict], str]] = {}
-    chosen, rejections, exclusions = [], [], []
+    chosen: list[dict] = []
+    rejections: list[dict] = []
+    exclusions: list[dict] = []
     for sample in samples_df.itertuples(index=False):
         sample_id, task, answer = str(sample.sample_id), str(sample.task), str(sample.answer)
         given = _given(sample)

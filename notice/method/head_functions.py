@@ -341,7 +341,8 @@ def record_scores(record: Mapping, config: HeadFunctionConfig, labels: Mapping[s
     and the constant `labels` columns (e.g. model, site, dataset). Object scores need the record's mask.
     """
     mask = np.asarray(record["mask"])
-    frac = object_fraction(mask, tuple(int(g) for g in record["grid"])) if mask.size else None
+    rows, cols = (int(g) for g in record["grid"])
+    frac = object_fraction(mask, (rows, cols)) if mask.size else None
     table, _ = sample_scores(
         np.asarray(record["weights"]),
         np.asarray(record["mass"]),

@@ -20,7 +20,7 @@ def get_engine(name: str, batch_size: int = 64) -> Callable[..., list[dict]]:
 
         return patch_sample
     if name == "fast":
-        from notice.patching.fast import patch_sample
+        from notice.patching.fast import patch_sample as fast_patch_sample
 
-        return partial(patch_sample, batch_size=batch_size)
+        return partial(fast_patch_sample, batch_size=batch_size)
     raise ValueError(f"config: patching.engine = {name!r}; expected one of {ENGINES}")

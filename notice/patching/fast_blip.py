@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from transformers.masking_utils import create_bidirectional_mask
@@ -70,8 +71,10 @@ class BlipFast(FastFamily):
         if clean_inp is not None:
             clean_image = self.image_embeddings(clean_inp.pixel_values)
             self.clean_logits = self.capture("clean", clean_inp, clean_image)
-        same_image = clean_image is not None and torch.equal(clean_inp.pixel_values, corrupt_inp.pixel_values)
-        corrupt_image = clean_image if same_image else self.image_embeddings(corrupt_inp.pixel_values)
+        same_image = clean_inp is not None and torch.equal(clean_inp.pixel_values, corrupt_inp.pixel_values)
+        corrupt_image = (
+            clean_image if clean_image is not None and same_image else self.image_embeddings(corrupt_inp.pixel_values)
+        )
         if image_fn is not None:
             corrupt_image = image_fn(corrupt_image)
         # Captured last, so the caches patched rows read are the corrupt run's.
@@ -96,8 +99,12 @@ class BlipFast(FastFamily):
         """One full forward pass: fill `self.sites[run]` and the caches; return the logits [V] (float32)."""
         encoder = self.adapter.model.text_encoder
         h = encoder.embeddings(input_ids=inp.input_ids)
-        # The same (possibly None) additive mask the Hugging Face encoder builds for this prompt.
-        self.mask = create_bidirectional_mask(config=encoder.config, inputs_embeds=h, attention_mask=inp.attention_mask)
+        # The same (possibly None) additive mask the Hugging Face encoder builds for this prompt (a tensor:
+        # a BlockMask only under flex attention).
+        self.mask = cast(
+            torch.Tensor | None,
+            create_bidirectional_mask(config=encoder.config, inputs_embeds=h, attention_mask=inp.attention_mask),
+        )
         self.question_mask = inp.attention_mask
         self.cross_kv = self._cross_kv(image)
         record: dict[str, list[torch.Tensor]] = {name: [] for name in RECORDED}
@@ -201,8 +208,14 @@ class BlipFast(FastFamily):
         bos = torch.full((1, 1), self.adapter.model.config.text_config.bos_token_id, device=encoded.device)
         h = decoder.bert.embeddings(input_ids=bos)  # [1, 1, D] until the first cross-attention
         # The question's mask, the same for every row (broadcast over them).
-        mask = create_bidirectional_mask(
-            config=decoder.config, inputs_embeds=h, attention_mask=self.question_mask, encoder_hidden_states=encoded[:1]
+        mask = cast(
+            torch.Tensor | None,
+            create_bidirectional_mask(
+                config=decoder.config,
+                inputs_embeds=h,
+                attention_mask=self.question_mask,
+                encoder_hidden_states=encoded[:1],
+            ),
         )
         for block in decoder.bert.encoder.layer:
             own = _one_row_products(block.attention.output.dense, _one_row_products(block.attention.self.value, h))
@@ -248,4 +261,5 @@ class BlipFast(FastFamily):
                 new = self._enter(layer, [patches[i] for i in entering])
                 h = new if h is None else torch.cat([h, new])
                 order += entering
+        assert h is not None, "no patch at a layer of the model"
         return self._decode(h)[rows_by_index(order, h.device)]

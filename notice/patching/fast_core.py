@@ -28,6 +28,8 @@ class FastFamily(ABC):
     # Activation sites in the order they are computed inside one layer; a patch at a site changes
     # only what is computed after it.
     stages: ClassVar[tuple[str, ...]]
+    clean_logits: torch.Tensor  # set by the constructor (a cached clean run) or by capture_runs
+    corrupt_logits: torch.Tensor  # set by capture_runs
 
     def __init__(
         self,

@@ -178,7 +178,7 @@ def patch_sample(
     clean_logits, clean_acts = clean
     with image_embeddings_replaced(adapter, corrupt_image_fn):
         corrupt_logits = adapter.answer_logits(corrupt_inp)
-    clean, corrupt = scores(clean_logits, tau, tau_p), scores(corrupt_logits, tau, tau_p)
+    clean_scores, corrupt_scores = scores(clean_logits, tau, tau_p), scores(corrupt_logits, tau, tau_p)
     return [
         result_row(
             p.site,
@@ -186,8 +186,8 @@ def patch_sample(
             p.head,
             p.position,
             clean_inp.tokens[p.position],
-            clean,
-            corrupt,
+            clean_scores,
+            corrupt_scores,
             scores(run_patched(adapter, corrupt_inp, p, clean_acts, corrupt_image_fn), tau, tau_p),
         )
         for p in patches

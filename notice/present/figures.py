@@ -12,6 +12,7 @@ import base64
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 import altair as alt
 import numpy as np
@@ -64,7 +65,7 @@ def save_chart(chart: alt.TopLevelMixin, stem: str | Path) -> list[Path]:
     # the default transformer inlines the data, as `chart.save` does
     with alt.data_transformers.enable("default"), alt.data_transformers.disable_max_rows():
         spec = chart.to_dict(context={"pre_transform": False})
-    versions = {
+    versions: dict[str, Any] = {
         "vega_version": alt.VEGA_VERSION,
         "vegalite_version": alt.VEGALITE_VERSION,
         "vegaembed_version": alt.VEGAEMBED_VERSION,
@@ -478,7 +479,7 @@ def overlay_image(
         interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
         out[inside & ~interior] = MASK_EDGE_COLOUR
     picture = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
-    return picture.resize((size, size * height // width), Image.NEAREST)
+    return picture.resize((size, size * height // width), Image.Resampling.NEAREST)
 
 
 def _data_uri(picture: Image.Image) -> str:
@@ -545,7 +546,7 @@ def attention_overlays(
         raise ValueError(f"{out_stem}: no attention records to draw")
     df = pd.DataFrame(cells)
     order = list(df.sort_values("order")["column"].drop_duplicates())
-    axis = dict(scale=alt.Scale(domain=[0, 1]), axis=None)
+    axis: dict[str, Any] = dict(scale=alt.Scale(domain=[0, 1]), axis=None)
     base = alt.Chart().properties(width=OVERLAY_PIXELS, height=OVERLAY_PIXELS + 14)
     images = base.mark_image(width=OVERLAY_PIXELS, height=OVERLAY_PIXELS).encode(
         x=alt.X("x:Q", **axis), y=alt.Y("y:Q", **axis), url="url:N", tooltip=["row:N", "column:N", "label:N"]
