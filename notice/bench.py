@@ -35,19 +35,24 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import torch
 
-from notice.adapters.base import ADAPTERS, HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
+from notice.adapters.base import ADAPTER_FAMILIES, HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
 from notice.adapters.decoder import DecoderVLMAdapter
 from notice.method.metrics import result_row, scores
 from notice.patching import fast, reference
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 PAPER_SAMPLES = 500  # samples per corruption in the paper's experiment
 Size = Literal["tiny", "bench", "real"]
 RowsLogits = Callable[..., torch.Tensor]  # (adapter, batched ModelInput) -> answer logits [B, V]
+T = TypeVar("T")
 
 
 def forward_rows_logits(adapter: DecoderVLMAdapter, inp: ModelInput) -> torch.Tensor:
@@ -79,7 +84,7 @@ def size_of(real_size: bool, tiny: bool) -> Size:
     return "real" if real_size else "tiny" if tiny else "bench"
 
 
-def build_model(model_cls: type, config, size: Size, device: str) -> torch.nn.Module:
+def build_model(model_cls: type[PreTrainedModel], config, size: Size, device: str) -> torch.nn.Module:
     """Random weights (seed 0), eager attention (the oracle's); bfloat16 at real size, else float32."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if size == "real" else torch.float32
@@ -127,10 +132,11 @@ def sip_case(
 
 
 def bench_modules() -> dict[str, ModuleType]:
-    """Family → its bench module, for every family in the adapter registry (in registration order)."""
+    """Family → its bench module, for every family in the adapter registry, opt-in ones included (in
+    registration order)."""
     import notice.adapters.loading  # noqa: F401  (importing it registers every family's adapter)
 
-    return {cls.family: importlib.import_module(f"{cls.__module__}_bench") for cls in dict.fromkeys(ADAPTERS.values())}
+    return {cls.family: importlib.import_module(f"{cls.__module__}_bench") for cls in ADAPTER_FAMILIES.values()}
 
 
 # -- (b) the published method: a batch of (clean, corrupt, patched) rows per patch ---------------
@@ -170,7 +176,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
     _sync()
     start = time.perf_counter()
     value = fn()
@@ -192,7 +198,7 @@ def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: 
     reference_rows, t_hooked = [], []
     for i in subset:
         p = case.patches[i]
-        logits, seconds = _timed(lambda p=p: reference.run_patched(adapter, corrupt, p, clean_acts))
+        logits, seconds = _timed(partial(reference.run_patched, adapter, corrupt, p, clean_acts))
         t_hooked.append(seconds)
         reference_rows.append(
             result_row(
@@ -211,7 +217,7 @@ def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: 
     # (b): the 3-row batch per patch; its patched row must agree with (a) too.
     t_three, err_three = [], 0.0
     for k, i in enumerate(subset[:n_three_row]):
-        logits, seconds = _timed(lambda i=i: three_row_patch(case, case.patches[i]))
+        logits, seconds = _timed(partial(three_row_patch, case, case.patches[i]))
         t_three.append(seconds)
         ld, ref = scores(logits, case.tau, case.tau_p).ld, reference_rows[k]["ld_patched"]
         err_three = max(err_three, abs(ld - ref) / max(abs(ref), 1e-6))
@@ -300,9 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     results = []
     for family in args.families:
-        case, seconds = _timed(
-            lambda family=family: modules[family].bench_case(args.real_size, family=family, device=device)
-        )
+        case, seconds = _timed(partial(modules[family].bench_case, args.real_size, family=family, device=device))
         print(f"{case.description}: built in {seconds:.0f} s; {len(case.patches)} patched runs", flush=True)
         result = measure(case, args.hooked, n_three_row, args.batch_size, args.seed)
         print(

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     corruption.add_argument("--corrupt-question", help="STR: the corrupt question (same token length)")
     corruption.add_argument("--noise", choices=NOISES, help="Gaussian noise on the image embeddings")
     parser.add_argument("--prompt-template", help="prompt with {question}, used verbatim (default: the model's)")
+    parser.add_argument("--adapter", help="adapter family, e.g. an opt-in stream (default: the model type's)")
     parser.add_argument("--engine", choices=("fast", "reference"), default="fast")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -163,7 +164,7 @@ def tokenizing_adapter(args: argparse.Namespace) -> VLMAdapter:
     if args.prompt_template is not None and "{question}" not in args.prompt_template:
         raise InputError(f"--prompt-template {args.prompt_template!r} has no {{question}}")
     try:
-        return load_adapter(args.model, prompt_template=args.prompt_template, weights=False)
+        return load_adapter(args.model, prompt_template=args.prompt_template, weights=False, adapter=args.adapter)
     except ValueError as error:
         raise InputError(str(error)) from error
 
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         noise_seed=args.noise_seed,
     )
     check_input_lengths(tokenizing, pairs)
-    adapter = load_adapter(args.model, args.device, args.dtype, args.prompt_template)
+    adapter = load_adapter(args.model, args.device, args.dtype, args.prompt_template, adapter=args.adapter)
     with torch.inference_mode():
         clean_runs = cache_clean_runs(adapter, prompts_of(pairs), load_image)
         rows = patch_pairs(

@@ -251,8 +251,9 @@ def source_fingerprint(wildcards):
     return tree_fingerprint(images if os.path.isdir(images) else path)
 
 
-# What notice.workflow.runtime.load_model reads of a model section (load_tokenizing_model: prompt_template only).
-LOADING_KEYS = ("device", "dtype", "prompt_template")
+# What notice.workflow.runtime.load_model reads of a model section (load_tokenizing_model: TOKENIZING_KEYS).
+TOKENIZING_KEYS = ("prompt_template", "adapter")
+LOADING_KEYS = ("device", "dtype", *TOKENIZING_KEYS)
 
 
 def model_settings(*keys):

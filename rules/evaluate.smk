@@ -16,7 +16,7 @@ rule prompts:
     conda:
         "../envs/notice.yaml"
     params:
-        model=model_settings("prompt_template"),
+        model=model_settings(*TOKENIZING_KEYS),
         model_path=lambda wildcards: model_path(wildcards.model),
         tasks=task_settings("question"),
         seed=config["seed"],

@@ -20,7 +20,7 @@ rule pairs:
         # Only what the job's corruption reads: STR tokenises (the model's template, the questions) and draws
         # partners (seed), GN draws noise seeds (n_draws, seed); SIP and SD-inpaint pairs read none of them.
         corruption=lambda wildcards: keys_of(corruption_section(wildcards), "n_draws"),
-        model=only_for(["str"], model_settings("prompt_template")),
+        model=only_for(["str"], model_settings(*TOKENIZING_KEYS)),
         model_path=only_for(["str"], lambda wildcards: model_path(wildcards.model)),
         tasks=only_for(["str"], task_settings("question")),
         seed=only_for(["str", "gn_mult", "gn_add"], lambda wildcards: config["seed"]),

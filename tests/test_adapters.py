@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from toy_adapters import QUESTION, blip_adapter, llava_adapter, noise_image, one_torch_thread
 from transformers import BertConfig, BertModel, LlamaTokenizer
 
-from notice.adapters.base import ADAPTERS
+from notice.adapters.base import ADAPTER_FAMILIES, ADAPTERS, register
 from notice.adapters.blip import BlipAdapter
 from notice.adapters.llava import LlavaAdapter
 from notice.adapters.loading import load_adapter
@@ -237,5 +238,23 @@ def test_unknown_model_type_lists_supported(tmp_path):
     BertModel(
         BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     ).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"'bert'.*\['blip', 'llava', 'llava_next', 'qwen2_5_vl', 'qwen2_vl'\]"):
+    with pytest.raises(ValueError, match=rf"'bert'.*{re.escape(str(sorted(ADAPTERS)))}"):
         load_adapter(str(tmp_path))
+
+
+def test_the_adapter_key_names_an_opt_in_adapter_of_the_model_type(tmp_path, monkeypatch, llava):
+    class OptInLlava(LlavaAdapter):  # e.g. another patched stream of the same checkpoints
+        family = "opt_in_llava"
+        opt_in = True
+
+    monkeypatch.setitem(ADAPTER_FAMILIES, OptInLlava.family, None)  # removed again after the test
+    register(OptInLlava)
+    assert ADAPTERS["llava"] is LlavaAdapter  # an opt-in adapter is never a model type's default
+    llava.model.save_pretrained(tmp_path)
+    llava.processor.save_pretrained(tmp_path)
+    assert type(load_adapter(str(tmp_path), weights=False)) is LlavaAdapter
+    assert type(load_adapter(str(tmp_path), adapter="opt_in_llava", weights=False)) is OptInLlava
+    with pytest.raises(ValueError, match=r"unknown adapter 'nope'; adapters: \[.*'opt_in_llava'"):
+        load_adapter(str(tmp_path), adapter="nope")
+    with pytest.raises(ValueError, match=r"adapter 'blip' takes model types \['blip'\].*'llava'.*'opt_in_llava'"):
+        load_adapter(str(tmp_path), adapter="blip")

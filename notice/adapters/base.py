@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -97,11 +97,14 @@ class VLMAdapter(ABC):
 
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # Hugging Face `config.model_type` values handled
-    model_class: ClassVar[type]  # transformers class that `from_pretrained` loads
+    model_class: ClassVar[type[Any]]  # transformers class that `from_pretrained` loads
     # "{question}" is replaced by the question; None: the processor's chat template with an image
     # and the question as the user's turn, and the generation prompt.
     default_prompt_template: ClassVar[str | None]
     fast_engine: ClassVar[str]  # key of the family's engine in patching.fast_core.FAST_FAMILIES
+    # True: not the default adapter of its model types but chosen by family name (`load_adapter(adapter=...)`,
+    # the model section's `adapter` key), e.g. a second patched stream of the same models.
+    opt_in: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module, processor, prompt_template: str | None = None):
         # A transformers model: adapters reach its submodules and config by family-specific attribute
@@ -142,7 +145,7 @@ class VLMAdapter(ABC):
             return self.head_dim
         module, kind = self.site_module(site, 0)
         if kind == "input":
-            return module.in_features
+            return cast(torch.nn.Linear, module).in_features  # an output projection
         return self.hidden_size
 
     @property
@@ -245,10 +248,13 @@ class VLMAdapter(ABC):
         return output
 
 
-ADAPTERS: dict[str, type[VLMAdapter]] = {}
+ADAPTERS: dict[str, type[VLMAdapter]] = {}  # model_type -> its default adapter
+ADAPTER_FAMILIES: dict[str, type[VLMAdapter]] = {}  # family -> adapter, for every registered adapter
 
 
 def register(cls: type[VLMAdapter]) -> type[VLMAdapter]:
-    for model_type in cls.model_types:
-        ADAPTERS[model_type] = cls
+    ADAPTER_FAMILIES[cls.family] = cls
+    if not cls.opt_in:
+        for model_type in cls.model_types:
+            ADAPTERS[model_type] = cls
     return cls

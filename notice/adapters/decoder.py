@@ -11,7 +11,7 @@ such as `<|vision_start|>`, are text positions), heads at the last prompt positi
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 
@@ -45,7 +45,7 @@ class DecoderVLMAdapter(VLMAdapter):
 
     @property
     def layers(self) -> torch.nn.ModuleList:
-        return self.language_model.layers
+        return cast(torch.nn.ModuleList, self.language_model.layers)
 
     # -- architecture -----------------------------------------------------------------------
     @property
@@ -58,14 +58,15 @@ class DecoderVLMAdapter(VLMAdapter):
 
     @property
     def head_dim(self) -> int:
-        return int(self.layers[0].self_attn.head_dim)
+        attention: Any = self.layers[0].self_attn  # a family's attention module: fields by name
+        return int(attention.head_dim)
 
     @property
     def hidden_size(self) -> int:
         return int(self.text_config.hidden_size)
 
     def site_module(self, site: str, layer: int) -> tuple[torch.nn.Module, Literal["input", "output"]]:
-        block = self.layers[layer]
+        block: Any = self.layers[layer]  # a family's decoder layer: submodules by name
         site = HEAD_SITE_PARENT.get(site, site)
         if site == "mlp":
             return block.mlp, "output"
@@ -79,14 +80,14 @@ class DecoderVLMAdapter(VLMAdapter):
     def option_token_id(self, option: str) -> int:
         """First token of `option` generated right after the prompt.
 
-        Rule: tokenise the template's text after "{question}" (e.g. " Answer with one word.
-        ASSISTANT:", or a chat template's "<|im_end|>\\n<|im_start|>assistant\\n") alone and followed
+        Rule: tokenise the prompt's text after the question (`answer_context`, e.g. " Answer with one
+        word. ASSISTANT:", or a chat template's "<|im_end|>\\n<|im_start|>assistant\\n") alone and followed
         by the option (after a space unless the prompt ends in whitespace, as a model writes it); the
         first token past the common prefix is the answer token. With sentencepiece-style tokenizers
         this is the space-prefixed piece ("▁red") the model emits after "ASSISTANT:", not "red".
         """
         tokenizer = self.processor.tokenizer
-        context = self.prompt_template.split("{question}")[-1]
+        context = self.answer_context()
         separator = "" if context[-1:].isspace() else " "
         ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
         full_ids = tokenizer(context + separator + option, add_special_tokens=False)["input_ids"]
@@ -96,6 +97,11 @@ class DecoderVLMAdapter(VLMAdapter):
                 f"{tokenizer.convert_ids_to_tokens(ctx_ids)} vs {tokenizer.convert_ids_to_tokens(full_ids)}"
             )
         return int(full_ids[len(ctx_ids)])
+
+    def answer_context(self) -> str:
+        """The prompt's text after the question, as the model reads it right before the answer (the
+        template's text after "{question}"; a processor that appends text to every prompt adds it)."""
+        return self.prompt_template.split("{question}")[-1]
 
     def image_positions(self, inp: ModelInput) -> list[int]:
         return torch.nonzero(inp.input_ids[0] == self.image_token_id).flatten().tolist()
@@ -131,11 +137,12 @@ class DecoderVLMAdapter(VLMAdapter):
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] (float32) from last-layer outputs [B, D] (final norm, then head)."""
-        return self.lm_head(self.language_model.norm(hidden)).float()
+        norm = cast(torch.nn.Module, self.language_model.norm)
+        return self.lm_head(norm(hidden)).float()
 
     # -- fusion attention ---------------------------------------------------------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
-        return [layer.self_attn for layer in self.layers]
+        return [cast(torch.nn.Module, layer.self_attn) for layer in self.layers]
 
     def attention_queries(self, inp: ModelInput) -> list[int]:
         # Positions before the image cannot see it under the causal mask.

@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 # Importing the family modules registers their adapters in ADAPTERS.
 from notice.adapters import blip, llava, llava_next, qwen2_vl  # noqa: F401
-from notice.adapters.base import ADAPTERS, VLMAdapter
+from notice.adapters.base import ADAPTER_FAMILIES, ADAPTERS, VLMAdapter
 from notice.adapters.processors import load_processor
 from notice.workflow.hub import resolve_offline
 
@@ -23,8 +23,12 @@ def load_adapter(
     prompt_template: str | None = None,
     attn_implementation: str = "eager",
     weights: bool = True,
+    adapter: str | None = None,
 ) -> VLMAdapter:
     """Load model and processor offline and return the adapter for the model's family.
+
+    `adapter` names the adapter family (one registered for the model's type, e.g. an opt-in second
+    stream); None takes the model type's default adapter.
 
     `attn_implementation` defaults to "eager" because attention-pattern scoring needs the weights
     and the patching oracle's exactness is established with it. `weights=False` builds the model on
@@ -33,11 +37,7 @@ def load_adapter(
     """
     source = resolve_offline(name_or_path)
     config = AutoConfig.from_pretrained(source, local_files_only=True)
-    if config.model_type not in ADAPTERS:
-        raise ValueError(
-            f"model {name_or_path!r} has model_type {config.model_type!r}; supported model types: {sorted(ADAPTERS)}"
-        )
-    adapter_cls = ADAPTERS[config.model_type]
+    adapter_cls = adapter_class(name_or_path, config.model_type, adapter)
     if weights:
         model = adapter_cls.model_class.from_pretrained(
             source, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, local_files_only=True
@@ -47,3 +47,23 @@ def load_adapter(
             model = adapter_cls.model_class(config)
     processor = load_processor(source)
     return adapter_cls(model, processor, prompt_template=prompt_template)
+
+
+def adapter_class(name_or_path: str, model_type: str, adapter: str | None = None) -> type[VLMAdapter]:
+    """The adapter class named `adapter` (None: the default one of `model_type`), checked against the model type."""
+    if adapter is None:
+        if model_type not in ADAPTERS:
+            raise ValueError(
+                f"model {name_or_path!r} has model_type {model_type!r}; supported model types: {sorted(ADAPTERS)}"
+            )
+        return ADAPTERS[model_type]
+    if adapter not in ADAPTER_FAMILIES:
+        raise ValueError(f"unknown adapter {adapter!r}; adapters: {sorted(ADAPTER_FAMILIES)}")
+    adapter_cls = ADAPTER_FAMILIES[adapter]
+    if model_type not in adapter_cls.model_types:
+        fitting = sorted(name for name, cls in ADAPTER_FAMILIES.items() if model_type in cls.model_types)
+        raise ValueError(
+            f"adapter {adapter!r} takes model types {list(adapter_cls.model_types)}, but model {name_or_path!r} has "
+            f"model_type {model_type!r} (adapters for it: {fitting})"
+        )
+    return adapter_cls

@@ -29,13 +29,25 @@ def image_only(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
 
     `ProcessorMixin` takes its sub-processors from `get_attributes()` (construction, loading and
     saving alike); with the video ones left out, the class's own `__init__` may still pass
-    `video_processor=None` positionally, and `ProcessorMixin.__init__` drops it. The subclass keeps
-    the class name, so save_pretrained records the real class (`processor_class`); pickle therefore
-    cannot find it by name (copy.deepcopy works). Cached: one subclass per class.
+    `video_processor=None` positionally, and `ProcessorMixin.__init__` drops it. Loading passes None
+    for the video sub-processors, as a class may require them (SmolVLM's has no default). The subclass
+    keeps the class name, so save_pretrained records the real class (`processor_class`); pickle
+    therefore cannot find it by name (copy.deepcopy works). Cached: one subclass per class.
     """
     attributes = [name for name in cls.get_attributes() if "video" not in name]
+    videos = dict.fromkeys(name for name in cls.get_attributes() if "video" in name)
+
+    def from_args_and_dict(subclass, args, processor_dict, **kwargs):
+        return cls.from_args_and_dict.__func__(subclass, args, {**videos, **processor_dict}, **kwargs)
+
     return type(
-        cls.__name__, (cls,), {"__module__": cls.__module__, "get_attributes": classmethod(lambda _: attributes)}
+        cls.__name__,
+        (cls,),
+        {
+            "__module__": cls.__module__,
+            "get_attributes": classmethod(lambda _: attributes),
+            "from_args_and_dict": classmethod(from_args_and_dict),
+        },
     )
 
 
@@ -59,7 +71,9 @@ def load_processor(source: str) -> ProcessorMixin:
         return AutoProcessor.from_pretrained(source, local_files_only=True)
     except Exception as auto_error:  # whatever failed, the image-only build may not; both errors are reported
         try:
-            return image_only(_processor_class(source)).from_pretrained(source, local_files_only=True)
+            # type[X] is hashable; mypy says it is not (python/mypy#20409)
+            cls = image_only(_processor_class(source))  # type: ignore[arg-type]
+            return cls.from_pretrained(source, local_files_only=True)
         except Exception as fallback_error:
             raise RuntimeError(
                 f"cannot load the processor of {source}: AutoProcessor failed ({type(auto_error).__name__}: "

@@ -22,9 +22,10 @@ all but the patched one. The score is the next-token logits at the last position
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -79,8 +80,9 @@ def shared_prefix_attention(
     grouped = query.reshape(B, n_kv, n_rep * S, d)
     blocked = torch.ones(S, S, dtype=torch.bool, device=query.device).triu(1).repeat(n_rep, 1)
     scores = (torch.matmul(grouped, key.transpose(-1, -2)) * scale).masked_fill(blocked, torch.finfo(query.dtype).min)
-    prefix_k = shared_prefix.keys[module.layer_idx][0, :, :start]
-    prefix_v = shared_prefix.values[module.layer_idx][0, :, :start]
+    layer_idx = cast(int, module.layer_idx)  # set by transformers on every attention module
+    prefix_k = shared_prefix.keys[layer_idx][0, :, :start]
+    prefix_v = shared_prefix.values[layer_idx][0, :, :start]
     if start:
         stacked = grouped.transpose(0, 1).reshape(n_kv, B * n_rep * S, d)
         prefix = torch.matmul(stacked, prefix_k.transpose(-1, -2)) * scale
@@ -97,9 +99,10 @@ AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
 
 
 @contextmanager
-def attention_switched(layers: Sequence[torch.nn.Module], name: str) -> Iterator[None]:
+def attention_switched(layers: Iterable[torch.nn.Module], name: str) -> Iterator[None]:
     """While active, the layers' attention modules dispatch to the registered attention `name`."""
-    configs = list({id(layer.self_attn.config): layer.self_attn.config for layer in layers}.values())
+    attentions: list[Any] = [layer.self_attn for layer in layers]  # a family's attention module: fields by name
+    configs = list({id(attention.config): attention.config for attention in attentions}.values())
     saved = [config._attn_implementation_internal for config in configs]
     for config in configs:
         config._attn_implementation_internal = name
@@ -112,6 +115,17 @@ def attention_switched(layers: Sequence[torch.nn.Module], name: str) -> Iterator
 
 def _main(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def allowed_keys(mask: torch.Tensor | None) -> torch.Tensor:
+    """Bool [T, T]: query q attends to key k, from a layer's materialised mask ([1, 1, T, T]: bool, or
+    additive with 0 where allowed)."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(
+            "the fast engine needs the attention mask as a tensor (eager or sdpa attention); "
+            f"the layers were given {type(mask).__name__}"
+        )
+    return mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
 
 
 @register_fast
@@ -138,7 +152,8 @@ class DecoderFast(FastFamily):
         """The model's own forward of `inp`: record sites, layer inputs, position embeddings, keys/values."""
         record: dict[str, list[torch.Tensor | None]] = {site: [None] * len(self.layers) for site in self.stages}
         resid: list[torch.Tensor | None] = [None] * len(self.layers)
-        position_embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # None for layers without rotary embeddings (learned absolute positions are added before layer 0).
+        position_embeddings: list[tuple[torch.Tensor, torch.Tensor] | None] = []
 
         def site_recorder(site: str, layer: int):
             def record_site(x: torch.Tensor) -> torch.Tensor:
@@ -147,11 +162,14 @@ class DecoderFast(FastFamily):
 
             return record_site
 
+        masks: list[torch.Tensor | None] = [None] * len(self.layers)
+
         def layer_input(layer: int):
             def hook(_module, args, kwargs):
                 resid[layer] = (args[0] if args else kwargs["hidden_states"])[0].detach()
+                masks[layer] = kwargs.get("attention_mask")
                 if layer == 0:
-                    position_embeddings.append(kwargs["position_embeddings"])
+                    position_embeddings.append(kwargs.get("position_embeddings"))
 
             return hook
 
@@ -165,11 +183,25 @@ class DecoderFast(FastFamily):
                     module, kind = self.adapter.site_module(site, layer)
                     stack.enter_context(hooked(module, kind, site_recorder(site, layer)))
             logits = self.adapter.forward(inp, use_cache=True, past_key_values=cache).logits[0, -1].float()
-        self.record_sites(run, record)
-        self.resid = resid + [record["layer"][-1]]
+        # Every layer's sites, input and mask are recorded by now.
+        self.take_masks(masks)
+        self.record_sites(run, cast(dict[str, list[torch.Tensor]], record))
+        self.resid = cast(list[torch.Tensor], resid + [record["layer"][-1]])
         self.position_embeddings = position_embeddings[0]
-        self.prefix = SharedPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], 0)
+        cached: list[Any] = cache.layers  # a decoder's attention layers, keys/values set
+        self.prefix = SharedPrefix([layer.keys for layer in cached], [layer.values for layer in cached], 0)
         return logits
+
+    def take_masks(self, masks: Sequence[torch.Tensor | None]) -> None:
+        """Refuse a model whose layers let a position attend to a later one: reusing the corrupt run's
+        keys/values before the patched position is exact for causal attention only."""
+        for layer, mask in enumerate(masks):
+            if isinstance(mask, torch.Tensor) and bool(allowed_keys(mask).triu(1).any()):
+                raise ValueError(
+                    f"layer {layer} attends to later positions (not causal, e.g. prefix-LM attention): the "
+                    "decoder fast engine would be wrong; give the adapter fast_engine 'prefix_lm' or use "
+                    "engine 'reference'"
+                )
 
     # -- patched rows -----------------------------------------------------------------------
     def order_key(self, patch: Patch) -> tuple:
@@ -211,7 +243,8 @@ class DecoderFast(FastFamily):
     def run_rows(self, patches: Sequence[Patch]) -> torch.Tensor:
         start = min(p.position for p in patches)
         last = len(self.layers) - 1
-        cos_sin = tuple(x[..., start:, :] for x in self.position_embeddings)
+        embeddings = self.position_embeddings
+        cos_sin = None if embeddings is None else tuple(x[..., start:, :] for x in embeddings)
         prefix = SharedPrefix(self.prefix.keys, self.prefix.values, start)
         h: torch.Tensor | None = None
         order: list[int] = []
@@ -232,6 +265,7 @@ class DecoderFast(FastFamily):
                 # enters at, every position but the patched one.
                 frozen = self._frozen([patches[i] for i in order], layer, start)
                 h = torch.where(frozen, self.resid[layer + 1][start:], h)
+        assert h is not None, "no patch at a layer of the model"
         return self.adapter.final_logits(h[:, -1])[rows_by_index(order, h.device)]
 
     def _frozen(self, patches: Sequence[Patch], layer: int, start: int) -> torch.Tensor:

@@ -56,7 +56,7 @@ def resolve_device(spec: str = "auto") -> str:
 
 
 def load_model(model_path: str, section: dict):
-    """The model's adapter, loaded with the device, dtype and prompt template of its config section.
+    """The model's adapter, loaded with the device, dtype, prompt template and adapter of its config section.
 
     Call it only in jobs with `resources: gpu=1` (the device may be a leased GPU).
     """
@@ -67,6 +67,7 @@ def load_model(model_path: str, section: dict):
         device=resolve_device(section.get("device", "auto")),
         dtype=section.get("dtype", "float32"),
         prompt_template=section.get("prompt_template"),
+        adapter=section.get("adapter"),
     )
 
 
@@ -77,7 +78,9 @@ def load_tokenizing_model(model_path: str, section: dict):
     """
     from notice.adapters.loading import load_adapter
 
-    return load_adapter(model_path, prompt_template=section.get("prompt_template"), weights=False)
+    return load_adapter(
+        model_path, prompt_template=section.get("prompt_template"), weights=False, adapter=section.get("adapter")
+    )
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
