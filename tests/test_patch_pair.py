@@ -21,7 +21,7 @@ from toy_adapters import QUESTION, STR_QUESTION, one_torch_thread
 from transformers import BertConfig
 
 from notice.__main__ import main
-from notice.adapters import llava_next_tiny, qwen2_vl_tiny
+from notice.adapters import blip2_tiny, idefics3_tiny, llava_next_tiny, paligemma_tiny, qwen2_vl_tiny
 from notice.adapters.blip_toy import build_blip
 from notice.adapters.llava_toy import build_llava
 from notice.adapters.loading import load_adapter
@@ -32,8 +32,20 @@ from notice.workflow.runtime import load_image
 from notice.workflow.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = ("blip", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-WIDE = {"llava_next", "qwen2_vl", "qwen2_5_vl"}  # families that take a 40x24 image as it is (any resolution)
+FAMILIES = (
+    "blip",
+    "blip2",
+    "idefics3",
+    "instructblip",
+    "llava",
+    "llava_next",
+    "paligemma",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "smolvlm",
+)
+# Families that take a 40x24 image as it is (any resolution).
+WIDE = {"idefics3", "llava_next", "qwen2_5_vl", "qwen2_vl", "smolvlm"}
 TOY = ToyModelConfig(
     image_size=32,
     patch_size=8,
@@ -60,10 +72,15 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("patch_pair")
     builds = {
         "blip": lambda: build_blip(TOY),
+        "blip2": lambda: blip2_tiny.build("blip2"),
+        "idefics3": lambda: idefics3_tiny.build("idefics3"),
+        "instructblip": lambda: blip2_tiny.build("instructblip"),
         "llava": lambda: build_llava(TOY),
         "llava_next": llava_next_tiny.build,
+        "paligemma": paligemma_tiny.build,
         "qwen2_vl": lambda: qwen2_vl_tiny.build("qwen2_vl"),
         "qwen2_5_vl": lambda: qwen2_vl_tiny.build("qwen2_5_vl"),
+        "smolvlm": lambda: idefics3_tiny.build("smolvlm"),
     }
     for name, build in builds.items():
         model, processor = build()

@@ -13,13 +13,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from notice.adapters import llava_next_tiny, qwen2_vl_tiny
+from notice.adapters import blip2_tiny, idefics3_tiny, llava_next_tiny, paligemma_tiny, qwen2_vl_tiny
 from notice.adapters.base import VLMAdapter
 from notice.adapters.blip import BlipAdapter
+from notice.adapters.blip2 import Blip2Adapter, InstructBlipAdapter
 from notice.adapters.blip_toy import build_blip
+from notice.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter
 from notice.adapters.llava import LlavaAdapter
 from notice.adapters.llava_next import LlavaNextAdapter
 from notice.adapters.llava_toy import build_llava
+from notice.adapters.paligemma import PaliGemmaAdapter
 from notice.adapters.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
 from notice.demo.toy_config import ToyModelConfig
 
@@ -75,13 +78,43 @@ def qwen2_5_vl_adapter(seed: int = 0, std: float = 0.3) -> Qwen25VLAdapter:
     return Qwen25VLAdapter(reinit(model, std, seed), processor)
 
 
+def paligemma_adapter(seed: int = 0, std: float = 0.3, **overrides) -> PaliGemmaAdapter:
+    model, processor = paligemma_tiny.build(seed=seed, **overrides)
+    return PaliGemmaAdapter(reinit(model, std, seed), processor)
+
+
+def idefics3_adapter(seed: int = 0, std: float = 0.3) -> Idefics3Adapter:
+    model, processor = idefics3_tiny.build("idefics3", seed=seed)
+    return Idefics3Adapter(reinit(model, std, seed), processor)
+
+
+def smolvlm_adapter(seed: int = 0, std: float = 0.3) -> SmolVLMAdapter:
+    model, processor = idefics3_tiny.build("smolvlm", seed=seed)
+    return SmolVLMAdapter(reinit(model, std, seed), processor)
+
+
+def blip2_adapter(seed: int = 0, std: float = 0.3) -> Blip2Adapter:
+    model, processor = blip2_tiny.build("blip2", seed=seed)
+    return Blip2Adapter(reinit(model, std, seed), processor)
+
+
+def instructblip_adapter(seed: int = 0, std: float = 0.3) -> InstructBlipAdapter:
+    model, processor = blip2_tiny.build("instructblip", seed=seed)
+    return InstructBlipAdapter(reinit(model, std, seed), processor)
+
+
 # Tiny random adapter of every family, for the tests that run over all of them.
 FAMILY_ADAPTERS: dict[str, Callable[..., VLMAdapter]] = {
     "blip": blip_adapter,
+    "blip2": blip2_adapter,
+    "idefics3": idefics3_adapter,
+    "instructblip": instructblip_adapter,
     "llava": llava_adapter,
     "llava_next": llava_next_adapter,
+    "paligemma": paligemma_adapter,
     "qwen2_vl": qwen2_vl_adapter,
     "qwen2_5_vl": qwen2_5_vl_adapter,
+    "smolvlm": smolvlm_adapter,
 }
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig
 
 # Importing the family modules registers their adapters in ADAPTERS.
-from notice.adapters import blip, llava, llava_next, qwen2_vl  # noqa: F401
+from notice.adapters import blip, blip2, idefics3, llava, llava_next, paligemma, qwen2_vl  # noqa: F401
 from notice.adapters.base import ADAPTER_FAMILIES, ADAPTERS, VLMAdapter
 from notice.adapters.processors import load_processor
 from notice.workflow.hub import resolve_offline

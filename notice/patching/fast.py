@@ -38,7 +38,7 @@ from notice.adapters.base import ModelInput, Patch, VLMAdapter
 from notice.method.metrics import Scores, answer_prob, logit_diff, result_row, scores
 
 # Importing the family modules registers their engines in FAST_FAMILIES.
-from notice.patching import fast_blip, fast_decoder  # noqa: F401
+from notice.patching import fast_blip, fast_blip2, fast_decoder, fast_prefix_lm  # noqa: F401
 from notice.patching.fast_core import FAST_FAMILIES, CleanRun, FastFamily, ImageFn
 from notice.patching.reference import check_patches
 
