@@ -26,7 +26,7 @@ from transformers import (
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from notice.adapters.llava_next_tiny import WORDS, word_tokenizer
+from notice.adapters.llava_next_tiny import WORDS, tiny_layers, word_tokenizer
 from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD
 
 Kind = Literal["blip2", "instructblip"]
@@ -107,10 +107,7 @@ def build(
             image_processor, tokenizer, BertTokenizer(vocab=qformer_vocab), num_query_tokens=query_tokens
         )
     vision = dict(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
+        **tiny_layers(hidden, layers, heads),
         image_size=image_size,
         patch_size=patch_size,
         initializer_range=0.02,  # the config's default, 1e-10, gives a tower whose output ignores the image

@@ -27,7 +27,7 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from notice.adapters.llava_next_tiny import word_tokenizer
+from notice.adapters.llava_next_tiny import tiny_layers, word_tokenizer
 from notice.adapters.processors import image_only
 from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD
 
@@ -95,10 +95,7 @@ def build(
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     text = dict(
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
+        **tiny_layers(hidden, layers, heads),
         num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=ids["<|im_start|>"],
@@ -106,10 +103,7 @@ def build(
         pad_token_id=ids["<|im_end|>"],
     )
     vision = dict(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
+        **tiny_layers(hidden, layers, heads),
         image_size=tile,
         patch_size=patch_size,
     )

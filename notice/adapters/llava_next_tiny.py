@@ -11,7 +11,7 @@ tiny Qwen2-VL builder shares.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -83,6 +83,11 @@ INSTRUCTION_TOKENS = ("[INST]", "[/INST]")
 GRID_PINPOINTS = ((32, 32), (32, 64), (64, 32))
 
 
+def tiny_layers(hidden: int, layers: int, heads: int) -> dict[str, Any]:
+    """The size fields of a tiny transformer config (vision tower or language model), MLP twice as wide."""
+    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads)
+
+
 def word_tokenizer(
     specials: Sequence[str],
     unk_token: str,
@@ -141,20 +146,14 @@ def build(
         extra_special_tokens={"image_token": "<image>"},
     )
     vision = CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
+        **tiny_layers(hidden, layers, heads),
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=hidden,
     )
     text = MistralConfig(
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
+        **tiny_layers(hidden, layers, heads),
         num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,

@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from notice.adapters.llava_next_tiny import word_tokenizer
+from notice.adapters.llava_next_tiny import tiny_layers, word_tokenizer
 
 Kind = Literal["paligemma", "paligemma2"]
 
@@ -35,10 +35,7 @@ TASK_WORDS = ("en",)  # the mix checkpoints' task prefix "answer en"; "answer" i
 def _text_config(kind: Kind, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, **text: Any):
     common: dict[str, Any] = dict(
         vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
+        **tiny_layers(hidden, layers, heads),
         num_key_value_heads=kv_heads,
         head_dim=hidden // heads,
         max_position_embeddings=512,
@@ -91,10 +88,7 @@ def build(
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
     vocab = len(tokenizer)
     vision = SiglipVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
+        **tiny_layers(hidden, layers, heads),
         image_size=image_size,
         patch_size=patch_size,
         vision_use_head=False,

@@ -25,7 +25,7 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from notice.adapters.llava_next_tiny import word_tokenizer
+from notice.adapters.llava_next_tiny import tiny_layers, word_tokenizer
 from notice.adapters.processors import image_only
 
 Kind = Literal["qwen2_vl", "qwen2_5_vl"]
@@ -115,10 +115,7 @@ def build(
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     text = dict(
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
+        **tiny_layers(hidden, layers, heads),
         num_key_value_heads=kv_heads,
         max_position_embeddings=512,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(hidden // heads)},

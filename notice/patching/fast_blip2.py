@@ -18,15 +18,15 @@ language model's own forward on the batch gives each row's next-token logits at 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any, cast
 
 import torch
 
 from notice.adapters.base import ModelInput, Patch
 from notice.adapters.blip2 import QFormerStreamAdapter
-from notice.patching.fast_core import CleanRun, FastFamily, Run, head_mask, register_fast, rows_by_index
+from notice.patching.fast_core import CleanRun, FastFamily, Run, register_fast, rows_by_index
 from notice.patching.reference import ImageFn, hooked, image_embeddings_replaced
 
 
@@ -117,31 +117,6 @@ class QFormerFast(FastFamily):
         qformer = tokens * (14 * self.adapter.hidden_size + 3 * self.adapter.n_heads * (tokens + images))
         return lm * self.adapter.dtype.itemsize + 4 * qformer
 
-    @contextmanager
-    def _patched(self, layer: int, patches: Sequence[Patch], first_row: int) -> Iterator[None]:
-        """Hooks that write the clean values of `patches` (rows first_row.. of the batch) at stream `layer`."""
-        device = self.adapter.device
-        rows = torch.arange(first_row, first_row + len(patches), device=device)
-        with ExitStack() as stack:
-            for site in self.stages:
-                mine = [i for i, p in enumerate(patches) if self.stage(p.site) == self.stage(site)]
-                if not mine:
-                    continue
-                chosen = [patches[i] for i in mine]
-                positions = torch.tensor([p.position for p in chosen], device=device)
-                clean = self.activation("clean", site, layer)[positions]
-                where = (rows[mine], positions)
-
-                def overwrite(x: torch.Tensor, clean=clean, where=where, chosen=chosen) -> torch.Tensor:
-                    x = x.clone()
-                    take = head_mask(chosen, x.shape[-1], self.head_dim, x.device)
-                    x[where] = torch.where(take, clean.to(x.dtype), x[where])
-                    return x
-
-                module, kind = self.adapter.site_module(site, layer)
-                stack.enter_context(hooked(module, kind, overwrite))
-            yield
-
     @torch.no_grad()
     def run_rows(self, patches: Sequence[Patch]) -> torch.Tensor:
         entry = [self.stream_layers[p.layer] for p in patches]  # the Q-Former layer each row enters at
@@ -155,7 +130,7 @@ class QFormerFast(FastFamily):
                 h = new if h is None else torch.cat([h, new])
                 order += entering
             stream_layer = self.stream_layers.index(qformer_layer) if entering else -1
-            with self._patched(stream_layer, [patches[i] for i in entering], first_row):
+            with self.clean_value_hooks(stream_layer, [patches[i] for i in entering], first_row):
                 h = self.qformer_layers[qformer_layer](cast(torch.Tensor, h), *self.layer_args, **self.layer_kwargs)
         assert h is not None, "no patch at a layer of the Q-Former"
         return self._answer_logits(h)[rows_by_index(order, h.device)]

@@ -9,13 +9,14 @@ computes many patched runs at once, one row per patch.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import ClassVar, Literal
 
 import torch
 
 from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
-from notice.patching.reference import ImageFn, SiteKey, activation_key
+from notice.patching.reference import ImageFn, SiteKey, activation_key, hooked
 
 Run = Literal["clean", "corrupt"]
 CleanRun = tuple[torch.Tensor, dict[SiteKey, torch.Tensor]]  # (answer logits [V], activations [T, width])
@@ -99,6 +100,31 @@ class FastFamily(ABC):
         corrupt = self.activation("corrupt", patch.site, patch.layer)[patch.position]
         dims = head_slice(patch.head, self.head_dim)
         return torch.equal(clean[dims], corrupt[dims])
+
+    @contextmanager
+    def clean_value_hooks(self, layer: int, patches: Sequence[Patch], first_row: int, start: int = 0) -> Iterator[None]:
+        """While active, the site hooks at `layer` write the clean values of `patches` into rows
+        first_row.. of the batch, whose positions begin at prompt position `start`."""
+        rows = torch.arange(first_row, first_row + len(patches), device=self.adapter.device)
+        with ExitStack() as stack:
+            for site in self.stages:
+                mine = [i for i, p in enumerate(patches) if self.stage(p.site) == self.stage(site)]
+                if not mine:
+                    continue
+                chosen = [patches[i] for i in mine]
+                positions = torch.tensor([p.position for p in chosen], device=self.adapter.device)
+                clean = self.activation("clean", site, layer)[positions]
+                where = (rows[mine], positions - start)
+
+                def overwrite(x: torch.Tensor, clean=clean, where=where, chosen=chosen) -> torch.Tensor:
+                    x = x.clone()
+                    take = head_mask(chosen, x.shape[-1], self.head_dim, x.device)
+                    x[where] = torch.where(take, clean.to(x.dtype), x[where])
+                    return x
+
+                module, kind = self.adapter.site_module(site, layer)
+                stack.enter_context(hooked(module, kind, overwrite))
+            yield
 
     def patched_inputs(self, layer: int, patches: Sequence[Patch]) -> dict[str, torch.Tensor]:
         """Per stage site, [n, width]: the corrupt value at each patch's position, where the patch's own

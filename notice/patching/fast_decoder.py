@@ -32,7 +32,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from notice.adapters.base import ModelInput, Patch
 from notice.adapters.decoder import DecoderVLMAdapter
-from notice.patching.fast_core import FastFamily, Run, head_mask, register_fast, rows_by_index
+from notice.patching.fast_core import FastFamily, Run, register_fast, rows_by_index
 from notice.patching.reference import ImageFn, hooked, image_embeddings_replaced
 
 ATTENTION_NAME = "notice_shared_prefix"
@@ -215,30 +215,6 @@ class DecoderFast(FastFamily):
         elements = S * (10 * hidden + 3 * width) + 3 * self.adapter.n_heads * S * self.seq_len  # scores in float32
         return elements * self.adapter.dtype.itemsize
 
-    @contextmanager
-    def _patched(self, layer: int, patches: Sequence[Patch], first_row: int, start: int) -> Iterator[None]:
-        """Hooks that write the clean values of `patches` (rows first_row.. of the batch) at `layer`."""
-        rows = torch.arange(first_row, first_row + len(patches), device=self.adapter.device)
-        with ExitStack() as stack:
-            for site in self.stages:
-                mine = [i for i, p in enumerate(patches) if self.stage(p.site) == self.stage(site)]
-                if not mine:
-                    continue
-                chosen = [patches[i] for i in mine]
-                positions = torch.tensor([p.position for p in chosen], device=self.adapter.device)
-                clean = self.activation("clean", site, layer)[positions]
-                where = (rows[mine], positions - start)
-
-                def overwrite(x: torch.Tensor, clean=clean, where=where, chosen=chosen) -> torch.Tensor:
-                    x = x.clone()
-                    take = head_mask(chosen, x.shape[-1], self.head_dim, x.device)
-                    x[where] = torch.where(take, clean.to(x.dtype), x[where])
-                    return x
-
-                module, kind = self.adapter.site_module(site, layer)
-                stack.enter_context(hooked(module, kind, overwrite))
-            yield
-
     @torch.no_grad()
     def run_rows(self, patches: Sequence[Patch]) -> torch.Tensor:
         start = min(p.position for p in patches)
@@ -256,7 +232,7 @@ class DecoderFast(FastFamily):
                     new = self.resid[layer][start:].expand(len(entering), -1, -1)
                     h = new if h is None else torch.cat([h, new])
                     order += entering
-                with self._patched(layer, [patches[i] for i in entering], first_row, start):
+                with self.clean_value_hooks(layer, [patches[i] for i in entering], first_row, start):
                     h = _main(
                         self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin, shared_prefix=prefix)
                     )

@@ -104,7 +104,7 @@ class PrefixLMFast(DecoderFast):
                 if layer == last:
                     stack.enter_context(self._scored_position_only(layer))
                     start = self.seq_len - 1  # the site tensors hold the last position only
-                stack.enter_context(self._patched(layer, chosen, first_row, start))
+                stack.enter_context(self.clean_value_hooks(layer, chosen, first_row, start))
                 h = _main(
                     self.layers[layer](
                         h, attention_mask=self.masks[layer], position_embeddings=self.position_embeddings
