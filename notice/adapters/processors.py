@@ -30,7 +30,7 @@ def image_only(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     `ProcessorMixin` takes its sub-processors from `get_attributes()` (construction, loading and
     saving alike); with the video ones left out, the class's own `__init__` may still pass
     `video_processor=None` positionally, and `ProcessorMixin.__init__` drops it. Loading passes None
-    for the video sub-processors, as a class may require them (SmolVLM's has no default). The subclass
+    for the video sub-processors, as a class may require them (some have no default). The subclass
     keeps the class name, so save_pretrained records the real class (`processor_class`); pickle
     therefore cannot find it by name (copy.deepcopy works). Cached: one subclass per class.
     """

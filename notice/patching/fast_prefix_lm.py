@@ -1,5 +1,5 @@
 """Fast exact patching for decoder families whose attention is not causal over the prompt: prefix-LM
-attention (PaliGemma: bidirectional over the image and the prompt, causal over a suffix).
+attention (bidirectional over the image and the prompt, causal over a suffix).
 
 A patch at a prefix position p changes, from the next layer on, every position that attends to p,
 those before p included, so the decoder engine's reuse of the corrupt run's keys/values before the
