@@ -221,11 +221,15 @@ class VLMAdapter(ABC):
     def model_view(self, inp: ModelInput) -> np.ndarray:
         """The image as the model sees it (after resize / crop), uint8 [H, W, 3]: the processor's
         normalisation undone, so overlays line up with the patch grid exactly."""
+        return self.pixels_view(inp.pixel_values[0])
+
+    def pixels_view(self, pixels: torch.Tensor) -> np.ndarray:
+        """Normalised pixels [3, H, W] as the processor made them, back to uint8 [H, W, 3]."""
         processor = self.processor.image_processor
         mean = torch.tensor(processor.image_mean).view(3, 1, 1)
         std = torch.tensor(processor.image_std).view(3, 1, 1)
-        pixels = inp.pixel_values[0].float().cpu() * std + mean
-        return (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        image = pixels.float().cpu() * std + mean
+        return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
     def mask_view(self, mask: Image.Image, inp: ModelInput) -> np.ndarray:
         """An object mask (0/255) through the same resize / crop as the image, float [H, W] in [0, 1].

@@ -90,11 +90,7 @@ class _Idefics3FamilyAdapter(DecoderVLMAdapter):
 
     def model_view(self, inp: ModelInput) -> np.ndarray:
         """The tiles stitched together: the image resized as the model reads it."""
-        processor = self.processor.image_processor
-        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_std).view(3, 1, 1)
-        pixels = stitch_tiles(inp.pixel_values[0].float().cpu(), *self.tile_layout(inp)) * std + mean
-        return (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return self.pixels_view(stitch_tiles(inp.pixel_values[0], *self.tile_layout(inp)))
 
     def mask_view(self, mask: Image.Image, inp: ModelInput) -> np.ndarray:
         """The mask through the same resize and tiling as the image, its tiles stitched as in `model_view`."""

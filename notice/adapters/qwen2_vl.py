@@ -50,11 +50,7 @@ class _QwenVLAdapter(DecoderVLMAdapter):
         return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, h * p, w * p)
 
     def model_view(self, inp: ModelInput) -> np.ndarray:
-        processor = self.processor.image_processor
-        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_std).view(3, 1, 1)
-        pixels = self._unpatchify(inp.pixel_values, inp.extra["image_grid_thw"]) * std + mean
-        return (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return self.pixels_view(self._unpatchify(inp.pixel_values, inp.extra["image_grid_thw"]))
 
     def mask_view(self, mask: Image.Image, inp: ModelInput) -> np.ndarray:
         # The processor sizes an image by its own resolution: resize the mask to the image's first.
