@@ -186,9 +186,14 @@ class VLMAdapter(ABC):
         """Position for head patching (e.g. the correct-answer token in the question, or the last token)."""
 
     # -- running ----------------------------------------------------------------------------
-    @abstractmethod
+    @torch.no_grad()
     def answer_logits(self, inp: ModelInput) -> torch.Tensor:
         """Logits [vocab] (float32) of the first answer token: what every metric is computed from."""
+        return self.differentiable_answer_logits(inp)
+
+    @abstractmethod
+    def differentiable_answer_logits(self, inp: ModelInput) -> torch.Tensor:
+        """`answer_logits` under the caller's autograd mode: the attribution screen backpropagates through it."""
 
     @abstractmethod
     def generate_answer(self, inp: ModelInput, max_new_tokens: int = 5) -> str:

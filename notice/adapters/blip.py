@@ -79,7 +79,6 @@ class BlipAdapter(VLMAdapter):
         )
 
     # -- running ----------------------------------------------------------------------------
-    @torch.no_grad()
     def _encode(self, inp: ModelInput) -> torch.Tensor:
         """Text-encoder output [1, T, D] (question embeddings that the decoder cross-attends to)."""
         image_embeds = self.model.vision_model(pixel_values=inp.pixel_values)[0]
@@ -91,7 +90,6 @@ class BlipAdapter(VLMAdapter):
             encoder_attention_mask=image_mask,
         )[0]
 
-    @torch.no_grad()
     def _decoder_logits(
         self, question_embeds: torch.Tensor, inp: ModelInput, decoder_ids: torch.Tensor
     ) -> torch.Tensor:
@@ -106,9 +104,10 @@ class BlipAdapter(VLMAdapter):
     def _bos(self) -> torch.Tensor:
         return torch.tensor([[self._text_config.bos_token_id]], device=self.device)
 
-    def answer_logits(self, inp: ModelInput) -> torch.Tensor:
+    def differentiable_answer_logits(self, inp: ModelInput) -> torch.Tensor:
         return self._decoder_logits(self._encode(inp), inp, self._bos())
 
+    @torch.no_grad()
     def generate_answer(self, inp: ModelInput, max_new_tokens: int = 5) -> str:
         # Greedy, without a key/value cache: answers are a few tokens, and the first step is then
         # computed exactly as in `answer_logits`. Stops at [SEP] like `BlipForQuestionAnswering.generate`

@@ -118,8 +118,7 @@ class DecoderVLMAdapter(VLMAdapter):
         """The model's own forward on `inp`, scoring the last position only."""
         return self.model(**inp.model_kwargs(), logits_to_keep=1, **kwargs)
 
-    @torch.no_grad()
-    def answer_logits(self, inp: ModelInput) -> torch.Tensor:
+    def differentiable_answer_logits(self, inp: ModelInput) -> torch.Tensor:
         return self.forward(inp).logits[0, -1].float()
 
     @torch.no_grad()
