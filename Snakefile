@@ -23,6 +23,7 @@ include: "rules/evaluate.smk"
 include: "rules/pairs.smk"
 include: "rules/patching.smk"
 include: "rules/analysis.smk"
+include: "rules/screen.smk"
 include: "rules/report.smk"
 
 

@@ -369,3 +369,24 @@ def shard_files(pattern):
 
 # -- GPU jobs (resources: gpu=1): cores, host memory (MB) and wall time (minutes), config `gpu_jobs` --
 GPU_JOBS = {"threads": 2, "mem_mb": 16000, "runtime": 240, **config.get("gpu_jobs", {})}
+
+
+# -- the attribution screen (config `screen`) ------------------------------------------------------
+SCREEN = config.get("screen", {})
+
+
+def screen_conditions():
+    """(dataset, corruption) of every screen table, in the order `screen_files` lists them."""
+    return [(dataset, corruption) for dataset in DATASETS for corruption in dataset_corruptions(dataset)]
+
+
+def screen_files(model, suffix):
+    """One screen output of `model` (table ".parquet", "_confirmed.parquet" or the "_maps" folder) per condition."""
+    return [f"{RESULTS}/{model}/{dataset}/screen/{corruption}{suffix}" for dataset, corruption in screen_conditions()]
+
+
+def screen_outputs(name):
+    """Input function of the report: the validation's `name` output of every model, none with the screen off."""
+    files = {"validation": "analysis/screen_validation.csv", "misses": "analysis/screen_misses.csv"}
+    files |= {"object_fraction": "analysis/screen_object_fraction.csv", "figures": "screen_figures"}
+    return [f"{RESULTS}/{model}/{files[name]}" for model in MODELS] if SCREEN.get("enabled") else []

@@ -10,6 +10,10 @@ rule report:
         accuracy=expand(f"{RESULTS}/{{model}}/{{dataset}}/accuracy.csv", model=MODELS, dataset=DATASETS),
         head_functions=expand(f"{RESULTS}/{{model}}/analysis/head_functions.csv", model=MODELS),
         grounding=expand(f"{RESULTS}/{{model}}/analysis/grounding.csv", model=MODELS),
+        screen_validation=screen_outputs("validation"),
+        screen_misses=screen_outputs("misses"),
+        screen_object_fraction=screen_outputs("object_fraction"),
+        screen_figures=screen_outputs("figures"),
     output:
         report=f"{RESULTS}/report.html",
         table1=multiext(f"{RESULTS}/tables/table1_universal_heads", ".csv", ".md"),

@@ -7,15 +7,19 @@ import pandas as pd
 import pytest
 import torch
 from linear_toy import LinearAdapter, LinearVLM, linear_inputs
-from toy_adapters import blip_adapter, clean_and_corrupt, llava_adapter, noise_image, one_torch_thread
+from toy_adapters import FAMILY_ADAPTERS, blip_adapter, clean_and_corrupt, llava_adapter, noise_image, one_torch_thread
 
 from notice.adapters.base import Patch
 from notice.method.metrics import logit_diff
 from notice.patching.attribution import (
     IMAGE_LAYER,
     IMAGE_SITE,
+    _scores,
     attribution_estimates,
     estimates_table,
+    patch_queries_keys,
+    qk_sites,
+    query_key_fix,
     screen_sites,
 )
 from notice.patching.reference import hooked, patch_sample
@@ -176,3 +180,142 @@ def test_unknown_sites_method_and_misaligned_prompts_are_refused():
     short = adapter.prepare(noise_image(0), adapter.format_prompt("red?"))
     with pytest.raises(ValueError, match="different token lengths"):
         attribution_estimates(adapter, clean, short, 5, 6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_ADAPTERS))
+def test_attention_taps_see_what_the_model_computes_and_change_nothing(family):
+    adapter = FAMILY_ADAPTERS[family]()
+    clean, _ = clean_and_corrupt(adapter, "SIP")
+    seen = {}
+
+    class Record:
+        def query(self, layer, query):
+            seen[("q", layer)] = query
+            return query
+
+        def key(self, layer, key):
+            seen[("k", layer)] = key
+            return key
+
+        def probs(self, layer, probs, scaling, mask, softcap):
+            seen[("p", layer)] = (probs, scaling, mask, softcap)
+            return probs
+
+    with one_torch_thread():
+        plain = adapter.answer_logits(clean)
+        with adapter.attention_taps(Record()):
+            tapped = adapter.answer_logits(clean)
+    assert torch.equal(plain, tapped)
+    for layer in range(adapter.n_layers):
+        q, k, (probs, scaling, mask, softcap) = seen[("q", layer)], seen[("k", layer)], seen[("p", layer)]
+        assert q.shape[1] == adapter.n_heads and probs.shape[1:3] == q.shape[1:3] and probs.shape[-1] == k.shape[2]
+        # the probabilities are the softmax of the reported queries, keys and settings
+        scores = _scores(q[0], k[0], scaling, softcap) + (0 if mask is None else mask.double())
+        assert torch.allclose(torch.softmax(scores, -1), probs[0].double(), atol=1e-5)
+
+
+def brute_force_fix(clean_q, clean_k, q, k, grad, scaling, mask):
+    """Each query / key patched on its own, the softmax recomputed from scratch."""
+    heads, length, keys = grad.shape
+    rep = heads // k.shape[0]
+    base = torch.softmax(_scores(q, k, scaling, None) + mask, -1)
+    query = torch.zeros(length, heads, dtype=torch.float64)
+    for t in range(length):
+        patched = q.clone()
+        patched[:, t] = clean_q[:, t]
+        query[t] = ((torch.softmax(_scores(patched, k, scaling, None) + mask, -1) - base) * grad).sum((-1, -2))
+    key = torch.zeros(keys, k.shape[0], dtype=torch.float64)
+    for s in range(keys):
+        patched = k.clone()
+        patched[:, s] = clean_k[:, s]
+        change = ((torch.softmax(_scores(q, patched, scaling, None) + mask, -1) - base) * grad).sum((-1, -2))
+        key[s] = change.view(k.shape[0], rep).sum(1)
+    return query, key
+
+
+@pytest.mark.parametrize("saturated", [False, True])
+def test_query_key_fix_is_the_softmax_recomputed_for_each_query_and_key(saturated):
+    generator = torch.Generator().manual_seed(3)
+    heads, kv_heads, length, dim = 4, 2, 6, 8
+    scale = 30.0 if saturated else 1.0  # large scores: one key takes all the attention
+    q, clean_q = (scale * torch.randn(heads, length, dim, generator=generator) for _ in range(2))
+    k, clean_k = (torch.randn(kv_heads, length, dim, generator=generator) for _ in range(2))
+    grad = torch.randn(heads, length, length, generator=generator, dtype=torch.float64)
+    mask = torch.zeros(length, length).masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    query, key = query_key_fix(clean_q, clean_k, q, k, grad, dim**-0.5, mask, None)
+    expected_query, expected_key = brute_force_fix(clean_q, clean_k, q, k, grad, dim**-0.5, mask.double())
+    assert torch.allclose(query.double(), expected_query, atol=1e-5)
+    assert torch.allclose(key.double(), expected_key, atol=1e-5)
+    if saturated:  # where AtP's gradient through the softmax is ~0 but patching moves the attention
+        assert expected_key.abs().max() > 0.1
+
+
+def test_atp_star_query_key_fix_changes_only_the_attention_query_and_key_sites():
+    adapter = llava_adapter()
+    clean, corrupt = clean_and_corrupt(adapter, "STR")
+    with one_torch_thread():
+        atp = attribution_estimates(adapter, clean, corrupt, 5, 6)
+        fixed = attribution_estimates(adapter, clean, corrupt, 5, 6, method="atp_star", grad_drop=False)
+    assert fixed.method == "atp+qk_fix" and atp.method == "atp"
+    changed = {key[0] for key in atp.values if not torch.allclose(atp.values[key], fixed.values[key], atol=1e-6)}
+    assert changed == {"self_attn_query", "self_attn_key"}
+    for key, value in atp.values.items():
+        if key[0] not in changed:
+            assert torch.equal(value, fixed.values[key]), key
+
+
+def test_blip_key_sites_are_the_image_tokens_of_each_layer():
+    adapter = blip_adapter()
+    clean, corrupt = clean_and_corrupt(adapter, "SIP")
+    estimates = attribution_estimates(adapter, clean, corrupt, 5, 6, method="atp_star", grad_drop=False)
+    table = estimates_table(estimates, clean.tokens)
+    keys = table[table["site"] == "cross_attn_key"]
+    vision = adapter.model.config.vision_config
+    n_image = 1 + (vision.image_size // vision.patch_size) ** 2
+    assert keys.groupby("layer")["position"].nunique().eq(n_image).all()
+    assert keys["token"].str.startswith("<image row").all()
+    assert keys["estimate"].abs().max() > 0
+
+
+def test_patching_a_query_through_the_tap_is_patching_its_projection():
+    adapter = llava_adapter()
+    clean, corrupt = clean_and_corrupt(adapter, "SIP")
+    layer, head, position = 1, 2, clean.input_ids.shape[1] - 1
+    [row] = patch_queries_keys(adapter, clean, corrupt, [Patch("self_attn_query", layer, position, head)], 5, 6)
+    projection = adapter.layers[layer].self_attn.q_proj
+    dims = slice(head * adapter.head_dim, (head + 1) * adapter.head_dim)
+    captured = {}
+    with hooked(projection, "output", lambda x: captured.setdefault("clean", x.clone())):
+        adapter.answer_logits(clean)
+
+    def overwrite(x):
+        x = x.clone()
+        x[0, position, dims] = captured["clean"][0, position, dims]
+        return x
+
+    with hooked(projection, "output", overwrite):
+        patched = float(logit_diff(adapter.answer_logits(corrupt), 5, 6))
+    # rotary position embedding is a fixed rotation per position: patching before or after it is the same
+    assert abs(row["ld_patched"] - patched) < 1e-5
+    assert abs(row["logit_diff"]) > 1e-4
+
+
+@pytest.mark.parametrize("make", [blip_adapter, llava_adapter], ids=["blip", "llava"])
+def test_atp_star_estimates_queries_and_keys_closer_to_exact_patching_than_atp(make):
+    adapter = make()
+    clean, corrupt = clean_and_corrupt(adapter, "SIP")
+    tau, tau_p = adapter.option_token_id("red"), adapter.option_token_id("green")
+    with one_torch_thread():
+        atp = estimates_table(attribution_estimates(adapter, clean, corrupt, tau, tau_p), clean.tokens)
+        star = attribution_estimates(adapter, clean, corrupt, tau, tau_p, method="atp_star", grad_drop=False)
+        star_table = estimates_table(star, clean.tokens)
+        sites = atp[atp["site"].isin(qk_sites(adapter))]
+        patches = [Patch(r.site, int(r.layer), int(r.position), int(r.head)) for r in sites.itertuples()]
+        exact = pd.DataFrame(patch_queries_keys(adapter, clean, corrupt, patches, tau, tau_p))
+    joined = exact.merge(atp[[*KEYS, "estimate"]], on=KEYS).merge(
+        star_table[[*KEYS, "estimate"]], on=KEYS, suffixes=("_atp", "_star")
+    )
+    assert len(joined) == len(patches)
+    error_atp = (joined["estimate_atp"] - joined["logit_diff"]).abs().mean()
+    error_star = (joined["estimate_star"] - joined["logit_diff"]).abs().mean()
+    assert error_star < 0.7 * error_atp

@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 from planted_tables import accuracy_table, module_table, planted_results
@@ -105,3 +106,39 @@ def test_head_heatmap_of_a_large_model(tmp_path):
     paths = head_heatmaps(significant_heads(effects), universal, tmp_path)
     assert [p.name for p in paths] == [f"heads_llava_self_attn_head.{ext}" for ext in ("png", "svg", "html")]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_screen_figures_draw_the_comparison_and_the_image_maps(tmp_path):
+    from notice.present.figures import screen_image_maps, screen_scatter
+
+    rng = np.random.default_rng(0)
+    exact = rng.normal(size=40)
+    paired = pd.DataFrame(
+        {
+            "site": ["mlp"] * 20 + ["self_attn_key"] * 20,
+            "layer": 0,
+            "head": -1,
+            "position": np.arange(40),
+            "token": "t",
+            "estimate": exact + 0.1 * rng.normal(size=40),
+            "exact": exact,
+            "method": "atp_star",
+        }
+    )
+    paths = screen_scatter(paired, tmp_path / "screenscatter_x", "title")
+    assert [p.suffix for p in paths] == [".png", ".svg", ".html"] and all(p.stat().st_size for p in paths)
+    mask = np.zeros((16, 16))
+    mask[:8, :8] = 1.0
+    record = {
+        "sample_id": "s0",
+        "task": "colour",
+        "effects": rng.normal(size=(2, 4)),
+        "grid": np.array([2, 2]),
+        "image": np.zeros((16, 16, 3), np.uint8),
+        "mask": mask,
+    }
+    paths = screen_image_maps([record, dict(record, sample_id="s1")], tmp_path / "screenmap_x", "maps", n_samples=1)
+    svg = paths[1].read_text()
+    assert "on object" in svg and "average of 2" in svg and "max over layers" in svg
+    with pytest.raises(ValueError, match="no image maps"):
+        screen_image_maps([], tmp_path / "none", "maps")

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from workflow_helpers import fault_env, planned, planned_jobs, snakemake, synthetic_dataset, write_config
 
+from notice.method.screen import KEY_COLUMNS
+from notice.method.screen import TABLE_COLUMNS as SCREEN_TABLE_COLUMNS
 from notice.workflow.tables import RESULT_COLUMNS
 
 pytestmark = pytest.mark.slow
@@ -47,6 +49,7 @@ TINY = {
     "selection": {"n_per_task": 4},
     "patching": {"engine": "fast"},
     "analysis": {"bootstrap_draws": 20},
+    "screen": {"enabled": True, "method": "atp", "confirm_top": 3, "map_samples": 2},
     # One core per job, so that two run side by side on 2 cores (the jobs are short; most of their time is
     # loading Python modules and models).
     "gpu_jobs": {"threads": 1},
@@ -124,10 +127,12 @@ def test_changing_patching_settings_reruns_only_patching_and_after(workdir):
     jobs = planned_jobs(result.stdout + result.stderr)
     n_tables = sum(len(dataset.get("corruptions", TINY["corruptions"])) for dataset in TINY["datasets"].values())
     assert jobs.get("patch") == len(MODELS) * n_tables
-    assert set(jobs) <= {"patch", "gather_patching", "analyse_heads", "figures", "report", "all"}, jobs
+    assert set(jobs) <= {"patch", "gather_patching", "analyse_heads", "figures", "validate_screen", "report", "all"}, (
+        jobs
+    )
 
 
-GATHERING = {"analyse_heads", "head_functions", "figures", "report", "all"}
+GATHERING = {"analyse_heads", "head_functions", "figures", "validate_screen", "report", "all"}
 
 
 def test_adding_a_dataset_plans_only_its_jobs_and_the_gathering(workdir):
@@ -161,6 +166,54 @@ def test_changing_a_threshold_reruns_the_chain_from_the_distractors_not_training
 
 
 RESULT_KEYS = ["sample_id", "site", "layer", "head", "position"]
+
+
+def test_screen_covers_the_exact_sites_and_more_and_is_validated_in_the_report(workdir):
+    for model in MODELS:
+        for corruption in TINY["corruptions"]:
+            screen = pd.read_parquet(workdir / f"results/{model}/synthetic/screen/{corruption}.parquet")
+            exact = pd.read_parquet(workdir / patching_table(model, corruption))
+            assert list(screen.columns) == list(SCREEN_TABLE_COLUMNS) and set(screen["method"]) == {"atp"}
+            keys = list(KEY_COLUMNS)
+            assert (
+                exact[keys].merge(screen[keys].drop_duplicates(), how="left", indicator=True)["_merge"].eq("both").all()
+            )
+            assert screen["position"].nunique() >= exact["position"].nunique()
+            n_pairs = len(pd.read_parquet(workdir / f"results/{model}/synthetic/pairs/{corruption}.parquet"))
+            confirmed = pd.read_parquet(workdir / f"results/{model}/synthetic/screen/{corruption}_confirmed.parquet")
+            assert list(confirmed.columns) == list(RESULT_COLUMNS) and len(confirmed) == 3 * n_pairs
+            assert len(list((workdir / f"results/{model}/synthetic/screen/{corruption}_maps").glob("*.npz"))) == n_pairs
+        llava = pd.read_parquet(workdir / "results/toy_llava/synthetic/screen/sip.parquet")
+        image_positions = set(llava["position"]) - set(
+            pd.read_parquet(workdir / patching_table("toy_llava", "sip"))["position"]
+        )
+        assert len(image_positions) >= 16  # the image tokens, which exact patching does not reach
+        validation = pd.read_csv(workdir / f"results/{model}/analysis/screen_validation.csv")
+        assert set(validation["corruption"]) == set(TINY["corruptions"])
+        assert validation["spearman"].notna().any() and validation["recall_top10"].between(0, 1).all()
+        fractions = pd.read_csv(workdir / f"results/{model}/analysis/screen_object_fraction.csv")
+        assert set(fractions["task"]) == {"colour", "shape"} and fractions["effect_on_object"].between(0, 1).all()
+        figures = workdir / f"results/{model}/screen_figures"
+        assert list(figures.glob("screenscatter_*.png")) and list(figures.glob("screenmap_*.png"))
+    report = (workdir / "results/report.html").read_text()
+    assert "Attribution screen" in report and "screenmap_synthetic_sip_colour" in report
+
+
+def test_breaking_an_exact_table_lowers_the_screens_correlation(workdir, tmp_path):
+    work = tmp_path / "broken"
+    shutil.copytree(workdir, work, symlinks=True)
+    target = "results/toy_llava/analysis/screen_validation.csv"
+    table = work / patching_table("toy_llava", "sip")
+    exact = pd.read_parquet(table)
+    exact["logit_diff"] = exact["logit_diff"].sample(frac=1.0, random_state=0).to_numpy()  # effects to wrong sites
+    exact.to_parquet(table, index=False)
+    result = snakemake(work, "--cores", "1", target, configfile=work / "config.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    before = pd.read_csv(workdir / target).set_index(["corruption", "site"])
+    after = pd.read_csv(work / target).set_index(["corruption", "site"])
+    assert (after.loc["str", "spearman"] == before.loc["str", "spearman"]).all()  # other tables: as they were
+    for site in ("mlp", "self_attn"):
+        assert after.loc[("sip", site), "spearman"] < before.loc[("sip", site), "spearman"] - 0.2, site
 
 
 def patching_table(model: str, corruption: str) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from notice.present.report import workflow_report
+from notice.present.report import ScreenResults, workflow_report
 from notice.workflow.runtime import logged
 
 
@@ -15,6 +15,14 @@ def read_all(paths) -> pd.DataFrame:
 
 with logged(snakemake.log[0]) as log:
     inputs = snakemake.input
+    screen = None
+    if inputs.screen_validation:  # the attribution screen ran (config screen.enabled)
+        screen = ScreenResults(
+            read_all(inputs.screen_validation),
+            read_all(inputs.screen_misses),
+            read_all(inputs.screen_object_fraction),
+            dict(zip(snakemake.params.models, map(Path, inputs.screen_figures))),
+        )
     path = workflow_report(
         read_all(inputs.universal),
         read_all(inputs.significant),
@@ -25,5 +33,6 @@ with logged(snakemake.log[0]) as log:
         snakemake.params.analysis,
         snakemake.output.report,
         Path(snakemake.output.table1[0]).parent,
+        screen,
     )
     log.info("report written to %s", path)

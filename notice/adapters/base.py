@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
 from PIL import Image
+
+from notice.adapters.attention_taps import AttentionTap
 
 HEAD_SITE_PARENT = {"self_attn_head": "self_attn", "cross_attn_head": "cross_attn"}
 
@@ -209,6 +212,14 @@ class VLMAdapter(ABC):
     @abstractmethod
     def image_embedding_module(self) -> torch.nn.Module:
         """Module whose output holds the image embeddings the text side sees (Gaussian-noise target)."""
+
+    def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
+        """While active, every fusion-attention layer reports its queries, keys and probabilities to `tap`
+        (notice.adapters.attention_taps); the attribution screen's query/key sites need it."""
+        raise NotImplementedError(
+            f"{self.family}: no attention taps, so no query/key sites in the attribution screen "
+            "(screen other sites, or give the adapter `attention_taps`)"
+        )
 
     # -- fusion attention (head functions) ----------------------------------------------------
     @abstractmethod

@@ -9,11 +9,13 @@ to the text encoder's output under the question's attention mask.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal, cast
 
 import torch
 from transformers import BlipForQuestionAnswering
 
+from notice.adapters.attention_taps import AttentionTap, bert_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter, register
 
 
@@ -143,6 +145,9 @@ class BlipAdapter(VLMAdapter):
     # -- fusion attention: the text encoder's cross-attention to the vision tower's output ----
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
         return [cast(Any, layer).crossattention.self for layer in self._layers]
+
+    def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
+        return bert_attention_taps(self.fusion_attention_modules(), tap)
 
     def image_grid(self, inp: ModelInput) -> ImageGrid:
         vision = self.model.config.vision_config

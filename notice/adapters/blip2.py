@@ -35,11 +35,13 @@ Q-Former stream scores its own cross-attention from the queries to the patch gri
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal
 
 import torch
 from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
+from notice.adapters.attention_taps import AttentionTap, bert_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, register
 from notice.adapters.decoder import DecoderVLMAdapter
 
@@ -303,6 +305,9 @@ class QFormerStreamAdapter(Blip2LanguageModelAdapter):
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
         layers: list[Any] = list(self.qformer_layers)  # Q-Former layers: submodules by name
         return [layers[i].crossattention.attention for i in self.stream_layers]
+
+    def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
+        return bert_attention_taps(self.fusion_attention_modules(), tap)
 
     def image_grid(self, inp: ModelInput) -> ImageGrid:
         side, patches = self.vit_grid()

@@ -11,10 +11,12 @@ such as `<|vision_start|>`, are text positions), heads at the last prompt positi
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal, cast
 
 import torch
 
+from notice.adapters.attention_taps import AttentionTap, decoder_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
 
 
@@ -138,6 +140,9 @@ class DecoderVLMAdapter(VLMAdapter):
         """Next-token logits [B, V] (float32) from last-layer outputs [B, D] (final norm, then head)."""
         norm = cast(torch.nn.Module, self.language_model.norm)
         return self.lm_head(norm(hidden)).float()
+
+    def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
+        return decoder_attention_taps(self.layers, tap)
 
     # -- fusion attention ---------------------------------------------------------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:

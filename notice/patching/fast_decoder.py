@@ -22,14 +22,15 @@ all but the patched one. The score is the next-token logits at the last position
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from transformers import AttentionInterface, DynamicCache
 
+from notice.adapters.attention_taps import attention_switched
 from notice.adapters.base import ModelInput, Patch
 from notice.adapters.decoder import DecoderVLMAdapter
 from notice.patching.fast_core import FastFamily, Run, register_fast, rows_by_index
@@ -96,21 +97,6 @@ def shared_prefix_attention(
 
 
 AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
-
-
-@contextmanager
-def attention_switched(layers: Iterable[torch.nn.Module], name: str) -> Iterator[None]:
-    """While active, the layers' attention modules dispatch to the registered attention `name`."""
-    attentions: list[Any] = [layer.self_attn for layer in layers]  # a family's attention module: fields by name
-    configs = list({id(attention.config): attention.config for attention in attentions}.values())
-    saved = [config._attn_implementation_internal for config in configs]
-    for config in configs:
-        config._attn_implementation_internal = name
-    try:
-        yield
-    finally:
-        for config, value in zip(configs, saved):
-            config._attn_implementation_internal = value
 
 
 def _main(output) -> torch.Tensor:

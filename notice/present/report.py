@@ -289,6 +289,13 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "bootstrap": "Stability of the top heads: fraction of bootstrap resamples of the samples in which each head "
     "is significant / universal, with the 95% interval of its mean effect.",
     "accuracy": "Exact-match accuracy on the clean prompts per task and category (paper Table 2).",
+    "screenscatter": "Attribution screen against exact patching: each site that both have (the patching table's "
+    "sites and the screen's exact confirmations), the screen's estimate against the exact logit-difference effect, "
+    "one panel per site kind; the dashed line is y = x.",
+    "screenmap": "Where in the image (attribution screen): per sample, the image as the model sees it with the "
+    "object outlined in cyan, the screen's effect of each image token summed over layers (absolute value) and "
+    "its maximum over layers, each panel scaled to its own maximum; the last row averages the maps over every "
+    "sample of the task (objects move between scenes, so read it with the on-object shares).",
     "attention": "Attention patterns (paper Fig. 6/7): per sample (rows), the image with the object's mask outlined "
     "in cyan, the average over all fusion-attention heads from the head-patching position, each "
     "universal head there (with its scored function) and the best object detector (at its own query "
@@ -429,13 +436,14 @@ def workflow_report(
     settings: dict,
     out_html: str | Path,
     tables_dir: str | Path,
+    screen: ScreenResults | None = None,
 ) -> Path:
     """The workflow's report and the paper's Tables 1-3 (`tables_dir`/<TABLE_FILES>.csv and .md).
 
     Inputs are the concatenated per-model tables: universal heads (`universal_heads_table`),
     significant heads (`significant_heads`), accuracy, head-function scores and grounding summaries;
     `figure_dirs` maps every model, in report order, to its figure directory; `settings` is the
-    config's `analysis` section.
+    config's `analysis` section; `screen` the attribution screen's tables and figures, when it ran.
     """
     config = HeadFunctionConfig.from_dict(settings.get("head_functions"))
     corruptions = settings.get("universal_corruptions", ["sip", "str"])
@@ -473,6 +481,71 @@ def workflow_report(
             "Head functions", tables=[*table3, Table(grounding, "Best object detector per model, site and dataset.")]
         ),
     ]
+    if screen is not None:
+        sections.append(screen_section(screen, grounding))
     for model, figure_dir in figure_dirs.items():
         sections += figure_sections(model, Path(figure_dir))
+        if screen is not None and model in screen.figure_dirs:
+            sections += figure_sections(f"{model} screen", screen.figure_dirs[model])
     return build_report(sections, out_html)
+
+
+@dataclass(frozen=True)
+class ScreenResults:
+    """The attribution screen's outputs over every model (`notice.method.screen`): validation, misses and
+    on-object shares, concatenated; the figure directory of each model."""
+
+    validation: pd.DataFrame
+    misses: pd.DataFrame
+    object_fraction: pd.DataFrame
+    figure_dirs: dict[str, Path]
+
+
+def screen_section(screen: ScreenResults, grounding: pd.DataFrame) -> Section:
+    """Validation table, the on-object share of the image-token effect next to the best object detector
+    of the head functions, and the largest misses."""
+    fractions = screen.object_fraction
+    keys = [key for key in ("model", "dataset", "task") if key in grounding.columns]
+    if len(fractions) and len(grounding) and keys and "best_detection" in grounding.columns:
+        # both are multiples of uniform (share on the object / object area): comparable side by side
+        best = grounding.groupby(keys, as_index=False)["best_detection"].max()
+        fractions = fractions.merge(best.rename(columns={"best_detection": "head_best_detection"}), on=keys, how="left")
+    misses = screen.misses.copy()
+    if len(misses):
+        misses = misses.reindex(misses["exact"].abs().sort_values(ascending=False).index).head(20)
+        misses = misses[
+            [
+                "model",
+                "dataset",
+                "corruption",
+                "sample_id",
+                "site",
+                "layer",
+                "head",
+                "position",
+                "token",
+                "exact",
+                "estimate",
+                "exact_rank",
+                "screen_rank",
+            ]
+        ]
+    return Section(
+        "Attribution screen",
+        html="<p>Attribution patching estimates every site at every position (image tokens included) from one "
+        "clean forward, one corrupt forward and one backward pass; these tables say how well it agrees with "
+        "exact patching wherever both exist (docs/method.md, §9).</p>",
+        tables=[
+            Table(
+                screen.validation,
+                "Screen against exact patching per site kind: correlations, top-10 recall "
+                "within the screen's top k, and misses (exact top-10 sites outside it).",
+            ),
+            Table(
+                fractions,
+                "Share of the image-token effect (|Σ over layers|) that falls on the object, its "
+                "object-area baseline and ratio, next to the best object-detection score of the head functions.",
+            ),
+            Table(misses, "The largest misses: exact effect in a sample's top 10, screen estimate outside its top k."),
+        ],
+    )
