@@ -48,7 +48,13 @@ rule validate_screen:
         ),
         misses=f"{RESULTS}/{{model}}/analysis/screen_misses.csv",
         object_fraction=f"{RESULTS}/{{model}}/analysis/screen_object_fraction.csv",
-        figures=directory(f"{RESULTS}/{{model}}/screen_figures"),
+        figures=report(
+            directory(f"{RESULTS}/{{model}}/screen_figures"),
+            patterns=["{name}.png"],
+            caption="../report_captions/screen_figures.rst",
+            category="Attribution screen",
+            labels={"model": "{model}", "figure": "{name}"},
+        ),
     log:
         f"{RESULTS}/logs/validate_screen/{{model}}.log",
     benchmark:

@@ -275,6 +275,12 @@ def test_blip_key_sites_are_the_image_tokens_of_each_layer():
     assert keys.groupby("layer")["position"].nunique().eq(n_image).all()
     assert keys["token"].str.startswith("<image row").all()
     assert keys["estimate"].abs().max() > 0
+    # STR leaves the image, so its keys, as they were: no effect at all, not rounding noise
+    _, text_corrupt = clean_and_corrupt(adapter, "STR")
+    unchanged = attribution_estimates(adapter, clean, text_corrupt, 5, 6, method="atp_star", grad_drop=False)
+    assert all(
+        float(unchanged.values[("cross_attn_key", layer)].abs().max()) == 0.0 for layer in range(adapter.n_layers)
+    )
 
 
 def test_patching_a_query_through_the_tap_is_patching_its_projection():

@@ -15,6 +15,7 @@ from notice.method.screen import (
     object_fraction_table,
     object_share,
     paired_effects,
+    screen_pairs,
     validation_tables,
 )
 from notice.patching.attribution import attribution_estimates, estimates_table
@@ -146,3 +147,22 @@ def test_confirmed_sites_are_the_top_ranked_patchable_ones():
         )
         for p in patches
     }
+
+
+def test_a_screen_setting_the_model_cannot_take_names_the_config_key():
+    adapter = llava_adapter()
+    for settings, expected in [
+        ({"sites": ["cross_attn"]}, "config screen: screen sites \\['cross_attn'\\] do not exist"),
+        ({"method": "atp", "grad_drop": True}, "config screen: qk_fix and grad_drop are the parts of method atp_star"),
+    ]:
+        with pytest.raises(ValueError, match=expected):
+            screen_pairs(
+                adapter,
+                pd.DataFrame(),
+                lambda path: None,
+                settings=settings,
+                corruption_settings={},
+                patching_settings={},
+                labels={},
+                masks={},
+            )

@@ -28,8 +28,10 @@ from notice.patching.attribution import (
     SCREEN_COLUMNS,
     Estimates,
     attribution_estimates,
+    method_label,
     patch_queries_keys,
     qk_sites,
+    screen_sites,
 )
 from notice.patching.attribution import estimates_table as pair_table
 from notice.patching.experiment import corrupt_image_fn
@@ -140,6 +142,11 @@ def screen_pairs(
     sites = settings.get("sites")
     confirm_top = int(settings.get("confirm_top", 0))
     engine = get_engine(str(patching_settings.get("engine", "reference")), int(patching_settings.get("batch_size", 64)))
+    try:  # a setting this model cannot take stops here, before any pair, naming the config key
+        screen_sites(adapter, sites)
+        method_label(method, settings.get("qk_fix"), settings.get("grad_drop"))
+    except ValueError as error:
+        raise ValueError(f"config screen: {error}") from None
     frames, confirmed, records = [], [], []
     for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc=f"screen ({method})", mininterval=5):
         clean_inp = adapter.prepare(load_image(pair.clean_image_path), pair.clean_prompt)

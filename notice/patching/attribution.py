@@ -223,7 +223,8 @@ def query_key_fix(
     rest_share = share.sum(-1, keepdim=True) - share  # Σ over the other keys; summed directly at the top key
     rest_share = rest_share.scatter(-1, top, share.scatter(-1, top, 0.0).sum(-1, keepdim=True))
     change = (new_prob - probs) * grad + others * rest_share
-    change = torch.nan_to_num(change, nan=0.0)  # fully masked rows
+    # fully masked rows give NaN; an unchanged score changes nothing (not rounding noise)
+    change = torch.nan_to_num(change, nan=0.0).masked_fill(shift == 0, 0.0)
     key = change.sum(1).view(k.shape[0], k_rep, -1).sum(1).transpose(0, 1)  # [K, H_kv]
     return query.float(), key.float()
 

@@ -33,6 +33,11 @@ SITE_TITLES: dict[str, str] = {
     "layer": "Whole layer",
     "self_attn_head": "self-attention heads",
     "cross_attn_head": "cross-attention heads",
+    "self_attn_query": "self-attention queries",
+    "self_attn_key": "self-attention keys",
+    "cross_attn_query": "cross-attention queries",
+    "cross_attn_key": "cross-attention keys",
+    "image": "Image embeddings",
 }
 METRIC_TITLES: dict[str, str] = {
     "logit_diff": "Logit difference (patched − corrupt)",
@@ -537,15 +542,19 @@ def attention_overlays(
                     "row": row,
                     "column": name,
                     "order": column,
-                    "x": 0.5,
-                    "y": 0.5,
                     "label": label,
                     "url": _data_uri(overlay_image(record["image"], shown, grid, mask)),
                 }
             )
     if not cells:
         raise ValueError(f"{out_stem}: no attention records to draw")
-    df = pd.DataFrame(cells)
+    return overlay_grid(cells, out_stem, alt.TitleParams(title, subtitle=subtitle, anchor="start"))
+
+
+def overlay_grid(cells: list[dict], out_stem: str | Path, title: alt.TitleParams) -> list[Path]:
+    """Image panels in a grid: `cells` have row, column, order (of the columns), label and url (a data URI);
+    rows in the order they first appear."""
+    df = pd.DataFrame(cells).assign(x=0.5, y=0.5)
     order = list(df.sort_values("order")["column"].drop_duplicates())
     axis: dict[str, Any] = dict(scale=alt.Scale(domain=[0, 1]), axis=None)
     base = alt.Chart().properties(width=OVERLAY_PIXELS, height=OVERLAY_PIXELS + 14)
@@ -558,10 +567,15 @@ def attention_overlays(
     chart = (
         alt.layer(images, labels, data=df)
         .facet(
-            row=alt.Row("row:N", title=None, header=alt.Header(labelAngle=0, labelAlign="left")),
+            row=alt.Row(
+                "row:N",
+                title=None,
+                sort=list(df["row"].drop_duplicates()),
+                header=alt.Header(labelAngle=0, labelAlign="left"),
+            ),
             column=alt.Column("column:N", title=None, sort=order),
         )
-        .properties(title=alt.TitleParams(title, subtitle=subtitle, anchor="start"))
+        .properties(title=title)
     )
     return save_chart(chart, out_stem)
 
@@ -668,8 +682,6 @@ def screen_image_maps(records: list[dict], out_stem: str | Path, title: str, n_s
                 "row": row,
                 "column": column,
                 "order": order,
-                "x": 0.5,
-                "y": 0.5,
                 "label": label,
                 "url": _data_uri(overlay_image(image, values, grid, mask)),
             }
@@ -695,23 +707,4 @@ def screen_image_maps(records: list[dict], out_stem: str | Path, title: str, n_s
     add(average, 0, "image", first["image"], np.zeros(grid[0] * grid[1]), None, "on sample 1's image")
     add(average, 1, "|Σ over layers|", first["image"], mean_sum, None, "each sample scaled to its maximum")
     add(average, 2, "max over layers", first["image"], mean_max, None, "")
-    df = pd.DataFrame(cells)
-    axis: dict[str, Any] = dict(scale=alt.Scale(domain=[0, 1]), axis=None)
-    base = alt.Chart().properties(width=OVERLAY_PIXELS, height=OVERLAY_PIXELS + 14)
-    images = base.mark_image(width=OVERLAY_PIXELS, height=OVERLAY_PIXELS).encode(
-        x=alt.X("x:Q", **axis), y=alt.Y("y:Q", **axis), url="url:N", tooltip=["row:N", "column:N", "label:N"]
-    )
-    labels = base.mark_text(fontSize=9, baseline="top", dy=OVERLAY_PIXELS / 2 + 2).encode(
-        x=alt.X("x:Q", **axis), y=alt.Y("y:Q", **axis), text="label:N"
-    )
-    order = list(df.sort_values("order")["column"].drop_duplicates())
-    rows = list(df["row"].drop_duplicates())
-    chart = (
-        alt.layer(images, labels, data=df)
-        .facet(
-            row=alt.Row("row:N", title=None, sort=rows, header=alt.Header(labelAngle=0, labelAlign="left")),
-            column=alt.Column("column:N", title=None, sort=order),
-        )
-        .properties(title=alt.TitleParams(title, anchor="start"))
-    )
-    return save_chart(chart, out_stem)
+    return overlay_grid(cells, out_stem, alt.TitleParams(title, anchor="start"))
