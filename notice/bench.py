@@ -15,8 +15,21 @@ of `notice.adapters.loading`), so adding a family never touches this file. A ben
 `bench_case(real_size=False, *, family, tiny=False, device="cpu") -> Case`. Corruption: SIP (another
 image, same prompt). The patch set is `reference.default_patches`.
 
+For the BLIP and LLaVA layouts (`SCREEN_FAMILIES`, when they are run) it also times the default
+attribution screen (`notice.patching.attribution.attribution_estimates`, method atp: one clean forward,
+one corrupt forward, one backward) on the same sample, against one forward (`answer_logits` of the
+corrupt input; the ratio is the screen's cost in forward-equivalents), both the median of
+`--screen-repeats` runs, and against exact patching of the screen's module and head sites: every
+module site at every position, every head at every position (image positions included),
+`screen_patches`. That set is far too large to run, so the fast engine runs a seeded random subset of
+it (`--screen-patches`); exact time = its setup (clean and corrupt runs, timed alone) + the subset's
+per-patch cost × the number of sites. The screen's image-embedding rows and query / key sites are not
+counted (no engine patches them), so the ratio is a lower bound.
+
 The last line printed is `bench: <family>_speedup=<x> ... max_rel_err=<e>` (speedup of the fast engine
-over (a), one entry per family run).
+over (a), one entry per family run), followed where screened by `blip_screen_forwards=<f>
+blip_screen_speedup=<x>` and, for the LLaVA layout, `screen_forwards=<f> screen_speedup=<x>` (exact
+patching's extrapolated time over the screen's); every entry is key=value.
 
 `--real-size` builds the real checkpoints' dimensions (random weights, bfloat16, `--device`, a GPU by
 default) and reports the fast engine's patched runs per second and the estimated wall time of the
@@ -31,6 +44,7 @@ import importlib
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -45,11 +59,14 @@ from notice.adapters.base import ADAPTER_FAMILIES, HEAD_SITE_PARENT, ModelInput,
 from notice.adapters.decoder import DecoderVLMAdapter
 from notice.method.metrics import result_row, scores
 from notice.patching import fast, reference
+from notice.patching.attribution import IMAGE_SITE, attribution_estimates, qk_sites, screen_sites
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 PAPER_SAMPLES = 500  # samples per corruption in the paper's experiment
+SCREEN_FAMILIES = ("blip", "llava")  # layouts whose attribution screen is timed
+SCREEN_KEY_PREFIX = {"llava": ""}  # bench-line key prefix of a screened family (default "<family>_")
 Size = Literal["tiny", "bench", "real"]
 RowsLogits = Callable[..., torch.Tensor]  # (adapter, batched ModelInput) -> answer logits [B, V]
 T = TypeVar("T")
@@ -240,6 +257,131 @@ def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: 
     )
 
 
+def _median_timed(fn: Callable[[], T], repeats: int) -> tuple[T, float]:
+    """The last value of `repeats` timed calls of `fn` and their median time."""
+    runs = [_timed(fn) for _ in range(max(repeats, 1))]
+    return runs[-1][0], statistics.median(seconds for _, seconds in runs)
+
+
+def engine_sites(adapter: VLMAdapter) -> list[str]:
+    """The default screen's sites that the patching engines patch: module sites and the head site."""
+    return [site for site in screen_sites(adapter) if site in (*adapter.module_sites, adapter.head_site)]
+
+
+def screen_patches(adapter: VLMAdapter, inp: ModelInput) -> list[Patch]:
+    """Every site of the default attribution screen that an engine can patch: each module site at each
+    layer and each position 0..T-1, each head at each layer and position (image positions included).
+
+    Left out, though the screen estimates them too: the image-embedding rows (site "image"), which no
+    engine patches (they are the image encoder's output, not a site of the patched stream), and the
+    fusion attention's query and key sites (`attribution.qk_sites`), which only `patch_queries_keys`
+    patches, one full forward each. So the exact cost extrapolated from these is a lower bound.
+    """
+    positions = range(inp.input_ids.shape[1])
+    layers = range(adapter.n_layers)
+    patches: list[Patch] = []
+    for site in engine_sites(adapter):
+        if site in HEAD_SITE_PARENT:
+            heads = range(adapter.n_heads)
+            patches += [
+                Patch(site, layer, position, head) for layer in layers for position in positions for head in heads
+            ]
+        else:
+            patches += [Patch(site, layer, position) for layer in layers for position in positions]
+    return patches
+
+
+def measure_screen(case: Case, n_patches: int, repeats: int, batch_size: int, seed: int) -> dict:
+    """Cost of one default AtP screen of the case's sample (every site it covers), in seconds and in
+    forward-equivalents, against exact patching of its engine-patchable sites (`screen_patches`),
+    extrapolated from a random subset of `n_patches` of them."""
+    adapter, clean, corrupt = case.adapter, case.clean, case.corrupt
+    estimates, t_screen = _median_timed(
+        lambda: attribution_estimates(adapter, clean, corrupt, case.tau, case.tau_p, method="atp"), repeats
+    )
+    # After the screens: every timing below runs on a warm allocator (glibc's heap grown and its mmap
+    # threshold raised by the screen's large buffers, as it is a few chunks into a long exact run; cold,
+    # a fresh process ran its first 128 LLaVA sites ~1.7× slower; docs/performance.md).
+    _, t_forward = _median_timed(lambda: adapter.answer_logits(corrupt), repeats)
+    patches = screen_patches(adapter, clean)
+    counts = {site: 0 for site in screen_sites(adapter)}
+    for (site, _), value in estimates.values.items():
+        counts[site] += value.numel()
+    n_patchable = sum(counts[site] for site in engine_sites(adapter))
+    if n_patchable != len(patches):
+        raise RuntimeError(
+            f"{case.name}: the screen gave {n_patchable} estimates of engine-patchable sites, "
+            f"the bench enumerates {len(patches)}"
+        )
+    n_image_rows = counts.get(IMAGE_SITE, 0)
+    n_query_key = sum(n for site, n in counts.items() if site in qk_sites(adapter))
+    subset = random.Random(seed).sample(patches, min(n_patches, len(patches)))
+
+    def exact(chosen: list[Patch]) -> list[dict]:
+        return fast.patch_sample(adapter, clean, corrupt, chosen, case.tau, case.tau_p, batch_size=batch_size)
+
+    _, t_setup = _timed(partial(exact, []))  # the engine's clean and corrupt runs and caches, no patch
+    _, t_subset = _timed(partial(exact, subset))
+    per_patch = max(t_subset - t_setup, 0.0) / len(subset)
+    t_exact = t_setup + per_patch * len(patches)
+    return dict(
+        name=case.name,
+        seq_len=clean.input_ids.shape[1],
+        t_forward=t_forward,
+        t_screen=t_screen,
+        forwards=t_screen / t_forward,
+        repeats=max(repeats, 1),
+        n_estimates=sum(counts.values()),
+        n_image_rows=n_image_rows,
+        n_query_key=n_query_key,
+        n_sites=len(patches),
+        n_subset=len(subset),
+        t_setup=t_setup,
+        t_subset=t_subset,
+        per_patch=per_patch,
+        t_exact=t_exact,
+        speedup=t_exact / t_screen,
+    )
+
+
+def _screen_line(s: dict) -> str:
+    return (
+        f"  screen (AtP, {s['n_estimates']} estimates: {s['n_image_rows']} image-embedding rows, "
+        f"{s['n_query_key']} queries / keys, {s['n_sites']} module and head sites): "
+        f"{1e3 * s['t_screen']:.0f} ms = {s['forwards']:.2f} forward-equivalents (forward {1e3 * s['t_forward']:.0f} "
+        f"ms; medians of {s['repeats']}); exact patching of the {s['n_sites']} module and head sites "
+        f"({s['seq_len']} positions): ~{s['t_exact']:.0f} s extrapolated (fast engine: setup {s['t_setup']:.1f} s "
+        f"+ {1e3 * s['per_patch']:.1f} ms / site on {s['n_subset']} random sites); screen speedup "
+        f"{s['speedup']:.0f}×"
+    )
+
+
+def _screen_table(screens: list[dict]) -> str:
+    lines = [
+        "| model | positions | screen: ms | forward: ms | forward-equivalents | module + head sites | exact: ms / site "
+        "(n) | exact: est. s | screen speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in screens:
+        lines.append(
+            f"| {s['name']} | {s['seq_len']} | {1e3 * s['t_screen']:.0f} | {1e3 * s['t_forward']:.0f} | "
+            f"{s['forwards']:.2f} | {s['n_sites']} | {1e3 * s['per_patch']:.1f} (n={s['n_subset']}) | "
+            f"{s['t_exact']:.0f} | {s['speedup']:.0f}× |"
+        )
+    return "\n".join(lines)
+
+
+def bench_line(results: list[dict], screens: Sequence[dict] = ()) -> str:
+    """The last line: `bench: <family>_speedup=<x> ... max_rel_err=<e>`, then each screened family's
+    `<prefix>screen_forwards=<f> <prefix>screen_speedup=<x>` (prefix "" for the LLaVA layout)."""
+    entries = [f"{r['name']}_speedup={r['per_hooked'] / r['per_fast']:.1f}" for r in results]
+    entries.append(f"max_rel_err={max(r['err'] for r in results):.1e}")
+    for s in screens:
+        prefix = SCREEN_KEY_PREFIX.get(s["name"], f"{s['name']}_")
+        entries += [f"{prefix}screen_forwards={s['forwards']:.2f}", f"{prefix}screen_speedup={s['speedup']:.1f}"]
+    return "bench: " + " ".join(entries)
+
+
 def _table(results: list[dict]) -> str:
     lines = [
         "| model | patched runs | fast: total s | fast: ms / run | (a) hooked: ms / run | (b) 3-row: ms / run "
@@ -280,6 +422,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--three-row", type=int, default=2, help="patches timed with (b) (default 2; none at real size)"
     )
+    parser.add_argument(
+        "--screen-patches",
+        type=int,
+        default=256,
+        help=f"random sites of the attribution screen's set patched exactly to extrapolate its cost "
+        f"({', '.join(SCREEN_FAMILIES)}; default 256; 0: no screen)",
+    )
+    parser.add_argument(
+        "--screen-repeats", type=int, default=3, help="timed screens and forwards, median taken (default 3)"
+    )
     parser.add_argument("--batch-size", type=int, default=fast.DEFAULT_BATCH_ROWS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -304,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
         f"device {device}{' (real size, bfloat16)' if args.real_size else ''}"
     )
-    results = []
+    results: list[dict] = []
+    screens: list[dict] = []
     for family in args.families:
         case, seconds = _timed(partial(modules[family].bench_case, args.real_size, family=family, device=device))
         print(f"{case.description}: built in {seconds:.0f} s; {len(case.patches)} patched runs", flush=True)
@@ -316,6 +469,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             flush=True,
         )
         results.append(result)
+        if family in SCREEN_FAMILIES and args.screen_patches > 0:
+            screens.append(measure_screen(case, args.screen_patches, args.screen_repeats, args.batch_size, args.seed))
+            print(_screen_line(screens[-1]), flush=True)
         del case
         gc.collect()
         if torch.cuda.is_available():
@@ -325,8 +481,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"load average at end {os.getloadavg()[0]:.2f}"
     )
     print(_real_size_table(results) if args.real_size else _table(results))
-    speedups = " ".join(f"{r['name']}_speedup={r['per_hooked'] / r['per_fast']:.1f}" for r in results)
-    print(f"bench: {speedups} max_rel_err={max(r['err'] for r in results):.1e}")
+    if screens:
+        print(
+            f"Attribution screen (AtP) against exact patching of its module and head sites at every position, "
+            f"extrapolated from {args.screen_patches} random ones (seed {args.seed}; image-embedding rows and "
+            f"queries / keys not counted):"
+        )
+        print(_screen_table(screens))
+    print(bench_line(results, screens))
 
 
 if __name__ == "__main__":

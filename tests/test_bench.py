@@ -1,9 +1,12 @@
 """`notice.bench`: every registered family has a bench layout whose fast rows are exact (checked at a
-tiny size, the same code path as the bench's), and `--real-size` never starts on a CPU by accident."""
+tiny size, the same code path as the bench's), `--real-size` never starts on a CPU by accident, and the
+attribution screen's cost is measured against the same site set patched exactly (BLIP, LLaVA)."""
 
 from __future__ import annotations
 
 import random
+from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,3 +60,66 @@ def test_unknown_family_is_an_argument_error():
     with pytest.raises(SystemExit) as exited:
         bench.main(["--families", "nope"])
     assert exited.value.code == 2
+
+
+@pytest.mark.parametrize("family", bench.SCREEN_FAMILIES)
+def test_screen_patches_are_the_screens_patchable_sites(family):
+    case = MODULES[family].bench_case(family=family, tiny=True)
+    adapter, T = case.adapter, case.clean.input_ids.shape[1]
+    patches = bench.screen_patches(adapter, case.clean)
+    assert len(set(patches)) == len(patches)
+    assert {p.site for p in patches} == {*adapter.module_sites, adapter.head_site}  # no image, query or key site
+    assert {p.position for p in patches} == set(range(T))  # image positions included
+    n_heads = sum(p.head >= 0 for p in patches)
+    assert n_heads == adapter.n_layers * T * adapter.n_heads
+    assert len(patches) - n_heads == len(adapter.module_sites) * adapter.n_layers * T
+
+
+@pytest.mark.parametrize("family", bench.SCREEN_FAMILIES)
+def test_tiny_screen_measurement(family):
+    case = MODULES[family].bench_case(family=family, tiny=True)
+    screen = bench.measure_screen(case, n_patches=16, repeats=1, batch_size=8, seed=0)
+    assert screen["t_screen"] > 0 and screen["t_forward"] > 0 and screen["forwards"] > 0
+    assert screen["speedup"] > 0 and screen["t_exact"] > 0
+    assert screen["n_subset"] == 16 and screen["n_sites"] == len(bench.screen_patches(case.adapter, case.clean))
+    assert screen["n_image_rows"] > 0
+    assert screen["n_estimates"] == screen["n_sites"] + screen["n_image_rows"] + screen["n_query_key"]
+    assert f"{screen['n_sites']} module and head sites" in bench._screen_line(screen)
+
+
+def _bench_line_fields(line: str) -> dict[str, float]:
+    assert line.startswith("bench: ")
+    return {key: float(value) for key, value in (entry.split("=") for entry in line.split()[1:])}
+
+
+def test_bench_line_reports_the_screen_keys():
+    results = [
+        dict(name="blip", per_hooked=2.0, per_fast=0.1, err=1e-7),
+        dict(name="llava", per_hooked=4.0, per_fast=0.1, err=2e-7),
+    ]
+    screens = [dict(name="blip", forwards=2.5, speedup=30.0), dict(name="llava", forwards=3.0, speedup=2000.0)]
+    fields = _bench_line_fields(bench.bench_line(results, screens))
+    assert fields == {
+        "blip_speedup": 20.0,
+        "llava_speedup": 40.0,
+        "max_rel_err": 2e-7,
+        "blip_screen_forwards": 2.5,
+        "blip_screen_speedup": 30.0,
+        "screen_forwards": 3.0,
+        "screen_speedup": 2000.0,
+    }
+    assert "screen" not in bench.bench_line(results)  # no screen run: the line as before
+
+
+def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
+    tiny = {
+        family: SimpleNamespace(bench_case=partial(MODULES[family].bench_case, tiny=True))
+        for family in ("blip", "llava")
+    }
+    monkeypatch.setattr(bench, "bench_modules", lambda: tiny)
+    bench.main(["--families", "blip", "llava", "--hooked", "2", "--three-row", "1", "--screen-patches", "8"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    fields = _bench_line_fields(lines[-1])
+    assert {"blip_speedup", "llava_speedup", "max_rel_err", "blip_screen_speedup", "screen_speedup"} <= set(fields)
+    assert fields["screen_speedup"] > 0 and fields["screen_forwards"] > 0
+    assert any(line.startswith("| llava |") and line.endswith("× |") for line in lines)  # the screen table
