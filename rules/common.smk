@@ -320,12 +320,13 @@ def only_for(corruptions, function):
     return lambda wildcards: function(wildcards) if wildcards.corruption in corruptions else None
 
 
+def conditions():
+    """(dataset, corruption) of every patching (and screen) table, in the order their file lists give them."""
+    return [(dataset, corruption) for dataset in DATASETS for corruption in dataset_corruptions(dataset)]
+
+
 def patching_tables(model):
-    return [
-        f"{RESULTS}/{model}/{dataset}/patching/{corruption}.parquet"
-        for dataset in DATASETS
-        for corruption in dataset_corruptions(dataset)
-    ]
+    return [f"{RESULTS}/{model}/{dataset}/patching/{corruption}.parquet" for dataset, corruption in conditions()]
 
 
 def attention_dirs(model):
@@ -375,14 +376,9 @@ GPU_JOBS = {"threads": 2, "mem_mb": 16000, "runtime": 240, **config.get("gpu_job
 SCREEN = config.get("screen", {})
 
 
-def screen_conditions():
-    """(dataset, corruption) of every screen table, in the order `screen_files` lists them."""
-    return [(dataset, corruption) for dataset in DATASETS for corruption in dataset_corruptions(dataset)]
-
-
 def screen_files(model, suffix):
     """One screen output of `model` (table ".parquet", "_confirmed.parquet" or the "_maps" folder) per condition."""
-    return [f"{RESULTS}/{model}/{dataset}/screen/{corruption}{suffix}" for dataset, corruption in screen_conditions()]
+    return [f"{RESULTS}/{model}/{dataset}/screen/{corruption}{suffix}" for dataset, corruption in conditions()]
 
 
 def screen_outputs(name):

@@ -62,7 +62,7 @@ rule validate_screen:
     conda:
         "../envs/notice.yaml"
     params:
-        conditions=lambda wildcards: screen_conditions(),
+        conditions=lambda wildcards: conditions(),
         screen=keys_of(SCREEN, "top_k", "map_samples"),
     script:
         "../workflow_scripts/validate_screen.py"

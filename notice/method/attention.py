@@ -131,6 +131,11 @@ def choose_samples(selected: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows[:n], columns=selected.columns).reset_index(drop=True)
 
 
+def object_mask(adapter: VLMAdapter, mask_path: str, inp: ModelInput) -> np.ndarray:
+    """The object mask on the pixels the model sees (`VLMAdapter.mask_view`); empty [0, 0] without a mask."""
+    return adapter.mask_view(Image.open(mask_path), inp) if mask_path else np.zeros((0, 0), np.float32)
+
+
 def attention_record(adapter: VLMAdapter, row: pd.Series, load_image: Callable[[str], Image.Image]) -> dict:
     """Fusion attention of every head from every default query position of one selected sample.
 
@@ -145,8 +150,7 @@ def attention_record(adapter: VLMAdapter, row: pd.Series, load_image: Callable[[
     head_position = adapter.head_position(inp, int(row["answer_token_id"]))
     if head_position not in attention.query_positions:
         raise ValueError(f"sample {row['sample_id']}: head position {head_position} is not a query position")
-    mask_path = str(row["mask_path"] or "")
-    mask = adapter.mask_view(Image.open(mask_path), inp) if mask_path else np.zeros((0, 0), np.float32)
+    mask = object_mask(adapter, str(row["mask_path"] or ""), inp)
     weights = attention.weights.numpy()
     return {
         "sample_id": str(row["sample_id"]),
@@ -187,11 +191,17 @@ def load_record(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: attention record not found")
+    record = read_npz(path, ("sample_id", "task", "site"))
+    record["head_query_index"] = int(record["head_query_index"])
+    return record
+
+
+def read_npz(path: str | Path, text_keys: Sequence[str]) -> dict:
+    """Every array of an .npz file, the `text_keys` back as Python strings."""
     with np.load(path) as data:
         record = {key: data[key] for key in data.files}
-    for key in ("sample_id", "task", "site"):
+    for key in text_keys:
         record[key] = str(record[key])
-    record["head_query_index"] = int(record["head_query_index"])
     return record
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from notice.adapters.base import ModelInput, Patch, VLMAdapter
+from notice.method.attention import object_mask, read_npz, save_record
 from notice.method.head_functions import object_fraction
 from notice.patching import get_engine
 from notice.patching.attribution import (
@@ -34,7 +35,7 @@ from notice.patching.attribution import (
     screen_sites,
 )
 from notice.patching.attribution import estimates_table as pair_table
-from notice.patching.experiment import corrupt_image_fn
+from notice.patching.experiment import concat_or_empty, corrupt_image_fn, pair_inputs, pair_labels
 from notice.patching.reference import ImageFn
 from notice.workflow.tables import RESULT_COLUMNS, check_columns
 
@@ -149,8 +150,7 @@ def screen_pairs(
         raise ValueError(f"config screen: {error}") from None
     frames, confirmed, records = [], [], []
     for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc=f"screen ({method})", mininterval=5):
-        clean_inp = adapter.prepare(load_image(pair.clean_image_path), pair.clean_prompt)
-        corrupt_inp = adapter.prepare(load_image(pair.corrupt_image_path), pair.corrupt_prompt)
+        clean_inp, corrupt_inp = pair_inputs(adapter, pair, load_image)
         image_fn = corrupt_image_fn(pair.corruption, corruption_settings, int(pair.noise_seed))
         tau, tau_p = int(pair.answer_token_id), int(pair.distractor_token_id)
         estimates = attribution_estimates(
@@ -165,23 +165,16 @@ def screen_pairs(
             grad_drop=settings.get("grad_drop"),
             corrupt_image_fn=image_fn,
         )
-        pair_labels = {
-            **labels,
-            "task": pair.task,
-            "corruption": pair.corruption,
-            "modality": pair.modality,
-            "sample_id": pair.sample_id,
-        }
-        table = pair_table(estimates, clean_inp.tokens).assign(**pair_labels, method=estimates.method)
+        labelled = pair_labels(pair, labels)
+        table = pair_table(estimates, clean_inp.tokens).assign(**labelled, method=estimates.method)
         frames.append(table[list(TABLE_COLUMNS)])
         if confirm_top > 0:
             patches = confirm_patches(adapter, table, confirm_top)
             rows = confirm(adapter, engine, clean_inp, corrupt_inp, patches, tau, tau_p, image_fn)
-            confirmed.append(pd.DataFrame(rows).assign(**pair_labels)[list(RESULT_COLUMNS)])
+            confirmed.append(pd.DataFrame(rows).assign(**labelled)[list(RESULT_COLUMNS)])
         effects = image_effects(adapter, estimates, clean_inp)
         if effects is not None:
-            mask_path = masks.get(str(pair.sample_id), "")
-            mask = adapter.mask_view(Image.open(mask_path), clean_inp) if mask_path else np.zeros((0, 0), np.float32)
+            mask = object_mask(adapter, masks.get(str(pair.sample_id), ""), clean_inp)
             grid = adapter.image_grid(clean_inp)
             records.append(
                 {
@@ -194,33 +187,21 @@ def screen_pairs(
                     "mask": mask,
                 }
             )
-    empty = {column: pd.Series(dtype=object) for column in TABLE_COLUMNS}
-    screen = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(empty)
-    exact = pd.DataFrame({c: pd.Series(dtype=object) for c in RESULT_COLUMNS})
-    if confirmed:
-        exact = pd.concat(confirmed, ignore_index=True)
-    return screen, exact, records
+    return concat_or_empty(frames, TABLE_COLUMNS), concat_or_empty(confirmed, RESULT_COLUMNS), records
 
 
 def save_maps(records: Sequence[dict], out_dir: str | Path) -> Path:
-    """One compressed .npz per record (`screen_pairs`), numbered in pair order."""
+    """One compressed .npz per record (`screen_pairs`), numbered in pair order, each written atomically."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for index, record in enumerate(records):
-        np.savez_compressed(out_dir / f"pair{index:05d}.npz", **record)
+        save_record(record, out_dir / f"pair{index:05d}.npz")
     return out_dir
 
 
 def load_maps(maps_dir: str | Path) -> list[dict]:
     """The records `save_maps` wrote, in order."""
-    records = []
-    for path in sorted(Path(maps_dir).glob("pair*.npz")):
-        with np.load(path) as data:
-            record = {key: data[key] for key in data.files}
-        for key in ("sample_id", "task", "method"):
-            record[key] = str(record[key])
-        records.append(record)
-    return records
+    return [read_npz(path, ("sample_id", "task", "method")) for path in sorted(Path(maps_dir).glob("pair*.npz"))]
 
 
 # -- validation against exact patching ------------------------------------------------------------
@@ -257,9 +238,10 @@ def _recall(rows: pd.DataFrame, column: str, top_k: int) -> tuple[float, list]:
     return 1 - len(lost) / len(top_exact), lost
 
 
-def _spearman(estimate: pd.Series, target: pd.Series) -> float:
+def _correlation(estimate: pd.Series, target: pd.Series, method: str = "pearson") -> float:
+    """NaN with fewer than three sites or a constant side (undefined there)."""
     enough = len(estimate) > 2 and estimate.nunique() > 1 and target.nunique() > 1
-    return float(estimate.corr(target, method="spearman")) if enough else float("nan")
+    return float(estimate.corr(target, method=method)) if enough else float("nan")
 
 
 def validation_tables(paired: pd.DataFrame, top_k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -288,7 +270,6 @@ def validation_tables(paired: pd.DataFrame, top_k: int) -> tuple[pd.DataFrame, p
                 exact_rank = rows_of["exact"].abs().rank(ascending=False, method="first")
                 screen_rank = rows_of["estimate"].abs().rank(ascending=False, method="first")
                 misses.append(rows_of.loc[lost].assign(exact_rank=exact_rank[lost], screen_rank=screen_rank[lost]))
-        enough = len(group) > 2 and group["estimate"].nunique() > 1 and target.nunique() > 1
         rows.append(
             {
                 "model": model,
@@ -299,12 +280,12 @@ def validation_tables(paired: pd.DataFrame, top_k: int) -> tuple[pd.DataFrame, p
                 "n_sites": len(group),
                 "n_samples": len(counts),
                 "sites_per_sample": float(np.median(counts)),
-                "spearman": _spearman(group["estimate"], target),
-                "pearson": float(group["estimate"].corr(target)) if enough else float("nan"),
+                "spearman": _correlation(group["estimate"], target, "spearman"),
+                "pearson": _correlation(group["estimate"], target),
                 "top_k": top_k,
                 "recall_top10": float(np.mean(recalls)) if recalls else float("nan"),
                 "misses": missed,
-                "spearman_atp": _spearman(group["estimate_atp"], group["exact"]),
+                "spearman_atp": _correlation(group["estimate_atp"], group["exact"], "spearman"),
                 "recall_top10_atp": float(np.mean(recalls_atp)) if recalls_atp else float("nan"),
             }
         )

@@ -204,14 +204,15 @@ def query_key_fix(
     gradient [H, T, K]; `mask` additive [T, K].
     """
     mask64 = torch.zeros(()) if mask is None else mask.double()
-    scores = _scores(q, k, scaling, softcap) + mask64
+    raw = _scores(q, k, scaling, softcap)
+    scores = raw + mask64
     probs = torch.softmax(scores, dim=-1)
     grad = grad_probs.double()
     patched_rows = torch.softmax(_scores(clean_q, k, scaling, softcap) + mask64, dim=-1)
     query = ((patched_rows - probs) * grad).sum(-1).transpose(0, 1)  # [T, H]
     # one key at a time: logit s shifts by delta, the row renormalises (log-space: exact at saturation)
     k_rep = q.shape[0] // k.shape[0]
-    shift = _scores(q, clean_k, scaling, softcap) - _scores(q, k, scaling, softcap)  # [H, T, K]
+    shift = _scores(q, clean_k, scaling, softcap) - raw  # [H, T, K]
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     rest = lse + torch.log1p(-probs.clamp(max=1.0))  # log of the row's mass outside key s...
     top = scores.argmax(-1, keepdim=True)  # ...summed directly where the key holds ~all of it (saturation)
@@ -249,7 +250,7 @@ def _run(
 
     def tap(key: SiteKey) -> Callable[[torch.Tensor], torch.Tensor]:
         def fn(x: torch.Tensor) -> torch.Tensor:
-            acts[key] = (_image_rows(x) if key[0] == IMAGE_SITE else x[0]).detach()
+            acts[key] = _flat(key, x).detach()
             if leaves is None:
                 return x
             leaves[key] = torch.zeros_like(x, requires_grad=True)
@@ -341,8 +342,8 @@ def attribution_estimates(
                     f"{tuple(corrupt_acts[key].shape)}: rows would not line up"
                 )
         deltas = {key: (clean_acts[key] - corrupt_acts[key]).float() for key in all_keys}
-        tapped = list(attention.leaf) if attention is not None else []
-        inputs = [leaves[k] for k in all_keys] + ([attention.leaf[k] for k in tapped] if attention is not None else [])
+        tapped = dict(attention.leaf) if attention is not None else {}
+        inputs = [leaves[k] for k in all_keys] + list(tapped.values())
 
         def backward(retain: bool) -> tuple[torch.Tensor | None, ...]:
             return torch.autograd.grad(ld, inputs, retain_graph=retain, allow_unused=True)
@@ -366,12 +367,11 @@ def attribution_estimates(
                         values[(key_site, layer)] = key
             return values
 
-        if gate is not None:
-            gate["dropped"] = None
-        grads = backward(retain=grad_drop)
+        grads = backward(retain=grad_drop)  # nothing dropped yet
         first_order = estimate(grads, fix=False)
-        values = estimate(grads, fix=True) if qk_fix else first_order
-        if gate is not None:
+        if gate is None:
+            values = estimate(grads, fix=True) if qk_fix else first_order
+        else:
             total: dict[SiteKey, torch.Tensor] = {}
             for layer in range(adapter.n_layers):
                 gate["dropped"] = layer
@@ -405,8 +405,9 @@ def _query_key(
     return query, key
 
 
-def _flat(key: SiteKey, grad: torch.Tensor) -> torch.Tensor:
-    return _image_rows(grad) if key[0] == IMAGE_SITE else grad[0]
+def _flat(key: SiteKey, x: torch.Tensor) -> torch.Tensor:
+    """A site's activation (or its gradient) of the one batch row: [T, D], image embeddings [R, D]."""
+    return _image_rows(x) if key[0] == IMAGE_SITE else x[0]
 
 
 def estimates_table(estimates: Estimates, tokens: Sequence[str]) -> pd.DataFrame:

@@ -8,7 +8,8 @@ results table (tables.RESULT_COLUMNS).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 import torch
@@ -70,6 +71,32 @@ def corrupt_image_fn(corruption: str, settings: Mapping, noise_seed: int) -> Ima
     return None
 
 
+def pair_inputs(
+    adapter: VLMAdapter, pair: Any, load_image: Callable[[str], Image.Image]
+) -> tuple[ModelInput, ModelInput]:
+    """The (clean, corrupt) model inputs of one pair (a PAIR_COLUMNS row)."""
+    clean = adapter.prepare(load_image(pair.clean_image_path), pair.clean_prompt)
+    return clean, adapter.prepare(load_image(pair.corrupt_image_path), pair.corrupt_prompt)
+
+
+def pair_labels(pair: Any, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The label columns of one pair's result rows: `labels` (model, dataset) and the pair's own."""
+    return {
+        **labels,
+        "task": pair.task,
+        "corruption": pair.corruption,
+        "modality": pair.modality,
+        "sample_id": pair.sample_id,
+    }
+
+
+def concat_or_empty(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    """`frames` concatenated with `columns` in order; a table with those columns and no row if none."""
+    if not frames:
+        return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
+    return pd.concat(frames, ignore_index=True)[list(columns)]
+
+
 def patch_pairs(
     adapter: VLMAdapter,
     pairs: pd.DataFrame,
@@ -85,8 +112,7 @@ def patch_pairs(
     run = get_engine(engine, int(patching_settings.get("batch_size", 64)))
     frames = []
     for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc=f"patching ({engine})", mininterval=5):
-        clean_inp = adapter.prepare(load_image(pair.clean_image_path), pair.clean_prompt)
-        corrupt_inp = adapter.prepare(load_image(pair.corrupt_image_path), pair.corrupt_prompt)
+        clean_inp, corrupt_inp = pair_inputs(adapter, pair, load_image)
         patches = select_patches(adapter, clean_inp, int(pair.answer_token_id), patching_settings)
         rows = run(
             adapter,
@@ -98,16 +124,5 @@ def patch_pairs(
             corrupt_image_fn=corrupt_image_fn(pair.corruption, corruption_settings, int(pair.noise_seed)),
             clean=clean_runs[str(pair.sample_id)],
         )
-        frame = pd.DataFrame(rows)
-        for column, value in {
-            **labels,
-            "task": pair.task,
-            "corruption": pair.corruption,
-            "modality": pair.modality,
-            "sample_id": pair.sample_id,
-        }.items():
-            frame[column] = value
-        frames.append(frame)
-    if not frames:
-        return pd.DataFrame({column: pd.Series(dtype=object) for column in RESULT_COLUMNS})
-    return pd.concat(frames, ignore_index=True)[list(RESULT_COLUMNS)]
+        frames.append(pd.DataFrame(rows).assign(**pair_labels(pair, labels)))
+    return concat_or_empty(frames, RESULT_COLUMNS)

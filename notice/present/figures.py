@@ -23,7 +23,7 @@ from PIL import Image
 
 from notice.method.head_functions import object_fraction
 from notice.method.heads import KINDS, head_label
-from notice.method.screen import layer_maps, object_share
+from notice.method.screen import is_unsigned, layer_maps, object_share
 from notice.workflow.tables import check_columns
 
 SITE_TITLES: dict[str, str] = {
@@ -630,12 +630,12 @@ def overlay_panels(universal_df: pd.DataFrame, scores: pd.DataFrame, max_heads: 
 def screen_scatter(paired: pd.DataFrame, out_stem: str | Path, title: str) -> list[Path]:
     """The screen's estimate against the exact effect of the same site (`notice.method.screen.paired_effects`
     rows of one model, dataset and corruption), one panel per site kind; the dashed line is y = x.
-    GradDrop's unsigned scores (method atp_star) are drawn against |exact|."""
+    GradDrop's unsigned scores (`notice.method.screen.is_unsigned`) are drawn against |exact|."""
     check_columns(paired, ["site", "estimate", "exact", "method", "layer", "head", "position", "token"], "screen pairs")
     if paired.empty:
         raise ValueError(f"{out_stem}: no site has both a screen estimate and an exact effect")
     df = paired[["site", "layer", "head", "position", "token", "estimate", "exact", "method"]].copy()
-    unsigned = df["method"].eq("atp_star")
+    unsigned = df["method"].map(is_unsigned)
     df["exact"] = df["exact"].where(~unsigned, df["exact"].abs())
     df["site"] = df["site"].map(lambda s: SITE_TITLES.get(s, s))
     low = float(min(df["estimate"].min(), df["exact"].min()))
