@@ -15,7 +15,7 @@ of `notice.adapters.loading`), so adding a family never touches this file. A ben
 `bench_case(real_size=False, *, family, tiny=False, device="cpu") -> Case`. Corruption: SIP (another
 image, same prompt). The patch set is `reference.default_patches`.
 
-For the BLIP and LLaVA layouts (`SCREEN_FAMILIES`, when they are run) it also times the default
+For the layouts whose bench module sets `SCREEN_KEY_PREFIX` (`screen_prefixes`; when run) it also times the default
 attribution screen (`notice.patching.attribution.attribution_estimates`, method atp: one clean forward,
 one corrupt forward, one backward) on the same sample, against one forward (`answer_logits` of the
 corrupt input; the ratio is the screen's cost in forward-equivalents), both the median of
@@ -27,9 +27,9 @@ per-patch cost × the number of sites. The screen's image-embedding rows and que
 counted (no engine patches them), so the ratio is a lower bound.
 
 The last line printed is `bench: <family>_speedup=<x> ... max_rel_err=<e>` (speedup of the fast engine
-over (a), one entry per family run), followed where screened by `blip_screen_forwards=<f>
-blip_screen_speedup=<x>` and, for the LLaVA layout, `screen_forwards=<f> screen_speedup=<x>` (exact
-patching's extrapolated time over the screen's); every entry is key=value.
+over (a), one entry per family run), followed where screened by `<prefix>screen_forwards=<f>
+<prefix>screen_speedup=<x>` (exact patching's extrapolated time over the screen's); every entry is
+key=value.
 
 `--real-size` builds the real checkpoints' dimensions (random weights, bfloat16, `--device`, a GPU by
 default) and reports the fast engine's patched runs per second and the estimated wall time of the
@@ -65,8 +65,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 PAPER_SAMPLES = 500  # samples per corruption in the paper's experiment
-SCREEN_FAMILIES = ("blip", "llava")  # layouts whose attribution screen is timed
-SCREEN_KEY_PREFIX = {"llava": ""}  # bench-line key prefix of a screened family (default "<family>_")
 Size = Literal["tiny", "bench", "real"]
 RowsLogits = Callable[..., torch.Tensor]  # (adapter, batched ModelInput) -> answer logits [B, V]
 T = TypeVar("T")
@@ -146,6 +144,16 @@ def sip_case(
         description,
         rows_logits,
     )
+
+
+def screen_prefixes() -> dict[str, str]:
+    """Family -> bench-line key prefix of the layouts whose attribution screen is timed: those whose bench
+    module sets `SCREEN_KEY_PREFIX` (e.g. "" gives `screen_speedup=`)."""
+    return {
+        family: module.SCREEN_KEY_PREFIX
+        for family, module in bench_modules().items()
+        if hasattr(module, "SCREEN_KEY_PREFIX")
+    }
 
 
 def bench_modules() -> dict[str, ModuleType]:
@@ -301,7 +309,7 @@ def measure_screen(case: Case, n_patches: int, repeats: int, batch_size: int, se
     )
     # After the screens: every timing below runs on a warm allocator (glibc's heap grown and its mmap
     # threshold raised by the screen's large buffers, as it is a few chunks into a long exact run; cold,
-    # a fresh process ran its first 128 LLaVA sites ~1.7× slower; docs/performance.md).
+    # a fresh process ran its first 128 sites of the decoder layout ~1.7× slower; docs/performance.md).
     _, t_forward = _median_timed(lambda: adapter.answer_logits(corrupt), repeats)
     patches = screen_patches(adapter, clean)
     counts = {site: 0 for site in screen_sites(adapter)}
@@ -373,11 +381,11 @@ def _screen_table(screens: list[dict]) -> str:
 
 def bench_line(results: list[dict], screens: Sequence[dict] = ()) -> str:
     """The last line: `bench: <family>_speedup=<x> ... max_rel_err=<e>`, then each screened family's
-    `<prefix>screen_forwards=<f> <prefix>screen_speedup=<x>` (prefix "" for the LLaVA layout)."""
+    `<prefix>screen_forwards=<f> <prefix>screen_speedup=<x>` (`screen_prefixes`)."""
     entries = [f"{r['name']}_speedup={r['per_hooked'] / r['per_fast']:.1f}" for r in results]
     entries.append(f"max_rel_err={max(r['err'] for r in results):.1e}")
     for s in screens:
-        prefix = SCREEN_KEY_PREFIX.get(s["name"], f"{s['name']}_")
+        prefix = s["prefix"]
         entries += [f"{prefix}screen_forwards={s['forwards']:.2f}", f"{prefix}screen_speedup={s['speedup']:.1f}"]
     return "bench: " + " ".join(entries)
 
@@ -414,6 +422,7 @@ def _real_size_table(results: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     modules = bench_modules()
+    prefixes = screen_prefixes()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--families", nargs="+", choices=list(modules), default=list(modules), help="families to run (default: all)"
@@ -427,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=int,
         default=256,
         help=f"random sites of the attribution screen's set patched exactly to extrapolate its cost "
-        f"({', '.join(SCREEN_FAMILIES)}; default 256; 0: no screen)",
+        f"({', '.join(screen_prefixes())}; default 256; 0: no screen)",
     )
     parser.add_argument(
         "--screen-repeats", type=int, default=3, help="timed screens and forwards, median taken (default 3)"
@@ -469,8 +478,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             flush=True,
         )
         results.append(result)
-        if family in SCREEN_FAMILIES and args.screen_patches > 0:
-            screens.append(measure_screen(case, args.screen_patches, args.screen_repeats, args.batch_size, args.seed))
+        if family in prefixes and args.screen_patches > 0:
+            screen = measure_screen(case, args.screen_patches, args.screen_repeats, args.batch_size, args.seed)
+            screens.append({**screen, "prefix": prefixes[family]})
             print(_screen_line(screens[-1]), flush=True)
         del case
         gc.collect()

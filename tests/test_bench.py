@@ -62,7 +62,7 @@ def test_unknown_family_is_an_argument_error():
     assert exited.value.code == 2
 
 
-@pytest.mark.parametrize("family", bench.SCREEN_FAMILIES)
+@pytest.mark.parametrize("family", sorted(bench.screen_prefixes()))
 def test_screen_patches_are_the_screens_patchable_sites(family):
     case = MODULES[family].bench_case(family=family, tiny=True)
     adapter, T = case.adapter, case.clean.input_ids.shape[1]
@@ -75,7 +75,7 @@ def test_screen_patches_are_the_screens_patchable_sites(family):
     assert len(patches) - n_heads == len(adapter.module_sites) * adapter.n_layers * T
 
 
-@pytest.mark.parametrize("family", bench.SCREEN_FAMILIES)
+@pytest.mark.parametrize("family", sorted(bench.screen_prefixes()))
 def test_tiny_screen_measurement(family):
     case = MODULES[family].bench_case(family=family, tiny=True)
     screen = bench.measure_screen(case, n_patches=16, repeats=1, batch_size=8, seed=0)
@@ -97,7 +97,10 @@ def test_bench_line_reports_the_screen_keys():
         dict(name="blip", per_hooked=2.0, per_fast=0.1, err=1e-7),
         dict(name="llava", per_hooked=4.0, per_fast=0.1, err=2e-7),
     ]
-    screens = [dict(name="blip", forwards=2.5, speedup=30.0), dict(name="llava", forwards=3.0, speedup=2000.0)]
+    screens = [
+        dict(name="blip", prefix="blip_", forwards=2.5, speedup=30.0),
+        dict(name="llava", prefix="", forwards=3.0, speedup=2000.0),
+    ]
     fields = _bench_line_fields(bench.bench_line(results, screens))
     assert fields == {
         "blip_speedup": 20.0,
@@ -109,11 +112,16 @@ def test_bench_line_reports_the_screen_keys():
         "screen_speedup": 2000.0,
     }
     assert "screen" not in bench.bench_line(results)  # no screen run: the line as before
+    # the LLaVA-1.5 layout's screen is the one that gives the unprefixed `screen_speedup=`
+    assert bench.screen_prefixes() == {"blip": "blip_", "llava": ""}
 
 
 def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
     tiny = {
-        family: SimpleNamespace(bench_case=partial(MODULES[family].bench_case, tiny=True))
+        family: SimpleNamespace(
+            bench_case=partial(MODULES[family].bench_case, tiny=True),
+            SCREEN_KEY_PREFIX=MODULES[family].SCREEN_KEY_PREFIX,
+        )
         for family in ("blip", "llava")
     }
     monkeypatch.setattr(bench, "bench_modules", lambda: tiny)

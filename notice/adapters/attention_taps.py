@@ -8,7 +8,7 @@ to read a gradient). Two ways in, by how the family computes attention:
 
 - decoder language models dispatch to transformers' `AttentionInterface`: `tapped_attention` is
   registered there and switched on for the layers while the tap is active (`attention_switched`);
-- BERT-style attention modules (BLIP's text encoder, the Q-Former) compute it in their own forward:
+- BERT-style attention modules (a text encoder's cross-attention, a Q-Former) compute it in their own forward:
   forward hooks on their `query` / `key` projections and a pre-hook on the `dropout` the probabilities go
   through (`bert_attention_taps`).
 """

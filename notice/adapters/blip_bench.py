@@ -19,6 +19,7 @@ from notice.adapters.blip import BlipAdapter
 from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
 
 QUESTION_LEN = 12
+SCREEN_KEY_PREFIX = "blip_"  # `make bench` times the attribution screen here too (`blip_screen_speedup=`)
 VOCAB = 30524
 BASE = dict(
     text=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),

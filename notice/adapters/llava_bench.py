@@ -18,6 +18,7 @@ from notice.adapters.llava import LlavaAdapter
 from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
 
 VOCAB = 32064
+SCREEN_KEY_PREFIX = ""  # `make bench` times the attribution screen here: `screen_speedup=` is this layout's
 IMAGE_TOKEN = 32000
 TEXT_BEFORE_IMAGE = 3  # "<s> USER :"
 TEXT_AFTER_IMAGE = 27  # "\n{question} Answer with one word. ASSISTANT:"
