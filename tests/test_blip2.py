@@ -217,3 +217,44 @@ def test_qformer_attention_records(qformer, tmp_path: Path):
     attention = patch_attention(qformer, inp)
     assert attention.weights.shape == (2, 4, 4, 16) and attention.query_positions == [0, 1, 2, 3]
     np.testing.assert_allclose(attention.weights.sum(-1).numpy(), 1.0, atol=1e-5)
+
+
+def test_qformer_stream_attention_taps_and_screen(qformer):
+    from notice.patching.attribution import attribution_estimates, patch_queries_keys
+
+    clean, corrupt = clean_and_corrupt(qformer, "SIP", image)
+    seen = {}
+
+    class PassThrough:
+        def query(self, layer, query):
+            return query
+
+        def key(self, layer, key):
+            seen[layer] = key
+            return key
+
+        def probs(self, layer, probs, scaling, mask, softcap):
+            return probs
+
+    with qformer.attention_taps(PassThrough()):
+        tapped = qformer.answer_logits(clean)
+    assert torch.equal(tapped, qformer.answer_logits(clean)) and sorted(seen) == list(range(qformer.n_layers))
+    estimates = attribution_estimates(qformer, clean, corrupt, 5, 6, method="atp_star", grad_drop=False)
+    keys = estimates.values[("cross_attn_key", 0)]
+    assert keys.shape == (seen[0].shape[2], qformer.n_heads) and keys.abs().max() > 0
+    # a key patched through the tap = the key projection's output patched by hand, in that head's slice
+    [row] = patch_queries_keys(qformer, clean, corrupt, [Patch("cross_attn_key", 1, 3, 1)], 5, 6)
+    projection = qformer.fusion_attention_modules()[1].key
+    dims = slice(qformer.head_dim, 2 * qformer.head_dim)
+    captured = {}
+    with reference.hooked(projection, "output", lambda x: captured.setdefault("clean", x.clone())):
+        qformer.answer_logits(clean)
+
+    def overwrite(x):
+        x = x.clone()
+        x[0, 3, dims] = captured["clean"][0, 3, dims]
+        return x
+
+    with reference.hooked(projection, "output", overwrite):
+        logits = qformer.answer_logits(corrupt)
+    assert abs(row["ld_patched"] - float(logits[5] - logits[6])) < 1e-5

@@ -6,9 +6,10 @@ position encoding, its score scaling, mask and soft-cap, and the gradient of the
 its probabilities. An `AttentionTap` receives them and may return modified tensors (a zero leaf added,
 to read a gradient). Two ways in, by how the family computes attention:
 
-- decoder language models dispatch to transformers' `AttentionInterface`: `tapped_attention` is
-  registered there and switched on for the layers while the tap is active (`attention_switched`);
-- BERT-style attention modules (a text encoder's cross-attention, a Q-Former) compute it in their own forward:
+- modules that dispatch to transformers' `AttentionInterface` (decoder language models, the Q-Former):
+  `tapped_attention` is registered there and switched on while the tap is active
+  (`interface_attention_taps`); modules sharing their config but not tapped run plain eager attention;
+- BERT-style attention modules that compute it in their own forward (a text encoder's cross-attention):
   forward hooks on their `query` / `key` projections and a pre-hook on the `dropout` the probabilities go
   through (`bert_attention_taps`).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 from transformers import AttentionInterface
@@ -41,7 +42,7 @@ class AttentionTap(Protocol):
         ...
 
 
-_active: list[AttentionTap] = []
+_active: list[tuple[AttentionTap, dict[int, int]]] = []  # (tap, id of a tapped module -> its layer)
 
 
 def additive_mask(mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
@@ -64,11 +65,14 @@ def tapped_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' eager attention (grouped keys/values, soft-cap, mask), reporting to the active tap."""
+    """transformers' eager attention (grouped keys/values, soft-cap, mask), reporting to the active tap
+    when `module` is one of its layers."""
     if not _active:
         raise RuntimeError(f"{TAPPED_ATTENTION} attention runs only while an attention tap is active")
-    tap, layer = _active[-1], int(cast(Any, module).layer_idx)  # set by transformers on every attention module
-    query, key = tap.query(layer, query), tap.key(layer, key)
+    tap, layers = _active[-1]
+    layer = layers.get(id(module))
+    if layer is not None:
+        query, key = tap.query(layer, query), tap.key(layer, key)
     n_rep = query.shape[1] // key.shape[1]
     keys = key.repeat_interleave(n_rep, dim=1)  # query head h reads key/value head h // n_rep (repeat_kv)
     values = value.repeat_interleave(n_rep, dim=1)
@@ -85,7 +89,8 @@ def tapped_attention(
             else scores + causal
         )
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = tap.probs(layer, probs, scale, additive_mask(attention_mask, keys.shape[-2]), softcap)
+    if layer is not None:
+        probs = tap.probs(layer, probs, scale, additive_mask(attention_mask, keys.shape[-2]), softcap)
     out = torch.matmul(probs, values)
     return out.transpose(1, 2).contiguous(), probs
 
@@ -97,9 +102,10 @@ AttentionMaskInterface.register(TAPPED_ATTENTION, eager_mask)
 
 
 @contextmanager
-def attention_switched(layers: Iterable[torch.nn.Module], name: str) -> Iterator[None]:
-    """While active, the layers' attention modules dispatch to the registered attention `name`."""
-    attentions: list[Any] = [layer.self_attn for layer in layers]  # a family's attention module: fields by name
+def attention_switched(modules: Iterable[torch.nn.Module], name: str) -> Iterator[None]:
+    """While active, the attention modules (and every module sharing their configs) dispatch to the
+    registered attention `name`."""
+    attentions: list[Any] = list(modules)  # a family's attention modules: fields by name
     configs = list({id(attention.config): attention.config for attention in attentions}.values())
     saved = [config._attn_implementation_internal for config in configs]
     for config in configs:
@@ -112,11 +118,11 @@ def attention_switched(layers: Iterable[torch.nn.Module], name: str) -> Iterator
 
 
 @contextmanager
-def decoder_attention_taps(layers: Iterable[torch.nn.Module], tap: AttentionTap) -> Iterator[None]:
-    """Taps on the self-attention of decoder `layers` (transformers' attention interface)."""
-    _active.append(tap)
+def interface_attention_taps(modules: Sequence[torch.nn.Module], tap: AttentionTap) -> Iterator[None]:
+    """Taps on attention modules that dispatch to transformers' attention interface: module i is layer i."""
+    _active.append((tap, {id(module): layer for layer, module in enumerate(modules)}))
     try:
-        with attention_switched(layers, TAPPED_ATTENTION):
+        with attention_switched(modules, TAPPED_ATTENTION):
             yield
     finally:
         _active.pop()

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-from notice.adapters.attention_taps import AttentionTap, bert_attention_taps
+from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, register
 from notice.adapters.decoder import DecoderVLMAdapter
 
@@ -307,7 +307,7 @@ class QFormerStreamAdapter(Blip2LanguageModelAdapter):
         return [layers[i].crossattention.attention for i in self.stream_layers]
 
     def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
-        return bert_attention_taps(self.fusion_attention_modules(), tap)
+        return interface_attention_taps(self.fusion_attention_modules(), tap)
 
     def image_grid(self, inp: ModelInput) -> ImageGrid:
         side, patches = self.vit_grid()

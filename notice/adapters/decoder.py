@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, cast
 
 import torch
 
-from notice.adapters.attention_taps import AttentionTap, decoder_attention_taps
+from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
 
 
@@ -141,12 +141,17 @@ class DecoderVLMAdapter(VLMAdapter):
         norm = cast(torch.nn.Module, self.language_model.norm)
         return self.lm_head(norm(hidden)).float()
 
+    @property
+    def self_attentions(self) -> list[torch.nn.Module]:
+        """Per layer, the decoder's self-attention module."""
+        return [cast(torch.nn.Module, layer.self_attn) for layer in self.layers]
+
     def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
-        return decoder_attention_taps(self.layers, tap)
+        return interface_attention_taps(self.self_attentions, tap)
 
     # -- fusion attention ---------------------------------------------------------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
-        return [cast(torch.nn.Module, layer.self_attn) for layer in self.layers]
+        return self.self_attentions
 
     def attention_queries(self, inp: ModelInput) -> list[int]:
         # Positions before the image cannot see it under the causal mask.

@@ -210,7 +210,7 @@ class DecoderFast(FastFamily):
         prefix = SharedPrefix(self.prefix.keys, self.prefix.values, start)
         h: torch.Tensor | None = None
         order: list[int] = []
-        with attention_switched(self.layers, ATTENTION_NAME):
+        with attention_switched(self.adapter.self_attentions, ATTENTION_NAME):
             for layer in range(min(p.layer for p in patches), last + 1):
                 entering = [i for i, p in enumerate(patches) if p.layer == layer]
                 first_row = 0 if h is None else h.shape[0]
