@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from notice import patch_pair
-from notice.workflow.hub import ModelNotFoundError
+from notice.files.hub import ModelNotFoundError
 
 PROG = "python -m notice"
 COMMANDS = {

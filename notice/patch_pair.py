@@ -14,10 +14,12 @@ import torch
 
 from notice.adapters.base import VLMAdapter
 from notice.adapters.loading import load_adapter
+from notice.files.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, write_table
 from notice.method.pairs import NO_NOISE, PAIR_DTYPES
+from notice.patching.engines import ENGINES, get_engine
 from notice.patching.experiment import cache_clean_runs, patch_pairs
+from notice.patching.fast import DEFAULT_BATCH_ROWS
 from notice.workflow.runtime import load_image
-from notice.workflow.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, write_table
 
 SAMPLE_ID = "pair"
 LABEL = "cli"  # task, category and dataset of the one pair
@@ -42,13 +44,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     corruption.add_argument("--noise", choices=NOISES, help="Gaussian noise on the image embeddings")
     parser.add_argument("--prompt-template", help="prompt with {question}, used verbatim (default: the model's)")
     parser.add_argument("--adapter", help="adapter family, e.g. an opt-in stream (default: the model type's)")
-    parser.add_argument("--engine", choices=("fast", "reference"), default="fast")
+    parser.add_argument("--engine", choices=ENGINES, default="fast")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--nu", type=float, default=5.0, help="gn_mult: noise scale")
     parser.add_argument("--sigma-multiplier", type=float, default=3.0, help="gn_add: noise scale")
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the Gaussian noise draw")
-    parser.add_argument("--batch-size", type=int, default=64, help="fast engine: patched runs per forward pass")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_ROWS,
+        help=f"fast engine: patched runs per forward pass (default {DEFAULT_BATCH_ROWS})",
+    )
     parser.add_argument("--out", required=True, help="results table (Parquet, tables.RESULT_COLUMNS)")
 
 
@@ -204,9 +211,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             pairs,
             clean_runs,
             load_image,
-            engine=args.engine,
+            engine=get_engine(args.engine, args.batch_size),
             corruption_settings={"nu": args.nu, "sigma_multiplier": args.sigma_multiplier},
-            patching_settings={"batch_size": args.batch_size},
+            patching_settings={},
             labels={"model": args.model, "dataset": LABEL},
         )
     write_table(rows, args.out, RESULT_COLUMNS)

@@ -187,7 +187,7 @@ def check_models_available():
 
     Local paths are always checked; hub ids only offline (online, Hugging Face may download them).
     """
-    from notice.workflow.hub import resolve_inpaint_model, resolve_offline
+    from notice.files.hub import resolve_inpaint_model, resolve_offline
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     for name, section in config["models"].items():

@@ -5,8 +5,8 @@ Shared by the head-statistics, figure and report tests.
 
 import pandas as pd
 
+from notice.files.tables import RESULT_COLUMNS
 from notice.method.heads import module_effects
-from notice.workflow.tables import RESULT_COLUMNS
 
 LAYERS, HEADS, N_SAMPLES = 3, 6, 20
 # 18 heads per condition: the 2-sigma rule lets at most 3 equal planted heads through

@@ -12,12 +12,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from toy_adapters import QUESTION, blip_adapter, llava_adapter, noise_image, one_torch_thread
 from transformers import BertConfig, BertModel, LlamaTokenizer
 
-from notice.adapters.base import ADAPTER_FAMILIES, ADAPTERS, register
-from notice.adapters.blip import BlipAdapter
 from notice.adapters.llava import LlavaAdapter
 from notice.adapters.loading import load_adapter
-from notice.patching.reference import capture
-from notice.workflow.hub import ModelNotFoundError
+from notice.families import model_types
+from notice.files.hub import ModelNotFoundError
+from notice.patching.hooks import capture
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -34,14 +33,6 @@ def blip():
 @pytest.fixture(scope="module")
 def llava():
     return llava_adapter()
-
-
-def test_registry_maps_each_model_type_to_the_adapter_of_its_transformers_class():
-    # A checkpoint's config.json model_type picks the adapter; the adapter loads it with model_class.
-    assert ADAPTERS["blip"] is BlipAdapter and ADAPTERS["llava"] is LlavaAdapter
-    for model_type, adapter in ADAPTERS.items():
-        assert adapter.model_class.config_class.model_type == model_type, adapter
-        assert model_type in adapter.model_types and adapter.fast_engine
 
 
 def test_blip_architecture(blip):
@@ -238,23 +229,5 @@ def test_unknown_model_type_lists_supported(tmp_path):
     BertModel(
         BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
     ).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=rf"'bert'.*{re.escape(str(sorted(ADAPTERS)))}"):
+    with pytest.raises(ValueError, match=rf"'bert'.*{re.escape(str(model_types()))}"):
         load_adapter(str(tmp_path))
-
-
-def test_the_adapter_key_names_an_opt_in_adapter_of_the_model_type(tmp_path, monkeypatch, llava):
-    class OptInLlava(LlavaAdapter):  # e.g. another patched stream of the same checkpoints
-        family = "opt_in_llava"
-        opt_in = True
-
-    monkeypatch.setitem(ADAPTER_FAMILIES, OptInLlava.family, None)  # removed again after the test
-    register(OptInLlava)
-    assert ADAPTERS["llava"] is LlavaAdapter  # an opt-in adapter is never a model type's default
-    llava.model.save_pretrained(tmp_path)
-    llava.processor.save_pretrained(tmp_path)
-    assert type(load_adapter(str(tmp_path), weights=False)) is LlavaAdapter
-    assert type(load_adapter(str(tmp_path), adapter="opt_in_llava", weights=False)) is OptInLlava
-    with pytest.raises(ValueError, match=r"unknown adapter 'nope'; adapters: \[.*'opt_in_llava'"):
-        load_adapter(str(tmp_path), adapter="nope")
-    with pytest.raises(ValueError, match=r"adapter 'blip' takes model types \['blip'\].*'llava'.*'opt_in_llava'"):
-        load_adapter(str(tmp_path), adapter="blip")

@@ -11,13 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from toy_adapters import FAMILY_ADAPTERS, QUESTION, noise_image, one_torch_thread
+from toy_adapters import DEFAULT_FAMILIES, QUESTION, noise_image, one_torch_thread, tiny_adapter
 
+from notice.files.tables import PROMPT_COLUMNS
 from notice.method.attention import RECORD_INDEX_COLUMNS, choose_samples, load_records, write_records
 from notice.method.head_functions import AVERAGE_HEAD, HeadFunctionConfig, grounding_summary, scores_from_records
 from notice.present.figures import attention_overlays, overlay_panels
 from notice.workflow.runtime import load_image, load_model
-from notice.workflow.tables import PROMPT_COLUMNS
 
 OBJECT_PATCHES = [0, 1, 4, 5]
 
@@ -65,11 +65,11 @@ def test_choose_samples_spreads_over_tasks_masks_first():
     assert len(choose_samples(selected, 10, seed=0)) == 6
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILY_ADAPTERS))
+@pytest.fixture(scope="module", params=DEFAULT_FAMILIES)
 def pipeline(request, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp(request.param)
     with one_torch_thread():
-        tiny = FAMILY_ADAPTERS[request.param]()
+        tiny = tiny_adapter(request.param)
         tiny.model.save_pretrained(tmp_path / "model")
         tiny.processor.save_pretrained(tmp_path / "model")
         adapter = load_model(str(tmp_path / "model"), {"device": "cpu"})

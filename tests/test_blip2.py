@@ -14,7 +14,6 @@ from toy_adapters import QUESTION, STR_QUESTION, clean_and_corrupt, noise_image,
 from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from notice.__main__ import main
-from notice.adapters import blip2_tiny
 from notice.adapters.base import HEAD_SITE_PARENT, Patch
 from notice.adapters.blip2 import (
     Blip2Adapter,
@@ -24,10 +23,11 @@ from notice.adapters.blip2 import (
     QFormerStreamAdapter,
 )
 from notice.adapters.loading import load_adapter
+from notice.files.tables import RESULT_COLUMNS, read_table
 from notice.method.attention import patch_attention
-from notice.patching import fast, reference
+from notice.patching import corruptions, fast, hooks, reference
+from notice.testing import tiny_blip2
 from notice.workflow.runtime import load_model
-from notice.workflow.tables import RESULT_COLUMNS, read_table
 
 STREAMS = {
     "blip2_qformer": ("blip2", Blip2QFormerAdapter),
@@ -42,7 +42,7 @@ def _one_thread():
 
 
 def tiny(kind: str, adapter_cls: type, seed: int = 3):
-    model, processor = blip2_tiny.build(kind, seed=seed)
+    model, processor = tiny_blip2.build(kind, seed=seed)
     return adapter_cls(reinit(model, 0.3, seed), processor)
 
 
@@ -81,7 +81,7 @@ def test_qformer_stream_layout(qformer):
     assert qformer.patch_positions(clean) == [0, 1, 2, 3] and clean.tokens[:4] == ["<image>"] * 4
     assert qformer.head_position(clean, qformer.option_token_id("red")) == 0
     sites = [(site, layer) for site in (*qformer.module_sites, "layer") for layer in range(qformer.n_layers)]
-    _, acts = reference.capture(qformer, clean, sites)
+    _, acts = hooks.capture(qformer, clean, sites)
     for site, layer in sites:
         assert acts[(site, layer)].shape[-1] == qformer.site_width(site) == 32, (site, layer)
         assert acts[(site, layer)].shape[0] >= 4
@@ -92,11 +92,11 @@ def test_qformer_stream_layout(qformer):
 def test_qformer_self_patch_and_heads(qformer):
     clean, corrupt = clean_and_corrupt(qformer, "SIP", image)
     patches = every_patch(qformer, clean)[::5]
-    logits, acts = reference.capture(qformer, clean, [(p.site, p.layer) for p in patches])
+    logits, acts = hooks.capture(qformer, clean, [(p.site, p.layer) for p in patches])
     for patch in patches:
         assert torch.equal(reference.run_patched(qformer, clean, patch, acts), logits), patch
     parent = HEAD_SITE_PARENT[qformer.head_site]
-    _, acts = reference.capture(qformer, clean, [(parent, layer) for layer in range(qformer.n_layers)])
+    _, acts = hooks.capture(qformer, clean, [(parent, layer) for layer in range(qformer.n_layers)])
     for layer in range(qformer.n_layers):
         site = reference.run_patched(qformer, corrupt, Patch(parent, layer, 0), acts)
         heads = [Patch(qformer.head_site, layer, 0, h) for h in range(qformer.n_heads)]
@@ -108,7 +108,7 @@ def test_qformer_fast_equals_reference(qformer, corruption):
     clean, corrupt = clean_and_corrupt(qformer, corruption, image)
     options = ("green", "red") if corruption == "STR" else ("red", "green")
     tau, tau_p = (qformer.option_token_id(o) for o in options)
-    noise = reference.multiplicative_noise(nu=5.0, seed=3) if corruption == "noise" else None
+    noise = corruptions.multiplicative_noise(nu=5.0, seed=3) if corruption == "noise" else None
     patches = every_patch(qformer, clean)
     expected = reference.patch_sample(qformer, clean, corrupt, patches, tau, tau_p, corrupt_image_fn=noise)
     rows = fast.patch_sample(qformer, clean, corrupt, patches, tau, tau_p, corrupt_image_fn=noise, batch_size=16)
@@ -162,7 +162,7 @@ def test_patch_pair_takes_the_adapter(tmp_path, capsys):
 def test_opt_mlp_site_is_the_mlp_output_per_token():
     adapter = tiny("blip2", Blip2Adapter)
     inp = adapter.prepare(noise_image(0), adapter.format_prompt(QUESTION))
-    _, acts = reference.capture(adapter, inp, [("layer", 0), ("layer", 1), ("self_attn", 1), ("mlp", 1)])
+    _, acts = hooks.capture(adapter, inp, [("layer", 0), ("layer", 1), ("self_attn", 1), ("mlp", 1)])
     out_proj = adapter.layers[1].self_attn.out_proj
     with torch.no_grad():
         rebuilt = acts[("layer", 0)] + out_proj(acts[("self_attn", 1)]) + acts[("mlp", 1)]
@@ -220,7 +220,8 @@ def test_qformer_attention_records(qformer, tmp_path: Path):
 
 
 def test_qformer_stream_attention_taps_and_screen(qformer):
-    from notice.patching.attribution import attribution_estimates, patch_queries_keys
+    from notice.patching.attribution import attribution_estimates
+    from notice.patching.query_keys import patch_queries_keys
 
     clean, corrupt = clean_and_corrupt(qformer, "SIP", image)
     seen = {}
@@ -247,7 +248,7 @@ def test_qformer_stream_attention_taps_and_screen(qformer):
     projection = qformer.fusion_attention_modules()[1].key
     dims = slice(qformer.head_dim, 2 * qformer.head_dim)
     captured = {}
-    with reference.hooked(projection, "output", lambda x: captured.setdefault("clean", x.clone())):
+    with hooks.hooked(projection, "output", lambda x: captured.setdefault("clean", x.clone())):
         qformer.answer_logits(clean)
 
     def overwrite(x):
@@ -255,6 +256,6 @@ def test_qformer_stream_attention_taps_and_screen(qformer):
         x[0, 3, dims] = captured["clean"][0, 3, dims]
         return x
 
-    with reference.hooked(projection, "output", overwrite):
+    with hooks.hooked(projection, "output", overwrite):
         logits = qformer.answer_logits(corrupt)
     assert abs(row["ld_patched"] - float(logits[5] - logits[6])) < 1e-5

@@ -11,7 +11,7 @@ from notice.data.facial_expressions import (
     QUESTION_TEMPLATE,
     read_facial_expressions,
 )
-from notice.workflow.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, write_table
+from notice.files.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, write_table
 
 
 def _pixels(seed: int, n: int = 2304) -> str:

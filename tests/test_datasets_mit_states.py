@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from notice.data.mit_states import _GROUP_LISTS, NEAR_SYNONYMS, QUESTION_TEMPLATE, STATE_GROUPS, read_mit_states
-from notice.workflow.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
+from notice.files.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
 
 # folder -> number of good JPEGs
 FOLDERS = {

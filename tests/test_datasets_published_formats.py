@@ -18,7 +18,7 @@ from notice.data.download import DOWNLOAD_COLUMNS
 from notice.data.facial_expressions import read_facial_expressions
 from notice.data.mit_states import read_mit_states
 from notice.data.svo_probes import CSV_COLUMNS, image_urls, read_svo_probes
-from notice.workflow.tables import TableError
+from notice.files.tables import TableError
 
 U = "https://example.org/svo/"
 

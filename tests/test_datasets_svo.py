@@ -16,8 +16,8 @@ from notice.data.svo_probes import (
     parse_triplet,
     read_svo_probes,
 )
+from notice.files.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, write_table
 from notice.method.distractors import choose_distractors
-from notice.workflow.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, TableError, write_table
 
 U = "http://img.example/"
 # sentence, pos_triplet, neg_triplet, subj_neg, verb_neg, obj_neg, pos_url, neg_url, pos_image_id, neg_image_id

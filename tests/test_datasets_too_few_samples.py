@@ -21,7 +21,7 @@ from notice.data import selection_problem
 from notice.data.download import DOWNLOAD_COLUMNS
 from notice.data.facial_expressions import EMOTION_GROUPS
 from notice.data.svo_probes import CSV_COLUMNS
-from notice.workflow.tables import ANSWER_COLUMNS, EXCLUSION_COLUMNS, write_table
+from notice.files.tables import ANSWER_COLUMNS, EXCLUSION_COLUMNS, write_table
 
 FER_TASKS = {"facial_expressions": {"question": "Is this {subject} feeling {a} or {b}?", "groups": EMOTION_GROUPS}}
 MIT_TASKS = {"mit_states": {"question": "Is this {subject} {a} or {b}?", "groups": {"ancient": "colour"}}}

@@ -5,14 +5,14 @@ import pandas as pd
 import pytest
 from gensim.models import KeyedVectors
 
-from notice.method.distractors import choose_distractors
-from notice.workflow.tables import (
+from notice.files.tables import (
     DISTRACTOR_COLUMNS,
     DISTRACTOR_REJECTION_COLUMNS,
     EXCLUSION_COLUMNS,
     stable_seed,
     write_table,
 )
+from notice.method.distractors import choose_distractors
 
 # Colour and shape words: 2-d vectors at known angles from "red" (1, 0), so cosine with red = COSINES.
 COSINES = {"red": 1.0, "crimson": 0.95, "scarlet": 0.3, "blue": 0.5, "green": 0.0, "circle": 0.1, "square": -0.2}

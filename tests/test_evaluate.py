@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 from toy_adapters import blip_adapter, noise_image, one_torch_thread
 
+from notice.files.tables import ANSWER_COLUMNS, EXCLUSION_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS
 from notice.method.evaluate import ALL_CATEGORIES, accuracy_table, build_prompts, evaluate, is_correct, select_samples
-from notice.method.metrics import scores
-from notice.workflow.tables import ANSWER_COLUMNS, EXCLUSION_COLUMNS, PROMPT_COLUMNS, SAMPLE_COLUMNS
+from notice.patching.scores import scores
 
 TEMPLATES = {"colour": "is the {subject} {a} or {b}?", "shape": "is the {subject} a {a} or a {b}?"}
 COLOURS = ["red", "green", "blue", "yellow"]

@@ -1,4 +1,4 @@
-"""The adapter contract, checked on a tiny random model of every registered family.
+"""The adapter contract, checked on a tiny random model of every family of the family table (its tiny builder).
 
 For each family: sites exist with their documented widths at every position; patching a site with
 its own clean activation into the clean run changes nothing; the heads of an attention site patched
@@ -14,21 +14,21 @@ import random
 import pytest
 import torch
 from toy_adapters import (
-    FAMILY_ADAPTERS,
+    DEFAULT_FAMILIES,
     QUESTION,
     clean_and_corrupt,
     noise_image,
     one_torch_thread,
     patch_positions_with_image_samples,
+    tiny_adapter,
 )
 
-from notice.adapters.base import ADAPTERS, HEAD_SITE_PARENT, Patch
+from notice.adapters.base import HEAD_SITE_PARENT, Patch
 from notice.adapters.loading import load_adapter
-from notice.method.metrics import ROW_COLUMNS
-from notice.patching import fast, reference
+from notice.patching import corruptions, fast, hooks, reference
+from notice.patching.scores import ROW_COLUMNS
 
 RTOL = 1e-5
-FAMILIES = sorted({cls.family for cls in ADAPTERS.values()})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,13 +37,9 @@ def _one_thread():
         yield
 
 
-def test_every_registered_family_has_a_tiny_fixture():
-    assert sorted(FAMILY_ADAPTERS) == FAMILIES
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=DEFAULT_FAMILIES)
 def adapter(request):
-    return FAMILY_ADAPTERS[request.param](seed=3)
+    return tiny_adapter(request.param, seed=3)
 
 
 def image(seed: int):
@@ -78,7 +74,7 @@ def every_patch(adapter, inp) -> list[Patch]:
 def test_sites_have_their_documented_widths(adapter):
     clean, _ = inputs(adapter, "SIP")
     sites = [(site, layer) for site in (*adapter.module_sites, "layer") for layer in range(adapter.n_layers)]
-    _, acts = reference.capture(adapter, clean, sites)
+    _, acts = hooks.capture(adapter, clean, sites)
     T = clean.input_ids.shape[1]
     for site, layer in sites:
         width = adapter.n_heads * adapter.head_dim if site.endswith("attn") else adapter.hidden_size
@@ -91,7 +87,7 @@ def test_sites_have_their_documented_widths(adapter):
 def test_patching_the_clean_run_with_itself_changes_nothing(adapter):
     clean, _ = inputs(adapter, "SIP")
     patches = every_patch(adapter, clean)[::7]
-    logits, acts = reference.capture(adapter, clean, [(p.site, p.layer) for p in patches])
+    logits, acts = hooks.capture(adapter, clean, [(p.site, p.layer) for p in patches])
     for patch in patches:
         assert torch.equal(reference.run_patched(adapter, clean, patch, acts), logits), patch
 
@@ -100,7 +96,7 @@ def test_the_heads_of_a_site_together_are_the_site(adapter):
     clean, corrupt = inputs(adapter, "SIP")
     parent = HEAD_SITE_PARENT[adapter.head_site]
     position = adapter.head_position(clean, adapter.option_token_id("red"))
-    _, acts = reference.capture(adapter, clean, [(parent, layer) for layer in range(adapter.n_layers)])
+    _, acts = hooks.capture(adapter, clean, [(parent, layer) for layer in range(adapter.n_layers)])
     for layer in range(adapter.n_layers):
         site = reference.run_patched(adapter, corrupt, Patch(parent, layer, position), acts)
         heads = reference.run_patched(
@@ -124,7 +120,7 @@ def test_fast_equals_reference(adapter, corruption):
     clean, corrupt = inputs(adapter, corruption)
     options = ("green", "red") if corruption == "STR" else ("red", "green")
     tau, tau_p = (adapter.option_token_id(o) for o in options)
-    noise = reference.multiplicative_noise(nu=5.0, seed=3) if corruption == "noise" else None
+    noise = corruptions.multiplicative_noise(nu=5.0, seed=3) if corruption == "noise" else None
     patches = every_patch(adapter, clean)
     expected = reference.patch_sample(adapter, clean, corrupt, patches, tau, tau_p, corrupt_image_fn=noise)
     rows = fast.patch_sample(adapter, clean, corrupt, patches, tau, tau_p, corrupt_image_fn=noise, batch_size=16)

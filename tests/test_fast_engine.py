@@ -26,9 +26,11 @@ from toy_adapters import (
 )
 
 from notice.adapters.base import Patch
-from notice.method.metrics import ROW_COLUMNS
-from notice.patching import get_engine, reference
+from notice.patching import corruptions, hooks, reference, sites
+from notice.patching.engines import ENGINES, get_engine
 from notice.patching.fast import chunks, family_engine, max_relative_error, patch_sample
+from notice.patching.query_keys import patch_queries_keys
+from notice.patching.scores import ROW_COLUMNS
 
 RTOL = 1e-5
 FLOAT64_RTOL = 1e-10
@@ -105,9 +107,9 @@ def test_gaussian_noise_and_cached_clean_run(make):
     adapter = make(seed=4)
     clean, corrupt = inputs(adapter, "noise")
     tau, tau_p = adapter.option_token_id("red"), adapter.option_token_id("green")
-    noise = reference.multiplicative_noise(nu=5.0, seed=3)
+    noise = corruptions.multiplicative_noise(nu=5.0, seed=3)
     patches = every_patch(adapter, clean)[::3]
-    cached = reference.capture(adapter, clean, [reference.activation_key(p.site, p.layer) for p in patches])
+    cached = hooks.capture(adapter, clean, [sites.activation_key(p.site, p.layer) for p in patches])
     expected = reference.patch_sample(adapter, clean, corrupt, patches, tau, tau_p, corrupt_image_fn=noise)
     rows = patch_sample(adapter, clean, corrupt, patches, tau, tau_p, corrupt_image_fn=noise, clean=cached)
     assert max_relative_error(rows, expected) <= RTOL
@@ -123,7 +125,7 @@ def test_blip_float32_rows_equal_reference_at_trained_scale(corruption):
     clean, corrupt = inputs(adapter, corruption)
     options = ("green", "red") if corruption == "STR" else ("red", "green")
     tau, tau_p = (adapter.option_token_id(o) for o in options)
-    noise = reference.multiplicative_noise(nu=5.0, seed=3) if corruption == "noise" else None
+    noise = corruptions.multiplicative_noise(nu=5.0, seed=3) if corruption == "noise" else None
     patches = every_patch(adapter, clean)
     expected = reference.patch_sample(adapter, clean, corrupt, patches, tau, tau_p, corrupt_image_fn=noise)
     assert max(abs(r["ld_patched"]) for r in expected) > 2
@@ -139,7 +141,7 @@ def test_rows_do_not_depend_on_batching(make):
     adapter = make(seed=5)
     clean, corrupt = inputs(adapter, "SIP")
     tau, tau_p = adapter.option_token_id("red"), adapter.option_token_id("green")
-    patches = reference.default_patches(adapter, clean, tau)
+    patches = sites.default_patches(adapter, clean, tau)
     one = patch_sample(adapter, clean, corrupt, patches, tau, tau_p, batch_size=1)
     many = patch_sample(adapter, clean, corrupt, patches, tau, tau_p, batch_size=5)
     tiny_memory = patch_sample(adapter, clean, corrupt, patches, tau, tau_p, memory_budget=1)
@@ -183,8 +185,25 @@ def test_invalid_patches_are_rejected():
         patch_sample(adapter, clean, longer, [Patch("mlp", 0, 1)], 5, 6)
 
 
-def test_get_engine():
-    assert get_engine("reference") is reference.patch_sample
-    assert get_engine("fast").func is patch_sample
-    with pytest.raises(ValueError):
-        get_engine("nope")
+def test_get_engine_routes_query_and_key_sites_to_the_attention_taps():
+    adapter = llava_adapter(seed=0)
+    clean, corrupt = inputs(adapter, "SIP")
+    last = clean.input_ids.shape[1] - 1
+    patches = [
+        Patch("mlp", 0, last - 2),
+        Patch("self_attn_query", 1, last, 2),
+        Patch("self_attn_head", 1, last, 0),
+        Patch("self_attn_key", 0, 3, 1),
+    ]
+    hooked = reference.patch_sample(adapter, clean, corrupt, [patches[0], patches[2]], 5, 6)
+    tapped = patch_queries_keys(adapter, clean, corrupt, [patches[1], patches[3]], 5, 6)
+    for name in ENGINES:
+        rows = get_engine(name, 4)(adapter, clean, corrupt, patches, 5, 6)
+        assert [(r["site"], r["layer"], r["position"], r["head"]) for r in rows] == [
+            (p.site, p.layer, p.position, p.head) for p in patches
+        ]
+        assert rows[1] == tapped[0] and rows[3] == tapped[1]
+        assert max_relative_error([rows[0], rows[2]], hooked, floor=1.0) <= 1e-5
+    assert any(r["ld_patched"] != r["ld_corrupt"] for r in tapped)
+    with pytest.raises(ValueError, match="patching.engine"):
+        get_engine("nope", 4)

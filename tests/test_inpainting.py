@@ -18,8 +18,8 @@ from notice.data.inpainting import (
     inpaint_samples,
     load_inpaint_pipeline,
 )
-from notice.workflow.hub import ModelNotFoundError, resolve_inpaint_model
-from notice.workflow.tables import IMAGE_POOL_COLUMNS
+from notice.files.hub import ModelNotFoundError, resolve_inpaint_model
+from notice.files.tables import IMAGE_POOL_COLUMNS
 
 SETTINGS = InpaintSettings(steps=2, guidance=8.0, size=32)
 

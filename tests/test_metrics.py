@@ -4,17 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from notice.method.metrics import (
-    ROW_COLUMNS,
-    Scores,
-    answer_prob,
-    logit_diff,
-    normalised_effect,
-    ratio_of_means,
-    result_row,
-    scores,
-)
-from notice.workflow.tables import RESULT_COLUMNS
+from notice.files.tables import RESULT_COLUMNS
+from notice.method.metrics import normalised_effect, ratio_of_means
+from notice.patching.scores import ROW_COLUMNS, Scores, answer_prob, logit_diff, result_row, scores
 
 
 def test_logit_diff_by_hand():

@@ -3,8 +3,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import BertTokenizer
 
+from notice.files.tables import EXCLUSION_COLUMNS, PAIR_COLUMNS, PROMPT_COLUMNS, write_table
 from notice.method.pairs import gaussian_pairs, sip_pairs, str_pairs
-from notice.workflow.tables import EXCLUSION_COLUMNS, PAIR_COLUMNS, PROMPT_COLUMNS, write_table
 
 # WordPiece vocabulary in which purple, orange, yellow, square, heart and diamond split into two
 # pieces ("orange" even starts with the template's own "or"), so option lengths differ.

@@ -30,7 +30,7 @@ from workflow_helpers import REPO, snakemake, write_config
 
 from notice.data.facial_expressions import EMOTIONS
 from notice.data.svo_probes import CSV_COLUMNS
-from notice.demo import toy_models
+from notice.demo import toy_family
 from notice.method.evaluate import ALL_CATEGORIES
 
 PAPER = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
@@ -254,8 +254,8 @@ def sources(tmp_path_factory, server):
     """Every fixture on disk: {name: path}."""
     root = tmp_path_factory.mktemp("paper_sources")
     patcher = pytest.MonkeyPatch()
-    words = toy_models._words
-    patcher.setattr(toy_models, "_words", lambda: sorted(set(words()) | set(EXTRA_WORDS)))
+    words = toy_family.toy_words
+    patcher.setattr(toy_family, "toy_words", lambda: sorted(set(words()) | set(EXTRA_WORDS)))
     paths = {}
     for name, make in (("blip", blip_adapter), ("llava", llava_adapter)):
         adapter = make(seed=0)

@@ -17,47 +17,19 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from toy_adapters import QUESTION, STR_QUESTION, one_torch_thread
+from toy_adapters import DEFAULT_FAMILIES, QUESTION, STR_QUESTION, one_torch_thread
 from transformers import BertConfig
 
 from notice.__main__ import main
-from notice.adapters import blip2_tiny, idefics3_tiny, llava_next_tiny, paligemma_tiny, qwen2_vl_tiny
-from notice.adapters.blip_toy import build_blip
-from notice.adapters.llava_toy import build_llava
 from notice.adapters.loading import load_adapter
-from notice.demo.toy_config import ToyModelConfig
+from notice.families import family
+from notice.files.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
 from notice.method.pairs import PAIR_DTYPES
+from notice.patching.engines import get_engine
 from notice.patching.experiment import cache_clean_runs, patch_pairs
 from notice.workflow.runtime import load_image
-from notice.workflow.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
 
 REPO = Path(__file__).resolve().parents[1]
-FAMILIES = (
-    "blip",
-    "blip2",
-    "idefics3",
-    "instructblip",
-    "llava",
-    "llava_next",
-    "paligemma",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "smolvlm",
-)
-# Families that take a 40x24 image as it is (any resolution).
-WIDE = {"idefics3", "llava_next", "qwen2_5_vl", "qwen2_vl", "smolvlm"}
-TOY = ToyModelConfig(
-    image_size=32,
-    patch_size=8,
-    vision_hidden=32,
-    vision_layers=1,
-    vision_heads=2,
-    vision_intermediate=64,
-    text_hidden=32,
-    text_intermediate=64,
-    text_heads=4,
-    text_kv_heads=2,
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -68,26 +40,14 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny model directories of all five families and random images."""
+    """Tiny model directories of every family (its tiny builder in the family table) and random images."""
     root = tmp_path_factory.mktemp("patch_pair")
-    builds = {
-        "blip": lambda: build_blip(TOY),
-        "blip2": lambda: blip2_tiny.build("blip2"),
-        "idefics3": lambda: idefics3_tiny.build("idefics3"),
-        "instructblip": lambda: blip2_tiny.build("instructblip"),
-        "llava": lambda: build_llava(TOY),
-        "llava_next": llava_next_tiny.build,
-        "paligemma": paligemma_tiny.build,
-        "qwen2_vl": lambda: qwen2_vl_tiny.build("qwen2_vl"),
-        "qwen2_5_vl": lambda: qwen2_vl_tiny.build("qwen2_5_vl"),
-        "smolvlm": lambda: idefics3_tiny.build("smolvlm"),
-    }
-    for name, build in builds.items():
-        model, processor = build()
+    for name in DEFAULT_FAMILIES:
+        model, processor = family(name).load("tiny")()
         model.save_pretrained(root / name)
         processor.save_pretrained(root / name)
     rng = np.random.default_rng(0)
-    sizes = {"clean": (32, 32), "corrupt": (32, 32), "wide": (40, 24), "wide_corrupt": (40, 24)}
+    sizes = {"clean": (32, 32), "wide": (40, 24), "wide_corrupt": (40, 24)}
     for name, (width, height) in sizes.items():
         Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(root / f"{name}.png")
     (root / "not_an_image.png").write_text("not an image")
@@ -95,15 +55,14 @@ def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def images(tmp: Path, family: str) -> tuple[str, str]:
-    """(clean, SIP corrupt) image paths; the any-resolution families get 40x24 images."""
-    if family in WIDE:
-        return str(tmp / "wide.png"), str(tmp / "wide_corrupt.png")
-    return str(tmp / "clean.png"), str(tmp / "corrupt.png")
+def images(tmp: Path) -> tuple[str, str]:
+    """(clean, SIP corrupt) image paths: 40x24, so any-resolution families see a wide image and the others
+    resize one."""
+    return str(tmp / "wide.png"), str(tmp / "wide_corrupt.png")
 
 
 def cli_args(tmp: Path, family: str, corruption: str, out: Path, *extra: str) -> list[str]:
-    clean, corrupt = images(tmp, family)
+    clean, corrupt = images(tmp)
     corrupt_args = {
         "sip": ["--corrupt-image", corrupt],
         "str": ["--corrupt-question", STR_QUESTION],
@@ -139,7 +98,7 @@ def expected_rows(
 ) -> pd.DataFrame:
     """The workflow's patching stage on the same pair, built here by hand, through a Parquet file."""
     adapter = load_adapter(str(tmp / family), prompt_template=prompt_template)
-    clean, corrupt = images(tmp, family)
+    clean, corrupt = images(tmp)
     prompt = adapter.format_prompt(QUESTION)
     pair = {
         "sample_id": "pair",
@@ -168,9 +127,9 @@ def expected_rows(
             pairs,
             cache_clean_runs(adapter, prompts, load_image),
             load_image,
-            engine=engine,
+            engine=get_engine(engine, 64),
             corruption_settings={"nu": 5.0, "sigma_multiplier": 3.0},
-            patching_settings={"batch_size": 64},
+            patching_settings={},
             labels={"model": str(tmp / family), "dataset": "cli"},
         )
     path = tmp / f"expected_{family}_{corruption}_{engine}.parquet"
@@ -188,7 +147,7 @@ def assert_same_rows(out: Path, expected: pd.DataFrame) -> pd.DataFrame:
 
 
 @pytest.mark.parametrize("corruption", ["sip", "str", "gn_mult"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", DEFAULT_FAMILIES)
 def test_rows_are_the_workflows(tmp: Path, family: str, corruption: str, capsys: pytest.CaptureFixture) -> None:
     out = tmp / f"out_{family}_{corruption}.parquet"
     assert main(cli_args(tmp, family, corruption, out)) == 0
@@ -218,7 +177,7 @@ def test_prompt_template_is_used_verbatim(tmp: Path, family: str, template: str)
     assert main(cli_args(tmp, family, "str", out, "--prompt-template", template)) == 0
     rows = assert_same_rows(out, expected_rows(tmp, family, "str", prompt_template=template))
     adapter = load_adapter(str(tmp / family))
-    image = load_image(images(tmp, family)[0])
+    image = load_image(images(tmp)[0])
     tokens = adapter.prepare(image, template.replace("{question}", QUESTION)).tokens
     assert all(tokens[row.position] == row.token for row in rows.itertuples())
     default = adapter.prepare(image, adapter.format_prompt(QUESTION)).tokens

@@ -18,7 +18,7 @@ from toy_adapters import clean_and_corrupt, one_torch_thread, paligemma_adapter,
 
 from notice.adapters.base import ModelInput, Patch
 from notice.adapters.paligemma import PaliGemmaAdapter
-from notice.patching import fast, reference
+from notice.patching import corruptions, fast, hooks, reference
 from notice.patching.fast_decoder import DecoderFast
 from notice.patching.fast_prefix_lm import PrefixLMFast
 
@@ -47,7 +47,7 @@ def layer_outputs(adapter: PaliGemmaAdapter, inp: ModelInput, patch: Patch | Non
     """Every layer's output [L, T, D] in one forward of `inp`, with `patch` (clean values `clean`) applied."""
     sites = [("layer", layer) for layer in range(adapter.n_layers)]
     if patch is None:
-        _, acts = reference.capture(adapter, inp, sites)
+        _, acts = hooks.capture(adapter, inp, sites)
     else:
         module, kind = adapter.site_module(patch.site, patch.layer)
         value = clean[(patch.site, patch.layer)][patch.position]
@@ -57,8 +57,8 @@ def layer_outputs(adapter: PaliGemmaAdapter, inp: ModelInput, patch: Patch | Non
             x[0, patch.position] = value
             return x
 
-        with reference.hooked(module, kind, overwrite):
-            _, acts = reference.capture(adapter, inp, sites)
+        with hooks.hooked(module, kind, overwrite):
+            _, acts = hooks.capture(adapter, inp, sites)
     return torch.stack([acts[site] for site in sites])
 
 
@@ -76,7 +76,7 @@ def test_a_paligemma_patch_reaches_the_positions_that_attend_to_it(suffix):
     # A prefix position (the question's first option), or the suffix's first position.
     position = T - SUFFIX if suffix else clean.tokens.index("red")
     patch = Patch("mlp", 0, position)
-    clean_acts = reference.capture_activations(adapter, clean, [("mlp", 0)])
+    clean_acts = hooks.capture(adapter, clean, [("mlp", 0)])[1]
     patched = layer_outputs(adapter, corrupt, patch, clean_acts)
     corrupt_out = layer_outputs(adapter, corrupt)
     assert changed_positions(patched[0], corrupt_out[0]) == [position]  # in its own layer, only itself
@@ -135,7 +135,7 @@ def test_paligemma_fast_equals_reference_at_every_position(overrides, suffix, co
     clean, corrupt = clean_and_corrupt(adapter, corruption)
     if suffix:
         clean, corrupt = with_suffix(clean), with_suffix(corrupt)
-    noise = reference.multiplicative_noise(nu=5.0, seed=3) if corruption == "noise" else None
+    noise = corruptions.multiplicative_noise(nu=5.0, seed=3) if corruption == "noise" else None
     rows, expected = both_engines(adapter, clean, corrupt, noise)
     assert fast.max_relative_error(rows, expected, floor=1.0) <= RTOL
     assert max(abs(r["logit_diff"]) for r in expected) > 1e-2  # the patches move the score

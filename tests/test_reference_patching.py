@@ -5,16 +5,11 @@ import torch
 from toy_adapters import QUESTION, STR_QUESTION, blip_adapter, llava_adapter, noise_image, one_torch_thread
 
 from notice.adapters.base import Patch
-from notice.method.metrics import ROW_COLUMNS, scores
-from notice.patching.reference import (
-    additive_noise,
-    capture,
-    capture_activations,
-    default_patches,
-    multiplicative_noise,
-    patch_sample,
-    run_patched,
-)
+from notice.patching.corruptions import additive_noise, multiplicative_noise
+from notice.patching.hooks import capture
+from notice.patching.reference import patch_sample, run_patched
+from notice.patching.scores import ROW_COLUMNS, scores
+from notice.patching.sites import default_patches
 
 # Several random architectures per family; LLaVA with grouped-query (kv < q heads), multi-query and plain.
 CONFIGS = [
@@ -76,7 +71,7 @@ def test_writing_back_the_corrupt_value_changes_nothing(adapter):
     # Every patch of the standard experiment, with hooks that write the corrupt run's own activation.
     _, corrupt = inputs(adapter, "SIP")
     plain = adapter.answer_logits(corrupt)
-    own = capture_activations(adapter, corrupt, all_sites(adapter))
+    own = capture(adapter, corrupt, all_sites(adapter))[1]
     for patch in default_patches(adapter, corrupt, adapter.option_token_id("red")):
         close(run_patched(adapter, corrupt, patch, own), plain)
 
@@ -86,7 +81,7 @@ def test_all_heads_composed_equal_the_whole_attention_site(adapter, corruption):
     clean, corrupt = inputs(adapter, corruption)
     position = adapter.head_position(clean, adapter.option_token_id("red"))
     parent = {"cross_attn_head": "cross_attn", "self_attn_head": "self_attn"}[adapter.head_site]
-    clean_acts = capture_activations(adapter, clean, all_sites(adapter))
+    clean_acts = capture(adapter, clean, all_sites(adapter))[1]
     for layer in range(adapter.n_layers):
         heads = [Patch(adapter.head_site, layer, position, h) for h in range(adapter.n_heads)]
         whole = run_patched(adapter, corrupt, Patch(parent, layer, position), clean_acts)
@@ -142,7 +137,7 @@ def test_patch_sample_rows(adapter, corruption):
     assert all(tuple(r) == ROW_COLUMNS for r in rows)
     clean_s = scores(adapter.answer_logits(clean), tau, tau_p)
     corrupt_s = scores(adapter.answer_logits(corrupt), tau, tau_p)
-    clean_acts = capture_activations(adapter, clean, [(p.site, p.layer) for p in patches])
+    clean_acts = capture(adapter, clean, [(p.site, p.layer) for p in patches])[1]
     for row, patch in zip(rows, patches):
         assert (row["ld_clean"], row["p_clean"]) == (clean_s.ld, clean_s.p)
         assert (row["ld_corrupt"], row["p_corrupt"]) == (corrupt_s.ld, corrupt_s.p)
@@ -174,7 +169,7 @@ def test_default_patch_order(adapter):
 def test_invalid_patches_and_misaligned_prompts_fail():
     adapter = blip_adapter()
     clean, corrupt = inputs(adapter, "SIP")
-    acts = capture_activations(adapter, clean, [("cross_attn", 0)])
+    acts = capture(adapter, clean, [("cross_attn", 0)])[1]
     with pytest.raises(ValueError, match="head must be"):
         run_patched(adapter, corrupt, Patch("cross_attn_head", 0, 1), acts)
     with pytest.raises(ValueError, match="takes no head"):
@@ -200,7 +195,7 @@ def test_gaussian_noise_on_image_embeddings(make):
     assert not torch.equal(run_patched(adapter, clean, [], {}, additive_noise(3.0, 7)), clean_logits)
     # Clean last-layer output everywhere restores the clean answer exactly despite the noise.
     last = adapter.n_layers - 1
-    acts = capture_activations(adapter, clean, [("layer", last)])
+    acts = capture(adapter, clean, [("layer", last)])[1]
     patches = [Patch("layer", last, p) for p in range(clean.input_ids.shape[1])]
     close(run_patched(adapter, clean, patches, acts, corrupt_image_fn=noise), clean_logits)
     rows = patch_sample(adapter, clean, clean, [Patch(adapter.module_sites[0], last, 1)], tau, tau_p, noise)

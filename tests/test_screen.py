@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from toy_adapters import clean_and_corrupt, llava_adapter
 
+from notice.files.tables import RESULT_COLUMNS, TableError
 from notice.method.screen import (
     KEY_COLUMNS,
     TABLE_COLUMNS,
@@ -19,7 +20,7 @@ from notice.method.screen import (
     validation_tables,
 )
 from notice.patching.attribution import attribution_estimates, estimates_table
-from notice.workflow.tables import RESULT_COLUMNS, TableError
+from notice.patching.engines import get_engine
 
 LABELS = {"model": "m", "dataset": "d", "task": "colour", "corruption": "sip", "modality": "image"}
 
@@ -160,9 +161,9 @@ def test_a_screen_setting_the_model_cannot_take_names_the_config_key():
                 adapter,
                 pd.DataFrame(),
                 lambda path: None,
+                engine=get_engine("reference", 1),
                 settings=settings,
                 corruption_settings={},
-                patching_settings={},
                 labels={},
                 masks={},
             )

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from notice.workflow.sharding import gather_tables, save_torch, shard_ids, shard_name, take_shard
+from notice.files.sharding import gather_tables, save_torch, shard_ids, shard_name, take_shard
 
 
 def test_shards_partition_the_sorted_ids_into_contiguous_blocks():

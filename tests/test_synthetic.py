@@ -22,7 +22,7 @@ from notice.data.synthetic import (
     shape_mask,
     stream_rng,
 )
-from notice.workflow.tables import IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, read_table
+from notice.files.tables import IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, read_table
 
 
 def _scenes(n: int = 20, seed: int = 0):

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from notice.workflow.tables import EXCLUSION_COLUMNS, TableError, read_table, write_table
+from notice.files.tables import EXCLUSION_COLUMNS, TableError, read_table, write_table
 
 
 def test_write_then_read_roundtrip(tmp_path):

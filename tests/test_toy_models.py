@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, BlipForQuestionAnswering, LlavaForConditionalGeneration
 
-from notice.adapters.blip_toy import blip_decoder_logits, build_blip
-from notice.adapters.llava_toy import PROMPT_TEMPLATE as LLAVA_PROMPT_TEMPLATE
-from notice.adapters.llava_toy import build_llava
 from notice.data.synthetic import TASK_VALUES, make_question
+from notice.demo.blip_toy import blip_decoder_logits, build_blip
+from notice.demo.llava_toy import PROMPT_TEMPLATE as LLAVA_PROMPT_TEMPLATE
+from notice.demo.llava_toy import build_llava
 from notice.demo.toy_models import (
     METRICS_FILE,
     ToyModelConfig,

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from workflow_helpers import fault_env, planned, planned_jobs, snakemake, synthetic_dataset, write_config
 
+from notice.files.tables import RESULT_COLUMNS
 from notice.method.screen import KEY_COLUMNS
 from notice.method.screen import TABLE_COLUMNS as SCREEN_TABLE_COLUMNS
-from notice.workflow.tables import RESULT_COLUMNS
 
 pytestmark = pytest.mark.slow
 

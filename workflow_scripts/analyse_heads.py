@@ -2,6 +2,7 @@
 
 import pandas as pd
 
+from notice.files.tables import RESULT_COLUMNS, read_table
 from notice.method.heads import (
     bootstrap_heads,
     head_effects,
@@ -11,7 +12,6 @@ from notice.method.heads import (
     universal_heads_table,
 )
 from notice.workflow.runtime import logged
-from notice.workflow.tables import RESULT_COLUMNS, read_table
 
 with logged(snakemake.log[0]) as log:
     settings, seed = snakemake.params.analysis, snakemake.params.seed

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import torch
 
+from notice.files.tables import PROMPT_COLUMNS, read_table
 from notice.method.attention import choose_samples, write_records
 from notice.workflow.runtime import load_image, load_model, logged, set_threads
-from notice.workflow.tables import PROMPT_COLUMNS, read_table
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

@@ -2,10 +2,10 @@
 
 import torch
 
+from notice.files.sharding import save_torch, take_shard
+from notice.files.tables import PROMPT_COLUMNS, read_table
 from notice.patching.experiment import cache_clean_runs
 from notice.workflow.runtime import load_image, load_model, logged, set_threads
-from notice.workflow.sharding import save_torch, take_shard
-from notice.workflow.tables import PROMPT_COLUMNS, read_table
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

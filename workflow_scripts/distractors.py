@@ -1,9 +1,6 @@
 """Choose every sample's distractor, filtered by word-vector similarity (rule `distractors`)."""
 
-from notice.method.distractors import choose_distractors
-from notice.method.vectors import load_vectors
-from notice.workflow.runtime import logged
-from notice.workflow.tables import (
+from notice.files.tables import (
     DISTRACTOR_COLUMNS,
     DISTRACTOR_REJECTION_COLUMNS,
     EXCLUSION_COLUMNS,
@@ -12,6 +9,9 @@ from notice.workflow.tables import (
     read_table,
     write_table,
 )
+from notice.method.distractors import choose_distractors
+from notice.method.vectors import load_vectors
+from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:
     section = snakemake.params.section

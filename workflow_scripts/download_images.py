@@ -2,8 +2,8 @@
 
 from notice.data.download import DOWNLOAD_COLUMNS, Settings, download_images
 from notice.data.svo_probes import image_urls
+from notice.files.tables import write_table
 from notice.workflow.runtime import logged
-from notice.workflow.tables import write_table
 
 with logged(snakemake.log[0]) as log:
     options = snakemake.params.download

@@ -2,10 +2,10 @@
 
 import torch
 
+from notice.files.sharding import take_shard
+from notice.files.tables import ANSWER_COLUMNS, PROMPT_COLUMNS, read_table, write_table
 from notice.method.evaluate import evaluate
 from notice.workflow.runtime import load_image, load_model, logged, set_threads
-from notice.workflow.sharding import take_shard
-from notice.workflow.tables import ANSWER_COLUMNS, PROMPT_COLUMNS, read_table, write_table
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

@@ -1,9 +1,9 @@
 """Gather the evaluation shards; accuracy per task and category (rule `gather_answers`)."""
 
+from notice.files.sharding import gather_tables
+from notice.files.tables import ANSWER_COLUMNS, write_csv, write_table
 from notice.method.evaluate import accuracy_table
 from notice.workflow.runtime import logged
-from notice.workflow.sharding import gather_tables
-from notice.workflow.tables import ANSWER_COLUMNS, write_csv, write_table
 
 with logged(snakemake.log[0]) as log:
     answers = gather_tables(snakemake.input, ANSWER_COLUMNS)

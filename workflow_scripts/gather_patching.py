@@ -1,8 +1,8 @@
 """Gather the patching shards of one corruption into its results table (rule `gather_patching`)."""
 
+from notice.files.sharding import gather_tables
+from notice.files.tables import RESULT_COLUMNS, write_table
 from notice.workflow.runtime import logged
-from notice.workflow.sharding import gather_tables
-from notice.workflow.tables import RESULT_COLUMNS, write_table
 
 with logged(snakemake.log[0]) as log:
     results = gather_tables(snakemake.input, RESULT_COLUMNS)

@@ -1,8 +1,7 @@
 """SD-inpainted SIP corrupt images for a model's selected samples (rule `inpaint_sip`)."""
 
 from notice.data.inpainting import DEFAULT_MODEL, InpaintSettings, MaskSpec, inpaint_samples, load_inpaint_pipeline
-from notice.workflow.runtime import logged, resolve_device, set_threads
-from notice.workflow.tables import (
+from notice.files.tables import (
     EXCLUSION_COLUMNS,
     IMAGE_POOL_COLUMNS,
     PROMPT_COLUMNS,
@@ -10,6 +9,7 @@ from notice.workflow.tables import (
     read_table,
     write_table,
 )
+from notice.workflow.runtime import logged, resolve_device, set_threads
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)

@@ -2,9 +2,7 @@
 
 import pandas as pd
 
-from notice.method.pairs import gaussian_pairs, sip_pairs, str_pairs
-from notice.workflow.runtime import load_tokenizing_model, logged
-from notice.workflow.tables import (
+from notice.files.tables import (
     EXCLUSION_COLUMNS,
     IMAGE_POOL_COLUMNS,
     PAIR_COLUMNS,
@@ -13,6 +11,8 @@ from notice.workflow.tables import (
     read_table,
     write_table,
 )
+from notice.method.pairs import gaussian_pairs, sip_pairs, str_pairs
+from notice.workflow.runtime import load_tokenizing_model, logged
 
 with logged(snakemake.log[0]) as log:
     corruption, settings, seed = snakemake.wildcards.corruption, snakemake.params.corruption, snakemake.params.seed

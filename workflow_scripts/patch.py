@@ -2,10 +2,11 @@
 
 import torch
 
+from notice.files.sharding import take_shard
+from notice.files.tables import PAIR_COLUMNS, PROMPT_COLUMNS, RESULT_COLUMNS, read_table, write_table
+from notice.patching.engines import get_engine
 from notice.patching.experiment import patch_pairs
 from notice.workflow.runtime import load_image, load_model, logged, set_threads
-from notice.workflow.sharding import take_shard
-from notice.workflow.tables import PAIR_COLUMNS, PROMPT_COLUMNS, RESULT_COLUMNS, read_table, write_table
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
@@ -22,7 +23,7 @@ with logged(snakemake.log[0]) as log:
             pairs,
             clean_runs,
             load_image,
-            engine=snakemake.params.patching.get("engine", "reference"),
+            engine=get_engine(snakemake.params.patching["engine"], snakemake.params.patching["batch_size"]),
             corruption_settings=snakemake.params.corruption,
             patching_settings=snakemake.params.patching,
             labels={"model": snakemake.wildcards.model, "dataset": snakemake.wildcards.dataset},

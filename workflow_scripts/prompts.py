@@ -1,8 +1,6 @@
 """Clean prompts in the model's template, answer order and scored tokens (rule `prompts`)."""
 
-from notice.method.evaluate import build_prompts
-from notice.workflow.runtime import load_tokenizing_model, logged
-from notice.workflow.tables import (
+from notice.files.tables import (
     DISTRACTOR_COLUMNS,
     EXCLUSION_COLUMNS,
     PROMPT_COLUMNS,
@@ -10,6 +8,8 @@ from notice.workflow.tables import (
     read_table,
     write_table,
 )
+from notice.method.evaluate import build_prompts
+from notice.workflow.runtime import load_tokenizing_model, logged
 
 with logged(snakemake.log[0]) as log:
     adapter = load_tokenizing_model(snakemake.params.model_path, snakemake.params.model)

@@ -3,8 +3,8 @@
 from notice.data import write_read_tables
 from notice.data.download import DOWNLOAD_COLUMNS
 from notice.data.svo_probes import TASKS, read_svo_probes
+from notice.files.tables import read_table
 from notice.workflow.runtime import logged
-from notice.workflow.tables import read_table
 
 with logged(snakemake.log[0]) as log:
     section, dataset = snakemake.params.section, snakemake.wildcards.dataset

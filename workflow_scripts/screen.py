@@ -1,9 +1,10 @@
 """Attribution screen of one corruption manifest (rule `screen`)."""
 
+from notice.files.sharding import take_shard
+from notice.files.tables import PAIR_COLUMNS, PROMPT_COLUMNS, RESULT_COLUMNS, read_table, write_table
 from notice.method.screen import TABLE_COLUMNS, save_maps, screen_pairs
+from notice.patching.engines import get_engine
 from notice.workflow.runtime import load_image, load_model, logged, set_threads
-from notice.workflow.sharding import take_shard
-from notice.workflow.tables import PAIR_COLUMNS, PROMPT_COLUMNS, RESULT_COLUMNS, read_table, write_table
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
@@ -16,9 +17,9 @@ with logged(snakemake.log[0]) as log:
         adapter,
         pairs,
         load_image,
+        engine=get_engine(snakemake.params.patching["engine"], snakemake.params.patching["batch_size"]),
         settings=snakemake.params.screen,
         corruption_settings=snakemake.params.corruption,
-        patching_settings=snakemake.params.patching,
         labels={"model": snakemake.wildcards.model, "dataset": snakemake.wildcards.dataset},
         masks=masks,
     )

@@ -1,9 +1,9 @@
 """Balanced, seeded selection of correctly answered samples (rule `select_samples`)."""
 
 from notice.data import selection_problem
+from notice.files.tables import ANSWER_COLUMNS, read_table, write_table
 from notice.method.evaluate import select_samples
 from notice.workflow.runtime import logged
-from notice.workflow.tables import ANSWER_COLUMNS, read_table, write_table
 
 with logged(snakemake.log[0]) as log:
     answers = read_table(snakemake.input.answers, ANSWER_COLUMNS)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from notice.files.tables import RESULT_COLUMNS, read_table, write_csv
 from notice.method.screen import (
     TABLE_COLUMNS,
     has_image_effect,
@@ -14,7 +15,6 @@ from notice.method.screen import (
 )
 from notice.present.figures import safe_stem, screen_image_maps, screen_scatter
 from notice.workflow.runtime import logged
-from notice.workflow.tables import RESULT_COLUMNS, read_table, write_csv
 
 with logged(snakemake.log[0]) as log:
     inputs, settings, model = snakemake.input, snakemake.params.screen, snakemake.wildcards.model

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from notice.adapters.attention_taps import AttentionTap
+from notice.families import family_of
 
 HEAD_SITE_PARENT = {"self_attn_head": "self_attn", "cross_attn_head": "cross_attn"}
 
@@ -95,19 +96,15 @@ class ImageGrid:
 class VLMAdapter(ABC):
     """One architecture family: the only place that knows the family's modules, inputs and rules.
 
-    Engines, evaluation, the attention stage and analysis ask the adapter; nothing else names a family.
+    Engines, evaluation, the attention stage and analysis ask the adapter; nothing else names a family. Which
+    model types an adapter takes and which engine patches it fast is its row of the family table
+    (notice.families).
     """
 
-    family: ClassVar[str]
-    model_types: ClassVar[tuple[str, ...]]  # Hugging Face `config.model_type` values handled
     model_class: ClassVar[type[Any]]  # transformers class that `from_pretrained` loads
     # "{question}" is replaced by the question; None: the processor's chat template with an image
     # and the question as the user's turn, and the generation prompt.
     default_prompt_template: ClassVar[str | None]
-    fast_engine: ClassVar[str]  # key of the family's engine in patching.fast_core.FAST_FAMILIES
-    # True: not the default adapter of its model types but chosen by family name (`load_adapter(adapter=...)`,
-    # the model section's `adapter` key), e.g. a second patched stream of the same models.
-    opt_in: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module, processor, prompt_template: str | None = None):
         # A transformers model: adapters reach its submodules and config by family-specific attribute
@@ -115,6 +112,12 @@ class VLMAdapter(ABC):
         self.model: Any = model.eval()
         self.processor = processor
         self.prompt_template = prompt_template or self.default_prompt_template or self.chat_prompt_template()
+
+    @property
+    def family(self) -> str:
+        """The family table's name of this adapter (notice.families); the class name for one outside the table."""
+        row = family_of(type(self))
+        return row.name if row is not None else type(self).__name__
 
     # -- architecture -----------------------------------------------------------------------
     @property
@@ -266,15 +269,3 @@ class VLMAdapter(ABC):
         key = next(iter(output.keys()))
         output[key] = fn(output[key])
         return output
-
-
-ADAPTERS: dict[str, type[VLMAdapter]] = {}  # model_type -> its default adapter
-ADAPTER_FAMILIES: dict[str, type[VLMAdapter]] = {}  # family -> adapter, for every registered adapter
-
-
-def register(cls: type[VLMAdapter]) -> type[VLMAdapter]:
-    ADAPTER_FAMILIES[cls.family] = cls
-    if not cls.opt_in:
-        for model_type in cls.model_types:
-            ADAPTERS[model_type] = cls
-    return cls

@@ -16,16 +16,12 @@ import torch
 from transformers import BlipForQuestionAnswering
 
 from notice.adapters.attention_taps import AttentionTap, bert_attention_taps
-from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter, register
+from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
 
 
-@register
 class BlipAdapter(VLMAdapter):
-    family: ClassVar[str] = "blip"
-    model_types: ClassVar[tuple[str, ...]] = ("blip",)
     model_class: ClassVar[type] = BlipForQuestionAnswering
     default_prompt_template: ClassVar[str | None] = "{question}"
-    fast_engine: ClassVar[str] = "blip"
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn", "cross_attn")
     head_site: ClassVar[str] = "cross_attn_head"
 

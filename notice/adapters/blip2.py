@@ -42,7 +42,7 @@ import torch
 from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
 from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
-from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, register
+from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput
 from notice.adapters.decoder import DecoderVLMAdapter
 
 # -- the language-model stream -----------------------------------------------------------------
@@ -220,19 +220,13 @@ class Blip2LanguageModelAdapter(DecoderVLMAdapter):
         return ImageGrid(tuple(range(patches)), side, side)
 
 
-@register
 class Blip2Adapter(Blip2LanguageModelAdapter):
-    family: ClassVar[str] = "blip2"
-    model_types: ClassVar[tuple[str, ...]] = ("blip-2",)
     model_class: ClassVar[type] = Blip2ForConditionalGeneration
     # The model card's VQA prompt (the processor has no chat template).
     default_prompt_template: ClassVar[str | None] = "Question: {question} Answer:"
 
 
-@register
 class InstructBlipAdapter(Blip2LanguageModelAdapter):
-    family: ClassVar[str] = "instructblip"
-    model_types: ClassVar[tuple[str, ...]] = ("instructblip",)
     model_class: ClassVar[type] = InstructBlipForConditionalGeneration
     # InstructBLIP's short-answer VQA instruction; the Q-Former reads the same text.
     default_prompt_template: ClassVar[str | None] = "Question: {question} Short answer:"
@@ -245,8 +239,6 @@ class QFormerStreamAdapter(Blip2LanguageModelAdapter):
     """The Q-Former stream: BLIP-like sites on the Q-Former layers with cross-attention, at the query
     tokens; the answer, prompt and tokens are the language model's, as in the default stream."""
 
-    opt_in: ClassVar[bool] = True
-    fast_engine: ClassVar[str] = "qformer"
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn", "cross_attn")
     head_site: ClassVar[str] = "cross_attn_head"
 
@@ -317,11 +309,9 @@ class QFormerStreamAdapter(Blip2LanguageModelAdapter):
         return self.query_positions(inp)
 
 
-@register
 class Blip2QFormerAdapter(QFormerStreamAdapter, Blip2Adapter):
-    family: ClassVar[str] = "blip2_qformer"
+    """BLIP-2's Q-Former stream (the family table's opt-in `blip2_qformer`)."""
 
 
-@register
 class InstructBlipQFormerAdapter(QFormerStreamAdapter, InstructBlipAdapter):
-    family: ClassVar[str] = "instructblip_qformer"
+    """InstructBLIP's Q-Former stream (the family table's opt-in `instructblip_qformer`)."""

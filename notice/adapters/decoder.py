@@ -25,7 +25,6 @@ class DecoderVLMAdapter(VLMAdapter):
 
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn")
     head_site: ClassVar[str] = "self_attn_head"
-    fast_engine: ClassVar[str] = "decoder"
 
     # -- where the family keeps things (override when the path differs) ----------------------
     @property

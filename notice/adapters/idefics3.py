@@ -32,7 +32,7 @@ from PIL import Image
 from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
 from transformers.processing_utils import ProcessorMixin
 
-from notice.adapters.base import ImageGrid, ModelInput, register
+from notice.adapters.base import ImageGrid, ModelInput
 from notice.adapters.decoder import DecoderVLMAdapter
 
 _ROW_COL = re.compile(r"<row_(\d+)_col_(\d+)>")
@@ -102,17 +102,11 @@ class _Idefics3FamilyAdapter(DecoderVLMAdapter):
         return (views.mean(0) > 0.5).float().numpy()
 
 
-@register
 class Idefics3Adapter(_Idefics3FamilyAdapter):
-    family: ClassVar[str] = "idefics3"
-    model_types: ClassVar[tuple[str, ...]] = ("idefics3",)
     model_class: ClassVar[type] = Idefics3ForConditionalGeneration
 
 
-@register
 class SmolVLMAdapter(_Idefics3FamilyAdapter):
-    family: ClassVar[str] = "smolvlm"
-    model_types: ClassVar[tuple[str, ...]] = ("smolvlm",)
     model_class: ClassVar[type] = SmolVLMForConditionalGeneration
 
     def chat_prompt_template(self) -> str:

@@ -11,14 +11,11 @@ from typing import ClassVar
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from notice.adapters.base import ImageGrid, ModelInput, register
+from notice.adapters.base import ImageGrid, ModelInput
 from notice.adapters.decoder import DecoderVLMAdapter
 
 
-@register
 class LlavaAdapter(DecoderVLMAdapter):
-    family: ClassVar[str] = "llava"
-    model_types: ClassVar[tuple[str, ...]] = ("llava",)
     model_class: ClassVar[type] = LlavaForConditionalGeneration
     default_prompt_template: ClassVar[str | None] = "USER: <image>\n{question} Answer with one word. ASSISTANT:"
 

@@ -18,14 +18,11 @@ import torch
 from PIL import Image
 from transformers import LlavaNextForConditionalGeneration
 
-from notice.adapters.base import ImageGrid, ModelInput, register
+from notice.adapters.base import ImageGrid, ModelInput
 from notice.adapters.decoder import DecoderVLMAdapter
 
 
-@register
 class LlavaNextAdapter(DecoderVLMAdapter):
-    family: ClassVar[str] = "llava_next"
-    model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
     model_class: ClassVar[type] = LlavaNextForConditionalGeneration
     default_prompt_template: ClassVar[str | None] = None
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig
 
-# Importing the family modules registers their adapters in ADAPTERS.
-from notice.adapters import blip, blip2, idefics3, llava, llava_next, paligemma, qwen2_vl  # noqa: F401
-from notice.adapters.base import ADAPTER_FAMILIES, ADAPTERS, VLMAdapter
+from notice.adapters.base import VLMAdapter
 from notice.adapters.processors import load_processor
-from notice.workflow.hub import resolve_offline
+from notice.families import Family, default_family, families_for, family, model_types
+from notice.files.hub import resolve_offline
 
 
 def load_adapter(
@@ -50,20 +49,28 @@ def load_adapter(
 
 
 def adapter_class(name_or_path: str, model_type: str, adapter: str | None = None) -> type[VLMAdapter]:
-    """The adapter class named `adapter` (None: the default one of `model_type`), checked against the model type."""
+    """The adapter class of the family named `adapter` (None: the default family of `model_type`), checked
+    against the model type (the family table, notice.families)."""
     if adapter is None:
-        if model_type not in ADAPTERS:
+        row = default_family(model_type)
+        if row is None:
             raise ValueError(
-                f"model {name_or_path!r} has model_type {model_type!r}; supported model types: {sorted(ADAPTERS)}"
+                f"model {name_or_path!r} has model_type {model_type!r}; supported model types: {model_types()}"
             )
-        return ADAPTERS[model_type]
-    if adapter not in ADAPTER_FAMILIES:
-        raise ValueError(f"unknown adapter {adapter!r}; adapters: {sorted(ADAPTER_FAMILIES)}")
-    adapter_cls = ADAPTER_FAMILIES[adapter]
-    if model_type not in adapter_cls.model_types:
-        fitting = sorted(name for name, cls in ADAPTER_FAMILIES.items() if model_type in cls.model_types)
+        return family_adapter(row)
+    row = family(adapter)
+    if model_type not in row.model_types:
+        fitting = sorted(f.name for f in families_for(model_type))
         raise ValueError(
-            f"adapter {adapter!r} takes model types {list(adapter_cls.model_types)}, but model {name_or_path!r} has "
+            f"adapter {adapter!r} takes model types {list(row.model_types)}, but model {name_or_path!r} has "
             f"model_type {model_type!r} (adapters for it: {fitting})"
         )
-    return adapter_cls
+    return family_adapter(row)
+
+
+def family_adapter(row: Family) -> type[VLMAdapter]:
+    """The adapter class a family's row names."""
+    cls = row.load("adapter")
+    if not (isinstance(cls, type) and issubclass(cls, VLMAdapter)):
+        raise TypeError(f"family table: {row.name}.adapter = {row.adapter!r} is not a VLMAdapter subclass")
+    return cls

@@ -18,19 +18,15 @@ import torch
 from PIL import Image
 from transformers import PaliGemmaForConditionalGeneration
 
-from notice.adapters.base import ImageGrid, ModelInput, register
+from notice.adapters.base import ImageGrid, ModelInput
 from notice.adapters.decoder import DecoderVLMAdapter
 
 
-@register
 class PaliGemmaAdapter(DecoderVLMAdapter):
-    family: ClassVar[str] = "paligemma"
-    model_types: ClassVar[tuple[str, ...]] = ("paligemma",)
     model_class: ClassVar[type] = PaliGemmaForConditionalGeneration
     # The mix checkpoints' VQA task prefix; "<image>" marks where the processor puts the image tokens
     # (without it the processor infers the same layout and logs a warning on every prompt).
     default_prompt_template: ClassVar[str | None] = "<image>answer en {question}"
-    fast_engine: ClassVar[str] = "prefix_lm"
 
     def answer_context(self) -> str:
         # The processor ends every prompt with a newline; the answer follows it.

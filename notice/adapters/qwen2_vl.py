@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-from notice.adapters.base import ImageGrid, ModelInput, register
+from notice.adapters.base import ImageGrid, ModelInput
 from notice.adapters.decoder import DecoderVLMAdapter
 
 
@@ -61,15 +61,9 @@ class _QwenVLAdapter(DecoderVLMAdapter):
         return (self._unpatchify(out["pixel_values"], out["image_grid_thw"]).mean(0) > 0.5).float().numpy()
 
 
-@register
 class Qwen2VLAdapter(_QwenVLAdapter):
-    family: ClassVar[str] = "qwen2_vl"
-    model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
     model_class: ClassVar[type] = Qwen2VLForConditionalGeneration
 
 
-@register
 class Qwen25VLAdapter(_QwenVLAdapter):
-    family: ClassVar[str] = "qwen2_5_vl"
-    model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
     model_class: ClassVar[type] = Qwen2_5_VLForConditionalGeneration

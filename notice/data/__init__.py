@@ -22,7 +22,7 @@ from typing import TextIO
 import pandas as pd
 from PIL import Image
 
-from notice.workflow.tables import (
+from notice.files.tables import (
     EXCLUSION_COLUMNS,
     IMAGE_POOL_COLUMNS,
     SAMPLE_COLUMNS,

@@ -43,7 +43,7 @@ import pandas as pd
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from notice.workflow.tables import make_table
+from notice.files.tables import make_table
 
 DOWNLOAD_COLUMNS: tuple[str, ...] = ("url", "ok", "path", "sha256", "reason", "attempts", "cached")
 DOWNLOAD_DTYPES = {"ok": "bool", "attempts": "int64", "cached": "bool"}

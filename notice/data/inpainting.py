@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from notice.data import RowError
 from notice.data.svo_probes import parse_triplet
-from notice.workflow.hub import resolve_inpaint_model
-from notice.workflow.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, check_columns, make_table, stable_seed
+from notice.files.hub import resolve_inpaint_model
+from notice.files.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, check_columns, make_table, stable_seed
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-inpainting"
 PROMPT_TEMPLATE = "a picture of {subject} {verb} {object}"

@@ -41,7 +41,7 @@ from typing import Any
 import pandas as pd
 
 from notice.data import RowError, csv_rows, exclusion, exclusions_frame, pool_frame, row_reason, samples_frame
-from notice.workflow.tables import check_columns
+from notice.files.tables import check_columns
 
 CSV_COLUMNS: tuple[str, ...] = (
     "sentence",

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from notice.workflow.tables import IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
+from notice.files.tables import IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
 
 # Attribute values per task. All are single lowercase GloVe words (distractor filtering uses word
 # vectors) and single tokens in the toy models' tokenizers.

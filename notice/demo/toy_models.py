@@ -1,10 +1,10 @@
-"""Small vision-language models built and trained from scratch on CPU on the synthetic dataset.
+"""Train and evaluate the demo's toy vision-language models from scratch on CPU on the synthetic dataset.
 
 They have the exact architecture classes of real checkpoints, only tiny, and are saved with
-`save_pretrained` so that the workflow loads them exactly like the real ones. What is shared lives
-here (vocabulary, images, the training loop, evaluation); each family's toy (its model and processor,
-prompt, and answer-step logits) is a `ToyFamily` in its own module, `notice/adapters/<family>_toy.py`,
-registered in TOY_FAMILIES.
+`save_pretrained` so that the workflow loads them exactly like the real ones. Each family's toy (its model
+and processor, prompt, and answer-step logits) is a `ToyFamily` (notice.demo.toy_family) in its own module,
+named by the family's row of the family table (notice.families); here is what every toy goes through:
+the training loop and the evaluation.
 """
 
 from __future__ import annotations
@@ -13,21 +13,16 @@ import argparse
 import json
 import math
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import pre_tokenizers
 
 from notice.data.synthetic import (
-    QUESTION_TEMPLATES,
-    SUBJECT,
-    TASK_VALUES,
     TASKS,
     draw_question,
     render_array,
@@ -36,90 +31,24 @@ from notice.data.synthetic import (
     stream_rng,
 )
 from notice.demo.toy_config import ToyModelConfig, TrainConfig
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel, ProcessorMixin
-
-# Standard CLIP normalisation, used by every toy image processor.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ToyFamily(ABC):
-    """One family's toy model: how to build it, prompt it and score its answer step in training."""
-
-    name: ClassVar[str]
-    special_tokens: ClassVar[tuple[str, ...]]  # in id order, before the words
-    prompt_template: ClassVar[str]  # "{question}" is replaced; the model is trained on it
-    default_steps: ClassVar[int]  # the measured recipe's training steps (docs/toy_models.md)
-    generate_returns_prompt: ClassVar[bool]  # `generate` output starts with the prompt's ids
-
-    @abstractmethod
-    def build(self, cfg: ToyModelConfig, training: bool = False) -> tuple[PreTrainedModel, ProcessorMixin]:
-        """A randomly initialised (seeded) toy model and its processor; `training`: for the training loop."""
-
-    @abstractmethod
-    def end_token_id(self, tokenizer) -> int:
-        """The token that should follow the one-word answer."""
-
-    @abstractmethod
-    def two_step_logits(
-        self, model, prompt_ids: list[list[int]], pixels: torch.Tensor, answer_ids: torch.Tensor, tokenizer
-    ) -> torch.Tensor:
-        """Logits [B, 2, V] of the answer step and the step after it (which should predict the end)."""
-
-    def format_prompt(self, question: str) -> str:
-        return self.prompt_template.format(question=question)
-
-
-TOY_FAMILIES: dict[str, ToyFamily] = {}
-
-
-def register_toy(cls: type[ToyFamily]) -> type[ToyFamily]:
-    TOY_FAMILIES[cls.name] = cls()
-    return cls
-
-
-def _words() -> list[str]:
-    """Every plain word the questions, answers and the families' prompt templates use, lowercased, sorted."""
-    templates = []
-    for toy in TOY_FAMILIES.values():
-        template = toy.prompt_template.replace("{question}", "")
-        for token in toy.special_tokens:
-            template = template.replace(token, "")
-        templates.append(template)
-    text = " ".join(
-        [QUESTION_TEMPLATES[t].format(subject=SUBJECT, a="", b="") for t in QUESTION_TEMPLATES]
-        + templates
-        + [v for values in TASK_VALUES.values() for v in values]
-    ).lower()
-    # Split punctuation off words the way the toy tokenizers' pre-tokenizers do.
-    words = pre_tokenizers.Whitespace().pre_tokenize_str(text)
-    return sorted({w for w, _ in words})
-
-
-def build_vocabulary(special_tokens: Sequence[str]) -> list[str]:
-    """Tokens of a toy tokenizer in id order: its special tokens, then the words."""
-    return list(special_tokens) + _words()
-
-
-def pad_prompts(seqs: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask [B, max length] of prompts padded on the left or the right."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s)
-        mask[i, sl] = 1
-    return ids, mask
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-
+from notice.demo.toy_family import IMAGE_MEAN, IMAGE_STD, ToyFamily
+from notice.families import families
+from notice.families import family as family_row
 
 METRICS_FILE = "training_metrics.json"
+
+
+def toy_names() -> list[str]:
+    """The families of the family table that have a demo toy."""
+    return [f.name for f in families() if f.toy is not None]
+
+
+def toy_of(name: str) -> ToyFamily:
+    """The demo toy of the family `name` (its row of the family table)."""
+    cls = family_row(name).load("toy")
+    if not (isinstance(cls, type) and issubclass(cls, ToyFamily)):
+        raise TypeError(f"family table: {name}.toy is not a ToyFamily subclass")
+    return cls()
 
 
 def pixel_values(images: np.ndarray) -> torch.Tensor:
@@ -134,15 +63,15 @@ def pixel_values(images: np.ndarray) -> torch.Tensor:
 class _PromptCache:
     """Token ids of every prompt, computed once by the model's own processor (there are few)."""
 
-    def __init__(self, family: str, processor, image_size: int):
-        self.family = family
+    def __init__(self, toy: ToyFamily, processor, image_size: int):
+        self.toy = toy
         self.processor = processor
         self.blank = np.zeros((image_size, image_size, 3), dtype=np.uint8)
         self.ids: dict[str, list[int]] = {}
 
     def __call__(self, question: str) -> list[int]:
         if question not in self.ids:
-            prompt = format_prompt(self.family, question)
+            prompt = self.toy.format_prompt(question)
             self.ids[question] = self.processor(images=self.blank, text=prompt, return_tensors="pt")["input_ids"][
                 0
             ].tolist()
@@ -151,7 +80,7 @@ class _PromptCache:
 
 def format_prompt(family: str, question: str) -> str:
     """The full text given to the family's processor (the prompt the toy model is trained on)."""
-    return TOY_FAMILIES[family].format_prompt(question)
+    return toy_of(family).format_prompt(question)
 
 
 def greedy_answers(
@@ -169,7 +98,8 @@ def greedy_answers(
     question padding, so mixed lengths would change the answers.
     """
     tokenizer = processor.tokenizer
-    lengths = [len(tokenizer(format_prompt(family, q))["input_ids"]) for q in questions]
+    toy = toy_of(family)
+    lengths = [len(tokenizer(toy.format_prompt(q))["input_ids"]) for q in questions]
     answers: list[str] = [""] * len(questions)
     with torch.no_grad():
         for length in sorted(set(lengths)):
@@ -178,12 +108,12 @@ def greedy_answers(
                 chunk = idx[start : start + batch_size]
                 inputs = processor(
                     images=[images[i] for i in chunk],
-                    text=[format_prompt(family, questions[i]) for i in chunk],
+                    text=[toy.format_prompt(questions[i]) for i in chunk],
                     return_tensors="pt",
                     padding=True,
                 )
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-                if TOY_FAMILIES[family].generate_returns_prompt:
+                if toy.generate_returns_prompt:
                     out = out[:, inputs["input_ids"].shape[1] :]
                 for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
                     answers[i] = text.strip()
@@ -226,7 +156,7 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
     """Train a toy model of `family` on fresh synthetic data, evaluate it, save model + processor +
     `training_metrics.json` into `out_dir`; return the metrics."""
     tc = train_cfg or TrainConfig()
-    toy = TOY_FAMILIES[family]
+    toy = toy_of(family)
     steps = tc.steps if tc.steps is not None else toy.default_steps
     deterministic = torch.are_deterministic_algorithms_enabled()
     # Its attribute is a property of the module's class (torch's trick), which mypy does not see.
@@ -243,7 +173,7 @@ def train(family: str, cfg: ToyModelConfig, out_dir: str | Path, train_cfg: Trai
         model, processor = toy.build(cfg, training=True)
         tokenizer = processor.tokenizer
         end_id = toy.end_token_id(tokenizer)
-        prompts = _PromptCache(family, processor, cfg.image_size)
+        prompts = _PromptCache(toy, processor, cfg.image_size)
         rng = stream_rng(cfg.seed, "train")
         wall0, cpu0 = time.perf_counter(), time.process_time()
         scenes = [sample_scene(rng, "train", cfg.image_size) for _ in range(tc.n_train_images)]
@@ -329,13 +259,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m notice.demo.toy_models", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a toy model and save it with save_pretrained")
-    p.add_argument("--family", choices=sorted(TOY_FAMILIES), required=True)
+    p.add_argument("--family", choices=toy_names(), required=True)
     p.add_argument("--out", required=True, help="output directory (model, processor, training_metrics.json)")
     p.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="default: %s" % {name: toy.default_steps for name, toy in sorted(TOY_FAMILIES.items())},
+        help="default: %s" % {name: toy_of(name).default_steps for name in toy_names()},
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-train-images", type=int, default=TrainConfig.n_train_images)
@@ -348,10 +278,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         TrainConfig(steps=args.steps, n_train_images=args.n_train_images, n_eval_images=args.n_eval_images),
     )
 
-
-# The registry import list: importing the family modules registers their toys in TOY_FAMILIES
-# (they import the shared pieces above, so this comes last).
-from notice.adapters import blip_toy, llava_toy  # noqa: E402, F401
 
 if __name__ == "__main__":
     main()

@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from notice.adapters.base import ModelInput, VLMAdapter
+from notice.files.tables import check_columns, read_table, write_table
 from notice.method.head_functions import query_labels
-from notice.workflow.tables import check_columns, read_table, write_table
 
 
 @dataclass

@@ -23,14 +23,14 @@ import numpy as np
 import pandas as pd
 from gensim.models import KeyedVectors
 
-from notice.method.vectors import cosine, phrase_vector
-from notice.workflow.tables import (
+from notice.files.tables import (
     DISTRACTOR_COLUMNS,
     DISTRACTOR_REJECTION_COLUMNS,
     EXCLUSION_COLUMNS,
     make_table,
     stable_seed,
 )
+from notice.method.vectors import cosine, phrase_vector
 
 Rule = Literal["same_group", "other_group", "any"]
 RULES: tuple[str, ...] = ("same_group", "other_group", "any")

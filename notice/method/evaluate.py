@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from notice.workflow.tables import ANSWER_COLUMNS, EXCLUSION_COLUMNS, PROMPT_COLUMNS
+from notice.files.tables import ANSWER_COLUMNS, EXCLUSION_COLUMNS, PROMPT_COLUMNS
 
 # torch comes with the adapters and metrics; the selection and accuracy jobs use this module without it.
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def evaluate(
     max_new_tokens: int = 5,
 ) -> pd.DataFrame:
     """The model's clean answer to every prompt (ANSWER_COLUMNS), in the order of `prompts_df`."""
-    from notice.method.metrics import scores
+    from notice.patching.scores import scores
 
     rows = []
     for row in tqdm(prompts_df.itertuples(index=False), total=len(prompts_df), desc="evaluate", file=sys.stderr):

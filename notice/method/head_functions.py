@@ -35,8 +35,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pandas as pd
 
+from notice.files.tables import check_columns
 from notice.method.heads import head_label, token_label
-from notice.workflow.tables import check_columns
 
 AVERAGE_HEAD = -1  # `head` of the layer-average rows
 FUNCTIONS: tuple[str, ...] = ("object_detection", "object_suppression", "outlier_suppression", "none")

@@ -15,7 +15,7 @@ from collections.abc import Collection, Hashable, Sequence
 import numpy as np
 import pandas as pd
 
-from notice.workflow.tables import check_columns
+from notice.files.tables import check_columns
 
 HEAD_SITES: tuple[str, ...] = ("self_attn_head", "cross_attn_head")
 MODULE_SITES: tuple[str, ...] = ("mlp", "self_attn", "cross_attn", "layer")

@@ -22,7 +22,7 @@ from typing import Literal
 
 import pandas as pd
 
-from notice.workflow.tables import (
+from notice.files.tables import (
     EXCLUSION_COLUMNS,
     PAIR_COLUMNS,
     PROMPT_COLUMNS,

@@ -20,9 +20,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from notice.adapters.base import ModelInput, Patch, VLMAdapter
+from notice.files.tables import RESULT_COLUMNS, check_columns
 from notice.method.attention import object_mask, read_npz, save_record
 from notice.method.head_functions import object_fraction
-from notice.patching import get_engine
 from notice.patching.attribution import (
     IMAGE_LAYER,
     IMAGE_SITE,
@@ -30,14 +30,13 @@ from notice.patching.attribution import (
     Estimates,
     attribution_estimates,
     method_label,
-    patch_queries_keys,
-    qk_sites,
     screen_sites,
 )
 from notice.patching.attribution import estimates_table as pair_table
-from notice.patching.experiment import concat_or_empty, corrupt_image_fn, pair_inputs, pair_labels
-from notice.patching.reference import ImageFn
-from notice.workflow.tables import RESULT_COLUMNS, check_columns
+from notice.patching.corruptions import corrupt_image_fn
+from notice.patching.engines import Engine
+from notice.patching.experiment import concat_or_empty, pair_inputs, pair_labels
+from notice.patching.query_keys import qk_sites
 
 KEY_COLUMNS: tuple[str, ...] = RESULT_COLUMNS[: RESULT_COLUMNS.index("token")]
 LABEL_COLUMNS: tuple[str, ...] = KEY_COLUMNS[: KEY_COLUMNS.index("site")]
@@ -99,50 +98,25 @@ def confirm_patches(adapter: VLMAdapter, table: pd.DataFrame, n: int) -> list[Pa
     return [Patch(str(r.site), int(r.layer), int(r.position), int(r.head)) for r in top.itertuples()]
 
 
-def confirm(
-    adapter: VLMAdapter,
-    engine: Callable[..., list[dict]],
-    clean_inp: ModelInput,
-    corrupt_inp: ModelInput,
-    patches: Sequence[Patch],
-    tau: int,
-    tau_p: int,
-    image_fn: ImageFn | None,
-) -> list[dict]:
-    """Exact result rows of `patches`: module and head sites with the patching engine, query / key sites
-    through the attention taps."""
-    qk = set(qk_sites(adapter))
-    engine_patches = [p for p in patches if p.site not in qk]
-    tapped = [p for p in patches if p.site in qk]
-    rows = (
-        engine(adapter, clean_inp, corrupt_inp, engine_patches, tau, tau_p, corrupt_image_fn=image_fn)
-        if engine_patches
-        else []
-    )
-    if tapped:
-        rows += patch_queries_keys(adapter, clean_inp, corrupt_inp, tapped, tau, tau_p, image_fn)
-    return rows
-
-
 def screen_pairs(
     adapter: VLMAdapter,
     pairs: pd.DataFrame,
     load_image: Callable[[str], Image.Image],
     *,
+    engine: Engine,
     settings: Mapping,
     corruption_settings: Mapping,
-    patching_settings: Mapping,
     labels: Mapping[str, str],
     masks: Mapping[str, str],
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    """Screen every pair (PAIR_COLUMNS rows): the screen table (TABLE_COLUMNS), the exact results of the
-    `confirm_top` sites each pair's screen ranks highest (RESULT_COLUMNS), and one image-map record per
+    """Screen every pair (PAIR_COLUMNS rows): the screen table (TABLE_COLUMNS), the exact results (by `engine`,
+    `notice.patching.engines.get_engine`) of the `confirm_top` sites each pair's screen ranks highest
+    (RESULT_COLUMNS), and one image-map record per
     pair (`image_effects`, the image as the model sees it and the object mask from `masks`, sample_id →
     mask path), none where the screen has no image effects."""
     method = str(settings.get("method", "atp"))
     sites = settings.get("sites")
     confirm_top = int(settings.get("confirm_top", 0))
-    engine = get_engine(str(patching_settings.get("engine", "reference")), int(patching_settings.get("batch_size", 64)))
     try:  # a setting this model cannot take stops here, before any pair, naming the config key
         screen_sites(adapter, sites)
         method_label(method, settings.get("qk_fix"), settings.get("grad_drop"))
@@ -170,7 +144,7 @@ def screen_pairs(
         frames.append(table[list(TABLE_COLUMNS)])
         if confirm_top > 0:
             patches = confirm_patches(adapter, table, confirm_top)
-            rows = confirm(adapter, engine, clean_inp, corrupt_inp, patches, tau, tau_p, image_fn)
+            rows = engine(adapter, clean_inp, corrupt_inp, patches, tau, tau_p, corrupt_image_fn=image_fn)
             confirmed.append(pd.DataFrame(rows).assign(**labelled)[list(RESULT_COLUMNS)])
         effects = image_effects(adapter, estimates, clean_inp)
         if effects is not None:

@@ -36,9 +36,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
-from notice.method.metrics import logit_diff, result_row, scores
-from notice.patching.reference import ImageFn, SiteKey, activation_key, hooked, image_embeddings_replaced
+from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, VLMAdapter
+from notice.patching.hooks import ImageFn, hooked, image_embeddings_replaced
+from notice.patching.query_keys import AttentionRecord, has_attention_taps, qk_sites
+from notice.patching.scores import logit_diff
+from notice.patching.sites import SiteKey, activation_key, check_aligned
 
 METHODS = ("atp", "atp_star")
 IMAGE_SITE = "image"  # rows of the image embeddings the text side reads (`image_embedding_module`'s output)
@@ -54,17 +56,6 @@ SCREEN_COLUMNS: tuple[str, ...] = (
     "ld_clean",
     "ld_corrupt",
 )
-
-
-def qk_sites(adapter: VLMAdapter) -> tuple[str, str]:
-    """The fusion attention's query and key sites, e.g. ("self_attn_query", "self_attn_key"): per head (a key
-    site: per key/value head) and per position (a key site: per key, i.e. image token for cross-attention)."""
-    parent = HEAD_SITE_PARENT[adapter.head_site]
-    return f"{parent}_query", f"{parent}_key"
-
-
-def has_attention_taps(adapter: VLMAdapter) -> bool:
-    return type(adapter).attention_taps is not VLMAdapter.attention_taps
 
 
 def screen_sites(adapter: VLMAdapter, sites: Sequence[str] | None = None) -> list[str]:
@@ -147,36 +138,6 @@ def _gated(state: dict, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return gate
 
 
-class _AttentionRecord:
-    """An AttentionTap that keeps each layer's queries [H, T, d], keys [H_kv, K, d], probabilities [H, T, K]
-    and score settings; with `leaves`, it adds a zero leaf to each so their gradients can be read."""
-
-    def __init__(self, leaves: bool):
-        self.leaves = leaves
-        self.tensors: dict[tuple[str, int], torch.Tensor] = {}
-        self.leaf: dict[tuple[str, int], torch.Tensor] = {}
-        self.settings: dict[int, tuple[float, torch.Tensor | None, float | None]] = {}
-
-    def _keep(self, kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        self.tensors[(kind, layer)] = x[0].detach()
-        if not self.leaves:
-            return x
-        self.leaf[(kind, layer)] = torch.zeros_like(x, requires_grad=True)
-        return x + self.leaf[(kind, layer)]
-
-    def query(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        return self._keep("q", layer, query)
-
-    def key(self, layer: int, key: torch.Tensor) -> torch.Tensor:
-        return self._keep("k", layer, key)
-
-    def probs(
-        self, layer: int, probs: torch.Tensor, scaling: float, mask: torch.Tensor | None, softcap: float | None
-    ) -> torch.Tensor:
-        self.settings[layer] = (scaling, mask, softcap)
-        return self._keep("p", layer, probs)
-
-
 def _scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None) -> torch.Tensor:
     """Attention scores [H, T, K] (float64, before the mask) of queries [H, T, d] and keys [H_kv, K, d]."""
     k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
@@ -238,7 +199,7 @@ def _run(
     image_fn: ImageFn | None,
     leaves: dict[SiteKey, torch.Tensor] | None = None,
     gate: dict | None = None,
-    attention: _AttentionRecord | None = None,
+    attention: AttentionRecord | None = None,
 ) -> tuple[torch.Tensor, dict[SiteKey, torch.Tensor]]:
     """Answer logits and the activations at `keys` ([T, D]; image: [R, D]) of one forward of `inp`.
 
@@ -313,18 +274,14 @@ def attribution_estimates(
     of the fusion attention. `method` atp, or atp_star with its parts `qk_fix` and `grad_drop` (both by
     default; `method_label`)."""
     label, qk_fix, grad_drop = method_label(method, qk_fix, grad_drop)
-    if clean_inp.input_ids.shape != corrupt_inp.input_ids.shape:
-        raise ValueError(
-            f"clean and corrupt prompts have different token lengths ({clean_inp.input_ids.shape[1]} vs "
-            f"{corrupt_inp.input_ids.shape[1]}): positions would not line up"
-        )
+    check_aligned(clean_inp, corrupt_inp)
     sites = screen_sites(adapter, sites)
     query_site, key_site = qk_sites(adapter)
     taps = query_site in sites or key_site in sites
     stream = [s for s in sites if s not in (IMAGE_SITE, query_site, key_site)]
     keys = list(dict.fromkeys(activation_key(s, layer) for s in stream for layer in range(adapter.n_layers)))
     image = IMAGE_SITE in sites
-    clean_attention, attention = (_AttentionRecord(False), _AttentionRecord(True)) if taps else (None, None)
+    clean_attention, attention = (AttentionRecord(False), AttentionRecord(True)) if taps else (None, None)
     with torch.no_grad():
         clean_logits, clean_acts = _run(adapter, clean_inp, keys, image, None, attention=clean_attention)
     leaves: dict[SiteKey, torch.Tensor] = {}
@@ -388,7 +345,7 @@ def attribution_estimates(
 
 
 def _query_key(
-    clean: _AttentionRecord, corrupt: _AttentionRecord, grads: dict, layer: int, qk_fix: bool
+    clean: AttentionRecord, corrupt: AttentionRecord, grads: dict, layer: int, qk_fix: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimates of patching each query [T, H] and each key [K, H_kv] of one fusion-attention layer."""
     clean_q, clean_k = clean.tensors[("q", layer)], clean.tensors[("k", layer)]
@@ -440,71 +397,3 @@ def estimates_table(estimates: Estimates, tokens: Sequence[str]) -> pd.DataFrame
     table["ld_clean"] = estimates.ld_clean
     table["ld_corrupt"] = estimates.ld_corrupt
     return table[list(SCREEN_COLUMNS)]
-
-
-class _Overwrite:
-    """An AttentionTap that gives one head's query or key at one position its clean value."""
-
-    def __init__(self, clean: _AttentionRecord, patch: Patch, kind: str):
-        self.clean, self.patch, self.kind = clean, patch, kind
-
-    def _set(self, kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
-        if kind != self.kind or layer != self.patch.layer:
-            return x
-        x = x.clone()
-        x[0, self.patch.head, self.patch.position] = self.clean.tensors[(kind, layer)][
-            self.patch.head, self.patch.position
-        ]
-        return x
-
-    def query(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        return self._set("q", layer, query)
-
-    def key(self, layer: int, key: torch.Tensor) -> torch.Tensor:
-        return self._set("k", layer, key)
-
-    def probs(
-        self, layer: int, probs: torch.Tensor, scaling: float, mask: torch.Tensor | None, softcap: float | None
-    ) -> torch.Tensor:
-        return probs
-
-
-@torch.no_grad()
-def patch_queries_keys(
-    adapter: VLMAdapter,
-    clean_inp: ModelInput,
-    corrupt_inp: ModelInput,
-    patches: Sequence[Patch],
-    tau: int,
-    tau_p: int,
-    corrupt_image_fn: ImageFn | None = None,
-) -> list[dict]:
-    """Exact patching of query / key sites (`qk_sites`), one result row (metrics.ROW_COLUMNS) per patch: one
-    forward of the corrupt input per patch, in which the attention tap gives that head's query (key) at
-    that position its clean value (after position encoding, as the attention reads it)."""
-    query_site, key_site = qk_sites(adapter)
-    clean = _AttentionRecord(False)
-    with adapter.attention_taps(clean):
-        clean_scores = scores(adapter.answer_logits(clean_inp), tau, tau_p)
-    with image_embeddings_replaced(adapter, corrupt_image_fn):
-        corrupt_scores = scores(adapter.answer_logits(corrupt_inp), tau, tau_p)
-    rows = []
-    for patch in patches:
-        if patch.site not in (query_site, key_site):
-            raise ValueError(f"{patch}: not a query or key site of {adapter.family} ({query_site}, {key_site})")
-        kind = "q" if patch.site == query_site else "k"
-        heads, positions = clean.tensors[(kind, patch.layer)].shape[:2]
-        if not (0 <= patch.head < heads and 0 <= patch.position < positions):
-            raise ValueError(f"{patch}: head must be in [0, {heads}) and position in [0, {positions})")
-        with (
-            image_embeddings_replaced(adapter, corrupt_image_fn),
-            adapter.attention_taps(_Overwrite(clean, patch, kind)),
-        ):
-            patched = scores(adapter.answer_logits(corrupt_inp), tau, tau_p)
-        token = f"<image row {patch.position}>" if patch.site == "cross_attn_key" else clean_inp.tokens[patch.position]
-        rows.append(
-            result_row(
-                patch.site, patch.layer, patch.head, patch.position, token, clean_scores, corrupt_scores, patched
-            )
-        )
-    return rows

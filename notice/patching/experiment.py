@@ -7,36 +7,19 @@ results table (tables.RESULT_COLUMNS).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
-import torch
 from PIL import Image
 from tqdm import tqdm
 
-from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
-from notice.patching import get_engine
-from notice.patching.reference import (
-    ImageFn,
-    SiteKey,
-    additive_noise,
-    capture,
-    default_patches,
-    multiplicative_noise,
-)
-from notice.workflow.tables import RESULT_COLUMNS
-
-log = logging.getLogger(__name__)
-
-CleanRun = tuple[torch.Tensor, dict[SiteKey, torch.Tensor]]  # (answer logits [V], activations [T, D])
-
-
-def all_sites(adapter: VLMAdapter) -> list[SiteKey]:
-    """Every (module site, layer) a default experiment can patch; head sites live in their parent."""
-    sites = set(adapter.module_sites) | {HEAD_SITE_PARENT[adapter.head_site]}
-    return [(site, layer) for site in sorted(sites) for layer in range(adapter.n_layers)]
+from notice.adapters.base import ModelInput, Patch, VLMAdapter
+from notice.files.tables import RESULT_COLUMNS
+from notice.patching.corruptions import corrupt_image_fn
+from notice.patching.engines import Engine
+from notice.patching.hooks import CleanRun, capture
+from notice.patching.sites import all_sites, default_patches
 
 
 def cache_clean_runs(
@@ -60,15 +43,6 @@ def select_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int, s
         for patch in default_patches(adapter, inp, answer_token_id)
         if (keep_heads if patch.site == adapter.head_site else keep_modules)
     ]
-
-
-def corrupt_image_fn(corruption: str, settings: Mapping, noise_seed: int) -> ImageFn | None:
-    """The image-embedding corruption of a Gaussian-noise pair (None for SIP / STR)."""
-    if corruption == "gn_mult":
-        return multiplicative_noise(float(settings.get("nu", 5.0)), noise_seed)
-    if corruption == "gn_add":
-        return additive_noise(float(settings.get("sigma_multiplier", 3.0)), noise_seed)
-    return None
 
 
 def pair_inputs(
@@ -103,18 +77,18 @@ def patch_pairs(
     clean_runs: Mapping[str, CleanRun],
     load_image: Callable[[str], Image.Image],
     *,
-    engine: str,
+    engine: Engine,
     corruption_settings: Mapping,
     patching_settings: Mapping,
     labels: Mapping[str, str],
 ) -> pd.DataFrame:
-    """The results table of every pair (PAIR_COLUMNS rows) with `labels` (model, dataset) as columns."""
-    run = get_engine(engine, int(patching_settings.get("batch_size", 64)))
+    """The results table of every pair (PAIR_COLUMNS rows) with `labels` (model, dataset) as columns, patched
+    by `engine` (`notice.patching.engines.get_engine`)."""
     frames = []
-    for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc=f"patching ({engine})", mininterval=5):
+    for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc="patching", mininterval=5):
         clean_inp, corrupt_inp = pair_inputs(adapter, pair, load_image)
         patches = select_patches(adapter, clean_inp, int(pair.answer_token_id), patching_settings)
-        rows = run(
+        rows = engine(
             adapter,
             clean_inp,
             corrupt_inp,

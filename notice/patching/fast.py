@@ -1,8 +1,9 @@
 """Fast patching engine: the reference engine's numbers at a fraction of the cost.
 
 Same entry point and return contract as `notice.patching.reference.patch_sample` (one result row per
-patch, in the order of `patches`, with the keys of `notice.method.metrics.ROW_COLUMNS`), so a workflow can
-select either engine by name (`notice.patching.get_engine`). Every shortcut is exact, not an
+patch, in the order of `patches`, with the keys of `notice.patching.scores.ROW_COLUMNS`), so a workflow can
+select either engine by name (`notice.patching.engines.get_engine`). Which engine class patches an adapter is
+its family's row of the family table (notice.families). Every shortcut is exact, not an
 approximation (docs/method.md, §5 "Engines"):
 
 1. Cache once, patch many: the clean and the corrupt run are computed once per sample; a
@@ -35,12 +36,11 @@ import torch
 from tqdm import tqdm
 
 from notice.adapters.base import ModelInput, Patch, VLMAdapter
-from notice.method.metrics import Scores, answer_prob, logit_diff, result_row, scores
-
-# Importing the family modules registers their engines in FAST_FAMILIES.
-from notice.patching import fast_blip, fast_blip2, fast_decoder, fast_prefix_lm  # noqa: F401
-from notice.patching.fast_core import FAST_FAMILIES, CleanRun, FastFamily, ImageFn
-from notice.patching.reference import check_patches
+from notice.families import family_of
+from notice.patching.fast_core import FastFamily
+from notice.patching.hooks import CleanRun, ImageFn
+from notice.patching.scores import Scores, answer_prob, logit_diff, result_row, scores
+from notice.patching.sites import check_patches
 
 DEFAULT_BATCH_ROWS = 64
 CPU_MEMORY_BUDGET = 1 << 30  # bytes of working memory for the rows of one chunk on a CPU
@@ -48,13 +48,17 @@ COMPARED_COLUMNS = ("ld_clean", "ld_corrupt", "ld_patched", "p_clean", "p_corrup
 
 
 def family_engine(adapter: VLMAdapter) -> type[FastFamily]:
-    try:
-        return FAST_FAMILIES[adapter.fast_engine]
-    except KeyError:
+    """The fast engine class of the adapter's family (its row of the family table)."""
+    row = family_of(type(adapter))
+    if row is None:
         raise ValueError(
-            f"no fast engine {adapter.fast_engine!r} for adapter family {adapter.family!r} "
-            f"(have {sorted(FAST_FAMILIES)}); use engine 'reference'"
-        ) from None
+            f"adapter {type(adapter).__name__} is not in the family table (notice.families), so it has no fast "
+            "engine; use engine 'reference'"
+        )
+    engine = row.load("engine")
+    if not (isinstance(engine, type) and issubclass(engine, FastFamily)):
+        raise TypeError(f"family table: {row.name}.engine = {row.engine!r} is not a FastFamily subclass")
+    return engine
 
 
 def default_memory_budget(device: torch.device) -> int:

@@ -29,8 +29,8 @@ import torch
 from transformers.masking_utils import create_bidirectional_mask
 
 from notice.adapters.base import ModelInput, Patch
-from notice.patching.fast_core import FastFamily, Run, register_fast, rows_by_index
-from notice.patching.reference import ImageFn
+from notice.patching.fast_core import FastFamily, Run, rows_by_index
+from notice.patching.hooks import ImageFn
 
 # Cached per layer, in computation order (`_layer` documents each).
 RECORDED = ("h_in", "self_attn", "a1", "cross_attn", "a2", "mlp", "layer")
@@ -54,9 +54,7 @@ def _one_row_products(linear: torch.nn.Linear, x: torch.Tensor, block: int | Non
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-@register_fast
 class BlipFast(FastFamily):
-    family = "blip"
     stages = ("self_attn", "cross_attn", "mlp", "layer")
 
     def __init__(self, adapter, *args, **kwargs):

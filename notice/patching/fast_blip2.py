@@ -26,13 +26,11 @@ import torch
 
 from notice.adapters.base import ModelInput, Patch
 from notice.adapters.blip2 import QFormerStreamAdapter
-from notice.patching.fast_core import CleanRun, FastFamily, Run, register_fast, rows_by_index
-from notice.patching.reference import ImageFn, hooked, image_embeddings_replaced
+from notice.patching.fast_core import FastFamily, Run, rows_by_index
+from notice.patching.hooks import CleanRun, ImageFn, hooked, image_embeddings_replaced
 
 
-@register_fast
 class QFormerFast(FastFamily):
-    family = "qformer"
     stages = ("self_attn", "cross_attn", "mlp", "layer")
     adapter: QFormerStreamAdapter
 

@@ -1,7 +1,7 @@
 """Building blocks of the fast patching engine shared by the architecture families.
 
-A family engine (`FastFamily` subclass, registered under the name an adapter gives as its
-`fast_engine`) is created once per sample: its constructor runs the clean (unless its run is given
+A family engine (`FastFamily` subclass, named by its families' rows of the family table,
+notice.families) is created once per sample: its constructor runs the clean (unless its run is given
 from a cache) and the corrupt input once and caches what the patched runs reuse. `run_rows` then
 computes many patched runs at once, one row per patch.
 """
@@ -16,16 +16,15 @@ from typing import ClassVar, Literal
 import torch
 
 from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
-from notice.patching.reference import ImageFn, SiteKey, activation_key, hooked
+from notice.patching.hooks import CleanRun, ImageFn, hooked
+from notice.patching.sites import SiteKey, activation_key
 
 Run = Literal["clean", "corrupt"]
-CleanRun = tuple[torch.Tensor, dict[SiteKey, torch.Tensor]]  # (answer logits [V], activations [T, width])
 
 
 class FastFamily(ABC):
     """Exact batched patching for one adapter family, bound to one (clean, corrupt) sample."""
 
-    family: ClassVar[str]
     # Activation sites in the order they are computed inside one layer; a patch at a site changes
     # only what is computed after it.
     stages: ClassVar[tuple[str, ...]]
@@ -162,9 +161,6 @@ def rows_by_index(index: Sequence[int], device: torch.device) -> torch.Tensor:
     return order
 
 
-FAST_FAMILIES: dict[str, type[FastFamily]] = {}
-
-
-def register_fast(cls: type[FastFamily]) -> type[FastFamily]:
-    FAST_FAMILIES[cls.family] = cls
-    return cls
+def main_output(output) -> torch.Tensor:
+    """The main tensor of a layer's output (a tensor, or the first element of a tuple)."""
+    return output if isinstance(output, torch.Tensor) else output[0]

@@ -33,8 +33,8 @@ from transformers import AttentionInterface, DynamicCache
 from notice.adapters.attention_taps import attention_switched
 from notice.adapters.base import ModelInput, Patch
 from notice.adapters.decoder import DecoderVLMAdapter
-from notice.patching.fast_core import FastFamily, Run, register_fast, rows_by_index
-from notice.patching.reference import ImageFn, hooked, image_embeddings_replaced
+from notice.patching.fast_core import FastFamily, Run, main_output, rows_by_index
+from notice.patching.hooks import ImageFn, hooked, image_embeddings_replaced
 
 ATTENTION_NAME = "notice_shared_prefix"
 
@@ -99,10 +99,6 @@ def shared_prefix_attention(
 AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention)
 
 
-def _main(output) -> torch.Tensor:
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
 def allowed_keys(mask: torch.Tensor | None) -> torch.Tensor:
     """Bool [T, T]: query q attends to key k, from a layer's materialised mask ([1, 1, T, T]: bool, or
     additive with 0 where allowed)."""
@@ -114,9 +110,7 @@ def allowed_keys(mask: torch.Tensor | None) -> torch.Tensor:
     return mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
 
 
-@register_fast
 class DecoderFast(FastFamily):
-    family = "decoder"
     stages = ("self_attn", "mlp", "layer")
     adapter: DecoderVLMAdapter
 
@@ -185,8 +179,8 @@ class DecoderFast(FastFamily):
             if isinstance(mask, torch.Tensor) and bool(allowed_keys(mask).triu(1).any()):
                 raise ValueError(
                     f"layer {layer} attends to later positions (not causal, e.g. prefix-LM attention): the "
-                    "decoder fast engine would be wrong; give the adapter fast_engine 'prefix_lm' or use "
-                    "engine 'reference'"
+                    "decoder fast engine would be wrong; give the family the engine "
+                    "notice.patching.fast_prefix_lm:PrefixLMFast in the family table, or use engine 'reference'"
                 )
 
     # -- patched rows -----------------------------------------------------------------------
@@ -219,7 +213,7 @@ class DecoderFast(FastFamily):
                     h = new if h is None else torch.cat([h, new])
                     order += entering
                 with self.clean_value_hooks(layer, [patches[i] for i in entering], first_row, start):
-                    h = _main(
+                    h = main_output(
                         self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin, shared_prefix=prefix)
                     )
                 # Positions the patch cannot have changed keep the corrupt run's values bit-identical,

@@ -30,9 +30,9 @@ from typing import Literal
 import torch
 
 from notice.adapters.base import Patch
-from notice.patching.fast_core import register_fast, rows_by_index
-from notice.patching.fast_decoder import DecoderFast, _main, allowed_keys
-from notice.patching.reference import hooked
+from notice.patching.fast_core import main_output, rows_by_index
+from notice.patching.fast_decoder import DecoderFast, allowed_keys
+from notice.patching.hooks import hooked
 
 # The modules of a layer whose input (or output) holds the last position only in `_scored_position_only`.
 SCORED_ONLY: tuple[tuple[str, Literal["input", "output"]], ...] = (
@@ -42,10 +42,7 @@ SCORED_ONLY: tuple[tuple[str, Literal["input", "output"]], ...] = (
 )
 
 
-@register_fast
 class PrefixLMFast(DecoderFast):
-    family = "prefix_lm"
-
     # -- cached runs ------------------------------------------------------------------------
     def take_masks(self, masks: Sequence[torch.Tensor | None]) -> None:
         """Any mask the model builds; rows run under it, and a change spreads along its allowed keys."""
@@ -105,7 +102,7 @@ class PrefixLMFast(DecoderFast):
                     stack.enter_context(self._scored_position_only(layer))
                     start = self.seq_len - 1  # the site tensors hold the last position only
                 stack.enter_context(self.clean_value_hooks(layer, chosen, first_row, start))
-                h = _main(
+                h = main_output(
                     self.layers[layer](
                         h, attention_mask=self.masks[layer], position_embeddings=self.position_embeddings
                     )

@@ -1,123 +1,23 @@
-"""Reference patching engine: one full hooked forward pass per patched run.
+"""Reference patching engine (the oracle): one full hooked forward pass per patched run.
 
 This is the oracle that faster engines are tested against, so it trades every optimisation for
 obviousness: capture the clean activations with hooks on one clean forward, then for each patch run
 the corrupt input once more with a hook that overwrites the site's activation at one position (and
-one head's slice for head sites) with the clean value.
-
-Activations are keyed by (site, layer) where head sites are stored under their parent attention site
-(`cross_attn_head` → `cross_attn`): a head is a slice of that same tensor.
-
-Corruptions that are not a different input (Gaussian noise on the image embeddings) are a function
-`corrupt_image_fn(embeddings) -> embeddings` applied to the output of
-`adapter.image_embedding_module()` in the corrupt run and in every patched run; it must be
-deterministic (same noise on every call), see `multiplicative_noise` / `additive_noise`.
+one head's slice for head sites) with the clean value. The corrupt run and every patched run apply
+`corrupt_image_fn` (Gaussian noise, `notice.patching.corruptions`) to the image embeddings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from typing import Literal
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 
 import torch
 
-from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
-from notice.method.metrics import result_row, scores
-
-ImageFn = Callable[[torch.Tensor], torch.Tensor]
-SiteKey = tuple[str, int]  # (module site, layer)
-
-
-def activation_key(site: str, layer: int) -> SiteKey:
-    """Key of the tensor that holds `site` at `layer` (head sites map to their parent site)."""
-    return HEAD_SITE_PARENT.get(site, site), layer
-
-
-@contextmanager
-def hooked(
-    module: torch.nn.Module, kind: Literal["input", "output"], fn: Callable[[torch.Tensor], torch.Tensor]
-) -> Iterator[None]:
-    """While active, replace the module's first positional input (or its main output) by fn(it)."""
-    if kind == "input":
-
-        def pre_hook(_module, args):
-            if not args:
-                raise RuntimeError(f"{type(module).__name__} was called without a positional input to patch")
-            return (fn(args[0]),) + tuple(args[1:])
-
-        handle = module.register_forward_pre_hook(pre_hook)
-    else:
-        handle = module.register_forward_hook(lambda _m, _a, output: VLMAdapter.replace_output_tensor(output, fn))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def image_embeddings_replaced(adapter: VLMAdapter, fn: ImageFn | None) -> Iterator[None]:
-    """While active, the image embeddings the text side sees are fn(embeddings) (no-op for None)."""
-    if fn is None:
-        yield
-        return
-    with hooked(adapter.image_embedding_module(), "output", fn):
-        yield
-
-
-def capture(
-    adapter: VLMAdapter, inp: ModelInput, sites: Sequence[SiteKey], image_fn: ImageFn | None = None
-) -> tuple[torch.Tensor, dict[SiteKey, torch.Tensor]]:
-    """One forward of `inp`: its answer logits [V] and the activations [T, D] at `sites`."""
-    acts: dict[SiteKey, torch.Tensor] = {}
-
-    def recorder(key: SiteKey) -> Callable[[torch.Tensor], torch.Tensor]:
-        def record(x: torch.Tensor) -> torch.Tensor:
-            acts[key] = x[0].detach().clone()
-            return x
-
-        return record
-
-    with ExitStack() as stack:
-        stack.enter_context(image_embeddings_replaced(adapter, image_fn))
-        for key in dict.fromkeys(activation_key(*s) for s in sites):
-            module, kind = adapter.site_module(*key)
-            stack.enter_context(hooked(module, kind, recorder(key)))
-        logits = adapter.answer_logits(inp)
-    return logits, acts
-
-
-def capture_activations(
-    adapter: VLMAdapter, inp: ModelInput, sites: Sequence[SiteKey], image_fn: ImageFn | None = None
-) -> dict[SiteKey, torch.Tensor]:
-    """Activations [T, D] of `inp` at `sites` ((site, layer) pairs) from one forward pass."""
-    return capture(adapter, inp, sites, image_fn)[1]
-
-
-def check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
-    """Raise ValueError naming the patch when its head, position or layer does not exist."""
-    is_head = patch.site in HEAD_SITE_PARENT
-    if is_head and not 0 <= patch.head < adapter.n_heads:
-        raise ValueError(f"{patch}: head must be in [0, {adapter.n_heads})")
-    if not is_head and patch.head != -1:
-        raise ValueError(f"{patch}: a module site takes no head (head=-1)")
-    if not 0 <= patch.position < seq_len:
-        raise ValueError(f"{patch}: position outside the prompt of length {seq_len}")
-    if not 0 <= patch.layer < adapter.n_layers:
-        raise ValueError(f"{patch}: layer must be in [0, {adapter.n_layers})")
-
-
-def check_patches(
-    adapter: VLMAdapter, clean_inp: ModelInput, corrupt_inp: ModelInput, patches: Sequence[Patch]
-) -> None:
-    """Raise ValueError unless the prompts line up position by position and every patch exists."""
-    if clean_inp.input_ids.shape != corrupt_inp.input_ids.shape:
-        raise ValueError(
-            f"clean and corrupt prompts have different token lengths ({clean_inp.input_ids.shape[1]} vs "
-            f"{corrupt_inp.input_ids.shape[1]}): positions would not line up"
-        )
-    for patch in patches:
-        check_patch(adapter, patch, clean_inp.input_ids.shape[1])
+from notice.adapters.base import ModelInput, Patch, VLMAdapter
+from notice.patching.hooks import CleanRun, ImageFn, capture, hooked, image_embeddings_replaced
+from notice.patching.scores import result_row, scores
+from notice.patching.sites import SiteKey, activation_key, check_patch, check_patches
 
 
 def _overwrite(patch: Patch, clean: torch.Tensor, head_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -163,7 +63,7 @@ def patch_sample(
     tau: int,
     tau_p: int,
     corrupt_image_fn: ImageFn | None = None,
-    clean: tuple[torch.Tensor, dict[SiteKey, torch.Tensor]] | None = None,
+    clean: CleanRun | None = None,
 ) -> list[dict]:
     """One result row (metrics.ROW_COLUMNS) per patch, in the order of `patches`.
 
@@ -192,51 +92,3 @@ def patch_sample(
         )
         for p in patches
     ]
-
-
-def default_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int) -> list[Patch]:
-    """The standard experiment, in this order:
-
-    1. module-wise: for site in adapter.module_sites, for layer in 0..n_layers-1, for position in
-       adapter.patch_positions(inp) (ascending): Patch(site, layer, position);
-    2. head-wise, at adapter.head_position(inp, answer_token_id): for layer, for head in
-       0..n_heads-1: Patch(adapter.head_site, layer, position, head).
-    """
-    positions = adapter.patch_positions(inp)
-    head_pos = adapter.head_position(inp, answer_token_id)
-    module_wise = [
-        Patch(site, layer, position)
-        for site in adapter.module_sites
-        for layer in range(adapter.n_layers)
-        for position in positions
-    ]
-    head_wise = [
-        Patch(adapter.head_site, layer, head_pos, head)
-        for layer in range(adapter.n_layers)
-        for head in range(adapter.n_heads)
-    ]
-    return module_wise + head_wise
-
-
-def _seeded_normal(shape: torch.Size, seed: int) -> torch.Tensor:
-    # Drawn on the CPU so a seed gives the same noise on every device.
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def multiplicative_noise(nu: float, seed: int) -> ImageFn:
-    """Palit et al.: embeddings × ε, ε ~ N(1, ν²) elementwise (ν is the standard deviation; they use 5)."""
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        return x * (1 + nu * _seeded_normal(x.shape, seed)).to(x.device, x.dtype)
-
-    return apply
-
-
-def additive_noise(scale: float, seed: int, sigma: float | None = None) -> ImageFn:
-    """ROME-style: embeddings + N(0, (scale·σ)²), σ given or else the std of the embeddings themselves."""
-
-    def apply(x: torch.Tensor) -> torch.Tensor:
-        std = float(x.float().std()) if sigma is None else sigma
-        return x + (scale * std * _seeded_normal(x.shape, seed)).to(x.device, x.dtype)
-
-    return apply

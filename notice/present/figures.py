@@ -21,10 +21,10 @@ import vl_convert
 from altair.utils.mimebundle import spec_to_mimebundle
 from PIL import Image
 
+from notice.files.tables import check_columns
 from notice.method.head_functions import object_fraction
 from notice.method.heads import KINDS, head_label
 from notice.method.screen import is_unsigned, layer_maps, object_share
-from notice.workflow.tables import check_columns
 
 SITE_TITLES: dict[str, str] = {
     "mlp": "MLP",

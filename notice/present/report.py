@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from notice.files.tables import check_columns
 from notice.method.head_functions import HeadFunctionConfig, function_table, universal_head_functions
 from notice.method.heads import KINDS, head_label, universal_heads_by_kind, universal_heads_summary
 from notice.present.figures import SITE_TITLES, TOTAL_CATEGORIES
-from notice.workflow.tables import check_columns
 
 MIME_TYPES: dict[str, str] = {".png": "image/png", ".svg": "image/svg+xml"}
 MAX_TABLE_ROWS = 500

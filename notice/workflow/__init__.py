@@ -1,1 +1,1 @@
-"""The workflow's machinery: runtime helpers for scripts, GPU leases, shards, the Hugging Face hub, typed tables."""
+"""Job glue: what a workflow job needs around the science (logging, threads, device, model loading, GPU leases)."""

@@ -25,8 +25,8 @@ from transformers import (
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from notice.adapters.llava_next_tiny import tiny_layers, word_tokenizer
 from notice.adapters.processors import image_only
+from notice.testing.tiny import tiny_layers, word_tokenizer
 
 Kind = Literal["qwen2_vl", "qwen2_5_vl"]
 
@@ -142,3 +142,13 @@ def build(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     return model, processor
+
+
+def build_qwen2_vl(seed: int = 0, **sizes: Any):
+    """A random tiny Qwen2-VL and its processor (`build`)."""
+    return build("qwen2_vl", seed=seed, **sizes)
+
+
+def build_qwen2_5_vl(seed: int = 0, **sizes: Any):
+    """A random tiny Qwen2.5-VL and its processor (`build`)."""
+    return build("qwen2_5_vl", seed=seed, **sizes)

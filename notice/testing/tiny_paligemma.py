@@ -24,7 +24,7 @@ from transformers import (
 )
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from notice.adapters.llava_next_tiny import tiny_layers, word_tokenizer
+from notice.testing.tiny import tiny_layers, word_tokenizer
 
 Kind = Literal["paligemma", "paligemma2"]
 

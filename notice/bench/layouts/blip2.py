@@ -1,4 +1,4 @@
-"""BLIP-2's and InstructBLIP's layouts for `notice.bench`: `Salesforce/blip2-opt-2.7b`'s and
+"""BLIP-2's and InstructBLIP's layouts for `make bench`: `Salesforce/blip2-opt-2.7b`'s and
 `Salesforce/instructblip-vicuna-7b`'s architectures, random weights; each stream of each.
 
 The ViT-g/14 tower at 224 px (257 tokens, width 1408, 16 heads, MLP 6144) keeps its width but only 24
@@ -27,9 +27,8 @@ from transformers import (
     InstructBlipForConditionalGeneration,
 )
 
-from notice.adapters.blip2 import Blip2Adapter, Blip2QFormerAdapter, InstructBlipAdapter, InstructBlipQFormerAdapter
-from notice.adapters.blip2_tiny import distinct_queries
-from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
+from notice.bench.case import Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
+from notice.testing.tiny_blip2 import distinct_queries
 
 QUERIES: dict[Size, int] = {"tiny": 4, "bench": 32, "real": 32}
 TEXT_TOKENS = {"blip2": 14, "instructblip": 16}  # after the image tokens, BOS included
@@ -64,12 +63,6 @@ TEXT: dict[str, dict[Size, dict]] = {
         "real": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008),
     },
 }
-ADAPTERS = {
-    "blip2": Blip2Adapter,
-    "instructblip": InstructBlipAdapter,
-    "blip2_qformer": Blip2QFormerAdapter,
-    "instructblip_qformer": InstructBlipQFormerAdapter,
-}
 
 
 def model_config(kind: str, size: Size) -> Blip2Config | InstructBlipConfig:
@@ -101,7 +94,7 @@ def bench_case(real_size: bool = False, *, family: str = "blip2", tiny: bool = F
     model_cls = Blip2ForConditionalGeneration if kind == "blip2" else InstructBlipForConditionalGeneration
     model = build_model(model_cls, config, size, device)
     distinct_queries(model)
-    adapter = ADAPTERS[family](model, processor=None)
+    adapter = family_adapter_of(family, model)
     _, image_token, bos = TOKENS[kind]
     rng = random.Random(0)
     words = random_ids(rng, TEXT_TOKENS[kind] - 1, 100, image_token)

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT's layout for `notice.bench`: `llava-hf/llava-v1.6-mistral-7b-hf`'s architecture, random weights.
+"""LLaVA-NeXT's layout for `make bench`: `llava-hf/llava-v1.6-mistral-7b-hf`'s architecture, random weights.
 
 The LLaVA-1.5 bench's CLIP ViT-L/14-336 tower and projector, with the real any-resolution pinpoints:
 an image of 336×672 pixels (`image_sizes`) fits the 1×2 canvas exactly, so the tower sees the base view
@@ -16,18 +16,15 @@ import random
 import torch
 from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
 
-from notice.adapters.llava_bench import IMAGE_TOKEN, VISION, VOCAB
-from notice.adapters.llava_bench import TEXT as LLAVA_TEXT
-from notice.adapters.llava_next import LlavaNextAdapter
-from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
+from notice.bench.case import SCALED_DECODER, Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
+from notice.bench.layouts.llava import IMAGE_TOKEN, VISION, VOCAB
 
 TEXT_BEFORE_IMAGE = 4  # "<s> ▁[ INST ]"
 TEXT_AFTER_IMAGE = 26  # "\n{question} [/INST]"
 PROMPT = "[INST] <image>\n{question} [/INST]"  # the processor's chat template (no processor here)
 TILE_ROWS, TILE_COLS = 1, 2  # the canvas the image fits: base view + 2 tiles
 TEXT: dict[Size, dict] = {
-    "tiny": LLAVA_TEXT["tiny"],
-    "bench": LLAVA_TEXT["bench"],
+    **SCALED_DECODER,
     "real": dict(
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336
     ),
@@ -54,9 +51,7 @@ def bench_case(real_size: bool = False, *, family: str = "llava_next", tiny: boo
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    adapter = LlavaNextAdapter(
-        build_model(LlavaNextForConditionalGeneration, config, size, device), processor=None, prompt_template=PROMPT
-    )
+    adapter = family_adapter_of(family, build_model(LlavaNextForConditionalGeneration, config, size, device), PROMPT)
     rng = random.Random(0)
     words = random_ids(rng, TEXT_BEFORE_IMAGE + TEXT_AFTER_IMAGE - 1, 100, IMAGE_TOKEN)
     ids = [1, *words[: TEXT_BEFORE_IMAGE - 1], *[IMAGE_TOKEN] * n_image, *words[TEXT_BEFORE_IMAGE - 1 :]]

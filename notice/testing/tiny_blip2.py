@@ -10,7 +10,7 @@ of the prompt. Saved with `save_pretrained`, it loads back like the real checkpo
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 from transformers import (
@@ -26,8 +26,8 @@ from transformers import (
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from notice.adapters.llava_next_tiny import WORDS, tiny_layers, word_tokenizer
-from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD
+from notice.demo.toy_family import IMAGE_MEAN, IMAGE_STD
+from notice.testing.tiny import WORDS, tiny_layers, word_tokenizer
 
 Kind = Literal["blip2", "instructblip"]
 
@@ -124,3 +124,13 @@ def build(
     distinct_queries(model)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
+
+
+def build_blip2(seed: int = 0, **sizes: Any):
+    """A random tiny BLIP-2 and its processor (`build`)."""
+    return build("blip2", seed=seed, **sizes)
+
+
+def build_instructblip(seed: int = 0, **sizes: Any):
+    """A random tiny InstructBLIP and its processor (`build`)."""
+    return build("instructblip", seed=seed, **sizes)

@@ -1,4 +1,4 @@
-"""Idefics3's and SmolVLM's layout for `notice.bench`: `HuggingFaceTB/SmolVLM-Instruct`'s architecture
+"""Idefics3's and SmolVLM's layout for `make bench`: `HuggingFaceTB/SmolVLM-Instruct`'s architecture
 (SmolVLM2-2.2B's for `smolvlm`: the same geometry), random weights.
 
 A SigLIP so400m tower on 384-pixel tiles of 14-pixel patches (27×27 patches, pixel-shuffled 3×3 into 81
@@ -30,9 +30,7 @@ from transformers import (
     SmolVLMForConditionalGeneration,
 )
 
-from notice.adapters.idefics3 import Idefics3Adapter, SmolVLMAdapter
-from notice.adapters.llava_bench import TEXT as LLAVA_TEXT
-from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
+from notice.bench.case import SCALED_DECODER, Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
 
 VOCAB = 49155
 FAKE_TOKEN, IMAGE_TOKEN = 49152, 49153
@@ -50,15 +48,14 @@ VISION: dict[Size, dict] = {
     "real": dict(SO400M, num_hidden_layers=27),
 }
 TEXT: dict[Size, dict] = {
-    "tiny": LLAVA_TEXT["tiny"],
-    "bench": LLAVA_TEXT["bench"],
+    **SCALED_DECODER,
     "real": dict(
         hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192
     ),
 }
 CLASSES = {
-    "idefics3": (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Adapter),
-    "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMAdapter),
+    "idefics3": (Idefics3Config, Idefics3ForConditionalGeneration),
+    "smolvlm": (SmolVLMConfig, SmolVLMForConditionalGeneration),
 }
 
 
@@ -74,7 +71,7 @@ def image_ids(rng: random.Random, per_tile: int) -> list[int]:
 
 def bench_case(real_size: bool = False, *, family: str = "idefics3", tiny: bool = False, device: str = "cpu") -> Case:
     size = size_of(real_size, tiny)
-    config_cls, model_cls, adapter_cls = CLASSES[family]
+    config_cls, model_cls = CLASSES[family]
     vision, text = VISION[size], TEXT[size]
     config = config_cls(
         vision_config=vision,
@@ -82,7 +79,7 @@ def bench_case(real_size: bool = False, *, family: str = "idefics3", tiny: bool 
         scale_factor=SCALE,
         image_token_id=IMAGE_TOKEN,
     )
-    adapter = adapter_cls(build_model(model_cls, config, size, device), processor=None, prompt_template=PROMPT)
+    adapter = family_adapter_of(family, build_model(model_cls, config, size, device), PROMPT)
     tile = vision["image_size"]
     per_tile = (tile // PATCH // SCALE) ** 2
     rng = random.Random(0)

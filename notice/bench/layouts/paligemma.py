@@ -1,4 +1,4 @@
-"""PaliGemma's layout for `notice.bench`: `google/paligemma-3b-mix-224`'s architecture, random weights.
+"""PaliGemma's layout for `make bench`: `google/paligemma-3b-mix-224`'s architecture, random weights.
 
 SigLIP So400m/14 at 224 px (27 layers × 1152, 256 image tokens, a linear projector) before a 14-token
 prompt as the processor builds it: "<bos>answer en {question}\\n" after the image tokens (a 10-token
@@ -21,8 +21,7 @@ import random
 import torch
 from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
 
-from notice.adapters.paligemma import PaliGemmaAdapter
-from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
+from notice.bench.case import Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
 
 VOCAB = 257216
 IMAGE_TOKEN = 257152
@@ -84,9 +83,7 @@ def bench_case(real_size: bool = False, *, family: str = "paligemma", tiny: bool
         projection_dim=text["hidden_size"],
         hidden_size=text["hidden_size"],
     )
-    adapter = PaliGemmaAdapter(
-        build_model(PaliGemmaForConditionalGeneration, config, size, device), processor=None, prompt_template=PROMPT
-    )
+    adapter = family_adapter_of(family, build_model(PaliGemmaForConditionalGeneration, config, size, device), PROMPT)
     rng = random.Random(0)
     ids = [*[IMAGE_TOKEN] * n_image, BOS, *random_ids(rng, TEXT_WORDS, 256, IMAGE_TOKEN), NEWLINE]
     side = vision["image_size"]

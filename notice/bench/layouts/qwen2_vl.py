@@ -1,4 +1,4 @@
-"""Qwen2-VL's and Qwen2.5-VL's layouts for `notice.bench`: `Qwen/Qwen2-VL-7B-Instruct`'s and
+"""Qwen2-VL's and Qwen2.5-VL's layouts for `make bench`: `Qwen/Qwen2-VL-7B-Instruct`'s and
 `Qwen/Qwen2.5-VL-7B-Instruct`'s architectures, random weights.
 
 A 448×448 image at patch 14: 32×32 patches (`image_grid_thw` (1, 32, 32), pixel values as the
@@ -27,8 +27,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from notice.adapters.qwen2_vl import Qwen2VLAdapter, Qwen25VLAdapter
-from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
+from notice.bench.case import Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
 
 VOCAB = 152064
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
@@ -73,8 +72,8 @@ TOWER: dict[Size, tuple[int, int, int, int]] = {
     "real": (1280, 16, 3420, 32),
 }
 CLASSES = {
-    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLAdapter),
-    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen25VLAdapter),
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
 }
 
 
@@ -99,7 +98,7 @@ def vision_config(family: str, size: Size, text_hidden: int) -> dict:
 
 def bench_case(real_size: bool = False, *, family: str = "qwen2_vl", tiny: bool = False, device: str = "cpu") -> Case:
     size = size_of(real_size, tiny)
-    config_cls, model_cls, adapter_cls = CLASSES[family]
+    config_cls, model_cls = CLASSES[family]
     text = dict(TEXT[size])
     section = text.pop("mrope_section")
     config = config_cls(
@@ -117,7 +116,7 @@ def bench_case(real_size: bool = False, *, family: str = "qwen2_vl", tiny: bool 
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
-    adapter = adapter_cls(build_model(model_cls, config, size, device), processor=None, prompt_template=PROMPT)
+    adapter = family_adapter_of(family, build_model(model_cls, config, size, device), PROMPT)
     grid = IMAGE_SIDE[size] // PATCH
     n_image = (grid // MERGE) ** 2
     rng = random.Random(0)

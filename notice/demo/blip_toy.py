@@ -10,7 +10,7 @@ from transformers import BertTokenizer, BlipConfig, BlipForQuestionAnswering, Bl
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from notice.demo.toy_config import ToyModelConfig
-from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD, ToyFamily, build_vocabulary, pad_prompts, register_toy
+from notice.demo.toy_family import IMAGE_MEAN, IMAGE_STD, ToyFamily, build_vocabulary, pad_prompts
 
 # Special tokens in id order, named as in the real checkpoint (BLIP's decoder starts from [DEC]).
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
@@ -63,9 +63,7 @@ def blip_decoder_logits(
     ).logits
 
 
-@register_toy
 class BlipToy(ToyFamily):
-    name = "blip"
     special_tokens = SPECIAL_TOKENS
     prompt_template = "{question}"
     default_steps = 2000

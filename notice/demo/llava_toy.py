@@ -21,7 +21,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from notice.demo.toy_config import ToyModelConfig
-from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD, ToyFamily, build_vocabulary, pad_prompts, register_toy
+from notice.demo.toy_family import IMAGE_MEAN, IMAGE_STD, ToyFamily, build_vocabulary, pad_prompts
 
 # The prompt of llava-1.5; the toy LLaVA is trained on exactly this template.
 PROMPT_TEMPLATE = "USER: <image>\n{question} Answer with one word. ASSISTANT:"
@@ -94,9 +94,7 @@ def build_llava(
     return model, processor
 
 
-@register_toy
 class LlavaToy(ToyFamily):
-    name = "llava"
     special_tokens = SPECIAL_TOKENS
     prompt_template = PROMPT_TEMPLATE
     default_steps = 3200

@@ -1,4 +1,4 @@
-"""LLaVA-1.5's layout for `notice.bench`: `llava-hf/llava-1.5-7b-hf`'s architecture, random weights.
+"""LLaVA-1.5's layout for `make bench`: `llava-hf/llava-1.5-7b-hf`'s architecture, random weights.
 
 CLIP ViT-L/14 at 336 px (24 layers, second-to-last layer's features, 576 image tokens, two-layer GELU
 projector) spliced into a 30-token chat prompt ("<s> USER: <image>\\n{question} Answer with one word.
@@ -14,8 +14,7 @@ import random
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from notice.adapters.llava import LlavaAdapter
-from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
+from notice.bench.case import SCALED_DECODER, Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
 
 VOCAB = 32064
 SCREEN_KEY_PREFIX = ""  # `make bench` times the attribution screen here: `screen_speedup=` is this layout's
@@ -45,12 +44,7 @@ VISION: dict[Size, dict] = {
     "real": CLIP_L_336,
 }
 TEXT: dict[Size, dict] = {
-    "tiny": dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    ),
-    "bench": dict(
-        hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4, intermediate_size=2816
-    ),
+    **SCALED_DECODER,
     "real": dict(
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, intermediate_size=11008
     ),
@@ -69,7 +63,7 @@ def bench_case(real_size: bool = False, *, family: str = "llava", tiny: bool = F
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    adapter = LlavaAdapter(build_model(LlavaForConditionalGeneration, config, size, device), processor=None)
+    adapter = family_adapter_of(family, build_model(LlavaForConditionalGeneration, config, size, device))
     rng = random.Random(0)
     words = random_ids(rng, TEXT_BEFORE_IMAGE + TEXT_AFTER_IMAGE - 1, 100, IMAGE_TOKEN)
     ids = [1, *words[: TEXT_BEFORE_IMAGE - 1], *[IMAGE_TOKEN] * n_image, *words[TEXT_BEFORE_IMAGE - 1 :]]

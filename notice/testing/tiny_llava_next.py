@@ -4,69 +4,26 @@ Same classes, config layout, processor and chat-template format as `llava-hf/lla
 only tiny: a CLIP tower on 32-pixel tiles, a Mistral decoder and a word-level vocabulary, with
 small any-resolution pinpoints so that images are still split into tiles. Saved with
 `save_pretrained`, it loads back like the real checkpoint (`AutoConfig`, the model class,
-`notice.adapters.processors.load_processor`). Also home of the word-level tokenizer that the
-tiny Qwen2-VL builder shares.
+`notice.adapters.processors.load_processor`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import cast
 
 import torch
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPVisionConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
     MistralConfig,
-    PreTrainedTokenizerFast,
 )
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD, build_vocabulary
-
-# Every word of the synthetic questions and of the chat templates (lowercased: the normaliser
-# lowercases), plus the punctuation the Whitespace pre-tokenizer splits off words.
-WORDS: tuple[str, ...] = tuple(
-    sorted(
-        set(build_vocabulary(()))  # the toy models' words
-        | {
-            "red",
-            "green",
-            "blue",
-            "yellow",
-            "purple",
-            "circle",
-            "square",
-            "triangle",
-            "cross",
-            "object",
-            "shape",
-            "colour",
-            "is",
-            "the",
-            "or",
-            "what",
-            "answer",
-            "with",
-            "one",
-            "word",
-            "user",
-            "assistant",
-            "system",
-            "you",
-            "are",
-            "a",
-            "helpful",
-            "?",
-            ".",
-            ":",
-            ",",
-        }
-    )
-)
+from notice.demo.toy_family import IMAGE_MEAN, IMAGE_STD
+from notice.testing.tiny import tiny_layers, word_tokenizer
 
 # llava-v1.6-mistral's template, short: images first, then the text, inside [INST] ... [/INST].
 CHAT_TEMPLATE = (
@@ -81,44 +38,6 @@ CHAT_TEMPLATE = (
 # Mistral's instruction markers: single tokens, as in Mistral's v3 tokenizers.
 INSTRUCTION_TOKENS = ("[INST]", "[/INST]")
 GRID_PINPOINTS = ((32, 32), (32, 64), (64, 32))
-
-
-def tiny_layers(hidden: int, layers: int, heads: int) -> dict[str, Any]:
-    """The size fields of a tiny transformer config (vision tower or language model), MLP twice as wide."""
-    return dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads)
-
-
-def word_tokenizer(
-    specials: Sequence[str],
-    unk_token: str,
-    bos_token: str | None = None,
-    added: Sequence[str] = (),
-    **special_tokens: str | Mapping[str, str],
-) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over `specials` + `added` + WORDS: every word and option is one token.
-
-    Saved as a generic `PreTrainedTokenizerFast` because the family classes (LlamaTokenizer,
-    Qwen2Tokenizer) rebuild a BPE model from the vocabulary on load. Whitespace, newlines included,
-    gives no token. `bos_token` is prepended to every encoding, as Llama/Mistral do.
-    """
-    vocab = {tok: i for i, tok in enumerate([*specials, *added, *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk_token))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
-    tok.add_tokens([AddedToken(t, normalized=False) for t in added])
-    if bos_token is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos_token} $A", special_tokens=[(bos_token, vocab[bos_token])]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token=unk_token,
-        bos_token=bos_token,
-        # Left padding keeps the answer position at -1 in batches (as the llava-hf and Qwen processors do).
-        padding_side="left",
-        **special_tokens,
-    )
 
 
 def build(

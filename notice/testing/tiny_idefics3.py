@@ -11,7 +11,7 @@ markers as single tokens. Saved with `save_pretrained`, it loads back like the r
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -27,9 +27,9 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 from transformers.processing_utils import ProcessorMixin
 
-from notice.adapters.llava_next_tiny import tiny_layers, word_tokenizer
 from notice.adapters.processors import image_only
-from notice.demo.toy_models import IMAGE_MEAN, IMAGE_STD
+from notice.demo.toy_family import IMAGE_MEAN, IMAGE_STD
+from notice.testing.tiny import tiny_layers, word_tokenizer
 
 Kind = Literal["idefics3", "smolvlm"]
 
@@ -135,3 +135,13 @@ def build(
         **videos,
     )
     return model, processor
+
+
+def build_idefics3(seed: int = 0, **sizes: Any):
+    """A random tiny Idefics3 and its processor (`build`)."""
+    return build("idefics3", seed=seed, **sizes)
+
+
+def build_smolvlm(seed: int = 0, **sizes: Any):
+    """A random tiny SmolVLM and its processor (`build`)."""
+    return build("smolvlm", seed=seed, **sizes)

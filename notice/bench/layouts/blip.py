@@ -1,4 +1,4 @@
-"""BLIP's layout for `notice.bench`: the `Salesforce/blip-vqa-base` architecture, random weights.
+"""BLIP's layout for `make bench`: the `Salesforce/blip-vqa-base` architecture, random weights.
 
 ViT-B/16 at 384 px (577 image tokens), 12-layer BERT-base text encoder and decoder (hidden 768,
 12 heads, vocabulary 30524) and a 12-token question that names both options. blip-vqa-base is small,
@@ -16,7 +16,7 @@ from transformers import BlipConfig, BlipForQuestionAnswering
 
 from notice.adapters.base import ModelInput
 from notice.adapters.blip import BlipAdapter
-from notice.bench import Case, Size, build_model, random_ids, sip_case, size_of
+from notice.bench.case import Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
 
 QUESTION_LEN = 12
 SCREEN_KEY_PREFIX = "blip_"  # `make bench` times the attribution screen here too (`blip_screen_speedup=`)
@@ -74,7 +74,7 @@ def bench_case(real_size: bool = False, *, family: str = "blip", tiny: bool = Fa
         text_config=dict(dims["text"], vocab_size=VOCAB, bos_token_id=30522, sep_token_id=102, pad_token_id=0),
         vision_config=dict(dims["vision"], initializer_range=0.02),
     )
-    adapter = BlipAdapter(build_model(BlipForQuestionAnswering, config, size, device), processor=None)
+    adapter = family_adapter_of(family, build_model(BlipForQuestionAnswering, config, size, device))
     ids = [101, *random_ids(random.Random(0), QUESTION_LEN - 2, 1000, 30000), 102]  # [CLS] question [SEP]
     text, vision = dims["text"], dims["vision"]
     side = vision["image_size"]

@@ -1,0 +1,218 @@
+"""`make bench` (`python -m notice.bench`): the cost per patched run of the fast engine against the two usual
+ways of patching, for every family of the family table (notice.families) or `--families`.
+
+For one sample per family, on random-weight models built from configs (no downloads), it times:
+- fast: `notice.patching.fast.patch_sample` on the paper's whole patch set (clean and corrupt runs,
+  image encoder and every cache included), divided by the number of patched runs;
+- (a) hooked: one hooked full forward per patched run, with the clean activations cached once
+  (what a TransformerLens user writes; it is `reference.run_patched`);
+- (b) 3-row: the published code's batch of (clean, corrupt, patched) rows recomputed for every patch.
+(a) and (b) are timed on a seeded random subset of the patches; the engine's rows on that subset are
+checked against (a)'s logits (relative error as in `fast.max_relative_error`).
+
+Each family's layout (model sizes, prompt, image, patch set) is the bench module its row of the family table
+names (`notice.bench.layouts`), so adding a family never touches this file. A layout exposes
+`bench_case(real_size=False, *, family, tiny=False, device="cpu") -> Case` (notice.bench.case). Corruption:
+SIP (another image, same prompt). The patch set is `sites.default_patches`.
+
+For the layouts that set `SCREEN_KEY_PREFIX` (`screen_prefixes`; when run) it also times the default
+attribution screen (`notice.patching.attribution.attribution_estimates`, method atp: one clean forward,
+one corrupt forward, one backward) on the same sample, against one forward (`answer_logits` of the
+corrupt input; the ratio is the screen's cost in forward-equivalents), both the median of
+`--screen-repeats` runs, and against exact patching of the screen's module and head sites: every
+module site at every position, every head at every position (image positions included),
+`screen_patches`. That set is far too large to run, so the fast engine runs a seeded random subset of
+it (`--screen-patches`); exact time = its setup (clean and corrupt runs, timed alone) + the subset's
+per-patch cost × the number of sites. The screen's image-embedding rows and query / key sites are not
+counted (no engine patches them), so the ratio is a lower bound.
+
+The last line printed is `bench: <family>_speedup=<x> ... max_rel_err=<e>` (speedup of the fast engine
+over (a), one entry per family run), followed where screened by `<prefix>screen_forwards=<f>
+<prefix>screen_speedup=<x>` (exact patching's extrapolated time over the screen's); every entry is
+key=value.
+
+`--real-size` builds the real checkpoints' dimensions (random weights, bfloat16, `--device`, a GPU by
+default) and reports the fast engine's patched runs per second and the estimated wall time of the
+paper's 500-sample experiment per corruption; (b) is skipped and (a) only gives the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from functools import partial
+from types import ModuleType
+
+import torch
+
+from notice.bench.measure import _timed, measure, measure_screen
+from notice.families import families
+from notice.patching import fast
+
+PAPER_SAMPLES = 500  # samples per corruption in the paper's experiment
+
+
+def _screen_line(s: dict) -> str:
+    return (
+        f"  screen (AtP, {s['n_estimates']} estimates: {s['n_image_rows']} image-embedding rows, "
+        f"{s['n_query_key']} queries / keys, {s['n_sites']} module and head sites): "
+        f"{1e3 * s['t_screen']:.0f} ms = {s['forwards']:.2f} forward-equivalents (forward {1e3 * s['t_forward']:.0f} "
+        f"ms; medians of {s['repeats']}); exact patching of the {s['n_sites']} module and head sites "
+        f"({s['seq_len']} positions): ~{s['t_exact']:.0f} s extrapolated (fast engine: setup {s['t_setup']:.1f} s "
+        f"+ {1e3 * s['per_patch']:.1f} ms / site on {s['n_subset']} random sites); screen speedup "
+        f"{s['speedup']:.0f}×"
+    )
+
+
+def _screen_table(screens: list[dict]) -> str:
+    lines = [
+        "| model | positions | screen: ms | forward: ms | forward-equivalents | module + head sites | exact: ms / site "
+        "(n) | exact: est. s | screen speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in screens:
+        lines.append(
+            f"| {s['name']} | {s['seq_len']} | {1e3 * s['t_screen']:.0f} | {1e3 * s['t_forward']:.0f} | "
+            f"{s['forwards']:.2f} | {s['n_sites']} | {1e3 * s['per_patch']:.1f} (n={s['n_subset']}) | "
+            f"{s['t_exact']:.0f} | {s['speedup']:.0f}× |"
+        )
+    return "\n".join(lines)
+
+
+def bench_line(results: list[dict], screens: Sequence[dict] = ()) -> str:
+    """The last line: `bench: <family>_speedup=<x> ... max_rel_err=<e>`, then each screened family's
+    `<prefix>screen_forwards=<f> <prefix>screen_speedup=<x>` (`screen_prefixes`)."""
+    entries = [f"{r['name']}_speedup={r['per_hooked'] / r['per_fast']:.1f}" for r in results]
+    entries.append(f"max_rel_err={max(r['err'] for r in results):.1e}")
+    for s in screens:
+        prefix = s["prefix"]
+        entries += [f"{prefix}screen_forwards={s['forwards']:.2f}", f"{prefix}screen_speedup={s['speedup']:.1f}"]
+    return "bench: " + " ".join(entries)
+
+
+def _table(results: list[dict]) -> str:
+    lines = [
+        "| model | patched runs | fast: total s | fast: ms / run | (a) hooked: ms / run | (b) 3-row: ms / run "
+        "| speedup vs (a) | speedup vs (b) | max rel err (a) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['name']} | {r['n_patches']} | {r['t_fast']:.1f} | {1e3 * r['per_fast']:.1f} | "
+            f"{1e3 * r['per_hooked']:.0f} (n={r['n_hooked']}) | {1e3 * r['per_three']:.0f} (n={r['n_three']}) | "
+            f"{r['per_hooked'] / r['per_fast']:.0f}× | {r['per_three'] / r['per_fast']:.0f}× | {r['err']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def _real_size_table(results: list[dict]) -> str:
+    lines = [
+        f"| model | patched runs / sample | fast: s / sample | fast: runs / s | est. {PAPER_SAMPLES} samples "
+        "(one corruption) | (a) hooked: ms / run | speedup vs (a) | max rel err (a) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['name']} | {r['n_patches']} | {r['t_fast']:.1f} | {1 / r['per_fast']:.1f} | "
+            f"{PAPER_SAMPLES * r['t_fast'] / 3600:.2f} h | {1e3 * r['per_hooked']:.0f} (n={r['n_hooked']}) | "
+            f"{r['per_hooked'] / r['per_fast']:.0f}× | {r['err']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def layouts() -> dict[str, ModuleType]:
+    """Family -> its bench layout module, for every row of the family table (opt-in adapters included)."""
+    return {row.name: row.load("bench") for row in families()}
+
+
+def screen_prefixes() -> dict[str, str]:
+    """Family -> bench-line key prefix of the layouts whose attribution screen is timed: those that set
+    `SCREEN_KEY_PREFIX` (e.g. "" gives `screen_speedup=`)."""
+    return {
+        family: module.SCREEN_KEY_PREFIX for family, module in layouts().items() if hasattr(module, "SCREEN_KEY_PREFIX")
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    modules = layouts()
+    prefixes = screen_prefixes()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--families", nargs="+", choices=list(modules), default=list(modules), help="families to run (default: all)"
+    )
+    parser.add_argument("--hooked", type=int, default=4, help="patches timed with (a), and checked (default 4)")
+    parser.add_argument(
+        "--three-row", type=int, default=2, help="patches timed with (b) (default 2; none at real size)"
+    )
+    parser.add_argument(
+        "--screen-patches",
+        type=int,
+        default=256,
+        help=f"random sites of the attribution screen's set patched exactly to extrapolate its cost "
+        f"({', '.join(screen_prefixes())}; default 256; 0: no screen)",
+    )
+    parser.add_argument(
+        "--screen-repeats", type=int, default=3, help="timed screens and forwards, median taken (default 3)"
+    )
+    parser.add_argument("--batch-size", type=int, default=fast.DEFAULT_BATCH_ROWS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--real-size",
+        action="store_true",
+        help="the real checkpoints' dimensions in bfloat16 (needs a GPU unless --device cpu)",
+    )
+    parser.add_argument(
+        "--device", help="torch device, also of the scaled bench (default: cuda if available, else cpu)"
+    )
+    args = parser.parse_args(argv)
+    if args.real_size and args.device != "cpu" and not torch.cuda.is_available():
+        # Checked before anything is built: a 7B model on a CPU would run for days.
+        sys.exit(
+            "bench: --real-size needs a CUDA GPU and none is available; pass --device cpu to run it on the CPU anyway"
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    n_three_row = 0 if args.real_size else args.three_row
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
+        f"device {device}{' (real size, bfloat16)' if args.real_size else ''}"
+    )
+    results: list[dict] = []
+    screens: list[dict] = []
+    for family in args.families:
+        case, seconds = _timed(partial(modules[family].bench_case, args.real_size, family=family, device=device))
+        print(f"{case.description}: built in {seconds:.0f} s; {len(case.patches)} patched runs", flush=True)
+        result = measure(case, args.hooked, n_three_row, args.batch_size, args.seed)
+        print(
+            f"  LD clean {result['ld_clean']:.4f}, corrupt {result['ld_corrupt']:.4f}; "
+            f"{result['n_noop']} runs equal to the corrupt run (clean value identical to the corrupt one); "
+            f"(b) vs (a) rel err {result['err_three']:.1e}; load average {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        results.append(result)
+        if family in prefixes and args.screen_patches > 0:
+            screen = measure_screen(case, args.screen_patches, args.screen_repeats, args.batch_size, args.seed)
+            screens.append({**screen, "prefix": prefixes[family]})
+            print(_screen_line(screens[-1]), flush=True)
+        del case
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    print(
+        f"(a) and (b) timed on a random subset (seed {args.seed}) of each patch set; "
+        f"load average at end {os.getloadavg()[0]:.2f}"
+    )
+    print(_real_size_table(results) if args.real_size else _table(results))
+    if screens:
+        print(
+            f"Attribution screen (AtP) against exact patching of its module and head sites at every position, "
+            f"extrapolated from {args.screen_patches} random ones (seed {args.seed}; image-embedding rows and "
+            f"queries / keys not counted):"
+        )
+        print(_screen_table(screens))
+    print(bench_line(results, screens))
