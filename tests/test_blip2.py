@@ -24,7 +24,7 @@ from notice.adapters.blip2 import (
 )
 from notice.adapters.loading import load_adapter
 from notice.files.tables import RESULT_COLUMNS, read_table
-from notice.method.attention import patch_attention
+from notice.method.attention import image_attention
 from notice.patching import corruptions, fast, hooks, reference
 from notice.testing import tiny_blip2
 from notice.workflow.runtime import load_model
@@ -190,7 +190,7 @@ def test_language_model_attention_is_carried_onto_the_patch_grid():
     for hook in hooks:
         hook.remove()
     footprint = torch.stack(cross).mean(0).mean(0)[:, 1:]  # [Q, P]: mean over layers and heads, no [CLS]
-    attention = patch_attention(adapter, inp)
+    attention = image_attention(adapter, inp)
     for layer in range(adapter.n_layers):
         expected = lm_probs[layer][:, queries, :4] @ footprint  # [H, queries, P]
         torch.testing.assert_close(attention.raw[layer], expected, rtol=1e-5, atol=1e-6)
@@ -214,7 +214,7 @@ def test_encoder_decoder_language_models_are_refused():
 
 def test_qformer_attention_records(qformer, tmp_path: Path):
     inp = qformer.prepare(noise_image(0, size=32), qformer.format_prompt(QUESTION))
-    attention = patch_attention(qformer, inp)
+    attention = image_attention(qformer, inp)
     assert attention.weights.shape == (2, 4, 4, 16) and attention.query_positions == [0, 1, 2, 3]
     np.testing.assert_allclose(attention.weights.sum(-1).numpy(), 1.0, atol=1e-5)
 

@@ -1,10 +1,13 @@
 """MIT-States reader: the release's images/<adjective> <noun>/ tree."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from notice.data.mit_states import _GROUP_LISTS, NEAR_SYNONYMS, QUESTION_TEMPLATE, STATE_GROUPS, read_mit_states
+from notice.data.mit_states import _GROUP_LISTS, QUESTION_TEMPLATE, STATE_GROUPS, read_mit_states
 from notice.files.tables import EXCLUSION_COLUMNS, IMAGE_POOL_COLUMNS, SAMPLE_COLUMNS, write_table
 
 # folder -> number of good JPEGs
@@ -122,8 +125,10 @@ def test_missing_images_directory_is_named(tmp_path):
         read_mit_states(tmp_path)
 
 
-def test_paper_groups_are_disjoint_and_synonyms_are_states_or_known_words():
+def test_paper_groups_are_disjoint_and_the_paper_config_lists_the_authors_synonyms():
     assert len(STATE_GROUPS) == sum(len(states) for states in _GROUP_LISTS.values())  # no state in two groups
     assert set(STATE_GROUPS.values()) == {"colour", "shape", "texture"}
     assert STATE_GROUPS["huge"] == STATE_GROUPS["large"] == "shape"
-    assert any({"huge", "large"} <= set(words) for words in NEAR_SYNONYMS)
+    paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/paper.yaml").read_text())
+    synonyms = paper["datasets"]["mit_states"]["distractors"]["near_synonyms"]
+    assert any({"huge", "large"} <= set(words) for words in synonyms)

@@ -27,7 +27,7 @@ Vision meets text in two places, so each model type has two adapters, one per pa
 Head functions: the language model attends to 32 query tokens, which have no place on the image, so
 the language-model stream scores each head's attention *carried onto the ViT patch grid*: its
 attention to query k times query k's cross-attention to each patch (mean over the Q-Former's
-cross-attention layers and heads), summed over the queries (`QueryPatchAttention`). The patches'
+cross-attention layers and heads), summed over the queries (`QueryImageAttention`). The patches'
 mass is the head's attention to the queries, less what the queries give the image [CLS]. The
 Q-Former stream scores its own cross-attention from the queries to the patch grid, like BLIP.
 """
@@ -88,7 +88,7 @@ class HookHandles:
             handle.remove()
 
 
-class QueryPatchAttention(torch.nn.Module):
+class QueryImageAttention(torch.nn.Module):
     """One language-model layer's attention carried onto the ViT patches through the query tokens.
 
     Output [1] is [B, H, T, P]: Σ_k attention(t → query k) · footprint(k → patch p), where the query
@@ -143,7 +143,7 @@ class Blip2LanguageModelAdapter(DecoderVLMAdapter):
         super().__init__(model, processor, prompt_template)
         self.is_opt = hasattr(self.layers[0], "fc2")
         self.mlp_views = [opt_mlp_view(layer) for layer in self.layers] if self.is_opt else []
-        self._query_attention: list[QueryPatchAttention] = []
+        self._query_attention: list[QueryImageAttention] = []
 
     @property
     def language_model(self) -> torch.nn.Module:
@@ -209,7 +209,7 @@ class Blip2LanguageModelAdapter(DecoderVLMAdapter):
             layers: list[Any] = list(self.qformer_layers)  # Q-Former layers: submodules by name
             cross = [layer.crossattention.attention for layer in layers if layer.has_cross_attention]
             self._query_attention = [
-                QueryPatchAttention(attention, cross, self.n_queries)
+                QueryImageAttention(attention, cross, self.n_queries)
                 for attention in super().fusion_attention_modules()
             ]
         return list(self._query_attention)

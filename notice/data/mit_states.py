@@ -110,24 +110,6 @@ _GROUP_LISTS: dict[str, tuple[str, ...]] = {
 }
 STATE_GROUPS: dict[str, str] = {state: group for group, states in _GROUP_LISTS.items() for state in states}
 
-# The authors' near-synonyms: each list is a state and the states never used as its distractor.
-NEAR_SYNONYMS: tuple[tuple[str, ...], ...] = (
-    ("small", "tiny", "little"),
-    ("large", "huge", "massive", "thick"),
-    ("thin", "slim"),
-    ("cracked", "broken", "chipped", "shattered", "splintered"),
-    ("sliced", "diced"),
-    ("cut", "torn"),
-    ("scratched", "cracked", "chipped", "shattered", "broken", "splintered"),
-    ("wet", "moist"),
-    ("weathered", "rusty", "ancient", "old"),
-    ("new", "fresh", "clean"),
-    ("crushed", "cracked", "chipped", "shattered", "broken", "splintered"),
-    ("crumpled", "wrinkled", "crinkled"),
-    ("ruffled", "frayed"),
-    ("windblown", "barren"),
-)
-
 
 def split_folder(name: str) -> tuple[str, str] | None:
     """(adjective, noun) of a state folder name, or None when it has neither a space nor an underscore."""

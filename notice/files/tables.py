@@ -101,8 +101,6 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "prob_restoration",
 )
 
-SITES: tuple[str, ...] = ("mlp", "self_attn", "cross_attn", "self_attn_head", "cross_attn_head", "layer")
-
 
 class TableError(ValueError):
     """A table on disk does not have the columns or values its stage expects."""

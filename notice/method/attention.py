@@ -4,8 +4,8 @@ The adapter says where its family's fusion attention lives (`fusion_attention_mo
 cross-attention to the vision tower, a decoder VLM's self-attention), which of its keys are image
 patches and on which grid (`image_grid`), and which queries can see the image (`attention_queries`).
 
-`PatchAttention.weights` is each row *renormalised over the patches* (sums to 1), so heads are
-compared on where they look on the image; `PatchAttention.mass` keeps the raw fraction of the row
+`ImageAttention.weights` is each row *renormalised over the patches* (sums to 1), so heads are
+compared on where they look on the image; `ImageAttention.mass` keeps the raw fraction of the row
 that went to the patches (cross-attention: 1 − attention to the image [CLS]; self-attention:
 attention on image tokens vs text tokens), because taking attention off the image is itself a
 behaviour. `raw = weights · mass`.
@@ -33,7 +33,7 @@ from notice.method.head_functions import query_labels
 
 
 @dataclass
-class PatchAttention:
+class ImageAttention:
     """Attention of layers × heads × query positions to the image patches of one prompt."""
 
     weights: torch.Tensor  # [L, H, Q, P] renormalised over the P patches (float32)
@@ -49,13 +49,13 @@ class PatchAttention:
         return self.weights * self.mass[..., None]
 
 
-def patch_attention(
+def image_attention(
     adapter: VLMAdapter,
     inp: ModelInput,
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     query_positions: Sequence[int] | None = None,
-) -> PatchAttention:
+) -> ImageAttention:
     """Fusion attention of `layers` × `heads` (default: all) from `query_positions` to the patches.
 
     Default query positions: `adapter.attention_queries` (the positions that can see the image).
@@ -89,7 +89,7 @@ def patch_attention(
             handle.remove()
     patches = torch.stack([captured[layer] for layer in layers]).cpu()  # [L, H, Q, P]
     mass = patches.sum(-1)
-    return PatchAttention(
+    return ImageAttention(
         weights=patches / mass.clamp_min(torch.finfo(torch.float32).tiny)[..., None],
         mass=mass,
         layers=layers,
@@ -139,13 +139,13 @@ def object_mask(adapter: VLMAdapter, mask_path: str, inp: ModelInput) -> np.ndar
 def attention_record(adapter: VLMAdapter, row: pd.Series, load_image: Callable[[str], Image.Image]) -> dict:
     """Fusion attention of every head from every default query position of one selected sample.
 
-    The record holds the PatchAttention arrays, `average` [L, Q, P] (the mean over the layer's heads,
+    The record holds the ImageAttention arrays, `average` [L, Q, P] (the mean over the layer's heads,
     the paper's "average head"), `all_heads_average` [Q, P] (over every fusion head of the model), the
     image as the model sees it, the mask on the same pixels (empty [0, 0] without a mask), the query
     tokens and labels (`head_functions.query_labels`) and which query is the head-patching position.
     """
     inp = adapter.prepare(load_image(row["image_path"]), row["prompt"])
-    attention = patch_attention(adapter, inp)
+    attention = image_attention(adapter, inp)
     ids = inp.input_ids[0].tolist()
     head_position = adapter.head_position(inp, int(row["answer_token_id"]))
     if head_position not in attention.query_positions:

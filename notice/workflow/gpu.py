@@ -114,13 +114,6 @@ def leased_gpu(lock_dir: str | os.PathLike | None = None, timeout: float | None 
         time.sleep(POLL_SECONDS)
 
 
-@contextlib.contextmanager
-def gpu_lease(lock_dir: str | os.PathLike | None = None, timeout: float | None = None) -> Iterator[str]:
-    """`leased_gpu` as a torch device string: "cuda:<index>", or "cpu" when no GPU is visible."""
-    with leased_gpu(lock_dir, timeout) as lease:
-        yield lease.device if lease else "cpu"
-
-
 def use_leased_device(lease: Lease) -> str:
     """Make the leased GPU this process's default CUDA device (stray allocations land on it too)."""
     import torch
