@@ -102,7 +102,7 @@ def patch_sample(
     memory_budget: int | None = None,
     progress: bool = False,
 ) -> list[dict]:
-    """One result row (metrics.ROW_COLUMNS) per patch, in the order of `patches`.
+    """One result row (scores.ROW_COLUMNS) per patch, in the order of `patches`.
 
     Arguments as in `reference.patch_sample` (`clean`: the clean run's (logits, activations) from
     the workflow's clean cache, else it is computed here); additionally `batch_size` (most rows per forward

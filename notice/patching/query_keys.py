@@ -96,7 +96,7 @@ def patch_queries_keys(
     tau_p: int,
     corrupt_image_fn: ImageFn | None = None,
 ) -> list[dict]:
-    """Exact patching of query / key sites (`qk_sites`), one result row (metrics.ROW_COLUMNS) per patch: one
+    """Exact patching of query / key sites (`qk_sites`), one result row (scores.ROW_COLUMNS) per patch: one
     forward of the corrupt input per patch, in which the attention tap gives that head's query (key) at
     that position its clean value (after position encoding, as the attention reads it)."""
     query_site, key_site = qk_sites(adapter)

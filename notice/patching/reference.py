@@ -65,7 +65,7 @@ def patch_sample(
     corrupt_image_fn: ImageFn | None = None,
     clean: CleanRun | None = None,
 ) -> list[dict]:
-    """One result row (metrics.ROW_COLUMNS) per patch, in the order of `patches`.
+    """One result row (scores.ROW_COLUMNS) per patch, in the order of `patches`.
 
     The clean run is `clean_inp` as is; the corrupt run is `corrupt_inp` with `corrupt_image_fn`
     (SIP: other image; STR: other prompt of equal token length; noise: same input plus the fn).

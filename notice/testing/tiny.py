@@ -73,9 +73,9 @@ def word_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over `specials` + `added` + WORDS: every word and option is one token.
 
-    Saved as a generic `PreTrainedTokenizerFast` because the family classes (LlamaTokenizer,
-    Qwen2Tokenizer) rebuild a BPE model from the vocabulary on load. Whitespace, newlines included,
-    gives no token. `bos_token` is prepended to every encoding, as Llama/Mistral do.
+    Saved as a generic `PreTrainedTokenizerFast` because the families' own tokenizer classes rebuild a BPE
+    model from the vocabulary on load. Whitespace, newlines included, gives no token. `bos_token` is
+    prepended to every encoding, as the decoder language models' tokenizers do.
     """
     vocab = {tok: i for i, tok in enumerate([*specials, *added, *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk_token))
@@ -91,7 +91,7 @@ def word_tokenizer(
         tokenizer_object=tok,
         unk_token=unk_token,
         bos_token=bos_token,
-        # Left padding keeps the answer position at -1 in batches (as the llava-hf and Qwen processors do).
+        # Left padding keeps the answer position at -1 in batches (as the decoder families' processors do).
         padding_side="left",
         **special_tokens,
     )

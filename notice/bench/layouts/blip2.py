@@ -12,7 +12,7 @@ OPT: MLP 4096, Vicuna: MLP 2816, all heads with their own keys/values) with voca
 (OPT) and 32002 (Vicuna, the image token last); `real_size` builds OPT-2.7B (32 layers × 2560, 32
 heads, MLP 10240) or Vicuna-7B (32 layers × 4096, 32 heads, MLP 11008) and the full 39-layer tower.
 Families `blip2` / `instructblip` patch the language model, `blip2_qformer` / `instructblip_qformer`
-the Q-Former (both with `reference.default_patches`).
+the Q-Former (both with `sites.default_patches`).
 """
 
 from __future__ import annotations
