@@ -9,7 +9,7 @@ module's input or output holds, go to `query_keys.patch_queries_keys` whatever t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 from notice.adapters.base import ModelInput, Patch, VLMAdapter
@@ -47,20 +47,13 @@ def patch_routed(
     """`engine`'s rows for the module and head sites and `patch_queries_keys`'s for query and key sites, in
     the order of `patches`."""
     qk = set(qk_sites(adapter))
-    tapped = [i for i, p in enumerate(patches) if p.site in qk]
-    if not tapped:
-        return engine(adapter, clean_inp, corrupt_inp, patches, tau, tau_p, corrupt_image_fn, clean)
-    hooked = [i for i, p in enumerate(patches) if p.site not in qk]
-    rows: list[dict] = [{}] * len(patches)
-    if hooked:
-        found = engine(
-            adapter, clean_inp, corrupt_inp, [patches[i] for i in hooked], tau, tau_p, corrupt_image_fn, clean
-        )
-        for i, row in zip(hooked, found):
-            rows[i] = row
-    found = patch_queries_keys(
-        adapter, clean_inp, corrupt_inp, [patches[i] for i in tapped], tau, tau_p, corrupt_image_fn
-    )
-    for i, row in zip(tapped, found):
-        rows[i] = row
-    return rows
+    tapped = [p.site in qk for p in patches]
+    hooked_rows: Iterator[dict] = iter(())
+    tapped_rows: Iterator[dict] = iter(())
+    if not all(tapped):  # each engine runs only when it has patches: its clean and corrupt runs cost forwards
+        hooked = [p for p, t in zip(patches, tapped) if not t]
+        hooked_rows = iter(engine(adapter, clean_inp, corrupt_inp, hooked, tau, tau_p, corrupt_image_fn, clean))
+    if any(tapped):
+        chosen = [p for p, t in zip(patches, tapped) if t]
+        tapped_rows = iter(patch_queries_keys(adapter, clean_inp, corrupt_inp, chosen, tau, tau_p, corrupt_image_fn))
+    return [next(tapped_rows) if t else next(hooked_rows) for t in tapped]
