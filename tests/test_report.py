@@ -8,8 +8,10 @@ import pytest
 from planted_tables import accuracy_table, borderline_results, planted_results
 
 from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
-from notice.present.figures import accuracy_chart, bootstrap_stability, head_heatmaps
-from notice.present.report import Figure, Section, Table, build_report, summarise_findings
+from notice.present.accuracy import accuracy_chart
+from notice.present.effects import bootstrap_stability, head_heatmaps
+from notice.present.findings import summarise_findings
+from notice.present.page import Figure, Section, Table, build_report
 
 
 @pytest.fixture(scope="module")

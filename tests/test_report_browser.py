@@ -26,15 +26,9 @@ from planted_tables import accuracy_table, module_table, planted_results
 
 from notice.method.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
 from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
-from notice.present.figures import (
-    accuracy_chart,
-    attention_overlays,
-    bootstrap_stability,
-    corruption_comparison,
-    head_heatmaps,
-    module_heatmaps,
-    overlay_panels,
-)
+from notice.present.accuracy import accuracy_chart
+from notice.present.attention import attention_overlays, overlay_panels
+from notice.present.effects import bootstrap_stability, corruption_comparison, head_heatmaps, module_heatmaps
 from notice.present.report import TABLE_FILES, workflow_report
 
 GRID, OBJECT = (4, 4), [0, 1, 4, 5]
