@@ -23,13 +23,18 @@ _URL_SCHEME = re.compile(r"(?i)\b(https?):(?=//)")
 # src/href attributes inside tags (escaped text cannot match: its "<" is "&lt;")
 _REFERENCE = re.compile(r"""<[^>]*?\b(?:src|href)\s*=\s*["']?([^"'\s>]*)""", re.IGNORECASE)
 
+# Text keeps a readable line length; a table wider than the page scrolls sideways in its own box (the page
+# does not), and its caption sits above that box, as wide as the text, whatever the table's width.
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { border-bottom: 2px solid #ddd; } h2 { margin-top: 2em; border-bottom: 1px solid #eee; }
+p, li, figcaption { max-width: 48em; }
 figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption, caption { color: #555; font-size: 0.92em; margin-top: 0.4em; text-align: left; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
+figcaption { color: #555; font-size: 0.92em; margin: 0.4em 0; text-align: left; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.85em; }
 th, td { border: 1px solid #ddd; padding: 2px 6px; text-align: right; } th { background: #f4f4f4; }
+.empty { font-style: italic; }
 .summary { background: #f7f9fc; border-left: 4px solid #4c78a8; padding: 0.5em 1em; }
 """
 
@@ -44,6 +49,7 @@ class Figure:
 class Table:
     df: pd.DataFrame
     caption: str
+    empty: str = ""  # the sentence shown instead of the table when it has no rows: what that means
 
 
 @dataclass(frozen=True)
@@ -78,10 +84,12 @@ def _table_html(table: Table) -> str:
     df, note = table.df, ""
     if len(df) > MAX_TABLE_ROWS:
         df, note = df.head(MAX_TABLE_ROWS), f" (first {MAX_TABLE_ROWS} of {len(table.df)} rows)"
+    caption = f"<figcaption>{escape(table.caption + note)}</figcaption>"
+    if df.empty:
+        return f'<figure class="table">{caption}<p class="empty">{escape(table.empty or "No rows.")}</p></figure>'
     body = df.to_html(index=False, border=0, escape=True, na_rep="", float_format=lambda x: f"{x:.4g}")
-    caption = f"<caption>{escape(table.caption + note)}</caption>"
-    # a caption must be the table's first child: insert it right after the opening <table ...> tag
-    return _URL_SCHEME.sub(r"\1&#58;", body.replace(">", ">" + caption, 1))
+    body = _URL_SCHEME.sub(r"\1&#58;", body)
+    return f'<figure class="table">{caption}<div class="scroll">{body}</div></figure>'
 
 
 def _section_html(index: int, section: Section) -> str:

@@ -64,6 +64,28 @@ def write_tables(csv: pd.DataFrame, tables: Sequence[Table], csv_path: str | Pat
 
 
 TABLE_FILES: tuple[str, ...] = ("table1_universal_heads", "table2_accuracy", "table3_head_functions")
+NO_ACCURACY = "No accuracy rows: no clean prompt was evaluated."
+NO_DETECTOR = "No best object detector: no head was scored on an image with an object mask."
+NO_PAIRS = "no site has both a screen estimate and an exact effect."
+
+
+def no_universal_heads(k: float, corruptions: Sequence[str]) -> str:
+    """What an empty universal-heads table means (`notice.method.heads.universal_heads_table`: neither universal
+    heads nor candidates, heads universal in many bootstrap resamples)."""
+    return (
+        f"No universal heads: no head is significant (mean effect above the mean of all heads + {k:g} SD) in every "
+        "task under image corruption, nor in every task under text corruption (the corruptions that count: "
+        f"{', '.join(corruptions)}), and none is often universal under bootstrap resampling."
+    )
+
+
+def no_head_functions(universal: pd.DataFrame) -> str:
+    """What an empty head-function table means: no head to score, or none with scores (attention records are
+    taken at one site per model and dataset)."""
+    heads = "universal head, nor any head often universal under resampling,"
+    if universal.empty:
+        return f"No head functions: there is no {heads} to score."
+    return f"No head functions: no {heads} has attention records at its site."
 
 
 def workflow_report(
@@ -87,24 +109,28 @@ def workflow_report(
     """
     config = HeadFunctionConfig.from_dict(settings.get("head_functions"))
     corruptions = settings.get("universal_corruptions", ["sip", "str"])
+    k = settings.get("k_sigma", 2.0)
     summary = universal_heads_summary(universal, corruptions)
     functions = universal_head_functions(scores, universal)
+    no_heads, no_functions = no_universal_heads(k, corruptions), no_head_functions(universal)
     table1 = [
-        Table(universal_heads_by_kind(summary), "Universal heads per model and kind (paper Table 1)."),
+        Table(universal_heads_by_kind(summary), "Universal heads per model and kind (paper Table 1).", no_heads),
         Table(
             summary,
             "Universal heads with bootstrap stability: fraction of resamples universal (own kind), "
             "least fraction significant over the defining conditions, widest 95% interval of the "
             "mean effect, and every defining condition.",
+            no_heads,
         ),
     ]
-    table2 = [Table(accuracy, "Exact-match accuracy on the clean prompts (paper Table 2).")]
+    table2 = [Table(accuracy, "Exact-match accuracy on the clean prompts (paper Table 2).", NO_ACCURACY)]
     table3 = [
         Table(
             function_table(functions),
             "Functions of the universal heads per dataset, scored at the head-patching position (paper Table 3).",
+            no_functions,
         ),
-        Table(functions, "Head-function scores of the universal heads at the head-patching position."),
+        Table(functions, "Head-function scores of the universal heads at the head-patching position.", no_functions),
     ]
     for name, csv, tables in zip(TABLE_FILES, (summary, accuracy, functions), (table1, table2, table3)):
         write_tables(csv, tables, Path(tables_dir) / f"{name}.csv", Path(tables_dir) / f"{name}.md")
@@ -112,13 +138,14 @@ def workflow_report(
     sections = [
         Section(
             "Summary",
-            html=summarise_findings(universal, accuracy, models, settings.get("k_sigma", 2.0), significant, corruptions)
+            html=summarise_findings(universal, accuracy, models, k, significant, corruptions)
             + grounding_findings(grounding, functions, config),
         ),
         Section("Accuracy", tables=table2),
-        Section("Universal heads", tables=[*table1, Table(universal, "Universal heads per condition.")]),
+        Section("Universal heads", tables=[*table1, Table(universal, "Universal heads per condition.", no_heads)]),
         Section(
-            "Head functions", tables=[*table3, Table(grounding, "Best object detector per model, site and dataset.")]
+            "Head functions",
+            tables=[*table3, Table(grounding, "Best object detector per model, site and dataset.", NO_DETECTOR)],
         ),
     ]
     if screen is not None:
@@ -180,12 +207,21 @@ def screen_section(screen: ScreenResults, grounding: pd.DataFrame) -> Section:
                 screen.validation,
                 "Screen against exact patching per site kind: correlations, top-10 recall "
                 "within the screen's top k, and misses (exact top-10 sites outside it).",
+                f"No validation rows: {NO_PAIRS}",
             ),
             Table(
                 fractions,
                 "Share of the image-token effect (|Σ over layers|) that falls on the object, its "
                 "object-area baseline and ratio, next to the best object-detection score of the head functions.",
+                "No object shares: no screened sample has an object mask.",
             ),
-            Table(misses, "The largest misses: exact effect in a sample's top 10, screen estimate outside its top k."),
+            Table(
+                misses,
+                "The largest misses: exact effect in a sample's top 10, screen estimate outside its top k.",
+                f"No misses: {NO_PAIRS}"
+                if screen.validation.empty
+                else "No misses: in every sample with more than k sites of a kind, the sites of its exact top 10 "
+                "are within the screen's top k.",
+            ),
         ],
     )
