@@ -55,7 +55,7 @@ window.addEventListener("load", () => {
   });
   body.setAttribute("data-image-sizes", sizes.join(" "));
   body.setAttribute("data-viewport", String(window.innerWidth));
-  const blocks = Array.from(document.querySelectorAll(TEXT_BLOCKS))
+  const blocks = Array.from(document.querySelectorAll("p, li, caption, figcaption"))
     .filter((el) => el.textContent.trim() && el.getClientRects().length)
     .map((el) => [el.getBoundingClientRect().width, el.tagName.toLowerCase() + ": " + el.textContent.trim()]);
   blocks.sort((a, b) => a[0] - b[0]);
@@ -77,7 +77,7 @@ window.addEventListener("load", () => {
   const bare = Array.from(document.querySelectorAll("table")).filter((table) => !table.querySelector("tbody tr"));
   body.setAttribute("data-bare-tables", String(bare.length));
 });
-</script>""".replace("TEXT_BLOCKS", '"p, li, caption, figcaption"')
+</script>"""
 # the narrowest a text block may be in a 1400 or 800 px wide window: a readable line, not a word
 MIN_TEXT_WIDTH = 300
 
