@@ -16,7 +16,7 @@ from toy_adapters import DEFAULT_FAMILIES, QUESTION, noise_image, one_torch_thre
 from notice.files.tables import PROMPT_COLUMNS
 from notice.method.attention import RECORD_INDEX_COLUMNS, choose_samples, load_records, write_records
 from notice.method.head_functions import AVERAGE_HEAD, HeadFunctionConfig, grounding_summary, scores_from_records
-from notice.present.figures import attention_overlays, overlay_panels
+from notice.present.attention import attention_overlays, overlay_panels
 from notice.workflow.runtime import load_image, load_model
 
 OBJECT_PATCHES = [0, 1, 4, 5]

@@ -14,14 +14,9 @@ from notice.method.heads import (
     universal_heads,
     universal_heads_table,
 )
-from notice.present.figures import (
-    accuracy_chart,
-    bootstrap_stability,
-    corruption_comparison,
-    head_heatmaps,
-    module_heatmaps,
-    safe_stem,
-)
+from notice.present.accuracy import accuracy_chart
+from notice.present.charts import safe_stem
+from notice.present.effects import bootstrap_stability, corruption_comparison, head_heatmaps, module_heatmaps
 
 # what a browser would fetch: script/img/link sources, CSS url(...) and JavaScript imports
 NETWORK_LOAD = re.compile(
@@ -109,7 +104,7 @@ def test_head_heatmap_of_a_large_model(tmp_path):
 
 
 def test_screen_figures_draw_the_comparison_and_the_image_maps(tmp_path):
-    from notice.present.figures import screen_image_maps, screen_scatter
+    from notice.present.screen import screen_image_maps, screen_scatter
 
     rng = np.random.default_rng(0)
     exact = rng.normal(size=40)

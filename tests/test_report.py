@@ -8,8 +8,10 @@ import pytest
 from planted_tables import accuracy_table, borderline_results, planted_results
 
 from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
-from notice.present.figures import accuracy_chart, bootstrap_stability, head_heatmaps
-from notice.present.report import Figure, Section, Table, build_report, summarise_findings
+from notice.present.accuracy import accuracy_chart
+from notice.present.effects import bootstrap_stability, head_heatmaps
+from notice.present.findings import summarise_findings
+from notice.present.page import Figure, Section, Table, build_report
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +50,18 @@ def test_report_contains_every_figure_and_is_offline(analysis):
     assert sorted(embedded) == sorted(base64.b64encode(p.read_bytes()).decode() for p in pngs)
     for p in pngs:
         assert f"Caption for {p.stem}</figcaption>" in html
-    assert html.count("<table") == 2 and "<caption>Universal heads</caption>" in html
+    assert html.count("<table") == 2 and "<figcaption>Universal heads</figcaption>" in html
     assert "L2.H0" in html and "multimodal" in html
     assert not re.search(r'(?:src|href)="(?!data:|#)', html)
+
+
+def test_a_table_scrolls_in_its_own_box_and_an_empty_one_says_what_it_means(tmp_path):
+    wide = pd.DataFrame([range(30)], columns=[f"column_{i}" for i in range(30)])
+    tables = [Table(wide, "Wide."), Table(wide.iloc[0:0], "Empty.", "No rows here: nothing was measured.")]
+    html = build_report([Section("Tables", tables=tables)], tmp_path / "r.html").read_text()
+    assert '<figcaption>Wide.</figcaption><div class="scroll"><table' in html and html.count("<table") == 1
+    assert '<figcaption>Empty.</figcaption><p class="empty">No rows here: nothing was measured.</p>' in html
+    assert re.search(r"\.scroll \{ overflow-x: auto; \}", html)
 
 
 def test_report_refuses_external_references(tmp_path):

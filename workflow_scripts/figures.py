@@ -6,16 +6,10 @@ import pandas as pd
 
 from notice.method.attention import load_records
 from notice.method.heads import significant_heads
-from notice.present.figures import (
-    accuracy_chart,
-    attention_overlays,
-    bootstrap_stability,
-    corruption_comparison,
-    head_heatmaps,
-    module_heatmaps,
-    overlay_panels,
-    safe_stem,
-)
+from notice.present.accuracy import accuracy_chart
+from notice.present.attention import attention_overlays, overlay_panels
+from notice.present.charts import safe_stem
+from notice.present.effects import bootstrap_stability, corruption_comparison, head_heatmaps, module_heatmaps
 from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:

@@ -2,7 +2,8 @@
 
 from notice.method.attention import load_records
 from notice.method.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
-from notice.present.report import Table, write_tables
+from notice.present.page import Table
+from notice.present.report import write_tables
 from notice.workflow.runtime import logged
 
 KEYS = ("model", "site", "dataset")

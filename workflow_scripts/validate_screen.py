@@ -13,7 +13,8 @@ from notice.method.screen import (
     paired_effects,
     validation_tables,
 )
-from notice.present.figures import safe_stem, screen_image_maps, screen_scatter
+from notice.present.charts import safe_stem
+from notice.present.screen import screen_image_maps, screen_scatter
 from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:
