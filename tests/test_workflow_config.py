@@ -309,6 +309,18 @@ def test_a_synthetic_dataset_asks_its_generators_tasks_and_values():
     ]
 
 
+def test_a_task_of_any_kind_needs_two_different_values(tmp_path):
+    (tmp_path / "samples.parquet").write_bytes(b"")
+    (tmp_path / "image_pool.parquet").write_bytes(b"")
+    config = minimal_config()
+    config["datasets"]["d"] = real_dataset("samples_table", tmp_path)
+    config["datasets"]["d"]["tasks"]["t"]["values"] = ["a", "a"]
+    assert dataset_errors(filled(config)) == [
+        "config: datasets.d.tasks.t.values: ['a', 'a'] has fewer than two different values (the distractor is "
+        "another value of the task)"
+    ]
+
+
 def test_a_subset_of_the_synthetic_tasks_and_values_passes():
     config = minimal_config()
     config["datasets"]["synthetic"]["tasks"] = {"shape": {"question": QUESTION, "values": ["triangle", "circle"]}}

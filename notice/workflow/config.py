@@ -183,6 +183,17 @@ def synthetic_errors(name: str, section: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+def value_errors(name: str, section: Mapping[str, Any]) -> list[str]:
+    """Each task's values hold two or more different words: the distractor is another value of the task (the
+    schema counts the items, not the different ones; svo_probes tasks may have none: the rows give it)."""
+    return [
+        f"config: datasets.{name}.tasks.{task}.values: {list(spec['values'])} has fewer than two different values "
+        "(the distractor is another value of the task)"
+        for task, spec in section["tasks"].items()
+        if "values" in spec and len(set(spec["values"])) < 2
+    ]
+
+
 def path_problem(kind: str, path: str) -> str | None:
     """What is wrong with a real dataset's `path` for its `kind`, or None."""
     if kind == "samples_table":
@@ -224,9 +235,11 @@ def dataset_errors(config: Mapping[str, Any]) -> list[str]:
                 f"config: datasets.{name}.corruptions has 'sd_inpaint', which needs SVO-Probes triplets "
                 f"(kind svo_probes), not kind {kind!r}; list the dataset's corruptions without it"
             )
-        if kind == "synthetic":
+        if kind == "synthetic":  # the generator's own checks, the number of values among them
             errors += synthetic_errors(name, section)
-        elif "path" not in section:
+            continue
+        errors += value_errors(name, section)
+        if "path" not in section:
             errors.append(f"config: datasets.{name}.path is required for kind {kind!r} ({SOURCE_LAYOUTS[kind]})")
         else:
             problem = path_problem(kind, section["path"])
