@@ -25,6 +25,12 @@ SAMPLE_ID = "pair"
 LABEL = "cli"  # task, category and dataset of the one pair
 NOISES = ("gn_mult", "gn_add")
 TOP_SITES = 5
+# The defaults of the options that are config keys too: the schema's (patching.engine, corruptions.gn_mult.nu,
+# corruptions.gn_add.sigma_multiplier; patching.batch_size is fast.DEFAULT_BATCH_ROWS), and every site patched.
+DEFAULT_ENGINE = "fast"
+DEFAULT_NU = 5.0
+DEFAULT_SIGMA_MULTIPLIER = 3.0
+PATCH_SET = {"module_sites": True, "head_sites": True}
 
 
 class InputError(ValueError):
@@ -44,11 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     corruption.add_argument("--noise", choices=NOISES, help="Gaussian noise on the image embeddings")
     parser.add_argument("--prompt-template", help="prompt with {question}, used verbatim (default: the model's)")
     parser.add_argument("--adapter", help="adapter family, e.g. an opt-in stream (default: the model type's)")
-    parser.add_argument("--engine", choices=ENGINES, default="fast")
+    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--nu", type=float, default=5.0, help="gn_mult: noise scale")
-    parser.add_argument("--sigma-multiplier", type=float, default=3.0, help="gn_add: noise scale")
+    parser.add_argument("--nu", type=float, default=DEFAULT_NU, help="gn_mult: noise scale")
+    parser.add_argument("--sigma-multiplier", type=float, default=DEFAULT_SIGMA_MULTIPLIER, help="gn_add: noise scale")
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the Gaussian noise draw")
     parser.add_argument(
         "--batch-size",
@@ -213,7 +219,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             load_image,
             engine=get_engine(args.engine, args.batch_size),
             corruption_settings={"nu": args.nu, "sigma_multiplier": args.sigma_multiplier},
-            patching_settings={},
+            patching_settings=PATCH_SET,
             labels={"model": args.model, "dataset": LABEL},
         )
     write_table(rows, args.out, RESULT_COLUMNS)

@@ -15,12 +15,11 @@ rule synthetic_dataset:
         "../envs/notice.yaml"
     params:
         # What the generator reads: not questions or distractor settings (they must not regenerate the images);
-        # task values only checked, in any order.
+        # the tasks and their values as a set (the generator draws them in its own order).
         section=lambda wildcards: {
             **keys_of(dataset_section(wildcards), "n_scenes", "image_size"),
             "tasks": {
-                task: {"values": sorted(spec.get("values", []))}
-                for task, spec in dataset_section(wildcards)["tasks"].items()
+                task: {"values": sorted(spec["values"])} for task, spec in dataset_section(wildcards)["tasks"].items()
             },
         },
         seed=config["seed"],

@@ -24,7 +24,7 @@ rule download_svo_images:
     params:
         cache_dir=lambda wildcards: f"{RESOURCES}/downloads/{wildcards.dataset}/images",
         max_rows=lambda wildcards: dataset_section(wildcards).get("max_rows"),
-        download=lambda wildcards: dataset_section(wildcards).get("download", {}),
+        download=lambda wildcards: dataset_section(wildcards)["download"],
     script:
         "../workflow_scripts/download_images.py"
 

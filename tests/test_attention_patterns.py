@@ -72,7 +72,7 @@ def pipeline(request, tmp_path_factory):
         tiny = tiny_adapter(request.param)
         tiny.model.save_pretrained(tmp_path / "model")
         tiny.processor.save_pretrained(tmp_path / "model")
-        adapter = load_model(str(tmp_path / "model"), {"device": "cpu"})
+        adapter = load_model(str(tmp_path / "model"), {"device": "cpu", "dtype": "float32", "prompt_template": None})
         selected = selected_table(adapter, tmp_path)
         index = write_records(adapter, choose_samples(selected, 3, seed=0), load_image, tmp_path / "attention")
     records = load_records(tmp_path / "attention")

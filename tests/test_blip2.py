@@ -127,7 +127,9 @@ def test_the_adapter_key_chooses_the_stream(tmp_path, monkeypatch):
     adapter.model.save_pretrained(tmp_path)
     adapter.processor.save_pretrained(tmp_path)
     assert type(load_adapter(str(tmp_path))) is InstructBlipAdapter  # the language model's stream by default
-    loaded = load_model(str(tmp_path), {"device": "cpu", "adapter": "instructblip_qformer"})
+    loaded = load_model(
+        str(tmp_path), {"device": "cpu", "dtype": "float32", "prompt_template": None, "adapter": "instructblip_qformer"}
+    )
     assert type(loaded) is InstructBlipQFormerAdapter
     inp = loaded.prepare(noise_image(0), loaded.format_prompt(QUESTION))
     torch.testing.assert_close(

@@ -14,7 +14,15 @@ import yaml
 from http_fixtures import FixtureHandler, image_bytes, serve
 from PIL import Image
 
-from notice.data.download import DOWNLOAD_COLUMNS, MAX_BYTES, MAX_IMAGE_PIXELS, Settings, download_images, url_key
+from notice.data.download import (
+    DEFAULT_WORKERS,
+    DOWNLOAD_COLUMNS,
+    MAX_BYTES,
+    MAX_IMAGE_PIXELS,
+    Settings,
+    download_images,
+    url_key,
+)
 from notice.data.svo_probes import CSV_COLUMNS, read_svo_probes
 from notice.workflow.runtime import load_image
 
@@ -276,13 +284,13 @@ def test_schema_download_section_matches_the_downloader():
     """Every description is one string (an unquoted comma in a flow mapping splits it into junk keys that
     show up in validation errors), and the schema's defaults are the downloader's."""
     schema = yaml.safe_load((Path(__file__).parents[1] / "config/schemas/config.schema.yaml").read_text())
-    download = schema["properties"]["datasets"]["additionalProperties"]["properties"]["download"]["properties"]
+    download = schema["definitions"]["download"]["properties"]
     for key, spec in download.items():
         assert set(spec) <= {"type", "minimum", "maximum", "exclusiveMinimum", "default", "description"}, key
         assert isinstance(spec["description"], str), key
     defaults = Settings()
     assert {key: spec["default"] for key, spec in download.items()} == {
-        "workers": 8,
+        "workers": DEFAULT_WORKERS,
         "timeout_s": defaults.timeout,
         "retries": defaults.retries,
         "backoff_s": defaults.backoff,

@@ -129,7 +129,7 @@ def expected_rows(
             load_image,
             engine=get_engine(engine, 64),
             corruption_settings={"nu": 5.0, "sigma_multiplier": 3.0},
-            patching_settings={},
+            patching_settings={"module_sites": True, "head_sites": True},
             labels={"model": str(tmp / family), "dataset": "cli"},
         )
     path = tmp / f"expected_{family}_{corruption}_{engine}.parquet"

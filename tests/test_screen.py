@@ -154,7 +154,7 @@ def test_a_screen_setting_the_model_cannot_take_names_the_config_key():
     adapter = llava_adapter()
     for settings, expected in [
         ({"sites": ["cross_attn"]}, "config screen: screen sites \\['cross_attn'\\] do not exist"),
-        ({"method": "atp", "grad_drop": True}, "config screen: qk_fix and grad_drop are the parts of method atp_star"),
+        ({"grad_drop": True}, "config screen: qk_fix and grad_drop are the parts of method atp_star"),
     ]:
         with pytest.raises(ValueError, match=expected):
             screen_pairs(
@@ -162,7 +162,7 @@ def test_a_screen_setting_the_model_cannot_take_names_the_config_key():
                 pd.DataFrame(),
                 lambda path: None,
                 engine=get_engine("reference", 1),
-                settings=settings,
+                settings={"method": "atp", "confirm_top": 0, **settings},  # the schema's defaults
                 corruption_settings={},
                 labels={},
                 masks={},

@@ -187,3 +187,77 @@ def test_question_draws_cover_tasks_orders_and_distractors():
         assert {q.distractor for q in qs if q.task == task} == set(TASK_VALUES[task]) - {answer}
     assert make_question("colour", "red", "blue") == "is the object red or blue?"
     assert make_question("shape", "circle", "cross") == "is the object a circle or a cross?"
+
+
+# -- a subset of the tasks and values ----------------------------------------------------------------------
+def content_digest(samples: pd.DataFrame, pool: pd.DataFrame, out: Path) -> str:
+    """sha256 of both tables (paths relative to `out`) and of the decoded pixels of every image and mask they
+    name: what a later stage reads, whatever PNG encoder wrote the files."""
+    digest = hashlib.sha256()
+    for table in (samples, pool):
+        rows = table.astype(str).apply(lambda column: column.str.replace(str(out), "", regex=False))
+        digest.update(rows.to_csv(index=False).encode())
+    for path in sorted(set(pool["image_path"]) | set(pool["mask_path"]) | set(samples["mask_path"])):
+        digest.update(np.asarray(Image.open(path)).tobytes())
+    return digest.hexdigest()
+
+
+# content_digest of generate_dataset(out, 6, seed=3, dataset="demo") before subsets of tasks and values existed.
+FULL_DATASET_DIGEST = "09eb591aa6a07ad7e8e29e7c0bc75013e30bf860aec7dddf3c37f589fbab25f4"
+
+
+def test_every_task_and_value_gives_the_dataset_generated_before_subsets(tmp_path):
+    every_value = {"shape": sorted(SHAPES), "colour": sorted(COLOURS)}  # as the rule passes them: sorted
+    for name, task_values in (("default", None), ("all", every_value)):
+        samples, pool = generate_dataset(tmp_path / name, 6, seed=3, dataset="demo", task_values=task_values)
+        assert content_digest(samples, pool, tmp_path / name) == FULL_DATASET_DIGEST
+
+
+def relative_paths(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    return table.assign(**{column: table[column].str.removeprefix(str(out)) for column in ("image_path", "mask_path")})
+
+
+def test_one_task_keeps_the_full_datasets_scenes_and_rows(tmp_path):
+    full = generate_dataset(tmp_path / "full", 8, seed=1)
+    colour = generate_dataset(tmp_path / "colour", 8, seed=1, task_values={"colour": list(COLOURS)})
+    for mine, everything in zip(colour, full):
+        expected = everything[everything["task"] == "colour"].reset_index(drop=True)
+        pd.testing.assert_frame_equal(
+            relative_paths(mine, tmp_path / "colour"), relative_paths(expected, tmp_path / "full")
+        )
+    for path in colour[1]["image_path"]:
+        same = str(path).replace(str(tmp_path / "colour"), str(tmp_path / "full"))
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(same)))
+
+
+def test_a_subset_of_values_is_drawn_and_rendered_only(tmp_path):
+    subset = ["triangle", "circle", "square"]  # in another order than the generator's
+    samples, pool = generate_dataset(tmp_path / "a", 30, seed=2, task_values={"shape": subset})
+    assert set(samples["task"]) == {"shape"} and len(samples) == 30
+    assert set(samples["answer"]) == set(subset)  # 30 scenes draw every one of them
+    for _, rows in pool.groupby("pool_key"):
+        assert list(rows["value"]) == ["circle", "square", "triangle"]  # the generator's order
+    for row in samples.itertuples():  # still true minimal pairs
+        clean = np.asarray(Image.open(row.image_path))
+        clean_mask = np.asarray(Image.open(row.mask_path)) == 255
+        for v in pool[pool["pool_key"] == row.pool_key].itertuples():
+            changed = (np.asarray(Image.open(v.image_path)) != clean).any(-1)
+            assert np.array_equal(changed, (np.asarray(Image.open(v.mask_path)) == 255) ^ clean_mask)
+    again = generate_dataset(tmp_path / "b", 30, seed=2, task_values={"shape": sorted(subset)})
+    for first, second in zip((samples, pool), again):
+        pd.testing.assert_frame_equal(relative_paths(first, tmp_path / "a"), relative_paths(second, tmp_path / "b"))
+
+
+@pytest.mark.parametrize(
+    "task_values, message",
+    [
+        ({}, "tasks: no task; the synthetic generator asks \\['colour', 'shape'\\], one or both"),
+        ({"size": ["big", "small"]}, "tasks.size: the synthetic generator has no task 'size'"),
+        ({"shape": ["circle", "hexagon"]}, "tasks.shape.values: \\['hexagon'\\] not known to the synthetic generator"),
+        ({"colour": ["red", "red"]}, "tasks.colour.values: \\['red', 'red'\\] has fewer than two different values"),
+    ],
+)
+def test_tasks_and_values_the_generator_cannot_make_are_named(tmp_path, task_values, message):
+    with pytest.raises(ValueError, match=message):
+        generate_dataset(tmp_path, 2, seed=0, task_values=task_values)
+    assert not (tmp_path / "samples.parquet").exists()

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from workflow_helpers import fault_env, planned, planned_jobs, snakemake, synthetic_dataset, write_config
+from workflow_helpers import (
+    SYNTHETIC_TASKS,
+    fault_env,
+    planned,
+    planned_jobs,
+    snakemake,
+    synthetic_dataset,
+    write_config,
+)
 
 from notice.files.tables import RESULT_COLUMNS
 from notice.method.screen import KEY_COLUMNS
@@ -306,3 +314,29 @@ def test_reference_engine_gives_the_fast_engines_tables(workdir, tmp_path):
         pd.testing.assert_frame_equal(reference[key_columns], fast[key_columns])
         scale = reference[COMPARED].abs().clip(lower=1.0)
         assert ((fast[COMPARED] - reference[COMPARED]).abs() / scale).max().max() <= 1e-5, table
+
+
+def test_a_synthetic_dataset_with_one_task_and_some_of_its_values_runs_to_the_pairs(workdir, tmp_path):
+    # config/README.md: a synthetic dataset asks any of the generator's tasks, each with two or more of its
+    # values. The models trained by the module's run (on "synthetic", which the config keeps) answer it.
+    work = tmp_path / "subset"
+    shutil.copytree(workdir, work, symlinks=True)
+    config = copy.deepcopy(TINY)
+    shapes = ["triangle", "circle", "square"]
+    question = SYNTHETIC_TASKS["shape"]["question"]
+    config["datasets"]["shapes"] = synthetic_dataset(16) | {
+        "tasks": {"shape": {"question": question, "values": shapes}}
+    }
+    target = "results/toy_llava/shapes/pairs/sip.parquet"
+    jobs = dry_run(work, config, "shapes.yaml", target)
+    assert {wildcards.get("dataset") for _, wildcards in jobs} == {"shapes"}, jobs  # nothing retrains
+    result = snakemake(work, "--cores", "2", target, configfile=work / "shapes.yaml")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    samples = pd.read_parquet(work / "resources/datasets/shapes/samples.parquet")
+    pool = pd.read_parquet(work / "resources/datasets/shapes/image_pool.parquet")
+    assert set(samples["task"]) == {"shape"} and len(samples) == 16
+    assert set(samples["answer"]) == set(pool["value"]) == set(shapes)
+    pairs = pd.read_parquet(work / target)
+    assert len(pairs) > 0 and set(pairs["answer"]) | set(pairs["distractor"]) <= set(shapes)
+    corrupt = pool.set_index("image_path").loc[pairs["corrupt_image_path"], "value"]
+    assert list(corrupt) == list(pairs["distractor"])  # each corrupt image shows the distractor

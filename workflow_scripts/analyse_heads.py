@@ -15,15 +15,14 @@ from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:
     settings, seed = snakemake.params.analysis, snakemake.params.seed
-    metric, k = settings.get("metric", "logit_diff"), settings.get("k_sigma", 2.0)
-    corruptions = settings.get("universal_corruptions", ["sip", "str"])
+    metric, k, corruptions = settings["metric"], settings["k_sigma"], settings["universal_corruptions"]
     results = pd.concat([read_table(path, RESULT_COLUMNS) for path in snakemake.input.results], ignore_index=True)
     log.info("%d patched runs from %d tables", len(results), len(snakemake.input.results))
 
     effects = head_effects(results, metric)
     significant = significant_heads(effects, k)
     universal = universal_heads(significant, corruptions)
-    bootstrap = bootstrap_heads(results, settings.get("bootstrap_draws", 200), seed, k, metric, corruptions)
+    bootstrap = bootstrap_heads(results, settings["bootstrap_draws"], seed, k, metric, corruptions)
     table = universal_heads_table(significant, universal, bootstrap)
     log.info("universal heads:\n%s", universal.to_string(index=False))
 

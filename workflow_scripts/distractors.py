@@ -15,17 +15,17 @@ from notice.workflow.runtime import logged
 
 with logged(snakemake.log[0]) as log:
     section = snakemake.params.section
-    options = section.get("distractors", {})
+    options = section["distractors"]
     tasks = section["tasks"]
     samples = read_table(snakemake.input.samples, SAMPLE_COLUMNS)
     distractors, rejections, exclusions = choose_distractors(
         samples,
         values_by_task={task: spec.get("values", []) for task, spec in tasks.items()},  # SVO: given per sample
         groups={task: spec.get("groups", {}) for task, spec in tasks.items()},
-        rule={task: spec.get("distractor_rule", "any") for task, spec in tasks.items()},
-        kv=load_vectors(options.get("vectors", "glove-6b-50d")),
-        cosine_threshold=options.get("cosine_threshold", 0.8),
-        near_synonyms=options.get("near_synonyms", []),
+        rule={task: spec["distractor_rule"] for task, spec in tasks.items()},
+        kv=load_vectors(options["vectors"]),
+        cosine_threshold=options["cosine_threshold"],
+        near_synonyms=options["near_synonyms"],
         seed=snakemake.params.seed,
         pool_df=read_table(snakemake.input.pool, IMAGE_POOL_COLUMNS),
     )

@@ -9,14 +9,14 @@ with logged(snakemake.log[0]) as log:
     options = snakemake.params.download
     urls = image_urls(snakemake.input.csv, snakemake.params.max_rows)
     settings = Settings(
-        timeout=options.get("timeout_s", Settings.timeout),
-        retries=options.get("retries", Settings.retries),
-        backoff=options.get("backoff_s", Settings.backoff),
-        max_bytes=options.get("max_bytes", Settings.max_bytes),
-        max_image_pixels=options.get("max_image_pixels", Settings.max_image_pixels),
+        timeout=options["timeout_s"],
+        retries=options["retries"],
+        backoff=options["backoff_s"],
+        max_bytes=options["max_bytes"],
+        max_image_pixels=options["max_image_pixels"],
     )
     log.info("%d distinct image URLs -> %s (%s)", len(urls), snakemake.params.cache_dir, settings)
-    table = download_images(urls, snakemake.params.cache_dir, options.get("workers", 8), settings)
+    table = download_images(urls, snakemake.params.cache_dir, options["workers"], settings)
     failed = table[~table["ok"]]
     log.info("%d ok (%d from the cache), %d failed", table["ok"].sum(), table["cached"].sum(), len(failed))
     log.info(

@@ -12,6 +12,6 @@ with logged(snakemake.log[0]) as log:
     adapter = load_model(snakemake.params.model_path, snakemake.params.model)
     prompts = take_shard(read_table(snakemake.input.prompts, PROMPT_COLUMNS), *snakemake.params.shard)
     with torch.inference_mode():
-        answers = evaluate(adapter, prompts, load_image, snakemake.params.model.get("max_new_tokens", 5))
+        answers = evaluate(adapter, prompts, load_image, snakemake.params.model["max_new_tokens"])
     log.info("%d answers, %d correct", len(answers), int(answers["correct"].sum()))
     write_table(answers, snakemake.output.answers, ANSWER_COLUMNS)

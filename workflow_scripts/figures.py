@@ -16,7 +16,7 @@ with logged(snakemake.log[0]) as log:
     out = Path(snakemake.output.figures)
     out.mkdir(parents=True, exist_ok=True)
     settings, model = snakemake.params.analysis, snakemake.wildcards.model
-    k = settings.get("k_sigma", 2.0)
+    k = settings["k_sigma"]
     module = pd.read_parquet(snakemake.input.module_effects)
     universal = pd.read_csv(snakemake.input.universal)
     accuracy = pd.concat([pd.read_csv(path) for path in snakemake.input.accuracy], ignore_index=True)

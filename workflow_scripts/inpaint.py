@@ -1,6 +1,6 @@
 """SD-inpainted SIP corrupt images for a model's selected samples (rule `inpaint_sip`)."""
 
-from notice.data.inpainting import DEFAULT_MODEL, InpaintSettings, MaskSpec, inpaint_samples, load_inpaint_pipeline
+from notice.data.inpainting import InpaintSettings, MaskSpec, inpaint_samples, load_inpaint_pipeline
 from notice.files.tables import (
     EXCLUSION_COLUMNS,
     IMAGE_POOL_COLUMNS,
@@ -18,22 +18,18 @@ with logged(snakemake.log[0]) as log:
     samples = read_table(snakemake.input.samples, SAMPLE_COLUMNS + ("corrupt_triplet",))
     # The selected samples with the dataset's columns (pool_key, image_id, triplets) and their distractor.
     merged = selected[["sample_id", "distractor"]].merge(samples, on="sample_id", how="left", validate="one_to_one")
-    mask = options.get("mask", {})
-    pipe = load_inpaint_pipeline(
-        options.get("model", DEFAULT_MODEL),
-        resolve_device(options.get("device", "auto")),
-        options.get("dtype", "float32"),
-    )
+    mask = options["mask"]
+    pipe = load_inpaint_pipeline(options["model"], resolve_device(options["device"]), options["dtype"])
     pool, exclusions = inpaint_samples(
         pipe,
         merged,
         snakemake.params.out_dir,
-        MaskSpec(mask.get("source", MaskSpec.source), mask.get("dir", ""), tuple(mask.get("box", MaskSpec.box))),
+        MaskSpec(mask["source"], mask.get("dir", ""), tuple(mask["box"])),  # dir: only for source dir
         InpaintSettings(
-            steps=options.get("steps", InpaintSettings.steps),
-            guidance=options.get("guidance", InpaintSettings.guidance),
-            size=options.get("size", InpaintSettings.size),
-            prompt_template=options.get("prompt_template", InpaintSettings.prompt_template),
+            steps=options["steps"],
+            guidance=options["guidance"],
+            size=options["size"],
+            prompt_template=options["prompt_template"],
         ),
         snakemake.params.seed,
     )

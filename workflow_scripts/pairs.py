@@ -53,7 +53,7 @@ with logged(snakemake.log[0]) as log:
         )
     else:  # gn_mult / gn_add: same input, noise on the image embeddings at patching time
         kind = {"gn_mult": "multiplicative", "gn_add": "additive"}[corruption]
-        pairs = gaussian_pairs(selected, kind, settings.get("n_draws", 3), seed)
+        pairs = gaussian_pairs(selected, kind, settings["n_draws"], seed)
         exclusions = pd.DataFrame({column: pd.Series(dtype=str) for column in EXCLUSION_COLUMNS})
     log.info(
         "%s: %d pairs from %d selected samples, %d excluded", corruption, len(pairs), len(selected), len(exclusions)

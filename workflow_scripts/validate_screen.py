@@ -23,7 +23,7 @@ with logged(snakemake.log[0]) as log:
     exact = pd.concat([read_table(path, RESULT_COLUMNS) for path in inputs.exact], ignore_index=True)
     confirmed = pd.concat([read_table(path, RESULT_COLUMNS) for path in inputs.confirmed], ignore_index=True)
     paired = paired_effects(screen, [exact, confirmed])
-    validation, misses = validation_tables(paired, int(settings.get("top_k", 10)))
+    validation, misses = validation_tables(paired, int(settings["top_k"]))
     log.info(
         "%d of %d screened sites have an exact effect (%d confirmed by the screen)",
         len(paired),
@@ -59,6 +59,6 @@ with logged(snakemake.log[0]) as log:
                 [record for record in drawn if record["task"] == task],
                 out_dir / safe_stem("screenmap", dataset, corruption, task),
                 f"{model}, {dataset}, {corruption}, {task}: where in the image the screen's effects fall",
-                int(settings.get("map_samples", 4)),
+                int(settings["map_samples"]),
             )
     write_csv(pd.concat(fractions, ignore_index=True), snakemake.output.object_fraction)

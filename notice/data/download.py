@@ -71,6 +71,7 @@ MAX_BYTES = 32 * 1024 * 1024
 # It stays below PIL's own Image.MAX_IMAGE_PIXELS (89.5 MP, where PIL only warns; it raises
 # DecompressionBombError above twice that), so PIL never warns about an image we accept.
 MAX_IMAGE_PIXELS = 50_000_000
+DEFAULT_WORKERS = 8  # parallel downloads (config download.workers)
 
 
 class DownloadError(Exception):
@@ -282,7 +283,7 @@ def _row(url: str, ok: bool, path: Path | None, sha: str, reason: str, attempts:
 def download_images(
     urls: Iterable[str],
     cache_dir: str | Path,
-    workers: int = 8,
+    workers: int = DEFAULT_WORKERS,
     settings: Settings = Settings(),  # noqa: B008 (frozen: one shared default is safe)
     progress: bool = True,
 ) -> pd.DataFrame:

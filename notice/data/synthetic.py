@@ -9,6 +9,7 @@ pair with a known object region, which the real datasets cannot offer.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -48,9 +49,59 @@ QUESTION_TEMPLATES: dict[str, str] = {
 # Independent random streams per use, so training images never repeat the dataset's scenes.
 STREAMS: dict[str, int] = {"dataset": 0, "train": 1, "eval": 2}
 
+# Image side in pixels unless asked otherwise (the schema's default of a dataset's image_size).
+IMAGE_SIZE = 64
+
 # Geometry, as fractions of the image size.
 RADIUS_RANGE = (0.12, 0.2)
 CLUTTER_MARGIN_PX = 2  # clutter keeps this distance from every possible object shape
+
+
+def task_value_problems(task_values: Mapping[str, Sequence[str]]) -> list[tuple[str, str]]:
+    """(key path under `tasks`, what is wrong) for every task of `task_values` (task -> the values to ask)
+    that the generator cannot make: an unknown task or value, fewer than two different values (a distractor
+    is another value of the task). Empty when it can."""
+    if not task_values:
+        return [("tasks", f"no task; the synthetic generator asks {list(TASK_VALUES)}, one or both")]
+    problems = []
+    for task, values in task_values.items():
+        if task not in TASK_VALUES:
+            problems.append(
+                (f"tasks.{task}", f"the synthetic generator has no task {task!r}; it asks {list(TASK_VALUES)}")
+            )
+            continue
+        unknown = [value for value in values if value not in TASK_VALUES[task]]
+        if unknown:
+            problems.append(
+                (
+                    f"tasks.{task}.values",
+                    f"{unknown} not known to the synthetic generator, which renders {list(TASK_VALUES[task])} "
+                    "(any two or more of them)",
+                )
+            )
+        elif len(set(values)) < 2:
+            problems.append(
+                (
+                    f"tasks.{task}.values",
+                    f"{list(values)} has fewer than two different values (the distractor is another value of the task)",
+                )
+            )
+    return problems
+
+
+def asked_values(task_values: Mapping[str, Sequence[str]] | None) -> dict[str, tuple[str, ...]]:
+    """The tasks and values of `task_values` in the generator's order (None: every task and value); a
+    ValueError names whatever the generator cannot make (`task_value_problems`)."""
+    if task_values is None:
+        return dict(TASK_VALUES)
+    problems = task_value_problems(task_values)
+    if problems:
+        raise ValueError("; ".join(f"{where}: {what}" for where, what in problems))
+    return {
+        task: tuple(value for value in values if value in task_values[task])
+        for task, values in TASK_VALUES.items()
+        if task in task_values
+    }
 
 
 def make_question(task: str, first: str, second: str, subject: str = SUBJECT) -> str:
@@ -124,8 +175,15 @@ def _dilate(mask: np.ndarray, px: int) -> np.ndarray:
     return out
 
 
-def sample_scene(rng: np.random.Generator, scene_id: str, image_size: int = 64) -> Scene:
-    """Draw every property of a scene from `rng` (vectorised draws: this runs for every training image)."""
+def sample_scene(
+    rng: np.random.Generator,
+    scene_id: str,
+    image_size: int = IMAGE_SIZE,
+    shapes: Sequence[str] = SHAPES,
+    colours: Sequence[str] = tuple(COLOURS),
+) -> Scene:
+    """Draw every property of a scene from `rng` (vectorised draws: this runs for every training image);
+    the shape among `shapes`, the colour among `colours` (default: all, the only draws of the training)."""
     s = image_size
     radius = float(rng.uniform(*RADIUS_RANGE) * s)
     cx, cy = rng.uniform(radius + 1, s - radius - 1, 2).tolist()
@@ -148,8 +206,8 @@ def sample_scene(rng: np.random.Generator, scene_id: str, image_size: int = 64) 
     return Scene(
         scene_id=scene_id,
         image_size=s,
-        shape=SHAPES[int(rng.integers(len(SHAPES)))],
-        colour=list(COLOURS)[int(rng.integers(len(COLOURS)))],
+        shape=shapes[int(rng.integers(len(shapes)))],
+        colour=colours[int(rng.integers(len(colours)))],
         center=(cx, cy),
         radius=radius,
         background=(top, bottom),
@@ -203,27 +261,39 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 
 def generate_dataset(
-    out_dir: str | Path, n_scenes: int, seed: int, image_size: int = 64, dataset: str = "synthetic"
+    out_dir: str | Path,
+    n_scenes: int,
+    seed: int,
+    image_size: int = IMAGE_SIZE,
+    dataset: str = "synthetic",
+    task_values: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write images, masks, `samples.parquet` and `image_pool.parquet` under `out_dir`.
 
     Layout: `images/<scene>.png` (clean), `masks/<scene>.png` (0/255), `variants/<scene>_<task>_<value>.png`
     (the scene re-rendered with another value; shape variants with `..._mask.png`). Paths in the tables
     are `str(out_dir / ...)`. Scene i depends only on (seed, i), so files are byte-identical on rerun.
+
+    `task_values` (task -> values, see `asked_values`; None: every task and value) picks the tasks asked
+    and the values each scene's attribute is drawn from and re-rendered with, so that every answer and
+    every pool image is one of its task's values. An attribute no task asks about keeps all its values;
+    with all of a task's values the scenes are the full dataset's.
     """
+    asked = asked_values(task_values)
+    shapes, colours = asked.get("shape", SHAPES), asked.get("colour", tuple(COLOURS))
     out = Path(out_dir)
     for sub in ("images", "masks", "variants"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     samples, pool = [], []
     for i in range(n_scenes):
         scene_id = f"scene{i:05d}"
-        scene = sample_scene(stream_rng(seed, "dataset", i), scene_id, image_size)
+        scene = sample_scene(stream_rng(seed, "dataset", i), scene_id, image_size, shapes, colours)
         img, mask = render_array(scene)
         image_path, mask_path = out / "images" / f"{scene_id}.png", out / "masks" / f"{scene_id}.png"
         _save_png(img, image_path)
         _save_png(mask.astype(np.uint8) * 255, mask_path)
         own = {"colour": scene.colour, "shape": scene.shape}
-        for task, values in TASK_VALUES.items():
+        for task, values in asked.items():
             pool_key = f"{scene_id}_{task}"
             samples.append(
                 dict(
@@ -299,7 +369,7 @@ class TrainingExample:
 
 
 def sample_training_batch(
-    rng: np.random.Generator, batch_size: int, image_size: int = 64, shape_fraction: float = 0.5
+    rng: np.random.Generator, batch_size: int, image_size: int = IMAGE_SIZE, shape_fraction: float = 0.5
 ) -> list[TrainingExample]:
     """Fresh scenes with one question each (see `draw_question`).
 

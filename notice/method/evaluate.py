@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from notice.adapters.base import VLMAdapter
 
 ALL_CATEGORIES = "(all)"  # `category` of the per-task rows of the accuracy table
+DEFAULT_MAX_NEW_TOKENS = 5  # the schema's default of a model's max_new_tokens, for callers outside the workflow
 
 
 def task_rng(seed: int, task: str) -> np.random.Generator:
@@ -99,7 +100,7 @@ def evaluate(
     adapter: VLMAdapter,
     prompts_df: pd.DataFrame,
     load_image: Callable[[str], Image.Image],
-    max_new_tokens: int = 5,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> pd.DataFrame:
     """The model's clean answer to every prompt (ANSWER_COLUMNS), in the order of `prompts_df`."""
     from notice.patching.scores import scores

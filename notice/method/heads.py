@@ -29,6 +29,10 @@ KINDS: tuple[str, ...] = ("vision", "text", "multimodal")
 # population being screened, not a sample of one.
 THRESHOLD_DDOF = 0
 MAX_TOKEN_LABELS = 3
+# The defaults of the config's `analysis.metric` and `analysis.k_sigma` (the schema's), for callers outside the
+# workflow; the workflow passes the config's values.
+DEFAULT_METRIC = "logit_diff"
+DEFAULT_K_SIGMA = 2.0
 
 
 def head_label(layer: int, head: int) -> str:
@@ -49,7 +53,7 @@ def _per_sample(results_df: pd.DataFrame, keys: Sequence[str], sites: Sequence[s
     )
 
 
-def head_effects(results_df: pd.DataFrame, metric: str = "logit_diff") -> pd.DataFrame:
+def head_effects(results_df: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
     """Per head and condition: mean, std (over samples, ddof=1) and n (samples) of `metric`.
 
     Columns: model, task, corruption, modality, site, layer, head, metric, mean, std, n.
@@ -67,7 +71,7 @@ def _threshold(means: np.ndarray, k: float) -> np.ndarray:
     return means.mean(axis=-1) + k * means.std(axis=-1, ddof=THRESHOLD_DDOF)
 
 
-def significant_heads(effects_df: pd.DataFrame, k: float = 2.0) -> pd.DataFrame:
+def significant_heads(effects_df: pd.DataFrame, k: float = DEFAULT_K_SIGMA) -> pd.DataFrame:
     """Add `threshold` and `significant` (mean > mean over the condition's heads + k·std) to every head.
 
     std is the population std over the condition's head means (ddof=0, numpy's default).
@@ -126,10 +130,10 @@ def _resampled_means(matrix: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 def bootstrap_heads(
     results_df: pd.DataFrame,
-    n_draws: int = 1000,
+    n_draws: int,
     seed: int = 0,
-    k: float = 2.0,
-    metric: str = "logit_diff",
+    k: float = DEFAULT_K_SIGMA,
+    metric: str = DEFAULT_METRIC,
     corruptions: Collection[str] | None = None,
 ) -> pd.DataFrame:
     """Resample samples with replacement per condition and redo the selection in every draw.
@@ -261,7 +265,7 @@ def token_label(tokens: Sequence[str], max_tokens: int = MAX_TOKEN_LABELS) -> st
     return "/".join(names[:max_tokens]) + ("/…" if len(names) > max_tokens else "")
 
 
-def module_effects(results_df: pd.DataFrame, metric: str = "logit_diff") -> pd.DataFrame:
+def module_effects(results_df: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
     """Mean of `metric` per (model, task, corruption, modality, site, layer, position) over samples.
 
     Module sites only (mlp, self_attn, cross_attn, layer). Positions are aligned by index; `token`

@@ -114,9 +114,9 @@ def screen_pairs(
     (RESULT_COLUMNS), and one image-map record per
     pair (`image_effects`, the image as the model sees it and the object mask from `masks`, sample_id →
     mask path), none where the screen has no image effects."""
-    method = str(settings.get("method", "atp"))
-    sites = settings.get("sites")
-    confirm_top = int(settings.get("confirm_top", 0))
+    method = str(settings["method"])
+    sites = settings.get("sites")  # absent: every site (no default in the schema: it depends on the model)
+    confirm_top = int(settings["confirm_top"])
     try:  # a setting this model cannot take stops here, before any pair, naming the config key
         screen_sites(adapter, sites)
         method_label(method, settings.get("qk_fix"), settings.get("grad_drop"))

@@ -39,9 +39,10 @@ def additive_noise(scale: float, seed: int, sigma: float | None = None) -> Image
 
 
 def corrupt_image_fn(corruption: str, settings: Mapping, noise_seed: int) -> ImageFn | None:
-    """The image-embedding corruption of a Gaussian-noise pair (None for SIP / STR)."""
+    """The image-embedding corruption of a Gaussian-noise pair (None for SIP / STR); `settings` holds the
+    corruption's scale (config: `nu` of gn_mult, `sigma_multiplier` of gn_add)."""
     if corruption == "gn_mult":
-        return multiplicative_noise(float(settings.get("nu", 5.0)), noise_seed)
+        return multiplicative_noise(float(settings["nu"]), noise_seed)
     if corruption == "gn_add":
-        return additive_noise(float(settings.get("sigma_multiplier", 3.0)), noise_seed)
+        return additive_noise(float(settings["sigma_multiplier"]), noise_seed)
     return None

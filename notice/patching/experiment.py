@@ -35,9 +35,9 @@ def cache_clean_runs(
 
 
 def select_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int, settings: Mapping) -> list[Patch]:
-    """The default experiment's patches, restricted to the families the config asks for."""
-    keep_modules = settings.get("module_sites", True)
-    keep_heads = settings.get("head_sites", True)
+    """The default experiment's patches, restricted to the families the config asks for (`settings`: the
+    config's patching section, with `module_sites` and `head_sites`)."""
+    keep_modules, keep_heads = settings["module_sites"], settings["head_sites"]
     return [
         patch
         for patch in default_patches(adapter, inp, answer_token_id)

@@ -42,7 +42,7 @@ from notice.patching.hooks import CleanRun, ImageFn
 from notice.patching.scores import Scores, answer_prob, logit_diff, result_row, scores
 from notice.patching.sites import check_patches
 
-DEFAULT_BATCH_ROWS = 64
+DEFAULT_BATCH_ROWS = 64  # the schema's patching.batch_size default, for callers outside the workflow
 CPU_MEMORY_BUDGET = 1 << 30  # bytes of working memory for the rows of one chunk on a CPU
 COMPARED_COLUMNS = ("ld_clean", "ld_corrupt", "ld_patched", "p_clean", "p_corrupt", "p_patched")
 

@@ -64,10 +64,10 @@ def load_model(model_path: str, section: dict):
 
     return load_adapter(
         model_path,
-        device=resolve_device(section.get("device", "auto")),
-        dtype=section.get("dtype", "float32"),
-        prompt_template=section.get("prompt_template"),
-        adapter=section.get("adapter"),
+        device=resolve_device(section["device"]),
+        dtype=section["dtype"],
+        prompt_template=section["prompt_template"],
+        adapter=section.get("adapter"),  # no default in the schema: absent is the model type's own adapter
     )
 
 
@@ -79,7 +79,7 @@ def load_tokenizing_model(model_path: str, section: dict):
     from notice.adapters.loading import load_adapter
 
     return load_adapter(
-        model_path, prompt_template=section.get("prompt_template"), weights=False, adapter=section.get("adapter")
+        model_path, prompt_template=section["prompt_template"], weights=False, adapter=section.get("adapter")
     )
 
 
