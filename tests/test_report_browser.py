@@ -190,7 +190,7 @@ def report(tmp_path_factory):
         scores,
         grounding,
         figure_dirs,
-        {"k_sigma": 2.0, "head_functions": {}},
+        {"k_sigma": 2.0, "universal_corruptions": ["sip", "str"], "head_functions": {}},
         out / "report.html",
         out / "tables",
     )

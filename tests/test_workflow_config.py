@@ -395,6 +395,7 @@ def test_library_defaults_are_the_schemas():
     assert patch_pair.DEFAULT_SIGMA_MULTIPLIER == schema_default("corruptions", "gn_add", "sigma_multiplier")
     assert heads.DEFAULT_METRIC == schema_default("analysis", "metric")
     assert heads.DEFAULT_K_SIGMA == schema_default("analysis", "k_sigma")
+    assert list(heads.DEFAULT_UNIVERSAL_CORRUPTIONS) == schema_default("analysis", "universal_corruptions")
     assert evaluate.DEFAULT_MAX_NEW_TOKENS == schema_default("models", "additionalProperties", "max_new_tokens")
     assert synthetic.IMAGE_SIZE == schema_default("datasets", "additionalProperties", "image_size")
     thresholds = SCHEMA["properties"]["analysis"]["properties"]["head_functions"]["properties"]

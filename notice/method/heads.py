@@ -33,6 +33,7 @@ MAX_TOKEN_LABELS = 3
 # workflow; the workflow passes the config's values.
 DEFAULT_METRIC = "logit_diff"
 DEFAULT_K_SIGMA = 2.0
+DEFAULT_UNIVERSAL_CORRUPTIONS: tuple[str, ...] = ("sip", "str")  # the paper's semantic corruptions
 
 
 def head_label(layer: int, head: int) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from notice.files.tables import check_columns
-from notice.method.heads import KINDS, head_label
+from notice.method.heads import DEFAULT_K_SIGMA, KINDS, head_label
 from notice.present.charts import SITE_TITLES, safe_stem, save_chart
 
 METRIC_TITLES: dict[str, str] = {
@@ -127,7 +127,7 @@ def _condition(df: pd.DataFrame) -> pd.Series:
 
 
 def head_heatmaps(
-    effects_df: pd.DataFrame, universal_df: pd.DataFrame, out_dir: str | Path, k: float = 2.0
+    effects_df: pd.DataFrame, universal_df: pd.DataFrame, out_dir: str | Path, k: float = DEFAULT_K_SIGMA
 ) -> list[Path]:
     """Paper Fig. 5: layer × head heatmaps of the mean head effect, per task × corruption.
 

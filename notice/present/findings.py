@@ -8,7 +8,7 @@ import pandas as pd
 
 from notice.files.tables import check_columns
 from notice.method.head_functions import HeadFunctionConfig
-from notice.method.heads import KINDS, head_label
+from notice.method.heads import DEFAULT_K_SIGMA, DEFAULT_UNIVERSAL_CORRUPTIONS, KINDS, head_label
 from notice.present.accuracy import TOTAL_CATEGORIES
 from notice.present.charts import SITE_TITLES
 from notice.present.page import escape
@@ -108,9 +108,9 @@ def summarise_findings(
     universal_table: pd.DataFrame,
     accuracy_df: pd.DataFrame,
     models: Sequence[str] = (),
-    k: float = 2.0,
+    k: float = DEFAULT_K_SIGMA,
     significant: pd.DataFrame | None = None,
-    corruptions: Sequence[str] = ("sip", "str"),
+    corruptions: Sequence[str] = DEFAULT_UNIVERSAL_CORRUPTIONS,
 ) -> str:
     """An HTML fragment summarising the universal heads (with bootstrap stability) and the accuracy.
 

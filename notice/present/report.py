@@ -107,9 +107,9 @@ def workflow_report(
     `figure_dirs` maps every model, in report order, to its figure directory; `settings` is the
     config's `analysis` section; `screen` the attribution screen's tables and figures, when it ran.
     """
-    config = HeadFunctionConfig.from_dict(settings.get("head_functions"))
-    corruptions = settings.get("universal_corruptions", ["sip", "str"])
-    k = settings.get("k_sigma", 2.0)
+    config = HeadFunctionConfig.from_dict(settings["head_functions"])
+    corruptions = settings["universal_corruptions"]
+    k = settings["k_sigma"]
     summary = universal_heads_summary(universal, corruptions)
     functions = universal_head_functions(scores, universal)
     no_heads, no_functions = no_universal_heads(k, corruptions), no_head_functions(universal)
