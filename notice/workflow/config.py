@@ -150,7 +150,7 @@ def training_image_size(config: Mapping[str, Any], train: Mapping[str, Any]) -> 
 
 def model_errors(config: Mapping[str, Any]) -> list[str]:
     """A toy model's training dataset must exist and its architecture must fit."""
-    from notice.demo.toy_config import configs_from_settings
+    from notice.demo.toy_config import configs_from_settings  # lazy, as below: every job parses the Snakefile
 
     errors = []
     for name, section in config["models"].items():
@@ -173,7 +173,7 @@ def model_errors(config: Mapping[str, Any]) -> list[str]:
 def synthetic_errors(name: str, section: Mapping[str, Any]) -> list[str]:
     """The synthetic generator needs the number of scenes, and asks some of its own tasks, each with two or
     more of its own values (notice.data.synthetic.task_value_problems)."""
-    from notice.data.synthetic import task_value_problems
+    from notice.data.synthetic import task_value_problems  # lazy: numpy, pandas, PIL only where needed
 
     errors = []
     if "n_scenes" not in section:
@@ -258,7 +258,7 @@ def unavailable_models(config: Mapping[str, Any], offline: bool) -> list[str]:
 
     Local paths are always checked; hub ids only `offline` (online, Hugging Face may download them).
     """
-    from notice.files.hub import resolve_inpaint_model, resolve_offline
+    from notice.files.hub import resolve_inpaint_model, resolve_offline  # lazy: huggingface_hub
 
     errors = []
     for name, section in config["models"].items():
