@@ -56,19 +56,21 @@ def test_qwen_module_sites_include_the_image_markers(family):
 
 def test_stratified_chunks_draw_one_chunk_per_stratum_weighed_by_its_stratum():
     rows = [8] * 9 + [3]  # rows of each chunk in run order: 75 rows, the last chunk partial
-    drawn = measure.stratified_chunks(rows, 24, seed=0)
-    strata = [(0, 3), (3, 7), (7, 10)]  # about 24 rows: 3 strata of consecutive chunks
+    drawn = measure.stratified_chunks(rows, 3, seed=0)
+    strata = [(0, 3), (3, 7), (7, 10)]  # 3 strata of consecutive chunks
     assert len(drawn) == len(strata)
     for (chunk, weight), (lo, hi) in zip(drawn, strata):
         assert lo <= chunk < hi and weight == sum(rows[lo:hi]) / rows[chunk]
     assert sum(weight * rows[chunk] for chunk, weight in drawn) == pytest.approx(sum(rows))  # each row once
-    assert measure.stratified_chunks(rows, 24, seed=0) == drawn  # seeded
-    assert len({tuple(measure.stratified_chunks(rows, 24, seed)) for seed in range(8)}) > 1
+    assert measure.stratified_chunks(rows, 3, seed=0) == drawn  # seeded
+    assert len({tuple(measure.stratified_chunks(rows, 3, seed)) for seed in range(8)}) > 1
     every = [(chunk, 1.0) for chunk in range(len(rows))]
-    assert measure.stratified_chunks(rows, 75, seed=3) == measure.stratified_chunks(rows, 900, seed=3) == every
+    assert measure.stratified_chunks(rows, 10, seed=3) == measure.stratified_chunks(rows, 99, seed=3) == every
     [(chunk, weight)] = measure.stratified_chunks(rows, 1, seed=0)
     assert weight * rows[chunk] == pytest.approx(75)
-    assert measure.stratified_chunks([], 10, seed=0) == []
+    assert measure.stratified_chunks([], 3, seed=0) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        measure.stratified_chunks(rows, 0, seed=0)
 
 
 @pytest.mark.parametrize("family", ["blip", "llava", "paligemma"])  # the three engines
@@ -85,8 +87,8 @@ def test_fast_cost_runs_chunks_of_patch_samples_run(family, monkeypatch):
     rows = fast.patch_sample(case.adapter, case.clean, case.corrupt, case.patches, case.tau, case.tau_p, batch_size=8)
     full_run = list(calls)
     calls.clear()
-    cost = measure.fast_cost(case, case.patches, 24, batch_size=8, seed=0)
-    assert cost.n_chunks == len(full_run) > len(cost.chunks_run) == len(calls) > 1
+    cost = measure.fast_cost(case, case.patches, 3, batch_size=8, seed=0)
+    assert cost.n_chunks == len(full_run) > len(cost.chunks_run) == len(calls) == 3
     assert calls == [full_run[chunk] for chunk in cost.chunks_run]  # whole chunks of the full run, in its order
     assert cost.n_noop == len(case.patches) - sum(map(len, full_run))
     assert cost.n_run == sum(map(len, calls)) == len(cost.patched)
@@ -105,20 +107,21 @@ def test_fast_cost_is_setup_plus_every_stratums_rows(monkeypatch):
         return value, 0.5 * len(value) if isinstance(value, torch.Tensor) else 10.0
 
     monkeypatch.setattr(measure, "_timed", constructed)
-    cost = measure.fast_cost(case, case.patches, 24, batch_size=8, seed=0)
+    cost = measure.fast_cost(case, case.patches, 3, batch_size=8, seed=0)
     n_rows = len(case.patches) - cost.n_noop  # every patch but the no-ops is a row of the full run
     assert cost.n_noop > 0 and cost.n_run < n_rows
     assert cost.t_setup == 10.0 and cost.t_rows == 0.5 * cost.n_run
     assert cost.t_total == pytest.approx(10.0 + 0.5 * n_rows)
     assert cost.per_run == pytest.approx((10.0 + 0.5 * n_rows) / len(case.patches))
-    whole = measure.fast_cost(case, case.patches, len(case.patches), batch_size=8, seed=0)
+    whole = measure.fast_cost(case, case.patches, cost.n_chunks, batch_size=8, seed=0)
     assert whole.n_run == n_rows and whole.t_total == whole.t_setup + whole.t_rows  # the full run itself
 
 
-def test_measure_checks_rows_the_fast_engine_ran():
-    case = MODULES["llava"].bench_case(family="llava", tiny=True)
-    result = measure.measure(case, n_fast=16, n_hooked=3, n_three_row=1, batch_size=8, seed=0)
-    ran = measure.fast_cost(case, case.patches, 16, batch_size=8, seed=0)  # the same seeded draw
+@pytest.mark.parametrize("family", ["blip", "llava", "paligemma", "blip2_qformer"])  # the four engines
+def test_measure_checks_rows_the_fast_engine_ran(family):
+    case = MODULES[family].bench_case(family=family, tiny=True)
+    result = measure.measure(case, fast_chunks=2, n_hooked=3, n_three_row=1, batch_size=8, seed=0)
+    ran = measure.fast_cost(case, case.patches, 2, batch_size=8, seed=0)  # the same seeded draw
     assert result["n_fast"] == ran.n_run < len(case.patches) - result["n_noop"]
     assert len(result["checked"]) == 3 and set(result["checked"]) <= {case.patches[i] for i in ran.patched}
     assert result["n_hooked"] == 3 and result["n_three"] == 1
@@ -175,11 +178,11 @@ def test_screen_patches_are_the_screens_patchable_sites(family):
 @pytest.mark.parametrize("family", sorted(cli.screen_prefixes()))
 def test_tiny_screen_measurement(family):
     case = MODULES[family].bench_case(family=family, tiny=True)
-    screen = measure.measure_screen(case, n_patches=16, repeats=1, batch_size=8, seed=0)
+    screen = measure.measure_screen(case, n_chunks=2, repeats=1, batch_size=8, seed=0)
     assert screen["t_screen"] > 0 and screen["t_forward"] > 0 and screen["forwards"] > 0
     assert screen["speedup"] > 0 and screen["t_exact"] > 0
     assert screen["n_sites"] == len(measure.screen_patches(case.adapter, case.clean))
-    assert 8 <= screen["n_subset"] <= 24 and screen["n_chunks_run"] < screen["n_chunks"]  # whole chunks of 8 rows
+    assert screen["n_chunks_run"] == 2 < screen["n_chunks"] and 2 <= screen["n_subset"] <= 16  # chunks of ≤ 8 rows
     assert screen["n_image_rows"] > 0
     assert screen["n_estimates"] == screen["n_sites"] + screen["n_image_rows"] + screen["n_query_key"]
     assert f"{screen['n_sites']} module and head sites" in cli._screen_line(screen)
@@ -224,8 +227,8 @@ def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
     }
     monkeypatch.setattr(cli, "layouts", lambda: tiny)
     cli.main(
-        ["--families", "blip", "llava", "--fast-patches", "16", "--hooked", "2", "--three-row", "1"]
-        + ["--screen-patches", "8"]
+        ["--families", "blip", "llava", "--fast-chunks", "2", "--hooked", "2", "--three-row", "1"]
+        + ["--screen-chunks", "1"]
     )
     lines = capsys.readouterr().out.strip().splitlines()
     fields = _bench_line_fields(lines[-1])

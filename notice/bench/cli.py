@@ -5,14 +5,15 @@ FAMILIES="blip llava"`).
 For one sample per family, on random-weight models built from configs (no downloads), it times:
 - fast: what `notice.patching.fast.patch_sample` costs on the paper's whole patch set, per patched run,
   estimated from part of it (`measure.fast_cost`): the engine's setup (clean and corrupt runs, image encoder,
-  every cache) timed once, then whole chunks of the rows that call runs, a seeded sample of about
-  `--fast-patches` rows stratified over the run order (the chunks cut into consecutive strata, one drawn from
-  each and counted for its stratum's rows); cost per run = (setup + estimated rows) / patches. Whole chunks,
+  every cache) timed once, then `--fast-chunks` whole chunks of the rows that call runs, stratified over its
+  run order (the chunks cut into that many strata of consecutive chunks, one drawn from each, seeded, and
+  counted for its stratum's rows); cost per run = (setup + estimated rows) / patches. Whole chunks,
   not random rows: a row's cost depends on the rows it shares a chunk with (a chunk of the decoder engine
   recomputes from its earliest position), so rows drawn at random would share less than in the full run.
-  With `--fast-patches` at least the set's size every chunk runs: the full run's cost, as measured before;
-- (a) hooked: one hooked full forward per patched run, with the clean activations cached once
-  (what a TransformerLens user writes; it is `reference.run_patched`);
+  With `--fast-chunks` at least the run's number of chunks every chunk runs: the full run's cost, as measured
+  before;
+- (a) hooked: one hooked full forward per patched run, with the clean activations cached once (the engine's:
+  the clean run is counted in its setup; what a TransformerLens user writes; it is `reference.run_patched`);
 - (b) 3-row: the published code's batch of (clean, corrupt, patched) rows recomputed for every patch.
 (a) and (b) are timed on seeded random rows among those the fast engine ran, and the engine's rows are checked
 against (a)'s: max |x − ref| / max(|ref|, 1) over LD and P(τ), the contract test's definition
@@ -30,7 +31,7 @@ corrupt input; the ratio is the screen's cost in forward-equivalents), both the 
 `--screen-repeats` runs, and against exact patching of the screen's module and head sites: every
 module site at every position, every head at every position (image positions included),
 `screen_patches`. That set is far too large to run: its cost is estimated as the fast engine's above, from
-about `--screen-patches` of its rows. The screen's image-embedding rows and query / key sites are not
+`--screen-chunks` chunks of its run. The screen's image-embedding rows and query / key sites are not
 counted (no engine patches them), so the ratio is a lower bound.
 
 The last line printed is `bench: <family>_speedup=<x> ... max_rel_err=<e>` (speedup of the fast engine
@@ -57,17 +58,17 @@ from types import ModuleType
 
 import torch
 
-from notice.bench.measure import _timed, measure, measure_screen
+from notice.bench.measure import _timed, engine_setup, measure, measure_screen
 from notice.families import families
 from notice.patching import fast
 
 PAPER_SAMPLES = 500  # samples per corruption in the paper's experiment
 # Defaults sized so that every family of the table runs within minutes on 2 CPU cores (docs/performance.md).
-FAST_PATCHES = 192
-HOOKED = 2
+FAST_CHUNKS = 3
+HOOKED = 1
 THREE_ROW = 1
-SCREEN_PATCHES = 128
-SCREEN_REPEATS = 3
+SCREEN_CHUNKS = 4
+SCREEN_REPEATS = 2
 
 
 def _screen_line(s: dict) -> str:
@@ -161,11 +162,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--families", nargs="+", choices=list(modules), default=list(modules), help="families to run (default: all)"
     )
     parser.add_argument(
-        "--fast-patches",
+        "--fast-chunks",
         type=int,
-        default=FAST_PATCHES,
-        help=f"rows of each patch set the fast engine runs, in whole chunks drawn by stratum, to estimate the whole "
-        f"set's cost (default {FAST_PATCHES}; at least the set's size: all of it)",
+        default=FAST_CHUNKS,
+        help=f"chunks of the fast engine's run of each patch set timed, one per stratum of its run order, to estimate "
+        f"the whole run's cost (default {FAST_CHUNKS}; at least its number of chunks: all of them)",
     )
     parser.add_argument(
         "--hooked", type=int, default=HOOKED, help=f"patches timed with (a), and checked (default {HOOKED})"
@@ -177,11 +178,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"patches timed with (b) (default {THREE_ROW}; none at real size)",
     )
     parser.add_argument(
-        "--screen-patches",
+        "--screen-chunks",
         type=int,
-        default=SCREEN_PATCHES,
-        help=f"sites of the attribution screen's set patched exactly to extrapolate its cost, as --fast-patches "
-        f"({', '.join(screen_prefixes())}; default {SCREEN_PATCHES}; 0: no screen)",
+        default=SCREEN_CHUNKS,
+        help=f"chunks of the exact run of the attribution screen's sites timed to extrapolate its cost, as "
+        f"--fast-chunks ({', '.join(screen_prefixes())}; default {SCREEN_CHUNKS}; 0: no screen)",
     )
     parser.add_argument(
         "--screen-repeats",
@@ -200,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--device", help="torch device, also of the scaled bench (default: cuda if available, else cpu)"
     )
     args = parser.parse_args(argv)
+    if args.fast_chunks < 1 or args.hooked < 1:
+        parser.error("--fast-chunks and --hooked must be at least 1 (the speedup is fast against (a))")
     if args.real_size and args.device != "cpu" and not torch.cuda.is_available():
         # Checked before anything is built: a 7B model on a CPU would run for days.
         sys.exit(
@@ -219,38 +222,41 @@ def main(argv: Sequence[str] | None = None) -> None:
     for family in args.families:
         case, t_build = _timed(partial(modules[family].bench_case, args.real_size, family=family, device=device))
         print(f"{case.description}: built in {t_build:.0f} s; {len(case.patches)} patched runs", flush=True)
+        setup = engine_setup(case)  # one engine for the sample: the patch set's run and the screen's
         result, t_measure = _timed(
-            partial(measure, case, args.fast_patches, args.hooked, n_three_row, args.batch_size, args.seed)
+            partial(measure, case, args.fast_chunks, args.hooked, n_three_row, args.batch_size, args.seed, setup)
         )
         print(
             f"  LD clean {result['ld_clean']:.4f}, corrupt {result['ld_corrupt']:.4f}; "
             f"{result['n_noop']} runs equal to the corrupt run (clean value identical to the corrupt one); "
             f"fast: setup {result['t_setup']:.1f} s, {result['n_fast']} rows in {result['n_chunks_run']} of "
             f"{result['n_chunks']} chunks {result['t_rows']:.1f} s; (b) vs (a) rel err {result['err_three']:.1e}; "
-            f"measured in {t_measure:.0f} s; load average {os.getloadavg()[0]:.2f}",
+            f"measured in {setup.seconds + t_measure:.0f} s; load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
         results.append(result)
-        if family in prefixes and args.screen_patches > 0:
+        if family in prefixes and args.screen_chunks > 0:
             screen, t_screen = _timed(
-                partial(measure_screen, case, args.screen_patches, args.screen_repeats, args.batch_size, args.seed)
+                partial(
+                    measure_screen, case, args.screen_chunks, args.screen_repeats, args.batch_size, args.seed, setup
+                )
             )
             screens.append({**screen, "prefix": prefixes[family]})
             print(f"{_screen_line(screens[-1])}; screen timed in {t_screen:.0f} s", flush=True)
-        del case
+        del case, setup
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(
-        f"fast: about {args.fast_patches} rows of each patch set in whole chunks drawn by stratum, (a) and (b) on "
-        f"random rows among them (seed {args.seed}); wall time {time.perf_counter() - start:.0f} s; "
+        f"fast: {args.fast_chunks} chunks of each patch set's run timed (one per stratum of its order), (a) and (b) "
+        f"on random rows among theirs (seed {args.seed}); wall time {time.perf_counter() - start:.0f} s; "
         f"load average at end {os.getloadavg()[0]:.2f}"
     )
     print(_real_size_table(results) if args.real_size else _table(results))
     if screens:
         print(
             f"Attribution screen (AtP) against exact patching of its module and head sites at every position, "
-            f"extrapolated from about {args.screen_patches} of them (seed {args.seed}; image-embedding rows and "
+            f"extrapolated from {args.screen_chunks} chunks of their run (seed {args.seed}; image-embedding rows and "
             f"queries / keys not counted):"
         )
         print(_screen_table(screens))

@@ -18,9 +18,10 @@ from notice.bench.case import Case
 from notice.patching import fast, reference
 from notice.patching.attribution import IMAGE_SITE, attribution_estimates, screen_sites
 from notice.patching.fast_core import FastFamily
-from notice.patching.hooks import capture, hooked
+from notice.patching.hooks import hooked
 from notice.patching.query_keys import qk_sites
 from notice.patching.scores import Scores, answer_prob, logit_diff, result_row, scores
+from notice.patching.sites import activation_key
 
 T = TypeVar("T")
 
@@ -106,6 +107,22 @@ class FastCost:
         return self.t_total / self.n_patches
 
 
+@dataclass(frozen=True)
+class EngineSetup:
+    """The fast engine built for a case's sample (clean and corrupt runs, image encoder, every cache) and the
+    seconds that took; one serves every patch set of the sample."""
+
+    engine: FastFamily
+    seconds: float
+
+
+def engine_setup(case: Case) -> EngineSetup:
+    """The case's engine, built and timed as `fast.patch_sample` builds it before its first chunk."""
+    adapter = case.adapter
+    engine, seconds = _timed(lambda: fast.family_engine(adapter)(adapter, case.clean, case.corrupt))
+    return EngineSetup(engine, seconds)
+
+
 def chunk_plan(engine: FastFamily, patches: Sequence[Patch], batch_size: int, memory_budget: int) -> list[list[int]]:
     """The chunks (indices into `patches`) that `fast.patch_sample` runs for `patches`, in its order: the patches
     that are not no-ops, sorted by the engine's `order_key`, cut by `fast.chunks`."""
@@ -114,14 +131,16 @@ def chunk_plan(engine: FastFamily, patches: Sequence[Patch], batch_size: int, me
     return list(fast.chunks(engine, patches, todo, batch_size, memory_budget))
 
 
-def stratified_chunks(chunk_rows: Sequence[int], n_rows: int, seed: int) -> list[tuple[int, float]]:
-    """(chunk, weight) pairs: the chunks (given by their row counts, in run order) cut into k strata of consecutive
-    chunks, k chosen so that about `n_rows` rows are drawn (all chunks when n_rows reaches their total), and one
-    seeded random chunk drawn from each; its weight = its stratum's rows / its own rows."""
+def stratified_chunks(chunk_rows: Sequence[int], n_strata: int, seed: int) -> list[tuple[int, float]]:
+    """(chunk, weight) pairs: the chunks (given by their row counts, in run order) cut into `n_strata` strata of
+    consecutive chunks (each chunk its own when there are no more chunks than that) and one seeded random chunk
+    drawn from each; its weight = its stratum's rows / its own rows."""
+    if n_strata < 1:
+        raise ValueError(f"n_strata must be at least 1, got {n_strata}")
     m = len(chunk_rows)
-    if m == 0:
+    if m == 0:  # every patch a no-op
         return []
-    k = min(m, max(1, round(n_rows * m / sum(chunk_rows))))
+    k = min(m, n_strata)
     bounds = [round(j * m / k) for j in range(k + 1)]
     rng = random.Random(seed)
     drawn = []
@@ -131,15 +150,18 @@ def stratified_chunks(chunk_rows: Sequence[int], n_rows: int, seed: int) -> list
     return drawn
 
 
-def fast_cost(case: Case, patches: Sequence[Patch], n_rows: int, batch_size: int, seed: int) -> FastCost:
+def fast_cost(
+    case: Case, patches: Sequence[Patch], n_chunks: int, batch_size: int, seed: int, setup: EngineSetup | None = None
+) -> FastCost:
     """What `fast.patch_sample(case.adapter, case.clean, case.corrupt, patches, ...)` costs, run piece by piece:
-    the engine's setup (timed), then a stratified sample of the chunks that call would run (`stratified_chunks`,
-    about `n_rows` rows), each timed and counted for its stratum. Whole chunks keep each row's company (which rows
-    share a chunk sets how much work they share), so a row costs what it costs in the full run."""
-    adapter = case.adapter
-    engine, t_setup = _timed(lambda: fast.family_engine(adapter)(adapter, case.clean, case.corrupt))
-    chunks = chunk_plan(engine, patches, batch_size, fast.default_memory_budget(adapter.device))
-    drawn = stratified_chunks([len(chunk) for chunk in chunks], n_rows, seed)
+    the engine's setup (`setup`, else built and timed here), then `n_chunks` of the chunks that call would run,
+    one per stratum of its run order (`stratified_chunks`), each timed and counted for its stratum. Whole chunks
+    keep each row's company (which rows share a chunk sets how much work they share), so a row costs what it
+    costs in the full run."""
+    setup = setup or engine_setup(case)
+    engine = setup.engine
+    chunks = chunk_plan(engine, patches, batch_size, fast.default_memory_budget(case.adapter.device))
+    drawn = stratified_chunks([len(chunk) for chunk in chunks], n_chunks, seed)
     patched: dict[int, Scores] = {}
     t_rows = t_estimated = 0.0
     for chunk, weight in drawn:
@@ -154,9 +176,9 @@ def fast_cost(case: Case, patches: Sequence[Patch], n_rows: int, batch_size: int
         n_chunks=len(chunks),
         chunks_run=tuple(chunk for chunk, _ in drawn),
         n_run=len(patched),
-        t_setup=t_setup,
+        t_setup=setup.seconds,
         t_rows=t_rows,
-        t_total=t_setup + t_estimated,
+        t_total=setup.seconds + t_estimated,
         clean=scores(engine.clean_logits, case.tau, case.tau_p),
         corrupt=scores(engine.corrupt_logits, case.tau, case.tau_p),
         patched=patched,
@@ -169,26 +191,37 @@ def patch_row(case: Case, patch: Patch, clean: Scores, corrupt: Scores, patched:
     )
 
 
-def measure(case: Case, n_fast: int, n_hooked: int, n_three_row: int, batch_size: int, seed: int) -> dict:
-    """The fast engine's cost per patched run of the case's patch set (`fast_cost`, about `n_fast` rows timed)
+def measure(
+    case: Case,
+    fast_chunks: int,
+    n_hooked: int,
+    n_three_row: int,
+    batch_size: int,
+    seed: int,
+    setup: EngineSetup | None = None,
+) -> dict:
+    """The fast engine's cost per patched run of the case's patch set (`fast_cost` on `fast_chunks` chunks)
     against (a) and (b) on `n_hooked` and `n_three_row` seeded random rows of those the engine ran, whose
     rows are checked against (a)'s."""
-    adapter, clean, corrupt = case.adapter, case.clean, case.corrupt
-    cost = fast_cost(case, case.patches, n_fast, batch_size, seed)
+    adapter, corrupt = case.adapter, case.corrupt
+    setup = setup or engine_setup(case)
+    cost = fast_cost(case, case.patches, fast_chunks, batch_size, seed, setup)
     if not cost.patched:
         raise RuntimeError(f"{case.name}: every patch of the set leaves the corrupt run unchanged; nothing to time")
     subset = sorted(random.Random(seed).sample(sorted(cost.patched), min(n_hooked, len(cost.patched))))
 
-    # (a): clean activations captured once; one hooked forward of the corrupt input per patch.
-    clean_logits, clean_acts = capture(adapter, clean, [(case.patches[i].site, case.patches[i].layer) for i in subset])
-    corrupt_logits = adapter.answer_logits(corrupt)
-    s_clean, s_corrupt = scores(clean_logits, case.tau, case.tau_p), scores(corrupt_logits, case.tau, case.tau_p)
+    # (a): one hooked forward of the corrupt input per patch, writing the clean activation the engine cached
+    # (the baseline's clean run, cached once, is the engine's: no forward beyond the patched runs).
+    clean_acts = {
+        activation_key(p.site, p.layer): setup.engine.activation("clean", p.site, p.layer)
+        for p in (case.patches[i] for i in subset)
+    }
     reference_rows, t_hooked = [], []
     for i in subset:
         p = case.patches[i]
         logits, seconds = _timed(partial(reference.run_patched, adapter, corrupt, p, clean_acts))
         t_hooked.append(seconds)
-        reference_rows.append(patch_row(case, p, s_clean, s_corrupt, scores(logits, case.tau, case.tau_p)))
+        reference_rows.append(patch_row(case, p, cost.clean, cost.corrupt, scores(logits, case.tau, case.tau_p)))
     fast_rows = [patch_row(case, case.patches[i], cost.clean, cost.corrupt, cost.patched[i]) for i in subset]
     err = rows_error(fast_rows, reference_rows)
 
@@ -218,8 +251,8 @@ def measure(case: Case, n_fast: int, n_hooked: int, n_three_row: int, batch_size
         n_three=len(t_three),
         err=err,
         err_three=err_three,
-        ld_clean=s_clean.ld,
-        ld_corrupt=s_corrupt.ld,
+        ld_clean=cost.clean.ld,
+        ld_corrupt=cost.corrupt.ld,
     )
 
 
@@ -257,10 +290,12 @@ def screen_patches(adapter: VLMAdapter, inp: ModelInput) -> list[Patch]:
     return patches
 
 
-def measure_screen(case: Case, n_patches: int, repeats: int, batch_size: int, seed: int) -> dict:
+def measure_screen(
+    case: Case, n_chunks: int, repeats: int, batch_size: int, seed: int, setup: EngineSetup | None = None
+) -> dict:
     """Cost of one default AtP screen of the case's sample (every site it covers), in seconds and in
     forward-equivalents, against exact patching of its engine-patchable sites (`screen_patches`) by the fast
-    engine, extrapolated from about `n_patches` of them (`fast_cost`)."""
+    engine, extrapolated from `n_chunks` chunks of that run (`fast_cost`)."""
     adapter, clean, corrupt = case.adapter, case.clean, case.corrupt
     estimates, t_screen = _median_timed(
         lambda: attribution_estimates(adapter, clean, corrupt, case.tau, case.tau_p, method="atp"), repeats
@@ -281,7 +316,7 @@ def measure_screen(case: Case, n_patches: int, repeats: int, batch_size: int, se
         )
     n_image_rows = counts.get(IMAGE_SITE, 0)
     n_query_key = sum(n for site, n in counts.items() if site in qk_sites(adapter))
-    cost = fast_cost(case, patches, n_patches, batch_size, seed)
+    cost = fast_cost(case, patches, n_chunks, batch_size, seed, setup)
     return dict(
         name=case.name,
         seq_len=clean.input_ids.shape[1],
