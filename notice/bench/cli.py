@@ -12,8 +12,9 @@ For one sample per family, on random-weight models built from configs (no downlo
   recomputes from its earliest position), so rows drawn at random would share less than in the full run.
   With `--fast-chunks` at least the run's number of chunks every chunk runs: the full run's cost, as measured
   before;
-- (a) hooked: one hooked full forward per patched run, with the clean activations cached once (the engine's:
-  the clean run is counted in its setup; what a TransformerLens user writes; it is `reference.run_patched`);
+- (a) hooked: one hooked full forward per patched run, with the clean activations cached once (what a
+  TransformerLens user writes; it is `reference.run_patched`; the cache is the engine's, whose clean run the
+  fast setup counts);
 - (b) 3-row: the published code's batch of (clean, corrupt, patched) rows recomputed for every patch.
 (a) and (b) are timed on seeded random rows among those the fast engine ran, and the engine's rows are checked
 against (a)'s: max |x − ref| / max(|ref|, 1) over LD and P(τ), the contract test's definition
