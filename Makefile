@@ -40,8 +40,10 @@ test: lint
 check: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
+# `make bench FAMILIES="blip llava"` benches those families only (default: every family of the table).
+FAMILIES ?=
 bench: venv
-	$(PY) -m notice.bench
+	$(PY) -m notice.bench $(if $(strip $(FAMILIES)),--families $(FAMILIES))
 
 clean-results:
 	rm -rf results/* .snakemake

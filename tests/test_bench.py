@@ -1,20 +1,26 @@
 """`notice.bench`: every family of the family table has a bench layout whose fast rows are exact (checked at a
-tiny size, the same code path as the bench's), `--real-size` never starts on a CPU by accident, and the
-attribution screen's cost is measured against the same site set patched exactly (BLIP, LLaVA)."""
+tiny size, the same code path as the bench's), the fast engine's cost is estimated from whole chunks of the run
+`fast.patch_sample` makes, drawn by stratum, and the rows checked are rows it ran, `--real-size` never starts on a
+CPU by accident, and the attribution screen's cost is measured against the same site set patched exactly (BLIP,
+LLaVA)."""
 
 from __future__ import annotations
 
 import random
+import shutil
+import subprocess
 from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
+from workflow_helpers import REPO
 
 from notice.bench import cli, measure
 from notice.bench.layouts import qwen2_vl as qwen2_vl_layout
 from notice.families import family_names
 from notice.patching import fast, reference
+from notice.patching.scores import Scores, result_row
 
 MODULES = cli.layouts()
 
@@ -48,12 +54,106 @@ def test_qwen_module_sites_include_the_image_markers(family):
     assert positions == {i for i, t in enumerate(ids) if t != qwen2_vl_layout.IMAGE_PAD}
 
 
+def test_stratified_chunks_draw_one_chunk_per_stratum_weighed_by_its_stratum():
+    rows = [8] * 9 + [3]  # rows of each chunk in run order: 75 rows, the last chunk partial
+    drawn = measure.stratified_chunks(rows, 3, seed=0)
+    strata = [(0, 3), (3, 7), (7, 10)]  # 3 strata of consecutive chunks
+    assert len(drawn) == len(strata)
+    for (chunk, weight), (lo, hi) in zip(drawn, strata):
+        assert lo <= chunk < hi and weight == sum(rows[lo:hi]) / rows[chunk]
+    assert sum(weight * rows[chunk] for chunk, weight in drawn) == pytest.approx(sum(rows))  # each row once
+    assert measure.stratified_chunks(rows, 3, seed=0) == drawn  # seeded
+    assert len({tuple(measure.stratified_chunks(rows, 3, seed)) for seed in range(8)}) > 1
+    every = [(chunk, 1.0) for chunk in range(len(rows))]
+    assert measure.stratified_chunks(rows, 10, seed=3) == measure.stratified_chunks(rows, 99, seed=3) == every
+    [(chunk, weight)] = measure.stratified_chunks(rows, 1, seed=0)
+    assert weight * rows[chunk] == pytest.approx(75)
+    assert measure.stratified_chunks([], 3, seed=0) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        measure.stratified_chunks(rows, 0, seed=0)
+
+
+@pytest.mark.parametrize("family", ["blip", "llava", "paligemma"])  # the three engines
+def test_fast_cost_runs_chunks_of_patch_samples_run(family, monkeypatch):
+    case = MODULES[family].bench_case(family=family, tiny=True)
+    engine = fast.family_engine(case.adapter)
+    run_rows, calls = engine.run_rows, []
+
+    def recorded(self, patches):
+        calls.append(list(patches))
+        return run_rows(self, patches)
+
+    monkeypatch.setattr(engine, "run_rows", recorded)
+    rows = fast.patch_sample(case.adapter, case.clean, case.corrupt, case.patches, case.tau, case.tau_p, batch_size=8)
+    full_run = list(calls)
+    calls.clear()
+    cost = measure.fast_cost(case, case.patches, 3, batch_size=8, seed=0)
+    assert cost.n_chunks == len(full_run) > len(cost.chunks_run) == len(calls) == 3
+    assert calls == [full_run[chunk] for chunk in cost.chunks_run]  # whole chunks of the full run, in its order
+    assert cost.n_noop == len(case.patches) - sum(map(len, full_run))
+    assert cost.n_run == sum(map(len, calls)) == len(cost.patched)
+    assert {case.patches[i] for i in cost.patched} == {p for chunk in calls for p in chunk}
+    for i, patched in cost.patched.items():  # the same rows as the full run's, bit for bit
+        assert (rows[i]["ld_patched"], rows[i]["p_patched"]) == patched
+    assert (rows[0]["ld_clean"], rows[0]["p_clean"]) == cost.clean
+    assert (rows[0]["ld_corrupt"], rows[0]["p_corrupt"]) == cost.corrupt
+
+
+def test_fast_cost_is_setup_plus_every_stratums_rows(monkeypatch):
+    case = MODULES["llava"].bench_case(family="llava", tiny=True)
+
+    def constructed(fn):  # setup 10 s, a chunk 0.5 s per row
+        value = fn()
+        return value, 0.5 * len(value) if isinstance(value, torch.Tensor) else 10.0
+
+    monkeypatch.setattr(measure, "_timed", constructed)
+    cost = measure.fast_cost(case, case.patches, 3, batch_size=8, seed=0)
+    n_rows = len(case.patches) - cost.n_noop  # every patch but the no-ops is a row of the full run
+    assert cost.n_noop > 0 and cost.n_run < n_rows
+    assert cost.t_setup == 10.0 and cost.t_rows == 0.5 * cost.n_run
+    assert cost.t_total == pytest.approx(10.0 + 0.5 * n_rows)
+    assert cost.per_run == pytest.approx((10.0 + 0.5 * n_rows) / len(case.patches))
+    whole = measure.fast_cost(case, case.patches, cost.n_chunks, batch_size=8, seed=0)
+    assert whole.n_run == n_rows and whole.t_total == whole.t_setup + whole.t_rows  # the full run itself
+
+
+@pytest.mark.parametrize("family", ["blip", "llava", "paligemma", "blip2_qformer"])  # the four engines
+def test_measure_checks_rows_the_fast_engine_ran(family):
+    case = MODULES[family].bench_case(family=family, tiny=True)
+    result = measure.measure(case, fast_chunks=2, n_hooked=3, n_three_row=1, batch_size=8, seed=0)
+    ran = measure.fast_cost(case, case.patches, 2, batch_size=8, seed=0)  # the same seeded draw
+    assert result["n_fast"] == ran.n_run < len(case.patches) - result["n_noop"]
+    assert len(result["checked"]) == 3 and set(result["checked"]) <= {case.patches[i] for i in ran.patched}
+    assert result["n_hooked"] == 3 and result["n_three"] == 1
+    assert result["err"] <= 1e-5 and result["err_three"] <= 1e-5
+    assert result["per_fast"] == pytest.approx(result["t_fast"] / len(case.patches))
+
+
+def test_relative_error_does_not_inflate_a_probability_near_zero():
+    # A reference P(τ) of 2e-7 read as 2.5e-7: off by 5e-8, not by 25%; an LD of 1.5 off by 3e-7: 2e-7.
+    reference_row = result_row("mlp", 0, -1, 3, "a", Scores(2.0, 0.3), Scores(1.0, 0.2), Scores(1.5, 2e-7))
+    row = {**reference_row, "ld_patched": 1.5 + 3e-7, "p_patched": 2.5e-7}
+    assert measure.rows_error([row], [reference_row]) == pytest.approx(2e-7)
+    assert measure.relative_error(2.5e-7, 2e-7) == pytest.approx(5e-8)
+    assert measure.relative_error(-4.0, -4.5) == pytest.approx(0.5 / 4.5)  # relative beyond ±1
+
+
 def test_real_size_refuses_a_cpu_only_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exited:
         cli.main(["--real-size"])
     message = str(exited.value.code)
     assert "--real-size needs a CUDA GPU" in message and "--device cpu" in message and "\n" not in message
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_bench_passes_families(tmp_path):
+    def command(*variables: str) -> str:  # what `make bench` would run (-n: nothing is run, the venv neither)
+        make = ["make", "-n", "-s", "-C", str(REPO), "bench", f"VENV={tmp_path}", *variables]
+        return subprocess.run(make, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+
+    assert command("FAMILIES=blip llava") == f"{tmp_path}/bin/python -m notice.bench --families blip llava"
+    assert command().endswith("python -m notice.bench")
 
 
 def test_unknown_family_is_an_argument_error():
@@ -78,10 +178,11 @@ def test_screen_patches_are_the_screens_patchable_sites(family):
 @pytest.mark.parametrize("family", sorted(cli.screen_prefixes()))
 def test_tiny_screen_measurement(family):
     case = MODULES[family].bench_case(family=family, tiny=True)
-    screen = measure.measure_screen(case, n_patches=16, repeats=1, batch_size=8, seed=0)
+    screen = measure.measure_screen(case, n_chunks=2, repeats=1, batch_size=8, seed=0)
     assert screen["t_screen"] > 0 and screen["t_forward"] > 0 and screen["forwards"] > 0
     assert screen["speedup"] > 0 and screen["t_exact"] > 0
-    assert screen["n_subset"] == 16 and screen["n_sites"] == len(measure.screen_patches(case.adapter, case.clean))
+    assert screen["n_sites"] == len(measure.screen_patches(case.adapter, case.clean))
+    assert screen["n_chunks_run"] == 2 < screen["n_chunks"] and 2 <= screen["n_subset"] <= 16  # chunks of ≤ 8 rows
     assert screen["n_image_rows"] > 0
     assert screen["n_estimates"] == screen["n_sites"] + screen["n_image_rows"] + screen["n_query_key"]
     assert f"{screen['n_sites']} module and head sites" in cli._screen_line(screen)
@@ -125,7 +226,10 @@ def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
         for family in ("blip", "llava")
     }
     monkeypatch.setattr(cli, "layouts", lambda: tiny)
-    cli.main(["--families", "blip", "llava", "--hooked", "2", "--three-row", "1", "--screen-patches", "8"])
+    cli.main(
+        ["--families", "blip", "llava", "--fast-chunks", "2", "--hooked", "2", "--three-row", "1"]
+        + ["--screen-chunks", "1"]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     fields = _bench_line_fields(lines[-1])
     assert {"blip_speedup", "llava_speedup", "max_rel_err", "blip_screen_speedup", "screen_speedup"} <= set(fields)

@@ -1,14 +1,24 @@
 """`make bench` (`python -m notice.bench`): the cost per patched run of the fast engine against the two usual
-ways of patching, for every family of the family table (notice.families) or `--families`.
+ways of patching, for every family of the family table (notice.families) or `--families` (`make bench
+FAMILIES="blip llava"`).
 
 For one sample per family, on random-weight models built from configs (no downloads), it times:
-- fast: `notice.patching.fast.patch_sample` on the paper's whole patch set (clean and corrupt runs,
-  image encoder and every cache included), divided by the number of patched runs;
-- (a) hooked: one hooked full forward per patched run, with the clean activations cached once
-  (what a TransformerLens user writes; it is `reference.run_patched`);
+- fast: what `notice.patching.fast.patch_sample` costs on the paper's whole patch set, per patched run,
+  estimated from part of it (`measure.fast_cost`): the engine's setup (clean and corrupt runs, image encoder,
+  every cache) timed once, then `--fast-chunks` whole chunks of the rows that call runs, stratified over its
+  run order (the chunks cut into that many strata of consecutive chunks, one drawn from each, seeded, and
+  counted for its stratum's rows); cost per run = (setup + estimated rows) / patches. Whole chunks,
+  not random rows: a row's cost depends on the rows it shares a chunk with (a chunk of the decoder engine
+  recomputes from its earliest position), so rows drawn at random would share less than in the full run.
+  With `--fast-chunks` at least the run's number of chunks every chunk runs: the full run's cost, as measured
+  before;
+- (a) hooked: one hooked full forward per patched run, with the clean activations cached once (what a
+  TransformerLens user writes; it is `reference.run_patched`; the cache is the engine's, whose clean run the
+  fast setup counts);
 - (b) 3-row: the published code's batch of (clean, corrupt, patched) rows recomputed for every patch.
-(a) and (b) are timed on a seeded random subset of the patches; the engine's rows on that subset are
-checked against (a)'s logits (relative error as in `fast.max_relative_error`).
+(a) and (b) are timed on seeded random rows among those the fast engine ran, and the engine's rows are checked
+against (a)'s: max |x − ref| / max(|ref|, 1) over LD and P(τ), the contract test's definition
+(`fast.max_relative_error` with floor 1; (b) against (a) likewise).
 
 Each family's layout (model sizes, prompt, image, patch set) is the bench module its row of the family table
 names (`notice.bench.layouts`), so adding a family never touches this file. A layout exposes
@@ -21,9 +31,8 @@ one corrupt forward, one backward) on the same sample, against one forward (`ans
 corrupt input; the ratio is the screen's cost in forward-equivalents), both the median of
 `--screen-repeats` runs, and against exact patching of the screen's module and head sites: every
 module site at every position, every head at every position (image positions included),
-`screen_patches`. That set is far too large to run, so the fast engine runs a seeded random subset of
-it (`--screen-patches`); exact time = its setup (clean and corrupt runs, timed alone) + the subset's
-per-patch cost × the number of sites. The screen's image-embedding rows and query / key sites are not
+`screen_patches`. That set is far too large to run: its cost is estimated as the fast engine's above, from
+`--screen-chunks` chunks of its run. The screen's image-embedding rows and query / key sites are not
 counted (no engine patches them), so the ratio is a lower bound.
 
 The last line printed is `bench: <family>_speedup=<x> ... max_rel_err=<e>` (speedup of the fast engine
@@ -43,17 +52,24 @@ import gc
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from types import ModuleType
 
 import torch
 
-from notice.bench.measure import _timed, measure, measure_screen
+from notice.bench.measure import _timed, engine_setup, measure, measure_screen
 from notice.families import families
 from notice.patching import fast
 
 PAPER_SAMPLES = 500  # samples per corruption in the paper's experiment
+# Defaults sized so that every family of the table runs within minutes on 2 CPU cores (docs/performance.md).
+FAST_CHUNKS = 3
+HOOKED = 1
+THREE_ROW = 1
+SCREEN_CHUNKS = 4
+SCREEN_REPEATS = 2
 
 
 def _screen_line(s: dict) -> str:
@@ -63,7 +79,8 @@ def _screen_line(s: dict) -> str:
         f"{1e3 * s['t_screen']:.0f} ms = {s['forwards']:.2f} forward-equivalents (forward {1e3 * s['t_forward']:.0f} "
         f"ms; medians of {s['repeats']}); exact patching of the {s['n_sites']} module and head sites "
         f"({s['seq_len']} positions): ~{s['t_exact']:.0f} s extrapolated (fast engine: setup {s['t_setup']:.1f} s "
-        f"+ {1e3 * s['per_patch']:.1f} ms / site on {s['n_subset']} random sites); screen speedup "
+        f"+ {1e3 * s['per_patch']:.1f} ms / site from {s['n_subset']} sites in {s['n_chunks_run']} of its "
+        f"{s['n_chunks']} chunks); screen speedup "
         f"{s['speedup']:.0f}×"
     )
 
@@ -96,13 +113,14 @@ def bench_line(results: list[dict], screens: Sequence[dict] = ()) -> str:
 
 def _table(results: list[dict]) -> str:
     lines = [
-        "| model | patched runs | fast: total s | fast: ms / run | (a) hooked: ms / run | (b) 3-row: ms / run "
-        "| speedup vs (a) | speedup vs (b) | max rel err (a) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | patched runs | fast: setup s | fast: est. total s | fast: ms / run (rows timed) "
+        "| (a) hooked: ms / run | (b) 3-row: ms / run | speedup vs (a) | speedup vs (b) | max rel err (a) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r['name']} | {r['n_patches']} | {r['t_fast']:.1f} | {1e3 * r['per_fast']:.1f} | "
+            f"| {r['name']} | {r['n_patches']} | {r['t_setup']:.1f} | {r['t_fast']:.1f} | "
+            f"{1e3 * r['per_fast']:.1f} (n={r['n_fast']}) | "
             f"{1e3 * r['per_hooked']:.0f} (n={r['n_hooked']}) | {1e3 * r['per_three']:.0f} (n={r['n_three']}) | "
             f"{r['per_hooked'] / r['per_fast']:.0f}× | {r['per_three'] / r['per_fast']:.0f}× | {r['err']:.1e} |"
         )
@@ -144,19 +162,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--families", nargs="+", choices=list(modules), default=list(modules), help="families to run (default: all)"
     )
-    parser.add_argument("--hooked", type=int, default=4, help="patches timed with (a), and checked (default 4)")
     parser.add_argument(
-        "--three-row", type=int, default=2, help="patches timed with (b) (default 2; none at real size)"
-    )
-    parser.add_argument(
-        "--screen-patches",
+        "--fast-chunks",
         type=int,
-        default=256,
-        help=f"random sites of the attribution screen's set patched exactly to extrapolate its cost "
-        f"({', '.join(screen_prefixes())}; default 256; 0: no screen)",
+        default=FAST_CHUNKS,
+        help=f"chunks of the fast engine's run of each patch set timed, one per stratum of its run order, to estimate "
+        f"the whole run's cost (default {FAST_CHUNKS}; at least its number of chunks: all of them)",
     )
     parser.add_argument(
-        "--screen-repeats", type=int, default=3, help="timed screens and forwards, median taken (default 3)"
+        "--hooked", type=int, default=HOOKED, help=f"patches timed with (a), and checked (default {HOOKED})"
+    )
+    parser.add_argument(
+        "--three-row",
+        type=int,
+        default=THREE_ROW,
+        help=f"patches timed with (b) (default {THREE_ROW}; none at real size)",
+    )
+    parser.add_argument(
+        "--screen-chunks",
+        type=int,
+        default=SCREEN_CHUNKS,
+        help=f"chunks of the exact run of the attribution screen's sites timed to extrapolate its cost, as "
+        f"--fast-chunks ({', '.join(screen_prefixes())}; default {SCREEN_CHUNKS}; 0: no screen)",
+    )
+    parser.add_argument(
+        "--screen-repeats",
+        type=int,
+        default=SCREEN_REPEATS,
+        help=f"timed screens and forwards, median taken (default {SCREEN_REPEATS})",
     )
     parser.add_argument("--batch-size", type=int, default=fast.DEFAULT_BATCH_ROWS)
     parser.add_argument("--seed", type=int, default=0)
@@ -169,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--device", help="torch device, also of the scaled bench (default: cuda if available, else cpu)"
     )
     args = parser.parse_args(argv)
+    if args.fast_chunks < 1 or args.hooked < 1:
+        parser.error("--fast-chunks and --hooked must be at least 1 (the speedup is fast against (a))")
     if args.real_size and args.device != "cpu" and not torch.cuda.is_available():
         # Checked before anything is built: a 7B model on a CPU would run for days.
         sys.exit(
@@ -182,36 +217,47 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
         f"device {device}{' (real size, bfloat16)' if args.real_size else ''}"
     )
+    start = time.perf_counter()
     results: list[dict] = []
     screens: list[dict] = []
     for family in args.families:
-        case, seconds = _timed(partial(modules[family].bench_case, args.real_size, family=family, device=device))
-        print(f"{case.description}: built in {seconds:.0f} s; {len(case.patches)} patched runs", flush=True)
-        result = measure(case, args.hooked, n_three_row, args.batch_size, args.seed)
+        case, t_build = _timed(partial(modules[family].bench_case, args.real_size, family=family, device=device))
+        print(f"{case.description}: built in {t_build:.0f} s; {len(case.patches)} patched runs", flush=True)
+        setup = engine_setup(case)  # one engine for the sample: the patch set's run and the screen's
+        result, t_measure = _timed(
+            partial(measure, case, args.fast_chunks, args.hooked, n_three_row, args.batch_size, args.seed, setup)
+        )
         print(
             f"  LD clean {result['ld_clean']:.4f}, corrupt {result['ld_corrupt']:.4f}; "
             f"{result['n_noop']} runs equal to the corrupt run (clean value identical to the corrupt one); "
-            f"(b) vs (a) rel err {result['err_three']:.1e}; load average {os.getloadavg()[0]:.2f}",
+            f"fast: setup {result['t_setup']:.1f} s, {result['n_fast']} rows in {result['n_chunks_run']} of "
+            f"{result['n_chunks']} chunks {result['t_rows']:.1f} s; (b) vs (a) rel err {result['err_three']:.1e}; "
+            f"measured in {setup.seconds + t_measure:.0f} s; load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
         results.append(result)
-        if family in prefixes and args.screen_patches > 0:
-            screen = measure_screen(case, args.screen_patches, args.screen_repeats, args.batch_size, args.seed)
+        if family in prefixes and args.screen_chunks > 0:
+            screen, t_screen = _timed(
+                partial(
+                    measure_screen, case, args.screen_chunks, args.screen_repeats, args.batch_size, args.seed, setup
+                )
+            )
             screens.append({**screen, "prefix": prefixes[family]})
-            print(_screen_line(screens[-1]), flush=True)
-        del case
+            print(f"{_screen_line(screens[-1])}; screen timed in {t_screen:.0f} s", flush=True)
+        del case, setup
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(
-        f"(a) and (b) timed on a random subset (seed {args.seed}) of each patch set; "
+        f"fast: {args.fast_chunks} chunks of each patch set's run timed (one per stratum of its order), (a) and (b) "
+        f"on random rows among theirs (seed {args.seed}); wall time {time.perf_counter() - start:.0f} s; "
         f"load average at end {os.getloadavg()[0]:.2f}"
     )
     print(_real_size_table(results) if args.real_size else _table(results))
     if screens:
         print(
             f"Attribution screen (AtP) against exact patching of its module and head sites at every position, "
-            f"extrapolated from {args.screen_patches} random ones (seed {args.seed}; image-embedding rows and "
+            f"extrapolated from {args.screen_chunks} chunks of their run (seed {args.seed}; image-embedding rows and "
             f"queries / keys not counted):"
         )
         print(_screen_table(screens))

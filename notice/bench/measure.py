@@ -7,6 +7,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
@@ -16,9 +17,11 @@ from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
 from notice.bench.case import Case
 from notice.patching import fast, reference
 from notice.patching.attribution import IMAGE_SITE, attribution_estimates, screen_sites
-from notice.patching.hooks import capture, hooked
+from notice.patching.fast_core import FastFamily
+from notice.patching.hooks import hooked
 from notice.patching.query_keys import qk_sites
-from notice.patching.scores import result_row, scores
+from notice.patching.scores import Scores, answer_prob, logit_diff, result_row, scores
+from notice.patching.sites import activation_key
 
 T = TypeVar("T")
 
@@ -68,35 +71,159 @@ def _timed(fn: Callable[[], T]) -> tuple[T, float]:
     return value, time.perf_counter() - start
 
 
-def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: int) -> dict:
-    adapter, clean, corrupt = case.adapter, case.clean, case.corrupt
-    rows, t_fast = _timed(
-        lambda: fast.patch_sample(adapter, clean, corrupt, case.patches, case.tau, case.tau_p, batch_size=batch_size)
-    )
-    subset = sorted(random.Random(seed).sample(range(len(case.patches)), n_hooked))
+# -- the fast engine's cost, extrapolated from a stratified sample of the chunks it runs ----------
+ERROR_FLOOR = 1.0  # |x − ref| / max(|ref|, 1), as the contract test compares the engines
 
-    # (a): clean activations captured once; one hooked forward of the corrupt input per patch.
-    clean_logits, clean_acts = capture(adapter, clean, [(p.site, p.layer) for p in case.patches])
-    corrupt_logits = adapter.answer_logits(corrupt)
-    s_clean, s_corrupt = scores(clean_logits, case.tau, case.tau_p), scores(corrupt_logits, case.tau, case.tau_p)
+
+def relative_error(x: float, ref: float) -> float:
+    """|x − ref| / max(|ref|, 1): relative for scores beyond ±1, absolute below, so that a probability near 0
+    compares by its float error, not by its size."""
+    return abs(x - ref) / max(abs(ref), ERROR_FLOOR)
+
+
+def rows_error(rows: Sequence[dict], reference_rows: Sequence[dict]) -> float:
+    """The largest `relative_error` over the LD and P(τ) columns of matching rows (`fast.max_relative_error`)."""
+    return fast.max_relative_error(rows, reference_rows, floor=ERROR_FLOOR)
+
+
+@dataclass(frozen=True)
+class FastCost:
+    """The fast engine's cost of one patch set, and the scores of the rows it ran."""
+
+    n_patches: int  # the whole set
+    n_noop: int  # patches whose clean value equals the corrupt one: no row is run for them
+    n_chunks: int  # chunks of rows that `fast.patch_sample` runs for the whole set
+    chunks_run: tuple[int, ...]  # the chunks timed (indices into those chunks)
+    n_run: int  # rows timed
+    t_setup: float  # seconds: the engine's clean and corrupt runs and caches
+    t_rows: float  # seconds: the chunks timed
+    t_total: float  # seconds, estimated for the whole set: t_setup + each stratum's rows at its chunk's cost
+    clean: Scores
+    corrupt: Scores
+    patched: dict[int, Scores]  # index into the patch set -> scores of its row, for every row timed
+
+    @property
+    def per_run(self) -> float:
+        return self.t_total / self.n_patches
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """The fast engine built for a case's sample (clean and corrupt runs, image encoder, every cache) and the
+    seconds that took; one serves every patch set of the sample."""
+
+    engine: FastFamily
+    seconds: float
+
+
+def engine_setup(case: Case) -> EngineSetup:
+    """The case's engine, built and timed as `fast.patch_sample` builds it before its first chunk."""
+    adapter = case.adapter
+    engine, seconds = _timed(lambda: fast.family_engine(adapter)(adapter, case.clean, case.corrupt))
+    return EngineSetup(engine, seconds)
+
+
+def chunk_plan(engine: FastFamily, patches: Sequence[Patch], batch_size: int, memory_budget: int) -> list[list[int]]:
+    """The chunks (indices into `patches`) that `fast.patch_sample` runs for `patches`, in its order: the patches
+    that are not no-ops, sorted by the engine's `order_key`, cut by `fast.chunks`."""
+    todo = [i for i, patch in enumerate(patches) if not engine.is_noop(patch)]
+    todo.sort(key=lambda i: engine.order_key(patches[i]))
+    return list(fast.chunks(engine, patches, todo, batch_size, memory_budget))
+
+
+def stratified_chunks(chunk_rows: Sequence[int], n_strata: int, seed: int) -> list[tuple[int, float]]:
+    """(chunk, weight) pairs: the chunks (given by their row counts, in run order) cut into `n_strata` strata of
+    consecutive chunks (each chunk its own when there are no more chunks than that) and one seeded random chunk
+    drawn from each; its weight = its stratum's rows / its own rows."""
+    if n_strata < 1:
+        raise ValueError(f"n_strata must be at least 1, got {n_strata}")
+    m = len(chunk_rows)
+    if m == 0:  # every patch a no-op
+        return []
+    k = min(m, n_strata)
+    bounds = [round(j * m / k) for j in range(k + 1)]
+    rng = random.Random(seed)
+    drawn = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        chunk = rng.randrange(lo, hi)
+        drawn.append((chunk, sum(chunk_rows[lo:hi]) / chunk_rows[chunk]))
+    return drawn
+
+
+def fast_cost(
+    case: Case, patches: Sequence[Patch], n_chunks: int, batch_size: int, seed: int, setup: EngineSetup | None = None
+) -> FastCost:
+    """What `fast.patch_sample(case.adapter, case.clean, case.corrupt, patches, ...)` costs, run piece by piece:
+    the engine's setup (`setup`, else built and timed here), then `n_chunks` of the chunks that call would run,
+    one per stratum of its run order (`stratified_chunks`), each timed and counted for its stratum. Whole chunks
+    keep each row's company (which rows share a chunk sets how much work they share), so a row costs what it
+    costs in the full run."""
+    setup = setup or engine_setup(case)
+    engine = setup.engine
+    chunks = chunk_plan(engine, patches, batch_size, fast.default_memory_budget(case.adapter.device))
+    drawn = stratified_chunks([len(chunk) for chunk in chunks], n_chunks, seed)
+    patched: dict[int, Scores] = {}
+    t_rows = t_estimated = 0.0
+    for chunk, weight in drawn:
+        logits, seconds = _timed(partial(engine.run_rows, [patches[i] for i in chunks[chunk]]))
+        t_rows += seconds
+        t_estimated += weight * seconds
+        lds, ps = logit_diff(logits, case.tau, case.tau_p).tolist(), answer_prob(logits, case.tau).tolist()
+        patched.update((i, Scores(ld, p)) for i, ld, p in zip(chunks[chunk], lds, ps))
+    return FastCost(
+        n_patches=len(patches),
+        n_noop=len(patches) - sum(len(chunk) for chunk in chunks),
+        n_chunks=len(chunks),
+        chunks_run=tuple(chunk for chunk, _ in drawn),
+        n_run=len(patched),
+        t_setup=setup.seconds,
+        t_rows=t_rows,
+        t_total=setup.seconds + t_estimated,
+        clean=scores(engine.clean_logits, case.tau, case.tau_p),
+        corrupt=scores(engine.corrupt_logits, case.tau, case.tau_p),
+        patched=patched,
+    )
+
+
+def patch_row(case: Case, patch: Patch, clean: Scores, corrupt: Scores, patched: Scores) -> dict:
+    return result_row(
+        patch.site, patch.layer, patch.head, patch.position, case.clean.tokens[patch.position], clean, corrupt, patched
+    )
+
+
+def measure(
+    case: Case,
+    fast_chunks: int,
+    n_hooked: int,
+    n_three_row: int,
+    batch_size: int,
+    seed: int,
+    setup: EngineSetup | None = None,
+) -> dict:
+    """The fast engine's cost per patched run of the case's patch set (`fast_cost` on `fast_chunks` chunks)
+    against (a) and (b) on `n_hooked` and `n_three_row` seeded random rows of those the engine ran, whose
+    rows are checked against (a)'s."""
+    adapter, corrupt = case.adapter, case.corrupt
+    setup = setup or engine_setup(case)
+    cost = fast_cost(case, case.patches, fast_chunks, batch_size, seed, setup)
+    if not cost.patched:
+        raise RuntimeError(f"{case.name}: every patch of the set leaves the corrupt run unchanged; nothing to time")
+    subset = sorted(random.Random(seed).sample(sorted(cost.patched), min(n_hooked, len(cost.patched))))
+
+    # (a): one hooked forward of the corrupt input per patch, writing the clean activation the engine cached
+    # (the baseline's clean run, cached once, is the engine's: no forward beyond the patched runs).
+    clean_acts = {
+        activation_key(p.site, p.layer): setup.engine.activation("clean", p.site, p.layer)
+        for p in (case.patches[i] for i in subset)
+    }
     reference_rows, t_hooked = [], []
     for i in subset:
         p = case.patches[i]
         logits, seconds = _timed(partial(reference.run_patched, adapter, corrupt, p, clean_acts))
         t_hooked.append(seconds)
-        reference_rows.append(
-            result_row(
-                p.site,
-                p.layer,
-                p.head,
-                p.position,
-                clean.tokens[p.position],
-                s_clean,
-                s_corrupt,
-                scores(logits, case.tau, case.tau_p),
-            )
-        )
-    err = fast.max_relative_error([rows[i] for i in subset], reference_rows)
+        reference_rows.append(patch_row(case, p, cost.clean, cost.corrupt, scores(logits, case.tau, case.tau_p)))
+    fast_rows = [patch_row(case, case.patches[i], cost.clean, cost.corrupt, cost.patched[i]) for i in subset]
+    err = rows_error(fast_rows, reference_rows)
 
     # (b): the 3-row batch per patch; its patched row must agree with (a) too.
     t_three, err_three = [], 0.0
@@ -104,23 +231,28 @@ def measure(case: Case, n_hooked: int, n_three_row: int, batch_size: int, seed: 
         logits, seconds = _timed(partial(three_row_patch, case, case.patches[i]))
         t_three.append(seconds)
         ld, ref = scores(logits, case.tau, case.tau_p).ld, reference_rows[k]["ld_patched"]
-        err_three = max(err_three, abs(ld - ref) / max(abs(ref), 1e-6))
-    n_noop = sum(r["ld_patched"] == r["ld_corrupt"] for r in rows)
+        err_three = max(err_three, relative_error(ld, ref))
     return dict(
         name=case.name,
         description=case.description,
         n_patches=len(case.patches),
-        n_noop=n_noop,
-        t_fast=t_fast,
-        per_fast=t_fast / len(case.patches),
+        n_noop=cost.n_noop,
+        n_fast=cost.n_run,
+        n_chunks=cost.n_chunks,
+        n_chunks_run=len(cost.chunks_run),
+        checked=[case.patches[i] for i in subset],
+        t_setup=cost.t_setup,
+        t_rows=cost.t_rows,
+        t_fast=cost.t_total,
+        per_fast=cost.per_run,
         per_hooked=sum(t_hooked) / len(t_hooked),
         per_three=sum(t_three) / len(t_three) if t_three else float("nan"),
         n_hooked=len(t_hooked),
         n_three=len(t_three),
         err=err,
         err_three=err_three,
-        ld_clean=s_clean.ld,
-        ld_corrupt=s_corrupt.ld,
+        ld_clean=cost.clean.ld,
+        ld_corrupt=cost.corrupt.ld,
     )
 
 
@@ -158,10 +290,12 @@ def screen_patches(adapter: VLMAdapter, inp: ModelInput) -> list[Patch]:
     return patches
 
 
-def measure_screen(case: Case, n_patches: int, repeats: int, batch_size: int, seed: int) -> dict:
+def measure_screen(
+    case: Case, n_chunks: int, repeats: int, batch_size: int, seed: int, setup: EngineSetup | None = None
+) -> dict:
     """Cost of one default AtP screen of the case's sample (every site it covers), in seconds and in
-    forward-equivalents, against exact patching of its engine-patchable sites (`screen_patches`),
-    extrapolated from a random subset of `n_patches` of them."""
+    forward-equivalents, against exact patching of its engine-patchable sites (`screen_patches`) by the fast
+    engine, extrapolated from `n_chunks` chunks of that run (`fast_cost`)."""
     adapter, clean, corrupt = case.adapter, case.clean, case.corrupt
     estimates, t_screen = _median_timed(
         lambda: attribution_estimates(adapter, clean, corrupt, case.tau, case.tau_p, method="atp"), repeats
@@ -182,15 +316,7 @@ def measure_screen(case: Case, n_patches: int, repeats: int, batch_size: int, se
         )
     n_image_rows = counts.get(IMAGE_SITE, 0)
     n_query_key = sum(n for site, n in counts.items() if site in qk_sites(adapter))
-    subset = random.Random(seed).sample(patches, min(n_patches, len(patches)))
-
-    def exact(chosen: list[Patch]) -> list[dict]:
-        return fast.patch_sample(adapter, clean, corrupt, chosen, case.tau, case.tau_p, batch_size=batch_size)
-
-    _, t_setup = _timed(partial(exact, []))  # the engine's clean and corrupt runs and caches, no patch
-    _, t_subset = _timed(partial(exact, subset))
-    per_patch = max(t_subset - t_setup, 0.0) / len(subset)
-    t_exact = t_setup + per_patch * len(patches)
+    cost = fast_cost(case, patches, n_chunks, batch_size, seed, setup)
     return dict(
         name=case.name,
         seq_len=clean.input_ids.shape[1],
@@ -202,10 +328,11 @@ def measure_screen(case: Case, n_patches: int, repeats: int, batch_size: int, se
         n_image_rows=n_image_rows,
         n_query_key=n_query_key,
         n_sites=len(patches),
-        n_subset=len(subset),
-        t_setup=t_setup,
-        t_subset=t_subset,
-        per_patch=per_patch,
-        t_exact=t_exact,
-        speedup=t_exact / t_screen,
+        n_subset=cost.n_run,
+        n_chunks=cost.n_chunks,
+        n_chunks_run=len(cost.chunks_run),
+        t_setup=cost.t_setup,
+        per_patch=(cost.t_total - cost.t_setup) / len(patches),
+        t_exact=cost.t_total,
+        speedup=cost.t_total / t_screen,
     )
