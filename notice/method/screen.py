@@ -92,10 +92,13 @@ def image_effects(adapter: VLMAdapter, estimates: Estimates, inp: ModelInput) ->
 
 def confirm_patches(adapter: VLMAdapter, table: pd.DataFrame, n: int) -> list[Patch]:
     """The `n` sites of one pair's screen with the largest |estimate| that can be patched exactly (all but
-    the image-embedding rows)."""
-    patchable = table[table["site"].isin([*adapter.module_sites, adapter.head_site, *qk_sites(adapter)])]
+    the image-embedding rows): module and head sites first, then the fusion attention's query and key sites,
+    each by rank (the confirmed table's row order)."""
+    qk = qk_sites(adapter)
+    patchable = table[table["site"].isin([*adapter.module_sites, adapter.head_site, *qk])]
     top = patchable.reindex(patchable["estimate"].abs().sort_values(ascending=False, kind="stable").index).head(n)
-    return [Patch(str(r.site), int(r.layer), int(r.position), int(r.head)) for r in top.itertuples()]
+    patches = [Patch(str(r.site), int(r.layer), int(r.position), int(r.head)) for r in top.itertuples()]
+    return sorted(patches, key=lambda patch: patch.site in qk)
 
 
 def screen_pairs(
