@@ -1,6 +1,6 @@
 """`make bench` (`python -m notice.bench`): the cost per patched run of the fast engine against the two usual
 ways of patching, for every family of the family table (notice.families) or `--families` (`make bench
-FAMILIES="blip llava"`).
+FAMILIES="<name> <name>"`).
 
 For one sample per family, on random-weight models built from configs (no downloads), it times:
 - fast: what `notice.patching.fast.patch_sample` costs on the paper's whole patch set, per patched run,
