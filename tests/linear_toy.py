@@ -47,11 +47,8 @@ class LinearVLM(nn.Module):
 
 
 class LinearAdapter(VLMAdapter):
-    family: ClassVar[str] = "linear_toy"
-    model_types: ClassVar[tuple[str, ...]] = ()
     model_class: ClassVar[type[Any]] = LinearVLM
     default_prompt_template: ClassVar[str | None] = "{question}"
-    fast_engine: ClassVar[str] = "none"
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn")
     head_site: ClassVar[str] = "self_attn_head"
 
@@ -71,6 +68,12 @@ class LinearAdapter(VLMAdapter):
 
     def differentiable_answer_logits(self, inp: ModelInput) -> torch.Tensor:
         return self.model(inp.input_ids, inp.pixel_values)[0]
+
+    def head_input_module(self) -> nn.Module:
+        return self.model.head
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.float32_module(self.model.head)(self.head_input(hidden)).float()
 
     def generate_answer(self, inp: ModelInput, max_new_tokens: int = 5) -> str:
         raise NotImplementedError

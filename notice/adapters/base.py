@@ -13,6 +13,7 @@ Sites (docs/method.md, §5 "Sites"), all at one token position of the text strea
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -27,6 +28,19 @@ from notice.adapters.attention_taps import AttentionTap
 from notice.families import family_of
 
 HEAD_SITE_PARENT = {"self_attn_head": "self_attn", "cross_attn_head": "cross_attn"}
+HALF_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def float32_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A float32 copy of `module` without gradients and without the forward hooks it carries now (deepcopy copies
+    them: an engine's or a test's hook on the original must not fire in the copy)."""
+    duplicate = copy.deepcopy(module).float().requires_grad_(False)
+    for sub in duplicate.modules():  # torch has no public call that drops every hook of a module
+        for hooks in (sub._forward_hooks, sub._forward_hooks_with_kwargs, sub._forward_hooks_always_called):
+            hooks.clear()
+        for hooks in (sub._forward_pre_hooks, sub._forward_pre_hooks_with_kwargs):
+            hooks.clear()
+    return duplicate
 
 
 @dataclass(frozen=True, order=True)
@@ -199,7 +213,58 @@ class VLMAdapter(ABC):
 
     @abstractmethod
     def differentiable_answer_logits(self, inp: ModelInput) -> torch.Tensor:
-        """`answer_logits` under the caller's autograd mode: the attribution screen backpropagates through it."""
+        """`answer_logits` under the caller's autograd mode: the attribution screen backpropagates through it.
+        Implementations run the model through `answer_logits_of`, so half precision scores in float32."""
+
+    # -- the score head (docs/method.md, §6 "Precision") -------------------------------------
+    @property
+    def upcast_scores(self) -> bool:
+        """True in half precision: the score head (final norm and unembedding) then runs in float32."""
+        return self.dtype in HALF_PRECISION
+
+    @abstractmethod
+    def head_input_module(self) -> torch.nn.Module:
+        """The module whose first positional input is the hidden state the answer logits are read from (the
+        final norm, or the head itself); `final_logits` maps that input to the logits."""
+
+    @abstractmethod
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Answer logits [B, V] (float32) from the score head's input at the answer position [B, D], through
+        `float32_module`s of the head's modules (in half precision the whole head runs in float32)."""
+
+    def float32_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` itself in full precision; in half precision a float32 copy of it, made once and kept (the
+        model's own weights upcast, so the score head adds no rounding of its own)."""
+        if not self.upcast_scores:
+            return module
+        copies: dict[int, torch.nn.Module] = self.__dict__.setdefault("_float32_copies", {})
+        if id(module) not in copies:
+            copies[id(module)] = float32_copy(module)
+        return copies[id(module)]
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The score head's input as `final_logits` feeds it to `float32_module`s (float32 in half precision)."""
+        return hidden.float() if self.upcast_scores else hidden
+
+    def answer_logits_of(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Float32 answer logits of one forward pass: `forward()` runs the model and returns its own answer logits
+        ([V], or [B, V] for a batch). In full precision those are the scores; in half precision they are
+        recomputed by `final_logits` from the score head's input at the last position."""
+        if not self.upcast_scores:
+            return forward().float()
+        seen: list[torch.Tensor] = []
+
+        def record(_module: torch.nn.Module, args: tuple) -> None:
+            if not args:
+                raise RuntimeError(f"{type(_module).__name__} was called without a positional input to score")
+            seen.append(args[0])
+
+        handle = self.head_input_module().register_forward_pre_hook(record)
+        try:
+            own = forward()
+        finally:
+            handle.remove()
+        return self.final_logits(seen[-1][:, -1]).reshape(own.shape)
 
     @abstractmethod
     def generate_answer(self, inp: ModelInput, max_new_tokens: int = 5) -> str:

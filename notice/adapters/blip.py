@@ -103,7 +103,14 @@ class BlipAdapter(VLMAdapter):
         return torch.tensor([[self._text_config.bos_token_id]], device=self.device)
 
     def differentiable_answer_logits(self, inp: ModelInput) -> torch.Tensor:
-        return self._decoder_logits(self._encode(inp), inp, self._bos())
+        return self.answer_logits_of(lambda: self._decoder_logits(self._encode(inp), inp, self._bos()))
+
+    def head_input_module(self) -> torch.nn.Module:
+        # The decoder's prediction head (transform: dense, activation, LayerNorm; then the unembedding).
+        return cast(torch.nn.Module, self.model.text_decoder.cls)
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.float32_module(self.head_input_module())(self.head_input(hidden)).float()
 
     @torch.no_grad()
     def generate_answer(self, inp: ModelInput, max_new_tokens: int = 5) -> str:

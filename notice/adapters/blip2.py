@@ -175,13 +175,21 @@ class Blip2LanguageModelAdapter(DecoderVLMAdapter):
             return block, "output"
         raise ValueError(f"unknown {self.family} site {site!r} (sites: mlp, self_attn, self_attn_head, layer)")
 
+    def _opt_head(self) -> list[torch.nn.Module]:
+        """OPT's score head in order: final layer norm and output projection (either may be absent), head."""
+        decoder: Any = self.language_model  # OPT's decoder: submodules by name
+        return [m for m in (decoder.final_layer_norm, decoder.project_out) if m is not None] + [self.lm_head]
+
+    def head_input_module(self) -> torch.nn.Module:
+        return self._opt_head()[0] if self.is_opt else super().head_input_module()
+
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.is_opt:
             return super().final_logits(hidden)
-        decoder: Any = self.language_model  # OPT's decoder: submodules by name
-        for module in (decoder.final_layer_norm, decoder.project_out):  # either may be absent (None)
-            hidden = hidden if module is None else module(hidden)
-        return self.lm_head(hidden).float()
+        hidden = self.head_input(hidden)
+        for module in self._opt_head():
+            hidden = self.float32_module(module)(hidden)
+        return hidden.float()
 
     def image_embedding_module(self) -> torch.nn.Module:
         # The query embeddings spliced into the `<image>` positions.

@@ -120,7 +120,7 @@ class DecoderVLMAdapter(VLMAdapter):
         return self.model(**inp.model_kwargs(), logits_to_keep=1, **kwargs)
 
     def differentiable_answer_logits(self, inp: ModelInput) -> torch.Tensor:
-        return self.forward(inp).logits[0, -1].float()
+        return self.answer_logits_of(lambda: self.forward(inp).logits[0, -1])
 
     @torch.no_grad()
     def generate_answer(self, inp: ModelInput, max_new_tokens: int = 5) -> str:
@@ -135,10 +135,13 @@ class DecoderVLMAdapter(VLMAdapter):
         new_ids = out[0, inp.input_ids.shape[1] :].tolist()
         return tokenizer.decode(new_ids, skip_special_tokens=True).strip()
 
+    def head_input_module(self) -> torch.nn.Module:
+        return cast(torch.nn.Module, self.language_model.norm)
+
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits [B, V] (float32) from last-layer outputs [B, D] (final norm, then head)."""
-        norm = cast(torch.nn.Module, self.language_model.norm)
-        return self.lm_head(norm(hidden)).float()
+        norm, head = self.float32_module(self.head_input_module()), self.float32_module(self.lm_head)
+        return head(norm(self.head_input(hidden))).float()
 
     @property
     def self_attentions(self) -> list[torch.nn.Module]:

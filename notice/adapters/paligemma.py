@@ -12,7 +12,7 @@ soft-capped, as the model's own head does.
 
 from __future__ import annotations
 
-from typing import ClassVar, cast
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -51,9 +51,9 @@ class PaliGemmaAdapter(DecoderVLMAdapter):
         return ImageGrid(tuple(keys), side, side)
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm = cast(torch.nn.Module, self.language_model.norm)
-        logits = self.lm_head(norm(hidden))
+        norm, head = self.float32_module(self.head_input_module()), self.float32_module(self.lm_head)
+        logits = head(norm(self.head_input(hidden)))
         cap = getattr(self.text_config, "final_logit_softcapping", None)
-        if cap is not None:  # PaliGemma 2 (Gemma 2), in the model's dtype as its head does
+        if cap is not None:  # PaliGemma 2 (Gemma 2), in the head's dtype as the model's head does
             logits = torch.tanh(logits / cap) * cap
         return logits.float()

@@ -34,8 +34,9 @@ SCALED_DECODER: dict[Size, dict] = {
 
 
 def forward_rows_logits(adapter: DecoderVLMAdapter, inp: ModelInput) -> torch.Tensor:
-    """Answer logits [B, V] of a batched input through the adapter's own forward (decoder families)."""
-    return adapter.forward(inp).logits[:, -1].float()
+    """Answer logits [B, V] of a batched input through the adapter's own forward (decoder families), scored
+    as `answer_logits` scores one row."""
+    return adapter.answer_logits_of(lambda: adapter.forward(inp).logits[:, -1])
 
 
 @dataclass

@@ -229,6 +229,8 @@ class BlipFast(FastFamily):
             a2 = block.crossattention.output.LayerNorm(_one_row_products(block.crossattention.output.dense, ctx) + a1)
             inter = block.intermediate.intermediate_act_fn(_one_row_products(block.intermediate.dense, a2))
             h = block.output.LayerNorm(_one_row_products(block.output.dense, inter) + a2)
+        if self.adapter.upcast_scores:  # half precision: the score head in float32, as the reference's
+            return self.adapter.final_logits(h[:, 0])
         head = decoder.cls.predictions
         h = head.transform.LayerNorm(head.transform.transform_act_fn(_one_row_products(head.transform.dense, h)))
         return _one_row_products(head.decoder, h, VOCAB_BLOCK)[:, 0].float()

@@ -141,4 +141,6 @@ class QFormerFast(FastFamily):
         embeds = self.prompt_embeds.expand(projected.shape[0], -1, -1).clone()
         embeds[:, self.queries] = projected.to(embeds.dtype)
         mask = self.attention_mask.expand(projected.shape[0], -1)
-        return model.language_model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
+        return self.adapter.answer_logits_of(
+            lambda: model.language_model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+        )

@@ -162,7 +162,9 @@ class DecoderFast(FastFamily):
                 for site in self.stages:
                     module, kind = self.adapter.site_module(site, layer)
                     stack.enter_context(hooked(module, kind, site_recorder(site, layer)))
-            logits = self.adapter.forward(inp, use_cache=True, past_key_values=cache).logits[0, -1].float()
+            logits = self.adapter.answer_logits_of(
+                lambda: self.adapter.forward(inp, use_cache=True, past_key_values=cache).logits[0, -1]
+            )
         # Every layer's sites, input and mask are recorded by now.
         self.take_masks(masks)
         self.record_sites(run, cast(dict[str, list[torch.Tensor]], record))

@@ -61,10 +61,11 @@ def rows_logits(adapter: BlipAdapter, inp: ModelInput) -> torch.Tensor:
         encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long, device=image.device),
     )[0]
     bos = torch.full((inp.input_ids.shape[0], 1), model.config.text_config.bos_token_id, device=image.device)
-    logits = model.text_decoder(
-        input_ids=bos, encoder_hidden_states=encoded, encoder_attention_mask=inp.attention_mask, use_cache=False
-    ).logits
-    return logits[:, -1].float()
+    return adapter.answer_logits_of(
+        lambda: model.text_decoder(
+            input_ids=bos, encoder_hidden_states=encoded, encoder_attention_mask=inp.attention_mask, use_cache=False
+        ).logits[:, -1]
+    )
 
 
 def bench_case(real_size: bool = False, *, family: str = "blip", tiny: bool = False, device: str = "cpu") -> Case:
