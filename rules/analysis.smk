@@ -5,6 +5,7 @@
 rule analyse_heads:
     input:
         results=lambda wildcards: patching_tables(wildcards.model),
+        audits=lambda wildcards: precision_audits(wildcards.model, "patching"),
     output:
         head_effects=f"{RESULTS}/{{model}}/analysis/head_effects.parquet",
         module_effects=f"{RESULTS}/{{model}}/analysis/module_effects.parquet",
@@ -27,7 +28,10 @@ rule analyse_heads:
     conda:
         "../envs/notice.yaml"
     params:
-        analysis=keys_of(config["analysis"], "metric", "k_sigma", "bootstrap_draws", "universal_corruptions"),
+        analysis=lambda wildcards: with_precision_k(
+            keys_of(config["analysis"], "metric", "k_sigma", "bootstrap_draws", "universal_corruptions"),
+            [wildcards.model],
+        ),
         seed=config["seed"],
     script:
         "../workflow_scripts/analyse_heads.py"

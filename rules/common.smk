@@ -168,6 +168,30 @@ def attention_dirs(model):
     return [f"{RESULTS}/{model}/{dataset}/attention" for dataset in DATASETS]
 
 
+# -- the precision audit of half-precision models (rules/precision.smk) ----------------------------------
+def half_models():
+    """The models patched in float16 / bfloat16: each has a precision audit."""
+    from notice.method.precision import is_half  # lazy, as below: every job parses the Snakefile
+
+    return [model for model in MODELS if is_half(config["models"][model]["dtype"])]
+
+
+def precision_audits(model, stage):
+    """The precision audit of `model` per condition, of its patching tables (`stage` "patching") or of its
+    screen ("screen"); none for a full-precision model."""
+    if model not in half_models():
+        return []
+    return [f"{RESULTS}/{model}/{dataset}/{stage}/{corruption}.precision.csv" for dataset, corruption in conditions()]
+
+
+def with_precision_k(settings, models):
+    """Params value: `settings` (part of the analysis section) with `analysis.precision_k` when one of `models`
+    is half precision; as they are otherwise, so that a full-precision run's jobs keep their params."""
+    if any(model in half_models() for model in models):
+        return {**settings, "precision_k": config["analysis"]["precision_k"]}
+    return settings
+
+
 def all_targets():
     targets = [f"{RESULTS}/report.html"]
     for model in MODELS:

@@ -53,7 +53,8 @@ rule patch:
         model_path=lambda wildcards: model_path(wildcards.model),
         # The noise scale of GN corruptions (n_draws is the pairs' business); SIP / STR / SD-inpaint: none.
         corruption=lambda wildcards: keys_of(corruption_section(wildcards), "nu", "sigma_multiplier"),
-        patching=config["patching"],
+        # Not the precision audit's settings (rules/precision.smk): the section as it was before them.
+        patching={key: value for key, value in config["patching"].items() if key != "precision_audit"},
         shard=shard_index_count,
     script:
         "../workflow_scripts/patch.py"

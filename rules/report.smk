@@ -14,6 +14,10 @@ rule report:
         screen_misses=screen_outputs("misses"),
         screen_object_fraction=screen_outputs("object_fraction"),
         screen_figures=screen_outputs("figures"),
+        precision=[audit for model in MODELS for audit in precision_audits(model, "patching")],
+        screen_precision=(
+            [audit for model in MODELS for audit in precision_audits(model, "screen")] if SCREEN["enabled"] else []
+        ),
     output:
         report=f"{RESULTS}/report.html",
         table1=multiext(f"{RESULTS}/tables/table1_universal_heads", ".csv", ".md"),
@@ -27,6 +31,8 @@ rule report:
         "../envs/notice.yaml"
     params:
         models=MODELS,
-        analysis=keys_of(config["analysis"], "k_sigma", "universal_corruptions", "head_functions"),
+        analysis=with_precision_k(
+            keys_of(config["analysis"], "k_sigma", "universal_corruptions", "head_functions"), MODELS
+        ),
     script:
         "../workflow_scripts/report.py"

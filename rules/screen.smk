@@ -64,5 +64,6 @@ rule validate_screen:
     params:
         conditions=lambda wildcards: conditions(),
         screen=keys_of(SCREEN, "top_k", "map_samples"),
+        dtype=lambda wildcards: config["models"][wildcards.model]["dtype"],
     script:
         "../workflow_scripts/validate_screen.py"

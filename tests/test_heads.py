@@ -23,9 +23,14 @@ from planted_tables import (
 )
 
 from notice.method.heads import (
+    HEAD_KEYS,
+    HEAD_SITES,
+    MODULE_KEYS,
+    MODULE_SITES,
     bootstrap_heads,
     bootstrap_indices,
     head_effects,
+    mark_precision,
     module_effects,
     significant_heads,
     token_label,
@@ -222,3 +227,97 @@ def test_universal_heads_summary_table1():
     assert summary.loc["L1.H2", "conditions"].startswith("A/sip: 10 [")
     by_kind = universal_heads_by_kind(universal_heads_summary(table)).iloc[0]
     assert (by_kind["vision heads"], by_kind["text heads"], by_kind["multimodal heads"]) == ("L1.H2", "L0.H3", "L2.H0")
+
+
+# -- half precision: effects below the precision audit's floor ------------------------------------------------
+def floors_of(results: pd.DataFrame, floor: float) -> pd.DataFrame:
+    """The same precision floor for every (model, task, corruption, site) of `results`."""
+    return results[["model", "task", "corruption", "site"]].drop_duplicates().assign(floor=floor)
+
+
+def unmarked(marked: pd.DataFrame, task: str, modality: str) -> set:
+    rows = marked[(marked["task"] == task) & (marked["modality"] == modality) & ~marked["below_precision"]]
+    return set(zip(rows["layer"], rows["head"]))
+
+
+def test_a_head_below_precision_is_never_significant():
+    results = planted_results()
+    effects = head_effects(results)
+    low = mark_precision(effects, results, floors_of(results, 5.0), HEAD_KEYS, HEAD_SITES)
+    assert list(low.columns) == [*effects.columns, "below_precision"]
+    for (task, modality), planted in PLANTED.items():
+        assert unmarked(low, task, modality) == set(planted)  # effects of 10 stand above a floor of 5; zeros do not
+    # The planted heads are above the floor: the same heads are significant as without an audit.
+    pd.testing.assert_frame_equal(significant_heads(low).drop(columns="below_precision"), significant_heads(effects))
+    high = significant_heads(mark_precision(effects, results, floors_of(results, 15.0), HEAD_KEYS, HEAD_SITES))
+    assert high["below_precision"].all() and not high["significant"].any()
+    assert high["threshold"].equals(significant_heads(effects)["threshold"])  # the k-sigma rule is as it was
+    assert universal_heads(high).empty
+
+
+def test_below_precision_is_judged_on_the_logit_difference_whatever_the_metric():
+    results = planted_results()  # prob_restoration = logit_diff / 20: the planted heads' 0.5 is below 5
+    effects = head_effects(results, "prob_restoration")
+    marked = mark_precision(effects, results, floors_of(results, 5.0), HEAD_KEYS, HEAD_SITES, "prob_restoration")
+    assert list(marked.columns) == [*effects.columns, "below_precision"]
+    for (task, modality), planted in PLANTED.items():
+        assert unmarked(marked, task, modality) == set(planted)
+
+
+def test_module_effects_are_marked_by_their_mean_logit_difference():
+    results = module_rows().assign(logit_diff=lambda df: df["prob_restoration"])
+    effects = module_effects(results, "prob_restoration")
+    marked = mark_precision(effects, results, floors_of(results, 3.0), MODULE_KEYS, MODULE_SITES, "prob_restoration")
+    assert marked["below_precision"].tolist() == (module_effects(results)["mean"] <= 3.0).tolist()
+    assert marked["below_precision"].any() and not marked["below_precision"].all()
+
+
+def test_the_bootstrap_applies_the_floor_in_every_draw():
+    n, n_draws, seed = 5, 2000, 7
+    results = borderline_results(n)
+    boot = bootstrap_heads(results, n_draws, seed, 2.0, "logit_diff", floors=floors_of(results, 10.0))
+    head = boot[(boot["layer"] == 1) & (boot["head"] == 1)].set_index("modality")
+    # The head's resampled mean is 30 x (times sample s0 is drawn) / 5: above the k-sigma threshold once s0 is
+    # drawn, above the floor of 10 only when it is drawn twice or more.
+    twice = {
+        modality: (
+            bootstrap_indices(seed, ("toy", "A", CORRUPTION[modality], modality, "cross_attn_head"), n, n_draws) == 0
+        ).sum(axis=1)
+        >= 2
+        for modality in ("image", "text")
+    }
+    assert head.loc["image", "frac_significant"] == twice["image"].mean()
+    assert head.loc["text", "frac_significant"] == twice["text"].mean()
+    assert head.loc["image", "frac_universal_multimodal"] == (twice["image"] & twice["text"]).mean()
+    assert head.loc["image", "frac_universal_vision"] == (twice["image"] & ~twice["text"]).mean()
+    # The interval of the mean is the data's, whatever the floor.
+    plain = bootstrap_heads(results, n_draws, seed, 2.0, "logit_diff")
+    pd.testing.assert_frame_equal(boot[["ci_low", "ci_high"]], plain[["ci_low", "ci_high"]])
+    # Conditions without a floor (a full-precision run's) are as without an audit.
+    unaudited = bootstrap_heads(results, n_draws, seed, 2.0, "logit_diff", floors=floors_of(results, 10.0).iloc[0:0])
+    pd.testing.assert_frame_equal(unaudited, plain)
+
+
+def test_the_bootstrap_floor_is_on_the_logit_difference_whatever_the_metric():
+    results = planted_results()
+    plain = bootstrap_heads(results, 50, 0, 2.0, "prob_restoration")
+    low = bootstrap_heads(results, 50, 0, 2.0, "prob_restoration", floors=floors_of(results, 5.0))
+    pd.testing.assert_frame_equal(low, plain)  # the planted heads' logit_diff (10) stays above 5 in every draw
+    assert plain["frac_significant"].max() == 1.0
+    high = bootstrap_heads(results, 50, 0, 2.0, "prob_restoration", floors=floors_of(results, 15.0))
+    assert (high["frac_significant"] == 0).all() and (high["frac_universal"] == 0).all()
+
+
+def test_the_universal_heads_table_says_which_heads_are_below_precision():
+    results = planted_results()
+    floors = floors_of(results, 5.0)
+    sig = significant_heads(mark_precision(head_effects(results), results, floors, HEAD_KEYS, HEAD_SITES))
+    boot = bootstrap_heads(results, n_draws=50, seed=0, k=2.0, metric="logit_diff", floors=floors)
+    table = universal_heads_table(sig, universal_heads(sig), boot)
+    columns = list(table.columns)
+    assert columns[columns.index("significant") + 1] == "below_precision"
+    # each universal head is above the floor where it is significant, below it where its effect is 0
+    assert not table.loc[table["significant"], "below_precision"].any() and table["below_precision"].any()
+    plain = significant_heads(head_effects(results))
+    unaudited = universal_heads_table(plain, universal_heads(plain), bootstrap_heads(results, 50, 0, 2.0))
+    assert "below_precision" not in unaudited.columns

@@ -12,23 +12,29 @@ import pytest
 import torch
 from toy_adapters import QUESTION, clean_and_corrupt, noise_image, one_torch_thread, tiny_adapter
 
-from notice.adapters.base import Patch, VLMAdapter
+from notice.adapters.base import HALF_PRECISION, Patch, VLMAdapter
 from notice.families import family_names
 from notice.files.tables import PAIR_COLUMNS, make_table
 from notice.method.pairs import PAIR_DTYPES
 from notice.method.precision import (
-    audit_rows,
+    AUDIT_ROW_COLUMNS,
+    HALF_DTYPES,
     audit_sample,
+    draws,
+    is_half,
     mark_below_precision,
     precision_floors,
     summarise_audit,
 )
+from notice.method.precision_audit import SCREEN_AUDIT_ROW_COLUMNS, audit_rows, audit_screen
+from notice.method.screen import TABLE_COLUMNS, screen_pairs
 from notice.patching import fast, reference
+from notice.patching.attribution import attribution_estimates, estimates_table
 from notice.patching.corruptions import corrupt_image_fn
 from notice.patching.engines import get_engine
 from notice.patching.experiment import cache_clean_runs, patch_pairs
 from notice.patching.sites import default_patches
-from notice.workflow.runtime import load_image
+from notice.workflow.runtime import FIT_FRACTION, fitting_device, load_image
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -133,7 +139,8 @@ def pair_row(adapter: VLMAdapter, sample_id: str, clean: str, corrupt: str, corr
 
 @pytest.fixture(scope="module")
 def half_run(tmp_path_factory) -> dict:
-    """A bfloat16 LLaVA's results table over two SIP pairs and one Gaussian-noise pair, its float32 twin."""
+    """A bfloat16 LLaVA's results table over two SIP pairs and two Gaussian-noise draws of one sample (rows with
+    the same keys), its float32 twin."""
     tmp = tmp_path_factory.mktemp("audit")
     paths = []
     for seed in range(3):
@@ -145,6 +152,7 @@ def half_run(tmp_path_factory) -> dict:
         pair_row(half, "a", paths[0], paths[1], "sip", -1),
         pair_row(half, "b", paths[1], paths[2], "sip", -1),
         pair_row(half, "c", paths[2], paths[2], "gn_mult", 7),
+        pair_row(half, "c", paths[2], paths[2], "gn_mult", 8),
     ]
     pairs = make_table(rows, PAIR_COLUMNS, PAIR_DTYPES)
     prompts = pd.DataFrame({"sample_id": pairs["sample_id"], "image_path": pairs["clean_image_path"]})
@@ -177,14 +185,51 @@ def test_the_audit_sample_is_seeded_and_holds_every_site_kind(half_run):
     assert list(sample.index) == sorted(sample.index)
 
 
-def test_the_audit_is_the_float32_reference_on_the_audited_rows(half_run):
+def test_a_rows_draw_is_its_pair_among_its_samples_pairs(half_run):
+    results = half_run["results"]
+    draw = draws(results)
+    noise = results["corruption"] == "gn_mult"
+    assert set(draw[~noise]) == {0} and set(draw[noise]) == {0, 1}
+    # The second draw's rows follow the first's (pairs are patched in the manifest's order), one each.
+    first, second = results[noise & (draw == 0)], results[noise & (draw == 1)]
+    assert len(first) == len(second) and first.index.max() < second.index.min()
+    assert not np.allclose(first["ld_corrupt"], second["ld_corrupt"])  # two noise draws
+
+
+def test_half_dtypes_are_the_adapters_half_precision():
+    assert set(HALF_DTYPES) == {str(dtype).removeprefix("torch.") for dtype in HALF_PRECISION}
+    assert is_half("bfloat16") and is_half("float16") and not is_half("float32")
+
+
+def test_the_float32_model_runs_where_it_fits():
+    gb = 10**9
+    assert fitting_device("cuda:1", 28 * gb, 40 * gb) == ("cuda:1", "cuda:1")
+    device, where = fitting_device("cuda:1", 28 * gb, 20 * gb)
+    assert device == "cpu" and where == "cpu (the float32 model, 28.0 GB, does not fit in the 20.0 GB free on cuda:1)"
+    assert fitting_device("cuda:0", int(FIT_FRACTION * 30 * gb) + 1, 30 * gb)[0] == "cpu"
+
+
+@pytest.fixture(scope="module")
+def audit(half_run) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(sample, audited rows) of 30 rows of the bfloat16 run."""
+    sample = audit_sample(half_run["results"], 30, seed=0)
+    return sample, audit_rows(half_run["full"], half_run["pairs"], sample, load_image, NOISE)
+
+
+def pair_of(pairs: pd.DataFrame, sample_id: str, draw: int) -> pd.Series:
+    return pairs[pairs["sample_id"] == sample_id].iloc[draw]
+
+
+def test_the_audit_is_the_float32_reference_on_the_audited_rows(half_run, audit):
     half, full, pairs, results = half_run["half"], half_run["full"], half_run["pairs"], half_run["results"]
-    sample = audit_sample(results, 30, seed=0)
-    audited = audit_rows(full, pairs, sample, load_image, NOISE)
+    sample, audited = audit
+    assert list(audited.columns) == list(AUDIT_ROW_COLUMNS)
     assert len(audited) == len(sample) and set(audited["sample_id"]) == {"a", "b", "c"}
-    # Each audited row, recomputed directly: the float32 model, the reference engine, that one patch.
+    assert set(audited["draw"]) == {0, 1}  # the second noise draw too
+    # Each audited row, recomputed directly: the float32 model, the reference engine, that one patch of its pair
+    # (of a Gaussian-noise sample, the draw it came from).
     for row in audited.itertuples():
-        pair = pairs.set_index("sample_id").loc[row.sample_id]
+        pair = pair_of(pairs, row.sample_id, row.draw)
         clean, corrupt = (
             full.prepare(load_image(pair[f"{k}_image_path"]), pair[f"{k}_prompt"]) for k in ("clean", "corrupt")
         )
@@ -215,6 +260,72 @@ def test_the_audit_is_the_float32_reference_on_the_audited_rows(half_run):
         )
         assert site_row.effect_spread == table["logit_diff"].std(ddof=0)
     assert half.upcast_scores
+
+
+SCREEN = {"method": "atp", "confirm_top": 0}
+
+
+def half_screen(pairs: pd.DataFrame, settings: dict) -> pd.DataFrame:
+    """The screen table of the bfloat16 LLaVA (built afresh: the screen backpropagates, and the half_run model's
+    float32 head copy was made in inference mode)."""
+    screen, _, _ = screen_pairs(
+        in_dtype("llava", torch.bfloat16),
+        pairs,
+        load_image,
+        engine=get_engine("fast", 64),
+        settings=settings,
+        corruption_settings=NOISE,
+        labels={"model": "toy", "dataset": "synthetic"},
+        masks={},
+    )
+    return screen
+
+
+def test_the_screen_audit_is_the_float32_screen_of_the_audited_pairs(half_run, audit):
+    full, pairs = half_run["full"], half_run["pairs"]
+    screen = half_screen(pairs, SCREEN)
+    audited = audit[1]
+    rows = audit_screen(full, pairs, screen, audited, load_image, SCREEN, NOISE)
+    assert list(rows.columns) == list(SCREEN_AUDIT_ROW_COLUMNS)
+    audited_pairs = set(zip(audited["sample_id"], audited["draw"]))
+    assert set(zip(rows["sample_id"], rows["draw"])) == audited_pairs and (1 in audited["draw"].to_numpy())
+    keys = ["site", "layer", "head", "position"]
+    for sample_id, draw in audited_pairs:
+        mine = rows[(rows["sample_id"] == sample_id) & (rows["draw"] == draw)]
+        # the half-precision side: that pair's rows of the screen table
+        half_rows = screen[(screen["sample_id"] == sample_id) & (draws(screen) == draw)]
+        pd.testing.assert_frame_equal(
+            mine[[*keys, "estimate"]].sort_values(keys).reset_index(drop=True),
+            half_rows[[*keys, "estimate"]].sort_values(keys).reset_index(drop=True),
+        )
+        # the float32 side: the screen of that pair (its own noise draw) on the float32 model, directly
+        pair = pair_of(pairs, sample_id, draw)
+        clean, corrupt = (
+            full.prepare(load_image(pair[f"{k}_image_path"]), pair[f"{k}_prompt"]) for k in ("clean", "corrupt")
+        )
+        noise = corrupt_image_fn(pair["corruption"], NOISE, int(pair["noise_seed"]))
+        estimates = attribution_estimates(
+            full, clean, corrupt, int(pair["answer_token_id"]), int(pair["distractor_token_id"]), corrupt_image_fn=noise
+        )
+        direct = estimates_table(estimates, clean.tokens)
+        merged = mine.merge(direct, on=keys, suffixes=("", "_direct"), validate="one_to_one")
+        assert len(merged) == len(mine) == len(direct)
+        assert (merged["estimate_float32"] == merged["estimate_direct"]).all()
+        assert (merged["abs_error"] == (merged["estimate"] - merged["estimate_direct"]).abs()).all()
+    assert rows["abs_error"].max() > 0  # bfloat16 rounds
+    summary = summarise_audit(rows, screen, "bfloat16", "cpu", value="estimate")
+    assert set(summary["site"]) == set(screen["site"]) and (summary["n_audited"] > 0).all()
+    for site_row in summary.itertuples():
+        table = screen[(screen["corruption"] == site_row.corruption) & (screen["site"] == site_row.site)]
+        assert site_row.n_rows == len(table) and site_row.effect_spread == table["estimate"].std(ddof=0)
+        assert 0 <= site_row.median <= site_row.p95 <= site_row.max
+
+
+def test_a_screen_of_other_sites_is_refused(half_run, audit):
+    full, pairs = half_run["full"], half_run["pairs"]
+    screen = half_screen(pairs, {**SCREEN, "sites": ["mlp"]})
+    with pytest.raises(ValueError, match="other sites than the screen table"):
+        audit_screen(full, pairs, screen[list(TABLE_COLUMNS)], audit[1], load_image, SCREEN, NOISE)
 
 
 def planted_effects(mean: float) -> pd.DataFrame:

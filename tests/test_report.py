@@ -7,11 +7,15 @@ import pandas as pd
 import pytest
 from planted_tables import accuracy_table, borderline_results, planted_results
 
+from notice.method.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
 from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
+from notice.method.precision import AUDIT_COLUMNS
+from notice.method.screen import VALIDATION_COLUMNS
 from notice.present.accuracy import accuracy_chart
 from notice.present.effects import bootstrap_stability, head_heatmaps
 from notice.present.findings import summarise_findings
 from notice.present.page import Figure, Section, Table, build_report
+from notice.present.report import ScreenResults, workflow_report
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +135,62 @@ def test_summary_lists_frequent_candidates():
     frac = boot.loc[(boot["layer"] == 1) & (boot["head"] == 1), "frac_universal"].iloc[0]
     assert f"often under resampling: L1.H1 (universal in {frac:.0%} of 100 resamples)" in summary
     assert "toy: A 75.0% (3/4)." in summary
+
+
+def audit_rows(values: dict) -> pd.DataFrame:
+    """One AUDIT_COLUMNS row of a bfloat16 toy model, with `values`."""
+    row = dict.fromkeys(AUDIT_COLUMNS, 0.0)
+    row |= {"model": "toy", "dataset": "synthetic", "corruption": "sip", "site": "cross_attn_head"}
+    row |= {"dtype": "bfloat16", "audit_dtype": "float32", "audit_device": "cpu", "n_rows": 360, "n_audited": 40}
+    return pd.DataFrame([row | values], columns=list(AUDIT_COLUMNS))
+
+
+def workflow_html(out, analysis, precision=None, screen_precision=None) -> str:
+    _, table, _ = analysis
+    sig = significant_heads(head_effects(planted_results()))
+    keys = ["model", "site", "dataset"]
+    scores = scores_from_records({}, keys, HeadFunctionConfig())
+    screen = ScreenResults(
+        pd.DataFrame(columns=list(VALIDATION_COLUMNS)),
+        pd.DataFrame(columns=["model", "dataset", "corruption", "exact", "estimate"]),
+        pd.DataFrame(columns=["model", "dataset", "corruption", "task", "effect_on_object", "object_area", "ratio"]),
+        {},
+        screen_precision,
+    )
+    (out / "toy").mkdir(exist_ok=True)
+    settings = {"k_sigma": 2.0, "universal_corruptions": ["sip", "str"], "head_functions": {}}
+    if precision is not None:
+        settings["precision_k"] = 3.0
+    path = workflow_report(
+        table,
+        sig,
+        accuracy_table(),
+        scores,
+        grounding_summary(scores, keys),
+        {"toy": out / "toy"},
+        settings,
+        out / "report.html",
+        out / "tables",
+        screen,
+        precision,
+    )
+    return path.read_text()
+
+
+def test_the_report_shows_the_precision_audits_of_half_precision_models(analysis, tmp_path):
+    audit = audit_rows({"median": 0.0123, "p95": 0.0456, "max": 0.0789, "effect_spread": 1.25})
+    screen_audit = audit_rows({"site": "mlp", "median": 0.0321, "p95": 0.0654, "max": 0.0987})
+    html = workflow_html(tmp_path, analysis, audit, screen_audit)
+    universal = html[html.index("<h2>Universal heads</h2>") : html.index("<h2>Head functions</h2>")]
+    assert "Precision audit of the models patched in float16 / bfloat16" in universal
+    assert "not above 3 × p95 is marked below_precision" in universal
+    assert all(number in universal for number in ("0.0123", "0.0456", "0.0789", "1.25", "bfloat16"))
+    screen = html[html.index("<h2>Attribution screen</h2>") :]
+    assert "Precision audit of the screen" in screen and "0.0654" in screen and "0.0456" not in screen
+    empty = workflow_html(tmp_path, analysis, audit.iloc[0:0], screen_audit.iloc[0:0])
+    assert "No audited rows: the patching tables of the half-precision models have no rows." in empty
+
+
+def test_a_full_precision_run_shows_no_precision_audit(analysis, tmp_path):
+    html = workflow_html(tmp_path, analysis)
+    assert "Precision audit" not in html and "below_precision" not in html

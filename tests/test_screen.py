@@ -56,7 +56,7 @@ def tables(n_samples: int = 6, n_sites: int = 30, seed: int = 0, method: str = "
 
 def test_a_faithful_screen_validates_and_a_broken_exact_table_lowers_the_numbers():
     screen, exact = tables()
-    validation, misses = validation_tables(paired_effects(screen, [exact]), top_k=10)
+    validation, misses = validation_tables(paired_effects(screen, [exact]), top_k=10, dtype="float32")
     assert list(validation.columns) == list(VALIDATION_COLUMNS)
     [row] = validation.to_dict("records")
     assert row["n_sites"] == 180 and row["n_samples"] == 6 and row["sites_per_sample"] == 30
@@ -64,16 +64,16 @@ def test_a_faithful_screen_validates_and_a_broken_exact_table_lowers_the_numbers
     assert row["spearman_atp"] == row["spearman"]  # method atp: the same estimate
     broken = exact.copy()
     broken["logit_diff"] = broken["logit_diff"].sample(frac=1.0, random_state=1).to_numpy()
-    [after] = validation_tables(paired_effects(screen, [broken]), top_k=10)[0].to_dict("records")
+    [after] = validation_tables(paired_effects(screen, [broken]), top_k=10, dtype="float32")[0].to_dict("records")
     assert after["spearman"] < 0.3 and after["recall_top10"] < row["recall_top10"] and after["misses"] > row["misses"]
-    assert len(validation_tables(paired_effects(screen, [broken]), top_k=10)[1]) == after["misses"]
+    assert len(validation_tables(paired_effects(screen, [broken]), top_k=10, dtype="float32")[1]) == after["misses"]
 
 
 def test_misses_are_exact_top10_sites_outside_the_screens_top_k():
     screen, exact = tables(n_samples=1)
     top = exact["logit_diff"].abs().idxmax()
     screen.loc[top, "estimate"] = 0.0  # the largest exact effect, estimated as nothing
-    validation, misses = validation_tables(paired_effects(screen, [exact]), top_k=10)
+    validation, misses = validation_tables(paired_effects(screen, [exact]), top_k=10, dtype="float32")
     assert validation["misses"].iloc[0] >= 1
     assert (misses["position"] == exact.loc[top, "position"]).any() and (misses["exact_rank"] == 1).any()
     assert misses.loc[misses["exact_rank"] == 1, "screen_rank"].iloc[0] > 10
@@ -81,13 +81,13 @@ def test_misses_are_exact_top10_sites_outside_the_screens_top_k():
 
 def test_recall_is_not_reported_where_the_top_k_holds_every_site():
     screen, exact = tables(n_sites=8)
-    [row] = validation_tables(paired_effects(screen, [exact]), top_k=10)[0].to_dict("records")
+    [row] = validation_tables(paired_effects(screen, [exact]), top_k=10, dtype="float32")[0].to_dict("records")
     assert np.isnan(row["recall_top10"]) and row["misses"] == 0 and row["spearman"] > 0.9
 
 
 def test_grad_drop_scores_are_compared_with_the_size_of_the_exact_effect():
     screen, exact = tables(method="atp_star")
-    [row] = validation_tables(paired_effects(screen, [exact]), top_k=10)[0].to_dict("records")
+    [row] = validation_tables(paired_effects(screen, [exact]), top_k=10, dtype="float32")[0].to_dict("records")
     assert row["spearman"] > 0.9  # |estimate| against |exact|; against the signed effect it would be ~0
 
 

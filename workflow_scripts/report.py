@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from notice.method.precision import read_audits
 from notice.present.report import ScreenResults, workflow_report
 from notice.workflow.runtime import logged
 
@@ -22,6 +23,7 @@ with logged(snakemake.log[0]) as log:
             read_all(inputs.screen_misses),
             read_all(inputs.screen_object_fraction),
             dict(zip(snakemake.params.models, map(Path, inputs.screen_figures))),
+            read_audits(inputs.screen_precision) if inputs.screen_precision else None,
         )
     path = workflow_report(
         read_all(inputs.universal),
@@ -34,5 +36,6 @@ with logged(snakemake.log[0]) as log:
         snakemake.output.report,
         Path(snakemake.output.table1[0]).parent,
         screen,
+        read_audits(inputs.precision) if inputs.precision else None,  # none: every model is full precision
     )
     log.info("report written to %s", path)

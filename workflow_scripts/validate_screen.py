@@ -23,7 +23,7 @@ with logged(snakemake.log[0]) as log:
     exact = pd.concat([read_table(path, RESULT_COLUMNS) for path in inputs.exact], ignore_index=True)
     confirmed = pd.concat([read_table(path, RESULT_COLUMNS) for path in inputs.confirmed], ignore_index=True)
     paired = paired_effects(screen, [exact, confirmed])
-    validation, misses = validation_tables(paired, int(settings["top_k"]))
+    validation, misses = validation_tables(paired, int(settings["top_k"]), snakemake.params.dtype)
     log.info(
         "%d of %d screened sites have an exact effect (%d confirmed by the screen)",
         len(paired),

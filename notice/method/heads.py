@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from notice.files.tables import check_columns
+from notice.method.precision import AUDITED_METRIC, mark_below_precision
 
 HEAD_SITES: tuple[str, ...] = ("self_attn_head", "cross_attn_head")
 MODULE_SITES: tuple[str, ...] = ("mlp", "self_attn", "cross_attn", "layer")
@@ -75,7 +76,9 @@ def _threshold(means: np.ndarray, k: float) -> np.ndarray:
 def significant_heads(effects_df: pd.DataFrame, k: float = DEFAULT_K_SIGMA) -> pd.DataFrame:
     """Add `threshold` and `significant` (mean > mean over the condition's heads + k·std) to every head.
 
-    std is the population std over the condition's head means (ddof=0, numpy's default).
+    std is the population std over the condition's head means (ddof=0, numpy's default). Where the effects
+    have `below_precision` (a half-precision run's, `mark_precision`), a head below precision is never
+    significant.
     """
     check_columns(effects_df, list(HEAD_KEYS) + ["mean"], "head effects")
     out = effects_df.copy()
@@ -83,7 +86,28 @@ def significant_heads(effects_df: pd.DataFrame, k: float = DEFAULT_K_SIGMA) -> p
         lambda m: float(_threshold(m.to_numpy(dtype=float), k))
     )
     out["significant"] = out["mean"] > out["threshold"]
+    if "below_precision" in out:
+        out["significant"] &= ~out["below_precision"].astype(bool)
     return out
+
+
+def mark_precision(
+    effects_df: pd.DataFrame,
+    results_df: pd.DataFrame,
+    floors: pd.DataFrame,
+    keys: Sequence[str],
+    sites: Sequence[str],
+    metric: str = DEFAULT_METRIC,
+) -> pd.DataFrame:
+    """Head or module effects of `metric` (`head_effects`: HEAD_KEYS, HEAD_SITES; `module_effects`: MODULE_KEYS,
+    MODULE_SITES) with `below_precision`: the row's mean logit_diff effect is not above its condition's
+    precision floor (`notice.method.precision.precision_floors`). The audit measures logit_diff, so with
+    another metric the row's mean logit_diff is computed from `results_df`, as its mean is."""
+    if metric == AUDITED_METRIC:
+        return mark_below_precision(effects_df, floors, "mean")
+    audited = _per_sample(results_df, keys, sites, AUDITED_METRIC).groupby(list(keys), sort=False)["value"].mean()
+    with_audited = effects_df.merge(audited.rename("audited_mean").reset_index(), on=list(keys), how="left")
+    return mark_below_precision(with_audited, floors, "audited_mean").drop(columns="audited_mean")
 
 
 def _only(df: pd.DataFrame, corruptions: Collection[str] | None) -> pd.DataFrame:
@@ -136,6 +160,7 @@ def bootstrap_heads(
     k: float = DEFAULT_K_SIGMA,
     metric: str = DEFAULT_METRIC,
     corruptions: Collection[str] | None = None,
+    floors: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Resample samples with replacement per condition and redo the selection in every draw.
 
@@ -144,26 +169,42 @@ def bootstrap_heads(
     condition), ci_low / ci_high (2.5 / 97.5 percentiles of its resampled mean), and, per
     (model, site, layer, head), frac_universal_vision / _text / _multimodal (fraction of draws in
     which it is universal of that kind, using `corruptions` as in `universal_heads`),
-    frac_universal (any kind) and n_draws.
+    frac_universal (any kind) and n_draws. With the precision `floors` of a half-precision run
+    (`notice.method.precision.precision_floors`), a head is significant in a draw only if its resampled
+    mean logit_diff is also above its condition's floor, as in `significant_heads` after `mark_precision`.
     """
     per_sample = _per_sample(results_df, HEAD_KEYS, HEAD_SITES, metric)
+    floor_of = {} if floors is None else _floors_by_condition(floors)
+    # The per-sample logit_diff by condition, where the metric is another (None: the metric's own values).
+    audited: dict[tuple, pd.DataFrame] | None = None
+    if floor_of and metric != AUDITED_METRIC:
+        audited_rows = _per_sample(results_df, HEAD_KEYS, HEAD_SITES, AUDITED_METRIC)
+        audited = dict(iter(audited_rows.groupby(list(CONDITION_KEYS), sort=True)))
     rows: list[pd.DataFrame] = []
     # (model, site) -> modality -> list of (heads, significance per draw)
     by_model: dict[tuple, dict[str, list[tuple[pd.MultiIndex, np.ndarray]]]] = {}
     selected = None if corruptions is None else set(corruptions)
     for condition, group in per_sample.groupby(list(CONDITION_KEYS), sort=True):
-        matrix = group.pivot(index="sample_id", columns=["layer", "head"], values="value").sort_index(axis=1)
+        matrix = _head_matrix(group)
         if matrix.isna().to_numpy().any():
             raise ValueError(f"bootstrap: condition {condition} lacks some heads for some samples")
         idx = bootstrap_indices(seed, condition, len(matrix), n_draws)
         means = _resampled_means(matrix.to_numpy(dtype=float), idx)
         sig = means > _threshold(means, k)[:, None]
+        model, task, corruption, modality, site = condition
+        floor = floor_of.get((model, task, corruption, site))
+        if floor is not None:
+            if audited is not None:
+                ld = _head_matrix(audited[condition]).reindex(index=matrix.index, columns=matrix.columns)
+                means_ld = _resampled_means(ld.to_numpy(dtype=float), idx)
+            else:
+                means_ld = means
+            sig &= means_ld > floor
         low, high = np.percentile(means, [2.5, 97.5], axis=0)
         frame = pd.DataFrame(
             {"frac_significant": sig.mean(axis=0), "ci_low": low, "ci_high": high}, index=matrix.columns
         ).reset_index()
         rows.append(frame.assign(**dict(zip(CONDITION_KEYS, condition))))
-        model, _, corruption, modality, site = condition
         if selected is None or corruption in selected:
             by_model.setdefault((model, site), {}).setdefault(modality, []).append((matrix.columns, sig))
     if not rows:
@@ -175,6 +216,17 @@ def bootstrap_heads(
     out[fractions] = out[fractions].fillna(0.0)
     out["n_draws"] = n_draws
     return out[list(HEAD_KEYS) + ["frac_significant", "ci_low", "ci_high"] + fractions + ["n_draws"]]
+
+
+def _floors_by_condition(floors: pd.DataFrame) -> dict[tuple, float]:
+    check_columns(floors, ["model", "task", "corruption", "site", "floor"], "precision floors")
+    keys = zip(floors["model"], floors["task"], floors["corruption"], floors["site"])
+    return dict(zip(keys, floors["floor"].astype(float)))
+
+
+def _head_matrix(per_sample: pd.DataFrame) -> pd.DataFrame:
+    """One condition's per-sample values as a samples × (layer, head) matrix."""
+    return per_sample.pivot(index="sample_id", columns=["layer", "head"], values="value").sort_index(axis=1)
 
 
 def _universal_fractions(
@@ -216,7 +268,8 @@ def universal_heads_table(
     Rows: every head universal on the full data (kind = its kind) plus every head universal (any
     kind) in at least `min_frac_universal` of the bootstrap draws but not on the full data
     (kind = "none"), once per condition. Columns: model, site, layer, head, label, kind, task,
-    corruption, modality, metric, mean, std, n, threshold, significant, frac_significant, ci_low, ci_high,
+    corruption, modality, metric, mean, std, n, threshold, significant, below_precision (only where
+    `significant_df` has it: a half-precision run's), frac_significant, ci_low, ci_high,
     frac_universal_vision / _text / _multimodal, frac_universal, frac_universal_kind (the fraction
     for the head's own kind; NaN for "none"), n_draws.
     """
@@ -248,6 +301,7 @@ def universal_heads_table(
         "n",
         "threshold",
         "significant",
+        *(["below_precision"] if "below_precision" in significant_df else []),
         "frac_significant",
         "ci_low",
         "ci_high",

@@ -1,31 +1,35 @@
-"""The precision audit of a half-precision run (docs/method.md, §6 "Precision").
+"""The precision audit of a half-precision run (docs/method.md, §6 "Precision"): its tables.
 
 A model patched in float16 / bfloat16 computes every activation in that dtype; only its score head runs in
 float32. The audit measures what that rounding does to the effects: a seeded sample of the results table's
-rows (at least one of each site kind) is patched again by the reference engine on the same model in float32,
-and per site kind it reports the median, 95th percentile and maximum of |logit_diff − float32 logit_diff|
-next to the spread of the effects. The analysis then marks a head or module whose mean effect is not above
-`precision_k` × that 95th percentile as `below_precision`, and never counts it as significant.
+rows (at least one of each site kind) is patched again by the reference engine on the same model in float32
+(`notice.method.precision_audit`), and per site kind it reports the median, 95th percentile and maximum of
+|logit_diff − float32 logit_diff| next to the spread of the effects. The analysis then marks a head or module
+whose mean effect is not above `precision_k` × that 95th percentile as `below_precision`, and never counts it
+as significant. The attribution screen's estimates are audited the same way (`estimate` for `logit_diff`).
+
+This module reads and writes tables only (no torch): the Snakefile and the analysis import it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from tqdm import tqdm
 
-from notice.adapters.base import HALF_PRECISION, Patch, VLMAdapter
 from notice.files.tables import RESULT_COLUMNS, check_columns
-from notice.patching import reference
-from notice.patching.corruptions import corrupt_image_fn
-from notice.patching.experiment import concat_or_empty, pair_inputs
 
+# The dtypes the audit checks: the names of notice.adapters.base.HALF_PRECISION (tests/test_precision.py).
+HALF_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
+# What the audit measures the rounding of: the effect in logit difference (a head's `below_precision` is
+# judged on its mean logit_diff, whatever metric the analysis ranks heads by).
+AUDITED_METRIC = "logit_diff"
 KEY_COLUMNS: tuple[str, ...] = RESULT_COLUMNS[: RESULT_COLUMNS.index("token")]
-# One row per audited patched run: its keys, the run's effect and the float32 reference's.
-AUDIT_ROW_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "logit_diff", "logit_diff_float32", "abs_error")
+# One row per audited patched run: its keys, which of its sample's pairs it came from (`draws`), the run's
+# effect and the float32 reference's.
+AUDIT_ROW_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "draw", "logit_diff", "logit_diff_float32", "abs_error")
 # One row per site kind of one (model, dataset, corruption).
 AUDIT_COLUMNS: tuple[str, ...] = (
     "model",
@@ -37,75 +41,56 @@ AUDIT_COLUMNS: tuple[str, ...] = (
     "audit_device",  # where the float32 reference ran
     "n_rows",  # rows of the results table of that site kind
     "n_audited",
-    "median",  # of |logit_diff − float32 logit_diff| over the audited rows
+    "median",  # of |value − float32 value| over the audited rows
     "p95",
     "max",
-    "effect_spread",  # standard deviation of logit_diff over the table's rows of that site kind
+    "effect_spread",  # standard deviation of the value (logit_diff, the screen's estimate) over the table's rows
 )
+GROUP_KEYS = ["model", "dataset", "corruption", "site"]
 
 
 def is_half(dtype: str) -> bool:
     """Whether a model section's `dtype` is one the audit checks (float16, bfloat16)."""
-    return dtype in {str(d).removeprefix("torch.") for d in HALF_PRECISION}
+    return dtype in HALF_DTYPES
+
+
+def draws(table: pd.DataFrame) -> pd.Series:
+    """Which of its sample's pairs each row of a results (or screen) table came from: the rank of the row among
+    the rows with its keys. A sample's pairs are patched in the manifest's order, each once for every site."""
+    check_columns(table, KEY_COLUMNS, "results table")
+    return table.groupby(list(KEY_COLUMNS), sort=False, dropna=False).cumcount().rename("draw")
 
 
 def audit_sample(results: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     """A seeded sample of `n` rows of a results table (every row when it has fewer), at least one of each
     site kind (of each model, dataset and corruption, even beyond `n`): one drawn per site kind first, the rest
-    drawn from all the others; in the table's order."""
+    drawn from all the others; in the table's order, with each row's `draw`."""
     check_columns(results, [*KEY_COLUMNS, "logit_diff"], "results table")
     if n < 1:
         raise ValueError(f"the precision audit needs at least one row, got {n}")
     rng = np.random.default_rng(seed)
-    strata = results.groupby(["model", "dataset", "corruption", "site"], sort=True)
+    strata = results.groupby(GROUP_KEYS, sort=True)
     chosen = {int(rng.choice(rows.index)) for _, rows in strata}
     rest = results.index.difference(sorted(chosen))
     extra = rng.choice(rest, size=min(max(n - len(chosen), 0), len(rest)), replace=False)
-    return results.loc[sorted(chosen | {int(i) for i in extra})]
-
-
-def audit_rows(
-    adapter: VLMAdapter,
-    pairs: pd.DataFrame,
-    sample: pd.DataFrame,
-    load_image: Callable[[str], Image.Image],
-    corruption_settings: Mapping,
-) -> pd.DataFrame:
-    """AUDIT_ROW_COLUMNS of every sampled row: its `logit_diff` and the reference engine's on `adapter` (the
-    model in float32) for the same patch of the same pair (`pairs`: PAIR_COLUMNS rows of the table's samples)."""
-    by_sample = pairs.set_index(pairs["sample_id"].astype(str))
-    frames = []
-    groups = sample.groupby(sample["sample_id"].astype(str), sort=False)
-    for sample_id, rows in tqdm(groups, total=groups.ngroups, desc="precision audit", mininterval=5):
-        if sample_id not in by_sample.index:
-            raise ValueError(f"precision audit: sample {sample_id!r} of the results table is not in the pairs manifest")
-        pair = next(by_sample.loc[[sample_id]].itertuples(index=False))
-        clean_inp, corrupt_inp = pair_inputs(adapter, pair, load_image)
-        patches = [Patch(str(r.site), int(r.layer), int(r.position), int(r.head)) for r in rows.itertuples()]
-        exact = reference.patch_sample(
-            adapter,
-            clean_inp,
-            corrupt_inp,
-            patches,
-            int(pair.answer_token_id),
-            int(pair.distractor_token_id),
-            corrupt_image_fn=corrupt_image_fn(pair.corruption, corruption_settings, int(pair.noise_seed)),
-        )
-        float32 = np.asarray([row["logit_diff"] for row in exact], dtype=np.float64)
-        frame = rows[list(KEY_COLUMNS)].assign(logit_diff=rows["logit_diff"].to_numpy(np.float64))
-        frames.append(frame.assign(logit_diff_float32=float32, abs_error=np.abs(frame["logit_diff"] - float32)))
-    return concat_or_empty(frames, AUDIT_ROW_COLUMNS)
+    return results.assign(draw=draws(results)).loc[sorted(chosen | {int(i) for i in extra})]
 
 
 def summarise_audit(
-    audited: pd.DataFrame, results: pd.DataFrame, dtype: str, device: str, audit_dtype: str = "float32"
+    audited: pd.DataFrame,
+    table: pd.DataFrame,
+    dtype: str,
+    device: str,
+    audit_dtype: str = "float32",
+    value: str = AUDITED_METRIC,
 ) -> pd.DataFrame:
-    """AUDIT_COLUMNS per site kind (and model, dataset, corruption) of the results table."""
-    check_columns(audited, AUDIT_ROW_COLUMNS, "audited rows")
-    keys = ["model", "dataset", "corruption", "site"]
-    errors_of = {key: group["abs_error"].to_numpy(np.float64) for key, group in audited.groupby(keys, sort=True)}
+    """AUDIT_COLUMNS per site kind (and model, dataset, corruption) of `table` (the results table, or with
+    `value` "estimate" a screen table): the audited rows' `abs_error` and the spread of the table's `value`."""
+    check_columns(audited, [*GROUP_KEYS, "abs_error"], "audited rows")
+    check_columns(table, [*GROUP_KEYS, value], "audited table")
+    errors_of = {key: group["abs_error"].to_numpy(np.float64) for key, group in audited.groupby(GROUP_KEYS, sort=True)}
     rows = []
-    for (model, dataset, corruption, site), table in results.groupby(keys, sort=True):
+    for (model, dataset, corruption, site), rows_of in table.groupby(GROUP_KEYS, sort=True):
         errors = errors_of.get((model, dataset, corruption, site), np.empty(0))
         rows.append(
             {
@@ -116,15 +101,24 @@ def summarise_audit(
                 "dtype": dtype,
                 "audit_dtype": audit_dtype,
                 "audit_device": device,
-                "n_rows": len(table),
+                "n_rows": len(rows_of),
                 "n_audited": len(errors),
                 "median": float(np.median(errors)) if len(errors) else np.nan,
                 "p95": float(np.percentile(errors, 95)) if len(errors) else np.nan,
                 "max": float(errors.max()) if len(errors) else np.nan,
-                "effect_spread": float(table["logit_diff"].std(ddof=0)),
+                "effect_spread": float(rows_of[value].std(ddof=0)),
             }
         )
     return pd.DataFrame(rows, columns=list(AUDIT_COLUMNS))
+
+
+def read_audits(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """The audit files (`*.precision.csv`) at `paths`, concatenated (AUDIT_COLUMNS; none: no row)."""
+    frames = [
+        check_columns(pd.read_csv(path, dtype={key: str for key in (*GROUP_KEYS, "dtype")}), AUDIT_COLUMNS, str(path))
+        for path in paths
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(AUDIT_COLUMNS))
 
 
 def precision_floors(audits: pd.DataFrame, results: pd.DataFrame, k: float) -> pd.DataFrame:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from notice.patching.attribution import estimates_table as pair_table
 from notice.patching.corruptions import corrupt_image_fn
 from notice.patching.engines import Engine
 from notice.patching.experiment import concat_or_empty, pair_inputs, pair_labels
+from notice.patching.hooks import ImageFn
 from notice.patching.query_keys import qk_sites
 
 KEY_COLUMNS: tuple[str, ...] = RESULT_COLUMNS[: RESULT_COLUMNS.index("token")]
@@ -45,6 +47,7 @@ GROUP_COLUMNS = ["model", "dataset", "corruption", "site"]
 VALIDATION_COLUMNS: tuple[str, ...] = (
     *GROUP_COLUMNS,
     "method",
+    "dtype",  # the model's: the screen's estimates are first order and computed in it
     "n_sites",
     "n_samples",
     "sites_per_sample",
@@ -101,6 +104,38 @@ def confirm_patches(adapter: VLMAdapter, table: pd.DataFrame, n: int) -> list[Pa
     return sorted(patches, key=lambda patch: patch.site in qk)
 
 
+def check_settings(adapter: VLMAdapter, settings: Mapping) -> None:
+    """A `screen` setting this model cannot take stops the job here, before any pair, naming the config key."""
+    try:
+        screen_sites(adapter, settings.get("sites"))
+        method_label(str(settings["method"]), settings.get("qk_fix"), settings.get("grad_drop"))
+    except ValueError as error:
+        raise ValueError(f"config screen: {error}") from None
+
+
+def pair_estimates(
+    adapter: VLMAdapter,
+    pair: Any,
+    clean_inp: ModelInput,
+    corrupt_inp: ModelInput,
+    settings: Mapping,
+    corrupt_image_fn: ImageFn | None,
+) -> Estimates:
+    """The screen of one pair (a PAIR_COLUMNS row) with the config's `screen` settings."""
+    return attribution_estimates(
+        adapter,
+        clean_inp,
+        corrupt_inp,
+        int(pair.answer_token_id),
+        int(pair.distractor_token_id),
+        settings.get("sites"),  # absent: every site (no default in the schema: it depends on the model)
+        method=str(settings["method"]),
+        qk_fix=settings.get("qk_fix"),
+        grad_drop=settings.get("grad_drop"),
+        corrupt_image_fn=corrupt_image_fn,
+    )
+
+
 def screen_pairs(
     adapter: VLMAdapter,
     pairs: pd.DataFrame,
@@ -118,30 +153,14 @@ def screen_pairs(
     pair (`image_effects`, the image as the model sees it and the object mask from `masks`, sample_id →
     mask path), none where the screen has no image effects."""
     method = str(settings["method"])
-    sites = settings.get("sites")  # absent: every site (no default in the schema: it depends on the model)
     confirm_top = int(settings["confirm_top"])
-    try:  # a setting this model cannot take stops here, before any pair, naming the config key
-        screen_sites(adapter, sites)
-        method_label(method, settings.get("qk_fix"), settings.get("grad_drop"))
-    except ValueError as error:
-        raise ValueError(f"config screen: {error}") from None
+    check_settings(adapter, settings)
     frames, confirmed, records = [], [], []
     for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc=f"screen ({method})", mininterval=5):
         clean_inp, corrupt_inp = pair_inputs(adapter, pair, load_image)
         image_fn = corrupt_image_fn(pair.corruption, corruption_settings, int(pair.noise_seed))
         tau, tau_p = int(pair.answer_token_id), int(pair.distractor_token_id)
-        estimates = attribution_estimates(
-            adapter,
-            clean_inp,
-            corrupt_inp,
-            tau,
-            tau_p,
-            sites,
-            method=method,
-            qk_fix=settings.get("qk_fix"),
-            grad_drop=settings.get("grad_drop"),
-            corrupt_image_fn=image_fn,
-        )
+        estimates = pair_estimates(adapter, pair, clean_inp, corrupt_inp, settings, image_fn)
         labelled = pair_labels(pair, labels)
         table = pair_table(estimates, clean_inp.tokens).assign(**labelled, method=estimates.method)
         frames.append(table[list(TABLE_COLUMNS)])
@@ -221,8 +240,9 @@ def _correlation(estimate: pd.Series, target: pd.Series, method: str = "pearson"
     return float(estimate.corr(target, method=method)) if enough else float("nan")
 
 
-def validation_tables(paired: pd.DataFrame, top_k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(VALIDATION_COLUMNS per model × dataset × corruption × site kind, the missed sites).
+def validation_tables(paired: pd.DataFrame, top_k: int, dtype: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(VALIDATION_COLUMNS per model × dataset × corruption × site kind, the missed sites); `dtype` is the
+    model's (the screen ran in it).
 
     A missed site is in a sample's exact top 10 (|exact|) but not in the screen's top `top_k` of that
     sample and site kind; its rows keep both values and ranks. Recall and misses count only samples with
@@ -254,6 +274,7 @@ def validation_tables(paired: pd.DataFrame, top_k: int) -> tuple[pd.DataFrame, p
                 "corruption": corruption,
                 "site": site,
                 "method": method,
+                "dtype": dtype,
                 "n_sites": len(group),
                 "n_samples": len(counts),
                 "sites_per_sample": float(np.median(counts)),

@@ -99,13 +99,16 @@ def workflow_report(
     out_html: str | Path,
     tables_dir: str | Path,
     screen: ScreenResults | None = None,
+    precision: pd.DataFrame | None = None,
 ) -> Path:
     """The workflow's report and the paper's Tables 1-3 (`tables_dir`/<TABLE_FILES>.csv and .md).
 
     Inputs are the concatenated per-model tables: universal heads (`universal_heads_table`),
     significant heads (`significant_heads`), accuracy, head-function scores and grounding summaries;
     `figure_dirs` maps every model, in report order, to its figure directory; `settings` is the
-    config's `analysis` section; `screen` the attribution screen's tables and figures, when it ran.
+    config's `analysis` section (with `precision_k` where a model is half precision); `screen` the attribution
+    screen's tables and figures, when it ran; `precision` the precision audits of the half-precision models
+    (`notice.method.precision.AUDIT_COLUMNS`), None when every model is full precision.
     """
     config = HeadFunctionConfig.from_dict(settings["head_functions"])
     corruptions = settings["universal_corruptions"]
@@ -142,7 +145,14 @@ def workflow_report(
             + grounding_findings(grounding, functions, config),
         ),
         Section("Accuracy", tables=table2),
-        Section("Universal heads", tables=[*table1, Table(universal, "Universal heads per condition.", no_heads)]),
+        Section(
+            "Universal heads",
+            tables=[
+                *table1,
+                Table(universal, "Universal heads per condition.", no_heads),
+                *([] if precision is None else [precision_table(precision, settings["precision_k"])]),
+            ],
+        ),
         Section(
             "Head functions",
             tables=[*table3, Table(grounding, "Best object detector per model, site and dataset.", NO_DETECTOR)],
@@ -157,15 +167,34 @@ def workflow_report(
     return build_report(sections, out_html)
 
 
+NO_AUDITED_ROWS = "No audited rows: the patching tables of the half-precision models have no rows."
+
+
+def precision_table(audits: pd.DataFrame, k: float) -> Table:
+    """The precision audits of the half-precision models' patching tables, and how the analysis reads them."""
+    return Table(
+        audits,
+        "Precision audit of the models patched in float16 / bfloat16: per dataset, corruption and site kind, a "
+        "seeded sample of the patched runs (n_audited of n_rows) patched again by the reference engine on the model "
+        "in float32 (on audit_device); median, 95th percentile (p95) and maximum of |logit_diff − float32 "
+        "logit_diff|, next to the effects' spread (their standard deviation). Rounding alone moves an effect by up "
+        f"to about p95: a head or module whose mean effect is not above {k:g} × p95 is marked below_precision in "
+        "the head tables and never counted as significant.",
+        NO_AUDITED_ROWS,
+    )
+
+
 @dataclass(frozen=True)
 class ScreenResults:
     """The attribution screen's outputs over every model (`notice.method.screen`): validation, misses and
-    on-object shares, concatenated; the figure directory of each model."""
+    on-object shares, concatenated; the figure directory of each model; the precision audits of the
+    half-precision models' screens (AUDIT_COLUMNS of their estimates; None when every model is full precision)."""
 
     validation: pd.DataFrame
     misses: pd.DataFrame
     object_fraction: pd.DataFrame
     figure_dirs: dict[str, Path]
+    precision: pd.DataFrame | None = None
 
 
 def screen_section(screen: ScreenResults, grounding: pd.DataFrame) -> Section:
@@ -223,5 +252,18 @@ def screen_section(screen: ScreenResults, grounding: pd.DataFrame) -> Section:
                 else "No misses: in every sample with more than k sites of a kind, the sites of its exact top 10 "
                 "are within the screen's top k.",
             ),
+            *([] if screen.precision is None else [screen_precision_table(screen.precision)]),
         ],
+    )
+
+
+def screen_precision_table(audits: pd.DataFrame) -> Table:
+    """The precision audits of the half-precision models' screens."""
+    return Table(
+        audits,
+        "Precision audit of the screen of the models in float16 / bfloat16 (the validation's dtype): every estimate "
+        "of the pairs of the patching audit, recomputed on the model in float32 (on audit_device); per site kind "
+        "the median, 95th percentile and maximum of |estimate − float32 estimate| over those pairs' estimates "
+        "(n_audited of n_rows), next to the spread of all the estimates (their standard deviation).",
+        "No audited estimates: the screen tables of the half-precision models have no rows.",
     )

@@ -83,6 +83,40 @@ def load_tokenizing_model(model_path: str, section: dict):
     )
 
 
+# The float32 model audits on the job's GPU when its weights take at most this share of the free memory there
+# (the rest is for one pair's activations); else on the CPU.
+FIT_FRACTION = 0.9
+
+
+def fitting_device(device: str, need_bytes: int, free_bytes: int) -> tuple[str, str]:
+    """(device, where in words) of a float32 model of `need_bytes` on `device` with `free_bytes` free."""
+    if need_bytes <= FIT_FRACTION * free_bytes:
+        return device, device
+    return "cpu", (
+        f"cpu (the float32 model, {need_bytes / 1e9:.1f} GB, does not fit in the {free_bytes / 1e9:.1f} GB "
+        f"free on {device})"
+    )
+
+
+def audit_device(model_path: str, section: dict, setting: str) -> tuple[str, str]:
+    """(device, where in words) of the precision audit's float32 model (`setting`: the config's
+    `patching.precision_audit.device`): `cpu`, or under `auto` the job's device (the model section's `device`)
+    if the float32 weights fit in its free memory (counted on the meta device: nothing is loaded), else the CPU.
+
+    Call it only in jobs with `resources: gpu=1`, like `load_model`.
+    """
+    if setting == "cpu":
+        return "cpu", "cpu (patching.precision_audit.device)"
+    device = resolve_device(section["device"])
+    if not device.startswith("cuda"):
+        return device, device
+    import torch
+
+    free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    weights = load_tokenizing_model(model_path, section).model.parameters()
+    return fitting_device(device, 4 * sum(parameter.numel() for parameter in weights), free_bytes)
+
+
 def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
     """Decode an image as RGB, naming the file when it cannot be read or is too large.
 
