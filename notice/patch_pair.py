@@ -2,20 +2,31 @@
 
 Users try one example before a 500-sample run, and a new model family is checked this way. So the pair
 is built as a one-row corruption manifest (tables.PAIR_COLUMNS) and goes through the workflow's own
-`cache_clean_runs` + `patch_pairs`: the rows are the workflow's results rows by construction.
+`cache_clean_runs` + `patch_pairs`: the rows are the workflow's results rows by construction. In half precision,
+`--audit N` runs the workflow's precision audit (notice.method.precision) on N of those rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from notice.adapters.base import VLMAdapter
 from notice.adapters.loading import load_adapter
-from notice.files.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, write_table
+from notice.files.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, write_csv, write_table
 from notice.method.pairs import NO_NOISE, PAIR_DTYPES
+from notice.method.precision import (
+    AUDIT_ROW_COLUMNS,
+    audit_rows,
+    audit_sample,
+    audit_summary_lines,
+    is_half,
+    summarise_audit,
+)
 from notice.patching.engines import ENGINES, get_engine
 from notice.patching.experiment import cache_clean_runs, patch_pairs
 from notice.patching.fast import DEFAULT_BATCH_ROWS
@@ -31,6 +42,8 @@ DEFAULT_ENGINE = "fast"
 DEFAULT_NU = 5.0
 DEFAULT_SIGMA_MULTIPLIER = 3.0
 PATCH_SET = {"module_sites": True, "head_sites": True}
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+AUDIT_SEED = 0
 
 
 class InputError(ValueError):
@@ -51,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-template", help="prompt with {question}, used verbatim (default: the model's)")
     parser.add_argument("--adapter", help="adapter family, e.g. an opt-in stream (default: the model type's)")
     parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="the model's dtype (scores are float32 in every dtype)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--nu", type=float, default=DEFAULT_NU, help="gn_mult: noise scale")
     parser.add_argument("--sigma-multiplier", type=float, default=DEFAULT_SIGMA_MULTIPLIER, help="gn_add: noise scale")
@@ -63,6 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"fast engine: patched runs per forward pass (default {DEFAULT_BATCH_ROWS})",
     )
     parser.add_argument("--out", required=True, help="results table (Parquet, tables.RESULT_COLUMNS)")
+    parser.add_argument(
+        "--audit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="bfloat16 / float16: patch N seeded rows (at least one per site kind) again on the model in float32 and "
+        "print the rounding per site kind; writes <stem>.precision.csv and <stem>.precision_rows.parquet next to --out "
+        "(default 0: no audit)",
+    )
+    parser.add_argument(
+        "--audit-seed", type=int, default=AUDIT_SEED, help=f"seed of the audit's rows (default {AUDIT_SEED})"
+    )
 
 
 def corruption_of(args: argparse.Namespace) -> str:
@@ -193,8 +220,64 @@ def check_images(*paths: str | None) -> None:
             raise InputError(str(error)) from error
 
 
-def run(args: argparse.Namespace) -> pd.DataFrame:
-    """Patch the pair of `args` with the workflow's functions, write the results table, return its rows."""
+def check_audit(args: argparse.Namespace) -> None:
+    """`--audit` needs a half-precision `--dtype`: a full-precision run has no rounding to measure."""
+    if args.audit < 0:
+        raise InputError(f"--audit {args.audit}: the number of rows to audit cannot be negative")
+    if args.audit > 0 and not is_half(args.dtype):
+        raise InputError(
+            f"--audit needs --dtype bfloat16 or float16; a {args.dtype} run has no half-precision rounding to audit"
+        )
+
+
+def corruption_settings(args: argparse.Namespace) -> dict[str, float]:
+    return {"nu": args.nu, "sigma_multiplier": args.sigma_multiplier}
+
+
+def audit_paths(out: str) -> tuple[Path, Path]:
+    """(audit summary CSV, audited rows Parquet) next to the results table: `<stem>.precision.csv`,
+    `<stem>.precision_rows.parquet`."""
+    path = Path(out)
+    return path.with_name(f"{path.stem}.precision.csv"), path.with_name(f"{path.stem}.precision_rows.parquet")
+
+
+def patch(args: argparse.Namespace, pairs: pd.DataFrame) -> pd.DataFrame:
+    """The results rows of `pairs` on the model in `--dtype` (freed on return)."""
+    adapter = load_adapter(args.model, args.device, args.dtype, args.prompt_template, adapter=args.adapter)
+    with torch.inference_mode():
+        clean_runs = cache_clean_runs(adapter, prompts_of(pairs), load_image)
+        return patch_pairs(
+            adapter,
+            pairs,
+            clean_runs,
+            load_image,
+            engine=get_engine(args.engine, args.batch_size),
+            corruption_settings=corruption_settings(args),
+            patching_settings=PATCH_SET,
+            labels={"model": args.model, "dataset": LABEL},
+        )
+
+
+def audit(args: argparse.Namespace, pairs: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The precision audit of `rows` (notice.method.precision): `--audit` seeded rows patched again by the
+    reference engine on the model loaded in float32 on the same device; writes the audited rows and the summary
+    (`audit_paths`) and returns the summary (AUDIT_COLUMNS, one row per site kind)."""
+    gc.collect()  # the half-precision model, before the float32 one loads
+    full = load_adapter(args.model, args.device, "float32", args.prompt_template, adapter=args.adapter)
+    sample = audit_sample(rows, args.audit, args.audit_seed)
+    with torch.inference_mode():
+        audited = audit_rows(full, pairs, sample, load_image, corruption_settings(args))
+    summary = summarise_audit(audited, rows, args.dtype, args.device)
+    summary_path, rows_path = audit_paths(args.out)
+    write_table(audited, rows_path, AUDIT_ROW_COLUMNS)
+    write_csv(summary, summary_path)
+    return summary
+
+
+def run(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Patch the pair of `args` with the workflow's functions, write the results table (and with `--audit` the
+    precision audit); return its rows and the audit's summary (None without `--audit`)."""
+    check_audit(args)
     check_images(args.image, args.corrupt_image)
     tokenizing = tokenizing_adapter(args)
     pairs = build_pair(
@@ -209,21 +292,9 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         noise_seed=args.noise_seed,
     )
     check_input_lengths(tokenizing, pairs)
-    adapter = load_adapter(args.model, args.device, args.dtype, args.prompt_template, adapter=args.adapter)
-    with torch.inference_mode():
-        clean_runs = cache_clean_runs(adapter, prompts_of(pairs), load_image)
-        rows = patch_pairs(
-            adapter,
-            pairs,
-            clean_runs,
-            load_image,
-            engine=get_engine(args.engine, args.batch_size),
-            corruption_settings={"nu": args.nu, "sigma_multiplier": args.sigma_multiplier},
-            patching_settings=PATCH_SET,
-            labels={"model": args.model, "dataset": LABEL},
-        )
+    rows = patch(args, pairs)
     write_table(rows, args.out, RESULT_COLUMNS)
-    return rows
+    return rows, (audit(args, pairs, rows) if args.audit > 0 else None)
 
 
 def summary(rows: pd.DataFrame) -> str:
@@ -239,8 +310,23 @@ def summary(rows: pd.DataFrame) -> str:
     )
 
 
+def audit_report(args: argparse.Namespace, audit_summary: pd.DataFrame) -> str:
+    """The audit's header, one line per site kind (`audit_summary_lines`) and where its files are."""
+    summary_path, rows_path = audit_paths(args.out)
+    n_audited, n_rows = int(audit_summary["n_audited"].sum()), int(audit_summary["n_rows"].sum())
+    return "\n".join(
+        [
+            f"precision audit: {n_audited} of the {n_rows} rows (seed {args.audit_seed}) patched again in float32:",
+            *audit_summary_lines(audit_summary),
+            f"precision audit: {summary_path}, {rows_path}",
+        ]
+    )
+
+
 def command(args: argparse.Namespace) -> None:
-    """The `patch-pair` subcommand: run, then print the summary and where the table is."""
-    rows = run(args)
+    """The `patch-pair` subcommand: run, then print the summary, the audit and where the tables are."""
+    rows, audit_summary = run(args)
     print(summary(rows))
     print(f"results: {args.out}")
+    if audit_summary is not None:
+        print(audit_report(args, audit_summary))

@@ -1,24 +1,30 @@
 """`notice.bench`: every family of the family table has a bench layout whose fast rows are exact (checked at a
 tiny size, the same code path as the bench's), the fast engine's cost is estimated from whole chunks of the run
 `fast.patch_sample` makes, drawn by stratum, and the rows checked are rows it ran, `--real-size` never starts on a
-CPU by accident, and the attribution screen's cost is measured against the same site set patched exactly (BLIP,
-LLaVA)."""
+CPU by accident, the attribution screen's cost is measured against the same site set patched exactly (BLIP,
+LLaVA), and `--real-size`'s precision audit of a bfloat16 case (the same code path on tiny layouts in bfloat16) is
+the float32 recomputation of rows the fast engine ran."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import subprocess
 from functools import partial
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from workflow_helpers import REPO
 
+from notice.adapters.base import Patch
 from notice.bench import cli, measure
+from notice.bench.case import Case, in_dtype
 from notice.bench.layouts import qwen2_vl as qwen2_vl_layout
 from notice.families import family_names
+from notice.method.precision import AUDIT_COLUMNS, AUDIT_ROW_COLUMNS
 from notice.patching import fast, reference
 from notice.patching.scores import Scores, result_row
 
@@ -213,6 +219,13 @@ def test_bench_line_reports_the_screen_keys():
         "screen_speedup": 2000.0,
     }
     assert "screen" not in cli.bench_line(results)  # no screen run: the line as before
+    audits = [pd.DataFrame({"model": ["llava", "llava"], "site": ["mlp", "self_attn"], "p95": [2e-3, 5e-3]})]
+    assert _bench_line_fields(cli.bench_line(results, (), audits)) == {
+        "blip_speedup": 20.0,
+        "llava_speedup": 40.0,
+        "max_rel_err": 2e-7,
+        "llava_audit_p95": 5e-3,  # the largest over the family's site kinds
+    }
     # the LLaVA-1.5 layout's screen is the one that gives the unprefixed `screen_speedup=`
     assert cli.screen_prefixes() == {"blip": "blip_", "llava": ""}
 
@@ -235,3 +248,60 @@ def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
     assert {"blip_speedup", "llava_speedup", "max_rel_err", "blip_screen_speedup", "screen_speedup"} <= set(fields)
     assert fields["screen_speedup"] > 0 and fields["screen_forwards"] > 0
     assert any(line.startswith("| llava |") and line.endswith("× |") for line in lines)  # the screen table
+    assert not any("audit" in key for key in fields) and not any("precision audit" in line for line in lines)
+
+
+def in_bfloat16(case: Case) -> Case:
+    """The case with its model and inputs in bfloat16, as `--real-size` builds its cases."""
+    case.adapter.model.to(torch.bfloat16)
+    return dataclasses.replace(
+        case, clean=in_dtype(case.clean, torch.bfloat16), corrupt=in_dtype(case.corrupt, torch.bfloat16)
+    )
+
+
+# The decoder engine (LLaVA), the encoder-decoder one (BLIP), OPT's MLP view (BLIP-2), the Q-Former stream.
+@pytest.mark.parametrize("family", ["llava", "blip", "blip2", "blip2_qformer"])
+def test_precision_audit_of_a_bfloat16_case_is_its_float32_recomputation(family):
+    case = in_bfloat16(MODULES[family].bench_case(family=family, tiny=True))
+    config = case.adapter.model.config.to_dict()
+    result = measure.measure(case, fast_chunks=2, n_hooked=1, n_three_row=0, batch_size=8, seed=0)
+    audited, summary = measure.precision_audit(case, result["fast_rows"], 6, seed=0)
+    assert case.adapter.dtype == torch.bfloat16 and case.adapter.model.config.to_dict() == config  # untouched
+    assert list(audited.columns) == list(AUDIT_ROW_COLUMNS) and list(summary.columns) == list(AUDIT_COLUMNS)
+    ran = measure.results_table(case, result["fast_rows"])
+    assert sorted(summary.site) == sorted(ran.site.unique()) and summary.n_rows.sum() == len(ran)
+    assert (summary.n_audited >= 1).all() and summary.n_audited.sum() == len(audited) <= max(6, len(summary))
+    assert set(summary.dtype) == {"bfloat16"} and set(summary.audit_dtype) == {"float32"}
+    assert (summary["max"] >= summary.p95).all() and (summary.p95 >= summary["median"]).all()
+    assert (summary["median"] >= 0).all() and summary["max"].max() > 0  # bfloat16 rounds
+    keys = ["site", "layer", "head", "position"]
+    merged = audited.merge(ran, on=keys, suffixes=("", "_ran"), validate="one_to_one")
+    assert len(merged) == len(audited) and (merged.logit_diff == merged.logit_diff_ran).all()  # rows the engine ran
+    # The truth, built apart: the float32 layout with its weights rounded to bfloat16, the inputs likewise.
+    truth = MODULES[family].bench_case(family=family, tiny=True)
+    with torch.no_grad():
+        for param in truth.adapter.model.parameters():
+            param.copy_(param.to(torch.bfloat16))
+    clean, corrupt = (in_dtype(in_dtype(i, torch.bfloat16), torch.float32) for i in (truth.clean, truth.corrupt))
+    patches = [Patch(r.site, r.layer, r.position, r.head) for r in audited.itertuples()]
+    exact = reference.patch_sample(truth.adapter, clean, corrupt, patches, truth.tau, truth.tau_p)
+    assert audited.logit_diff_float32.tolist() == pytest.approx([r["logit_diff"] for r in exact], rel=1e-6, abs=1e-7)
+    assert (audited.abs_error == (audited.logit_diff - audited.logit_diff_float32).abs()).all()
+
+
+def test_real_size_prints_the_precision_audit(monkeypatch, capsys):
+    def bfloat16_case(real_size: bool, *, family: str, device: str) -> Case:
+        assert real_size and device == "cpu"
+        return in_bfloat16(MODULES[family].bench_case(family=family, tiny=True, device=device))
+
+    monkeypatch.setattr(cli, "layouts", lambda: {"llava": SimpleNamespace(bench_case=bfloat16_case)})
+    cli.main(["--real-size", "--device", "cpu", "--families", "llava", "--fast-chunks", "2", "--audit-rows", "6"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("  precision audit: "))
+    sites = [line.strip() for line in lines[start + 1 :] if line.startswith("    ")]
+    assert sites and all("|logit_diff - float32| median" in line and "(bfloat16 on cpu)" in line for line in sites)
+    table = [line for line in lines if line.startswith("| llava | ")]
+    assert len(table) == len(sites) + 1  # the real-size table's row and one row per site kind
+    fields = _bench_line_fields(lines[-1])
+    p95s = [float(line.split("p95 ")[1].split(",")[0]) for line in sites]
+    assert fields["llava_audit_p95"] == pytest.approx(max(p95s), rel=0.05) and fields["llava_audit_p95"] > 0

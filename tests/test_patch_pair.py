@@ -1,7 +1,8 @@
 """`python -m notice patch-pair` on tiny local models of every family.
 
 The CLI's table must be exactly what the workflow's patching stage (cache_clean_runs + patch_pairs)
-gives for the same pair, and bad input must be one line on stderr with exit code 2.
+gives for the same pair (in float32 and bfloat16), the precision audit of a bfloat16 run must be rows of that
+table recomputed in float32, and bad input must be one line on stderr with exit code 2.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from transformers import BertConfig
 
 from notice.__main__ import main
 from notice.adapters.loading import load_adapter
-from notice.families import family
+from notice.families import default_family, families, family
 from notice.files.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
 from notice.method.pairs import PAIR_DTYPES
+from notice.method.precision import AUDIT_COLUMNS, AUDIT_ROW_COLUMNS, audit_summary_lines
 from notice.patching.engines import get_engine
 from notice.patching.experiment import cache_clean_runs, patch_pairs
 from notice.workflow.runtime import load_image
@@ -95,9 +97,11 @@ def expected_rows(
     engine: str = "fast",
     prompt_template: str | None = None,
     noise_seed: int = 0,
+    dtype: str = "float32",
+    adapter_name: str | None = None,
 ) -> pd.DataFrame:
     """The workflow's patching stage on the same pair, built here by hand, through a Parquet file."""
-    adapter = load_adapter(str(tmp / family), prompt_template=prompt_template)
+    adapter = load_adapter(str(tmp / family), dtype=dtype, prompt_template=prompt_template, adapter=adapter_name)
     clean, corrupt = images(tmp)
     prompt = adapter.format_prompt(QUESTION)
     pair = {
@@ -132,7 +136,7 @@ def expected_rows(
             patching_settings={"module_sites": True, "head_sites": True},
             labels={"model": str(tmp / family), "dataset": "cli"},
         )
-    path = tmp / f"expected_{family}_{corruption}_{engine}.parquet"
+    path = tmp / f"expected_{family}_{adapter_name}_{corruption}_{engine}_{dtype}.parquet"
     write_table(rows, path, RESULT_COLUMNS)
     return read_table(path, RESULT_COLUMNS)
 
@@ -157,6 +161,44 @@ def test_rows_are_the_workflows(tmp: Path, family: str, corruption: str, capsys:
     assert f"LD clean {rows.ld_clean.iloc[0]:.4f} / LD corrupt {rows.ld_corrupt.iloc[0]:.4f}" in printed
     best = rows.loc[rows.logit_diff.idxmax()]
     assert f"{best.site}" in printed and str(best.token) in printed
+
+
+# Every family's tiny directory, and the opt-in streams (`--adapter`) on their model type's default family's.
+AUDITED = [(name, None) for name in DEFAULT_FAMILIES] + [
+    (default_family(row.model_types[0]).name, row.name) for row in families() if row.opt_in
+]
+
+
+@pytest.mark.parametrize("family, adapter_name", AUDITED)
+def test_bfloat16_run_and_its_precision_audit(
+    tmp: Path, family: str, adapter_name: str | None, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp / f"out_bfloat16_{family}_{adapter_name}.parquet"
+    stream = ["--adapter", adapter_name] if adapter_name else []
+    capsys.readouterr()
+    assert main(cli_args(tmp, family, "sip", out, "--dtype", "bfloat16", "--audit", "64", *stream)) == 0
+    rows = assert_same_rows(out, expected_rows(tmp, family, "sip", dtype="bfloat16", adapter_name=adapter_name))
+    summary = pd.read_csv(out.with_name(f"{out.stem}.precision.csv"), keep_default_na=False)
+    audited = read_table(out.with_name(f"{out.stem}.precision_rows.parquet"), AUDIT_ROW_COLUMNS)
+    assert list(summary.columns) == list(AUDIT_COLUMNS) and list(audited.columns) == list(AUDIT_ROW_COLUMNS)
+    # One summary row per site kind of the table, each audited at least once, 64 rows at most in all.
+    assert sorted(summary.site) == sorted(rows.site.unique()) and summary.n_rows.sum() == len(rows)
+    assert (summary.n_audited >= 1).all() and len(summary) <= summary.n_audited.sum() == len(audited) <= 64
+    assert set(summary.dtype) == {"bfloat16"} and set(summary.audit_dtype) == {"float32"}
+    assert set(summary.audit_device) == {"cpu"}
+    assert (summary["max"] >= summary.p95).all() and (summary.p95 >= summary["median"]).all()
+    assert (summary["median"] >= 0).all() and summary["max"].max() > 0  # bfloat16 rounds
+    # The audited rows are rows of the table with its logit_diff; their float32 logit_diff is the float32 run's.
+    keys = ["site", "layer", "head", "position"]
+    ran = audited.merge(rows, on=keys, suffixes=("", "_table"), validate="one_to_one")
+    assert len(ran) == len(audited) and (ran.logit_diff == ran.logit_diff_table).all()
+    assert (audited.abs_error == (audited.logit_diff - audited.logit_diff_float32).abs()).all()
+    full = audited.merge(expected_rows(tmp, family, "sip", adapter_name=adapter_name), on=keys, suffixes=("", "_32"))
+    assert len(full) == len(audited)  # the fast engine in float32 against the audit's reference engine:
+    np.testing.assert_allclose(full.logit_diff_float32, full.logit_diff_32, rtol=1e-5, atol=2e-5)
+    printed = capsys.readouterr().out.splitlines()
+    start = printed.index(f"precision audit: {len(audited)} of the {len(rows)} rows (seed 0) patched again in float32:")
+    assert printed[start + 1 : start + 1 + len(summary)] == list(audit_summary_lines(summary))
 
 
 def test_reference_engine_and_additive_noise(tmp: Path) -> None:
@@ -231,6 +273,9 @@ def without(args: list[str], option: str) -> list[str]:
         ("no_corruption", ["one of the arguments", "--corrupt-image", "--noise"]),
         ("two_corruptions", ["--noise", "not allowed with", "--corrupt-image"]),
         ("template_without_question", ["--prompt-template", "{question}"]),
+        ("audit_in_float32", ["--audit needs --dtype bfloat16 or float16", "a float32 run"]),
+        ("audit_in_float64", ["--audit needs --dtype bfloat16 or float16", "a float64 run"]),
+        ("audit_negative", ["--audit -1", "cannot be negative"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(
@@ -249,6 +294,9 @@ def test_bad_input_is_one_line_and_exit_code_2(
         "no_corruption": without(args, "--corrupt-image"),
         "two_corruptions": args + ["--noise", "gn_mult"],
         "template_without_question": args + ["--prompt-template", "USER: <image>\nASSISTANT:"],
+        "audit_in_float32": args + ["--audit", "8"],
+        "audit_in_float64": args + ["--dtype", "float64", "--audit", "8"],
+        "audit_negative": args + ["--dtype", "bfloat16", "--audit", "-1"],
     }[case]
     capsys.readouterr()
     assert exit_code(argv) == 2
@@ -256,4 +304,4 @@ def test_bad_input_is_one_line_and_exit_code_2(
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1, captured.err
     assert all(word in lines[0] for word in words), lines[0]
-    assert not (tmp / f"bad_{case}.parquet").exists()
+    assert not (tmp / f"bad_{case}.parquet").exists() and not (tmp / f"bad_{case}.precision.csv").exists()

@@ -3,6 +3,7 @@ the layouts (`notice.bench.layouts`) share."""
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,6 +69,28 @@ def build_model(model_cls: type[PreTrainedModel], config, size: Size, device: st
     dtype = torch.bfloat16 if size == "real" else torch.float32
     with torch.device(device):
         return model_cls._from_config(config, attn_implementation="eager", dtype=dtype).eval()
+
+
+def float32_twin(adapter: VLMAdapter) -> VLMAdapter:
+    """The adapter's model rebuilt in float32 on its device with its weights (upcast: exact), in a new adapter of
+    its class: the same model computed in full precision. Rebuilt, not deep-copied: a copy would carry the hooks and
+    module state an adapter installs on its model, bound to the original."""
+    model = adapter.model
+    with torch.device(adapter.device):  # a copy of the config: `_from_config` writes the dtype into it
+        twin = type(model)._from_config(copy.deepcopy(model.config), attn_implementation="eager", dtype=torch.float32)
+    twin.load_state_dict(model.state_dict())
+    return type(adapter)(twin.eval(), adapter.processor, adapter.prompt_template)
+
+
+def in_dtype(inp: ModelInput, dtype: torch.dtype) -> ModelInput:
+    """`inp` with its floating-point tensors (the pixel values, any float extra) in `dtype`; ids and masks as
+    they are."""
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype) if x.is_floating_point() else x
+
+    extra = {key: cast(value) for key, value in inp.extra.items()}
+    return ModelInput(inp.input_ids, inp.attention_mask, cast(inp.pixel_values), inp.tokens, extra)
 
 
 def family_adapter_of(name: str, model: torch.nn.Module, prompt_template: str | None = None) -> VLMAdapter:

@@ -42,7 +42,12 @@ key=value.
 
 `--real-size` builds the real checkpoints' dimensions (random weights, bfloat16, `--device`, a GPU by
 default) and reports the fast engine's patched runs per second and the estimated wall time of the
-paper's 500-sample experiment per corruption; (b) is skipped and (a) only gives the ratio.
+paper's 500-sample experiment per corruption; (b) is skipped and (a) only gives the ratio. It also audits the
+rounding (`measure.precision_audit`, notice.method.precision): `--audit-rows` seeded rows of those the fast engine
+ran (at least one per site kind) patched again by the reference engine on the same model rebuilt in float32, and
+prints per family and site kind the median, 95th percentile and maximum of |logit_diff − float32 logit_diff| next
+to the spread of the effects; the bench line gains `<family>_audit_p95=<p>` (the largest 95th percentile over the
+family's site kinds).
 """
 
 from __future__ import annotations
@@ -57,10 +62,12 @@ from collections.abc import Sequence
 from functools import partial
 from types import ModuleType
 
+import pandas as pd
 import torch
 
-from notice.bench.measure import _timed, engine_setup, measure, measure_screen
+from notice.bench.measure import _timed, engine_setup, measure, measure_screen, precision_audit
 from notice.families import families
+from notice.method.precision import audit_summary_lines
 from notice.patching import fast
 
 PAPER_SAMPLES = 500  # samples per corruption in the paper's experiment
@@ -70,6 +77,7 @@ HOOKED = 1
 THREE_ROW = 1
 SCREEN_CHUNKS = 4
 SCREEN_REPEATS = 2
+AUDIT_ROWS = 64
 
 
 def _screen_line(s: dict) -> str:
@@ -100,14 +108,16 @@ def _screen_table(screens: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_line(results: list[dict], screens: Sequence[dict] = ()) -> str:
+def bench_line(results: list[dict], screens: Sequence[dict] = (), audits: Sequence[pd.DataFrame] = ()) -> str:
     """The last line: `bench: <family>_speedup=<x> ... max_rel_err=<e>`, then each screened family's
-    `<prefix>screen_forwards=<f> <prefix>screen_speedup=<x>` (`screen_prefixes`)."""
+    `<prefix>screen_forwards=<f> <prefix>screen_speedup=<x>` (`screen_prefixes`), then each audited family's
+    `<family>_audit_p95=<p>` (the largest 95th percentile over its site kinds; real size only)."""
     entries = [f"{r['name']}_speedup={r['per_hooked'] / r['per_fast']:.1f}" for r in results]
     entries.append(f"max_rel_err={max(r['err'] for r in results):.1e}")
     for s in screens:
         prefix = s["prefix"]
         entries += [f"{prefix}screen_forwards={s['forwards']:.2f}", f"{prefix}screen_speedup={s['speedup']:.1f}"]
+    entries += [f"{audit['model'].iloc[0]}_audit_p95={audit['p95'].max():.1e}" for audit in audits]
     return "bench: " + " ".join(entries)
 
 
@@ -140,6 +150,26 @@ def _real_size_table(results: list[dict]) -> str:
             f"{r['per_hooked'] / r['per_fast']:.0f}× | {r['err']:.1e} |"
         )
     return "\n".join(lines)
+
+
+def _audit_table(audits: Sequence[pd.DataFrame]) -> str:
+    lines = [
+        "| model | site | dtype | rows audited (of those run) | median | p95 | max | effect spread |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for audit in audits:
+        for r in audit.itertuples():
+            lines.append(
+                f"| {r.model} | {r.site} | {r.dtype} | {r.n_audited} ({r.n_rows}) | {r.median:.1e} | {r.p95:.1e} | "
+                f"{r.max:.1e} | {r.effect_spread:.1e} |"
+            )
+    return "\n".join(lines)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def layouts() -> dict[str, ModuleType]:
@@ -201,9 +231,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--device", help="torch device, also of the scaled bench (default: cuda if available, else cpu)"
     )
+    parser.add_argument(
+        "--audit-rows",
+        type=int,
+        default=AUDIT_ROWS,
+        help=f"--real-size: rows of those the fast engine ran patched again on the model in float32, at least one "
+        f"per site kind (default {AUDIT_ROWS}; 0: no precision audit)",
+    )
     args = parser.parse_args(argv)
     if args.fast_chunks < 1 or args.hooked < 1:
         parser.error("--fast-chunks and --hooked must be at least 1 (the speedup is fast against (a))")
+    if args.audit_rows < 0:
+        parser.error(f"--audit-rows must be 0 (no audit) or more, got {args.audit_rows}")
     if args.real_size and args.device != "cpu" and not torch.cuda.is_available():
         # Checked before anything is built: a 7B model on a CPU would run for days.
         sys.exit(
@@ -220,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     results: list[dict] = []
     screens: list[dict] = []
+    audits: list[pd.DataFrame] = []
     for family in args.families:
         case, t_build = _timed(partial(modules[family].bench_case, args.real_size, family=family, device=device))
         print(f"{case.description}: built in {t_build:.0f} s; {len(case.patches)} patched runs", flush=True)
@@ -244,10 +284,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             screens.append({**screen, "prefix": prefixes[family]})
             print(f"{_screen_line(screens[-1])}; screen timed in {t_screen:.0f} s", flush=True)
-        del case, setup
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        del setup  # the engine's caches, before the audit's float32 model
+        _free_memory()
+        if args.real_size and args.audit_rows > 0:
+            (audited, audit), t_audit = _timed(
+                partial(precision_audit, case, result["fast_rows"], args.audit_rows, args.seed)
+            )
+            audits.append(audit)
+            print(
+                f"  precision audit: {len(audited)} of the {len(result['fast_rows'])} rows the fast engine ran "
+                f"(seed {args.seed}) patched again in float32, in {t_audit:.0f} s:",
+                flush=True,
+            )
+            for line in audit_summary_lines(audit):
+                print(f"    {line}", flush=True)
+        del case
+        _free_memory()
     print(
         f"fast: {args.fast_chunks} chunks of each patch set's run timed (one per stratum of its order), (a) and (b) "
         f"on random rows among theirs (seed {args.seed}); wall time {time.perf_counter() - start:.0f} s; "
@@ -261,4 +313,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"queries / keys not counted):"
         )
         print(_screen_table(screens))
-    print(bench_line(results, screens))
+    if audits:
+        print(
+            f"Precision audit: |logit_diff - float32 logit_diff| over {args.audit_rows} seeded rows of those the "
+            f"fast engine ran (at least one per site kind), the reference engine on the same model in float32; "
+            f"effect spread: standard deviation of logit_diff over the rows run:"
+        )
+        print(_audit_table(audits))
+    print(bench_line(results, screens, audits))

@@ -1,5 +1,6 @@
 """The measurements of `make bench`: the fast engine against (a) one hooked forward per patched run and (b) the
-published code's 3-row batch per patch, and the attribution screen against exact patching of its sites."""
+published code's 3-row batch per patch, the attribution screen against exact patching of its sites, and at real
+size the precision audit of the engine's half-precision rows."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
+import numpy as np
+import pandas as pd
 import torch
 
 from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
-from notice.bench.case import Case
+from notice.bench.case import Case, float32_twin, in_dtype
+from notice.files.tables import RESULT_COLUMNS
+from notice.method.precision import KEY_COLUMNS, audit_sample, summarise_audit
 from notice.patching import fast, reference
 from notice.patching.attribution import IMAGE_SITE, attribution_estimates, screen_sites
 from notice.patching.fast_core import FastFamily
@@ -202,7 +207,7 @@ def measure(
 ) -> dict:
     """The fast engine's cost per patched run of the case's patch set (`fast_cost` on `fast_chunks` chunks)
     against (a) and (b) on `n_hooked` and `n_three_row` seeded random rows of those the engine ran, whose
-    rows are checked against (a)'s."""
+    rows are checked against (a)'s; `fast_rows`: the result rows of every row the engine ran, in patch order."""
     adapter, corrupt = case.adapter, case.corrupt
     setup = setup or engine_setup(case)
     cost = fast_cost(case, case.patches, fast_chunks, batch_size, seed, setup)
@@ -253,7 +258,40 @@ def measure(
         err_three=err_three,
         ld_clean=cost.clean.ld,
         ld_corrupt=cost.corrupt.ld,
+        fast_rows=[
+            patch_row(case, case.patches[i], cost.clean, cost.corrupt, cost.patched[i]) for i in sorted(cost.patched)
+        ],
     )
+
+
+# -- the precision audit of a half-precision case -------------------------------------------------
+# The bench's one sample as a results table's rows (notice.method.precision groups by these keys).
+SAMPLE_LABELS = {"dataset": "bench", "task": "bench", "corruption": "sip", "modality": "image", "sample_id": "bench"}
+
+
+def results_table(case: Case, rows: Sequence[dict]) -> pd.DataFrame:
+    """RESULT_COLUMNS of result rows of the case's sample (model = the case's family, SAMPLE_LABELS)."""
+    labels = {"model": case.name, **SAMPLE_LABELS}
+    return pd.DataFrame([{**labels, **row} for row in rows], columns=list(RESULT_COLUMNS))
+
+
+def precision_audit(case: Case, rows: Sequence[dict], n_rows: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The precision audit (notice.method.precision) of `rows`, the case's result rows in its model's half
+    precision (`measure`'s `fast_rows`): `audit_sample`'s `n_rows` seeded rows patched again by the reference
+    engine on the same model rebuilt in float32 (`float32_twin`, freed on return), on the same inputs upcast.
+    Returns (AUDIT_ROW_COLUMNS of the audited rows, `summarise_audit`'s AUDIT_COLUMNS per site kind of `rows`)."""
+    table = results_table(case, rows)
+    sample = audit_sample(table, n_rows, seed)
+    full = float32_twin(case.adapter)
+    patches = [Patch(str(r.site), int(r.layer), int(r.position), int(r.head)) for r in sample.itertuples()]
+    clean, corrupt = in_dtype(case.clean, torch.float32), in_dtype(case.corrupt, torch.float32)
+    with torch.no_grad():
+        exact = reference.patch_sample(full, clean, corrupt, patches, case.tau, case.tau_p)
+    float32 = np.asarray([row["logit_diff"] for row in exact], dtype=np.float64)
+    audited = sample[list(KEY_COLUMNS)].assign(logit_diff=sample["logit_diff"].to_numpy(np.float64))
+    audited = audited.assign(logit_diff_float32=float32, abs_error=np.abs(audited["logit_diff"] - float32))
+    dtype = str(case.adapter.dtype).removeprefix("torch.")
+    return audited.reset_index(drop=True), summarise_audit(audited, table, dtype, str(full.device))
 
 
 def _median_timed(fn: Callable[[], T], repeats: int) -> tuple[T, float]:
