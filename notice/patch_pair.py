@@ -21,12 +21,12 @@ from notice.files.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, write_
 from notice.method.pairs import NO_NOISE, PAIR_DTYPES
 from notice.method.precision import (
     AUDIT_ROW_COLUMNS,
-    audit_rows,
     audit_sample,
     audit_summary_lines,
     is_half,
     summarise_audit,
 )
+from notice.method.precision_audit import audit_rows
 from notice.patching.engines import ENGINES, get_engine
 from notice.patching.experiment import cache_clean_runs, patch_pairs
 from notice.patching.fast import DEFAULT_BATCH_ROWS

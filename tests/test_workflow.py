@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,7 @@ from workflow_helpers import (
 )
 
 from notice.files.tables import RESULT_COLUMNS
+from notice.method.precision import AUDIT_COLUMNS, AUDIT_ROW_COLUMNS, draws
 from notice.method.screen import KEY_COLUMNS
 from notice.method.screen import TABLE_COLUMNS as SCREEN_TABLE_COLUMNS
 
@@ -340,3 +342,57 @@ def test_a_synthetic_dataset_with_one_task_and_some_of_its_values_runs_to_the_pa
     assert len(pairs) > 0 and set(pairs["answer"]) | set(pairs["distractor"]) <= set(shapes)
     corrupt = pool.set_index("image_path").loc[pairs["corrupt_image_path"], "value"]
     assert list(corrupt) == list(pairs["distractor"])  # each corrupt image shows the distractor
+
+
+def test_a_bfloat16_model_is_audited_and_its_heads_below_precision_are_marked(workdir, tmp_path):
+    # The module's toy LLaVA loaded in bfloat16: its chain reruns from its evaluation, with a precision audit of
+    # every patching table and screen; the float32 toy BLIP's jobs do not rerun and its tables have no audit.
+    work = tmp_path / "bfloat16"
+    shutil.copytree(workdir, work, symlinks=True)
+    config = copy.deepcopy(TINY)
+    config["models"]["toy_llava"]["dtype"] = "bfloat16"
+    config["patching"]["precision_audit"] = {"rows": 24}
+    jobs = dry_run(work, config, "bfloat16.yaml")
+    assert {wildcards["model"] for _, wildcards in jobs if "model" in wildcards} == {"toy_llava"}, jobs
+    audits = Counter(rule for rule, _ in jobs)
+    assert audits["precision_audit"] == audits["screen_precision_audit"] == len(TINY["corruptions"]), audits
+    result = snakemake(work, "--cores", "2", configfile=work / "bfloat16.yaml")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    floors = {}
+    for corruption in TINY["corruptions"]:
+        results = pd.read_parquet(work / patching_table("toy_llava", corruption))
+        audit = pd.read_csv(work / f"results/toy_llava/synthetic/patching/{corruption}.precision.csv")
+        assert list(audit.columns) == list(AUDIT_COLUMNS)
+        assert set(audit["site"]) == set(results["site"]) and (audit["n_audited"] >= 1).all()
+        assert audit["n_audited"].sum() == max(24, results["site"].nunique())
+        assert (audit["dtype"] == "bfloat16").all() and (audit["audit_dtype"] == "float32").all()
+        assert audit["max"].max() > 0  # bfloat16 activations round; the float32 reference does not
+        # The audited rows are the results table's rows (same effect), each next to its float32 value.
+        audited = pd.read_parquet(work / f"results/toy_llava/synthetic/patching/{corruption}.precision_rows.parquet")
+        assert list(audited.columns) == list(AUDIT_ROW_COLUMNS)
+        keys = [*KEY_COLUMNS, "draw"]  # a GN sample has two pairs
+        both = audited.merge(results.assign(draw=draws(results)), on=keys, suffixes=("", "_table"), validate="1:1")
+        assert len(both) == len(audited) and (both["logit_diff"] == both["logit_diff_table"]).all()
+        screen_audit = pd.read_csv(work / f"results/toy_llava/synthetic/screen/{corruption}.precision.csv")
+        assert list(screen_audit.columns) == list(AUDIT_COLUMNS) and (screen_audit["n_audited"] > 0).all()
+        floors.update({(corruption, row.site): 3 * row.p95 for row in audit.itertuples()})
+        assert not (workdir / f"results/toy_blip/synthetic/patching/{corruption}.precision.csv").exists()
+        assert not (work / f"results/toy_blip/synthetic/patching/{corruption}.precision.csv").exists()
+
+    # The analysis reads the audits: below_precision is |mean logit_diff| not above 3 x the audit's p95, and such
+    # a head is never significant.
+    significant = pd.read_csv(work / "results/toy_llava/analysis/significant_heads.csv")
+    floor = [floors[(row.corruption, row.site)] for row in significant.itertuples()]
+    assert (significant["below_precision"] == ~(significant["mean"].abs() > floor)).all()
+    assert not (significant["significant"] & significant["below_precision"]).any()
+    assert "below_precision" in pd.read_csv(work / "results/toy_llava/analysis/universal_heads.csv").columns
+    modules = pd.read_parquet(work / "results/toy_llava/analysis/module_effects.parquet")
+    assert modules["below_precision"].dtype == bool
+    blip = "results/toy_blip/analysis/significant_heads.csv"
+    assert (work / blip).read_bytes() == (workdir / blip).read_bytes()  # full precision: unchanged, no column
+    validation = pd.read_csv(work / "results/toy_llava/analysis/screen_validation.csv")
+    assert set(validation["dtype"]) == {"bfloat16"}
+    report = (work / "results/report.html").read_text()
+    assert "Precision audit of the models patched in float16 / bfloat16" in report
+    assert "Precision audit of the screen of the models in float16 / bfloat16" in report

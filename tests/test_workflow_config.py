@@ -65,7 +65,7 @@ def test_an_unknown_key_is_named_by_its_path_with_the_keys_expected():
         "config error in my.yaml: datasets.synthetic.tasks.colour.questoin: unknown key (expected one of: "
         "question, values, groups, distractor_rule)",
         "config error in my.yaml: patching.engnie: unknown key (expected one of: engine, module_sites, head_sites, "
-        "batch_size)",
+        "batch_size, precision_audit)",
     ]
 
 
@@ -124,7 +124,13 @@ def test_absent_sections_get_the_schemas_defaults():
     assert filled["results_dir"] == "results" and filled["resources_dir"] == "resources"
     assert filled["sharding"] == {"n_shards": 1}
     assert filled["gpu_jobs"] == {"threads": 2, "mem_mb": 16000, "runtime": 240}
-    assert filled["patching"] == {"engine": "fast", "module_sites": True, "head_sites": True, "batch_size": 64}
+    assert filled["patching"] == {
+        "engine": "fast",
+        "module_sites": True,
+        "head_sites": True,
+        "batch_size": 64,
+        "precision_audit": {"rows": 256, "device": "auto"},
+    }
     assert filled["screen"] == {"enabled": False, "method": "atp", "top_k": 10, "confirm_top": 0, "map_samples": 4}
     assert filled["selection"] == {"n_per_task": 1, "min_per_task": 1}
     assert filled["analysis"]["head_functions"]["outlier_z"] == 3.0 and filled["analysis"]["k_sigma"] == 2.0

@@ -288,7 +288,7 @@ def precision_audit(case: Case, rows: Sequence[dict], n_rows: int, seed: int) ->
     with torch.no_grad():
         exact = reference.patch_sample(full, clean, corrupt, patches, case.tau, case.tau_p)
     float32 = np.asarray([row["logit_diff"] for row in exact], dtype=np.float64)
-    audited = sample[list(KEY_COLUMNS)].assign(logit_diff=sample["logit_diff"].to_numpy(np.float64))
+    audited = sample[[*KEY_COLUMNS, "draw"]].assign(logit_diff=sample["logit_diff"].to_numpy(np.float64))
     audited = audited.assign(logit_diff_float32=float32, abs_error=np.abs(audited["logit_diff"] - float32))
     dtype = str(case.adapter.dtype).removeprefix("torch.")
     return audited.reset_index(drop=True), summarise_audit(audited, table, dtype, str(full.device))

@@ -199,7 +199,7 @@ def bootstrap_heads(
                 means_ld = _resampled_means(ld.to_numpy(dtype=float), idx)
             else:
                 means_ld = means
-            sig &= means_ld > floor
+            sig &= np.abs(means_ld) > floor
         low, high = np.percentile(means, [2.5, 97.5], axis=0)
         frame = pd.DataFrame(
             {"frac_significant": sig.mean(axis=0), "ci_low": low, "ci_high": high}, index=matrix.columns

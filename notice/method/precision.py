@@ -134,11 +134,12 @@ def precision_floors(audits: pd.DataFrame, results: pd.DataFrame, k: float) -> p
 
 
 def mark_below_precision(effects: pd.DataFrame, floors: pd.DataFrame, column: str = "mean") -> pd.DataFrame:
-    """`effects` (rows keyed by model, task, corruption, site) with `below_precision`: the effect `column` is
-    not above its condition's precision floor. Rows without an audit (full-precision runs) are never marked."""
+    """`effects` (rows keyed by model, task, corruption, site) with `below_precision`: the magnitude of the effect
+    `column` is not above its condition's precision floor (rounding moves an effect either way). Rows without an
+    audit (full-precision runs) are never marked."""
     check_columns(effects, ["model", "task", "corruption", "site", column], "effects")
     merged = effects.merge(floors, on=["model", "task", "corruption", "site"], how="left", validate="many_to_one")
-    below = merged["floor"].notna() & ~(merged[column] > merged["floor"])
+    below = merged["floor"].notna() & ~(merged[column].abs() > merged["floor"])
     return effects.assign(below_precision=below.to_numpy())
 
 
