@@ -7,6 +7,8 @@ import pandas as pd
 
 from notice.files.tables import RESULT_COLUMNS
 from notice.method.heads import module_effects
+from notice.method.screen import VALIDATION_COLUMNS
+from notice.present.report import ScreenResults
 
 LAYERS, HEADS, N_SAMPLES = 3, 6, 20
 # 18 heads per condition: the 2-sigma rule lets at most 3 equal planted heads through
@@ -142,3 +144,14 @@ def module_table() -> pd.DataFrame:
     sip = module_rows()
     noise = sip.assign(corruption="gaussian_noise", prob_restoration=-sip["prob_restoration"] / 10)
     return module_effects(pd.concat([sip, noise]), metric="prob_restoration")
+
+
+def empty_screen(precision: pd.DataFrame | None = None) -> ScreenResults:
+    """The screen's outputs of a run whose screen has no rows (with `precision`: its precision audits)."""
+    return ScreenResults(
+        pd.DataFrame(columns=list(VALIDATION_COLUMNS)),
+        pd.DataFrame(columns=["model", "dataset", "corruption", "exact", "estimate"]),
+        pd.DataFrame(columns=["model", "dataset", "corruption", "task", "effect_on_object", "object_area", "ratio"]),
+        {},
+        precision,
+    )

@@ -5,17 +5,16 @@ import re
 
 import pandas as pd
 import pytest
-from planted_tables import accuracy_table, borderline_results, planted_results
+from planted_tables import accuracy_table, borderline_results, empty_screen, planted_results
 
 from notice.method.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
 from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
 from notice.method.precision import AUDIT_COLUMNS
-from notice.method.screen import VALIDATION_COLUMNS
 from notice.present.accuracy import accuracy_chart
 from notice.present.effects import bootstrap_stability, head_heatmaps
 from notice.present.findings import summarise_findings
 from notice.present.page import Figure, Section, Table, build_report
-from notice.present.report import ScreenResults, workflow_report
+from notice.present.report import workflow_report
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +149,7 @@ def workflow_html(out, analysis, precision=None, screen_precision=None) -> str:
     sig = significant_heads(head_effects(planted_results()))
     keys = ["model", "site", "dataset"]
     scores = scores_from_records({}, keys, HeadFunctionConfig())
-    screen = ScreenResults(
-        pd.DataFrame(columns=list(VALIDATION_COLUMNS)),
-        pd.DataFrame(columns=["model", "dataset", "corruption", "exact", "estimate"]),
-        pd.DataFrame(columns=["model", "dataset", "corruption", "task", "effect_on_object", "object_area", "ratio"]),
-        {},
-        screen_precision,
-    )
+    screen = empty_screen(screen_precision)
     (out / "toy").mkdir(exist_ok=True)
     settings = {"k_sigma": 2.0, "universal_corruptions": ["sip", "str"], "head_functions": {}}
     if precision is not None:

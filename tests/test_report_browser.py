@@ -26,15 +26,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from planted_tables import accuracy_table, module_table, planted_results
+from planted_tables import accuracy_table, empty_screen, module_table, planted_results
 
 from notice.method.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
 from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
-from notice.method.screen import VALIDATION_COLUMNS
 from notice.present.accuracy import accuracy_chart
 from notice.present.attention import attention_overlays, overlay_panels
 from notice.present.effects import bootstrap_stability, corruption_comparison, head_heatmaps, module_heatmaps
-from notice.present.report import TABLE_FILES, ScreenResults, workflow_report
+from notice.present.report import TABLE_FILES, workflow_report
 
 GRID, OBJECT = (4, 4), [0, 1, 4, 5]
 CHROMIUM_FLAGS = [
@@ -206,12 +205,7 @@ def empty_report(tmp_path_factory):
     universal = universal_heads_table(sig, universal_heads(sig), bootstrap_heads(results, n_draws=40, seed=0))
     keys = ["model", "site", "dataset"]
     scores = scores_from_records({}, keys, HeadFunctionConfig())
-    screen = ScreenResults(
-        pd.DataFrame(columns=list(VALIDATION_COLUMNS)),
-        pd.DataFrame(columns=["model", "dataset", "corruption", "exact", "estimate"]),
-        pd.DataFrame(columns=["model", "dataset", "corruption", "task", "effect_on_object", "object_area", "ratio"]),
-        {},
-    )
+    screen = empty_screen()
     (out / "toy").mkdir()
     return workflow_report(
         universal.iloc[0:0],

@@ -6,14 +6,13 @@ import torch
 from notice.files.tables import PAIR_COLUMNS, RESULT_COLUMNS, read_table, write_csv, write_table
 from notice.method.precision import AUDIT_ROW_COLUMNS, audit_sample, audit_summary_lines, summarise_audit
 from notice.method.precision_audit import audit_rows
-from notice.workflow.runtime import audit_device, load_image, load_model, logged, set_threads
+from notice.workflow.runtime import load_float32_model, load_image, logged, set_threads
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
     section, model_path = snakemake.params.model, snakemake.params.model_path
-    device, where = audit_device(model_path, section, snakemake.params.audit["device"])
+    adapter, where = load_float32_model(model_path, section, snakemake.params.audit["device"])
     log.info("the float32 reference runs on %s", where)
-    adapter = load_model(model_path, {**section, "dtype": "float32", "device": device})
     results = read_table(snakemake.input.results, RESULT_COLUMNS)
     pairs = read_table(snakemake.input.pairs, PAIR_COLUMNS)
     sample = audit_sample(results, int(snakemake.params.audit["rows"]), int(snakemake.params.seed))

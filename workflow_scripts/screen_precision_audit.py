@@ -5,14 +5,13 @@ from notice.files.tables import PAIR_COLUMNS, read_table, write_csv
 from notice.method.precision import AUDIT_ROW_COLUMNS, summarise_audit
 from notice.method.precision_audit import audit_screen
 from notice.method.screen import TABLE_COLUMNS
-from notice.workflow.runtime import audit_device, load_image, load_model, logged, set_threads
+from notice.workflow.runtime import load_float32_model, load_image, logged, set_threads
 
 with logged(snakemake.log[0]) as log:
     set_threads(snakemake.threads)
     section, model_path = snakemake.params.model, snakemake.params.model_path
-    device, where = audit_device(model_path, section, snakemake.params.audit["device"])
+    adapter, where = load_float32_model(model_path, section, snakemake.params.audit["device"])
     log.info("the float32 screen runs on %s", where)
-    adapter = load_model(model_path, {**section, "dtype": "float32", "device": device})
     screen = read_table(snakemake.input.screen, TABLE_COLUMNS)
     audited = read_table(snakemake.input.rows, AUDIT_ROW_COLUMNS)
     pairs = read_table(snakemake.input.pairs, PAIR_COLUMNS)

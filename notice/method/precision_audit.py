@@ -15,11 +15,13 @@ from notice.adapters.base import Patch, VLMAdapter
 from notice.files.tables import check_columns
 from notice.method.precision import AUDIT_ROW_COLUMNS, KEY_COLUMNS, draws
 from notice.method.screen import TABLE_COLUMNS, check_settings, pair_estimates
-from notice.patching import reference
 from notice.patching.attribution import estimates_table
 from notice.patching.corruptions import corrupt_image_fn
-from notice.patching.experiment import concat_or_empty, pair_inputs
+from notice.patching.engines import get_engine
+from notice.patching.experiment import concat_or_empty, pair_inputs, patch_pair
 
+# The reference engine, routed as the workflow's engines are (it patches one run per forward: no batch size).
+REFERENCE = get_engine("reference", batch_size=1)
 SITE_KEYS = ["site", "layer", "head", "position"]
 # One row per audited screen estimate: its keys, the half-precision estimate and the float32 one.
 SCREEN_AUDIT_ROW_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "draw", "estimate", "estimate_float32", "abs_error")
@@ -57,15 +59,7 @@ def audit_rows(
     for _, _, pair, rows in audited_pairs(pairs, sample, "precision audit"):
         clean_inp, corrupt_inp = pair_inputs(adapter, pair, load_image)
         patches = [Patch(str(r.site), int(r.layer), int(r.position), int(r.head)) for r in rows.itertuples()]
-        exact = reference.patch_sample(
-            adapter,
-            clean_inp,
-            corrupt_inp,
-            patches,
-            int(pair.answer_token_id),
-            int(pair.distractor_token_id),
-            corrupt_image_fn=corrupt_image_fn(pair.corruption, corruption_settings, int(pair.noise_seed)),
-        )
+        exact = patch_pair(adapter, pair, clean_inp, corrupt_inp, patches, REFERENCE, corruption_settings)
         float32 = np.asarray([row["logit_diff"] for row in exact], dtype=np.float64)
         frame = rows[[*KEY_COLUMNS, "draw"]].assign(logit_diff=rows["logit_diff"].to_numpy(np.float64))
         frames.append(frame.assign(logit_diff_float32=float32, abs_error=np.abs(frame["logit_diff"] - float32)))

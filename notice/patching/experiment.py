@@ -71,6 +71,30 @@ def concat_or_empty(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.Da
     return pd.concat(frames, ignore_index=True)[list(columns)]
 
 
+def patch_pair(
+    adapter: VLMAdapter,
+    pair: Any,
+    clean_inp: ModelInput,
+    corrupt_inp: ModelInput,
+    patches: Sequence[Patch],
+    engine: Engine,
+    corruption_settings: Mapping,
+    clean: CleanRun | None = None,
+) -> list[dict]:
+    """`engine`'s rows for `patches` of one pair (a PAIR_COLUMNS row) whose inputs are `clean_inp`, `corrupt_inp`:
+    its answer and distractor tokens, its corruption of the image."""
+    return engine(
+        adapter,
+        clean_inp,
+        corrupt_inp,
+        patches,
+        int(pair.answer_token_id),
+        int(pair.distractor_token_id),
+        corrupt_image_fn=corrupt_image_fn(pair.corruption, corruption_settings, int(pair.noise_seed)),
+        clean=clean,
+    )
+
+
 def patch_pairs(
     adapter: VLMAdapter,
     pairs: pd.DataFrame,
@@ -88,15 +112,8 @@ def patch_pairs(
     for pair in tqdm(pairs.itertuples(index=False), total=len(pairs), desc="patching", mininterval=5):
         clean_inp, corrupt_inp = pair_inputs(adapter, pair, load_image)
         patches = select_patches(adapter, clean_inp, int(pair.answer_token_id), patching_settings)
-        rows = engine(
-            adapter,
-            clean_inp,
-            corrupt_inp,
-            patches,
-            int(pair.answer_token_id),
-            int(pair.distractor_token_id),
-            corrupt_image_fn=corrupt_image_fn(pair.corruption, corruption_settings, int(pair.noise_seed)),
-            clean=clean_runs[str(pair.sample_id)],
+        rows = patch_pair(
+            adapter, pair, clean_inp, corrupt_inp, patches, engine, corruption_settings, clean_runs[str(pair.sample_id)]
         )
         frames.append(pd.DataFrame(rows).assign(**pair_labels(pair, labels)))
     return concat_or_empty(frames, RESULT_COLUMNS)

@@ -8,8 +8,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:  # the adapters import torch: jobs that only read and write tables start faster without it
+    from notice.adapters.base import VLMAdapter
 
 
 @contextlib.contextmanager
@@ -115,6 +119,13 @@ def audit_device(model_path: str, section: dict, setting: str) -> tuple[str, str
     free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
     weights = load_tokenizing_model(model_path, section).model.parameters()
     return fitting_device(device, 4 * sum(parameter.numel() for parameter in weights), free_bytes)
+
+
+def load_float32_model(model_path: str, section: dict, setting: str) -> tuple[VLMAdapter, str]:
+    """(the model of `section` loaded in float32 where `audit_device` puts it, where in words): the precision
+    audit's reference."""
+    device, where = audit_device(model_path, section, setting)
+    return load_model(model_path, {**section, "dtype": "float32", "device": device}), where
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
