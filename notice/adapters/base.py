@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, cast
 
@@ -41,6 +41,26 @@ def float32_copy(module: torch.nn.Module) -> torch.nn.Module:
         for hooks in (sub._forward_pre_hooks, sub._forward_pre_hooks_with_kwargs):
             hooks.clear()
     return duplicate
+
+
+@contextmanager
+def hook_while_active(module: torch.nn.Module, hook: Callable[..., Any]) -> Iterator[None]:
+    """While active, `hook` is a forward hook of `module`."""
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def pre_hook_while_active(module: torch.nn.Module, hook: Callable[..., Any]) -> Iterator[None]:
+    """While active, `hook(module, args, kwargs) -> (args, kwargs)` is a forward pre-hook of `module`."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass(frozen=True, order=True)
@@ -289,6 +309,23 @@ class VLMAdapter(ABC):
             "(screen other sites, or give the adapter `attention_taps`)"
         )
 
+    # -- how the image enters (notice.flow) ------------------------------------------------------
+    def image_key_states(self, edit: Callable[[torch.Tensor], torch.Tensor]) -> AbstractContextManager[None]:
+        """While active, the image as the fusion attention's keys read it passes through `edit`: a tensor
+        [B, N, D] whose row k is image key k of `image_grid` (token fusion: the language model's input embeddings,
+        one row per position; cross-attention: the image embeddings the text side attends to). `edit` returns a
+        tensor of the same shape (the object-token ablation replaces rows of it)."""
+        raise NotImplementedError(f"{self.family}: the adapter does not say where the image tokens enter the model")
+
+    def stream_image_grid(self, inp: ModelInput) -> ImageGrid:
+        """The positions of the image tokens in the patched stream, on their grid, where the stream's residual is
+        what the score head (`final_logits`) reads at its end: the logit lens's positions. NotImplementedError
+        where the image reaches the stream only through cross-attention."""
+        raise NotImplementedError(
+            f"{self.family}: the image reaches the patched stream through cross-attention, so the stream has no "
+            "residual at image positions (and its output is not read by an unembedding): no logit lens on image tokens"
+        )
+
     # -- fusion attention (head functions) ----------------------------------------------------
     @abstractmethod
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
@@ -323,6 +360,16 @@ class VLMAdapter(ABC):
         """
         out = self.processor.image_processor(images=mask.convert("RGB"), return_tensors="pt", do_normalize=False)
         return (out["pixel_values"][0].float().mean(0) > 0.5).float().numpy()
+
+    def edited_output(
+        self, module: torch.nn.Module, edit: Callable[[torch.Tensor], torch.Tensor], first_row: int = 0
+    ) -> AbstractContextManager[None]:
+        """While active, rows `first_row`.. (dim 1) of the module's main output pass through `edit`."""
+
+        def rows_edited(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x[:, :first_row], edit(x[:, first_row:])], dim=1) if first_row else edit(x)
+
+        return hook_while_active(module, lambda _m, _a, output: self.replace_output_tensor(output, rows_edited))
 
     @staticmethod
     def replace_output_tensor(output, fn: Callable[[torch.Tensor], torch.Tensor]):

@@ -9,6 +9,7 @@ to the text encoder's output under the question's attention mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal, cast
 
@@ -144,6 +145,10 @@ class BlipAdapter(VLMAdapter):
     def image_embedding_module(self) -> torch.nn.Module:
         # Its `last_hidden_state` is what the text encoder's cross-attention reads.
         return self.model.vision_model
+
+    def image_key_states(self, edit: Callable[[torch.Tensor], torch.Tensor]) -> AbstractContextManager[None]:
+        # The vision tower's output: key 0 the image [CLS], then the patches.
+        return self.edited_output(self.model.vision_model, edit)
 
     # -- fusion attention: the text encoder's cross-attention to the vision tower's output ----
     def fusion_attention_modules(self) -> list[torch.nn.Module]:

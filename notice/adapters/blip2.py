@@ -34,7 +34,7 @@ Q-Former stream scores its own cross-attention from the queries to the patch gri
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal
 
@@ -42,7 +42,7 @@ import torch
 from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
 from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
-from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput
+from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
 from notice.adapters.decoder import DecoderVLMAdapter
 
 # -- the language-model stream -----------------------------------------------------------------
@@ -211,6 +211,16 @@ class Blip2LanguageModelAdapter(DecoderVLMAdapter):
         side = vision.image_size // vision.patch_size
         return side, side * side
 
+    def image_key_states(self, edit: Callable[[torch.Tensor], torch.Tensor]) -> AbstractContextManager[None]:
+        # The image keys are the ViT patches (the query tokens have no place on the image): the ViT output the
+        # Q-Former's cross-attention reads, less the image [CLS] (row 0).
+        return self.edited_output(self.model.vision_model, edit, first_row=1)
+
+    def stream_image_grid(self, inp: ModelInput) -> ImageGrid:
+        """The query tokens, the language model's image positions, as one row: they have no place on the image."""
+        positions = self.query_positions(inp)
+        return ImageGrid(tuple(positions), 1, len(positions))
+
     # -- fusion attention: carried onto the patch grid ----------------------------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
         if not self._query_attention:
@@ -300,6 +310,15 @@ class QFormerStreamAdapter(Blip2LanguageModelAdapter):
     def image_embedding_module(self) -> torch.nn.Module:
         # Its `last_hidden_state` is what the Q-Former's cross-attention reads.
         return self.model.vision_model
+
+    def image_key_states(self, edit: Callable[[torch.Tensor], torch.Tensor]) -> AbstractContextManager[None]:
+        # The ViT output the cross-attention reads: key 0 the image [CLS], then the patches.
+        return self.edited_output(self.model.vision_model, edit)
+
+    def stream_image_grid(self, inp: ModelInput) -> ImageGrid:
+        # The Q-Former's queries read the image through cross-attention, and its output is projected into the
+        # language model, not unembedded.
+        return VLMAdapter.stream_image_grid(self, inp)
 
     # -- fusion attention: the Q-Former's cross-attention to the ViT patches --------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:

@@ -11,13 +11,14 @@ such as `<|vision_start|>`, are text positions), heads at the last prompt positi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal, cast
 
 import torch
 
 from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
-from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
+from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter, pre_hook_while_active
 
 
 class DecoderVLMAdapter(VLMAdapter):
@@ -150,6 +151,20 @@ class DecoderVLMAdapter(VLMAdapter):
 
     def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
         return interface_attention_taps(self.self_attentions, tap)
+
+    # -- how the image enters ------------------------------------------------------------------
+    def image_key_states(self, edit: Callable[[torch.Tensor], torch.Tensor]) -> AbstractContextManager[None]:
+        """The language model's input embeddings [B, T, D] (image features already spliced in; key = position)."""
+
+        def pre_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if kwargs.get("inputs_embeds") is None:
+                raise RuntimeError(f"{self.family}: the language model was called without inputs_embeds")
+            return args, {**kwargs, "inputs_embeds": edit(kwargs["inputs_embeds"])}
+
+        return pre_hook_while_active(self.language_model, pre_hook)
+
+    def stream_image_grid(self, inp: ModelInput) -> ImageGrid:
+        return self.image_grid(inp)  # the image tokens are the decoder's own positions
 
     # -- fusion attention ---------------------------------------------------------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
