@@ -46,10 +46,10 @@ def object_keys(grid: ImageGrid, mask_view: np.ndarray) -> tuple[int, ...]:
 
 def random_keys(grid_keys: Sequence[int], object_keys: Sequence[int], n_draws: int, seed: int) -> list[tuple[int, ...]]:
     """`n_draws` draws of len(object_keys) distinct non-object keys each (sorted), from numpy's generator seeded
-    with `seed`; ValueError when there are not that many non-object keys."""
+    with `seed`; ValueError when draws are asked for and there are not that many non-object keys."""
     pool = sorted(set(grid_keys) - set(object_keys))
     n = len(object_keys)
-    if n > len(pool):
+    if n_draws and n > len(pool):
         raise ValueError(f"the object covers {n} of {len(grid_keys)} image tokens: too few others to draw {n} from")
     rng = np.random.default_rng(seed)
     return [tuple(sorted(pool[i] for i in rng.choice(len(pool), size=n, replace=False))) for _ in range(n_draws)]
