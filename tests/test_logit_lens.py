@@ -2,9 +2,9 @@
 table (opt-in streams included).
 
 Families whose image reaches the patched stream only through cross-attention are refused with a message naming
-the family; for the others: the lens at the last layer is the model's own logits at the image positions; a
-residual planted at the image positions of one layer (the unembedding row of a chosen token) is found there;
-bfloat16 runs; `lens_shares` counts what the table says.
+the family; for the others: the lens at the last layer is the model's own logits at the image positions (read
+in chunks); a residual planted at the image positions of one layer (the unembedding row of a chosen token) is
+found there; bfloat16 runs; `lens_shares` counts what the table says.
 """
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch
 from toy_adapters import QUESTION, noise_image, one_torch_thread, tiny_adapter
 
 from notice.families import family_names
+from notice.flow import logit_lens as logit_lens_module
 from notice.flow.logit_lens import LENS_SHARE_COLUMNS, LOGIT_LENS_COLUMNS, TOKEN_SEPARATOR, lens_shares, logit_lens
 from notice.patching.hooks import hooked
 
@@ -57,10 +58,11 @@ def test_families_reading_the_image_by_cross_attention_are_refused_others_read_i
     assert (table.answer_in_top5 == (table.answer_rank <= 5)).all()
 
 
-def test_the_last_layer_is_the_models_own_logits(adapter):
+def test_the_last_layer_is_the_models_own_logits(adapter, monkeypatch):
     if image_by_cross_attention(adapter):
         pytest.skip("no logit lens where the image enters by cross-attention")
     inp = prepared(adapter)
+    monkeypatch.setattr(logit_lens_module, "POSITIONS_PER_CHUNK", 3)  # chunks of positions, the last one short
     obj = TAU + 1
     table = logit_lens(adapter, inp, TAU, obj)
     with torch.no_grad():

@@ -31,6 +31,7 @@ LOGIT_LENS_COLUMNS: tuple[str, ...] = (
 )
 LENS_SHARE_COLUMNS: tuple[str, ...] = ("layer", "n_positions", "answer_share", "object_share")
 TOKEN_SEPARATOR = "|"
+POSITIONS_PER_CHUNK = 256
 
 
 @torch.no_grad()
@@ -50,9 +51,12 @@ def logit_lens(
     n = len(grid.keys)
     columns: dict[str, list] = {name: [] for name in LOGIT_LENS_COLUMNS}
     for layer in range(adapter.n_layers):
-        logits = adapter.final_logits(states[("layer", layer)][positions])  # [n, V] float32
-        best = logits.topk(top, dim=-1).indices
-        answer_rank = 1 + (logits > logits[:, answer_token_id, None]).sum(-1)
+        # Positions in chunks: [positions, vocabulary] float32 logits of a large image and vocabulary are large.
+        reads = [
+            read_through_head(adapter, states[("layer", layer)][chunk], answer_token_id, top)
+            for chunk in positions.split(POSITIONS_PER_CHUNK)
+        ]
+        best, answer_rank = torch.cat([ids for ids, _ in reads]), torch.cat([rank for _, rank in reads])
         columns["layer"] += [layer] * n
         columns["position"] += list(grid.keys)
         columns["row"] += [i // grid.cols for i in range(n)]
@@ -66,6 +70,14 @@ def logit_lens(
     table = pd.DataFrame(columns)
     table["object_in_top5"] = table["object_in_top5"].astype("boolean")
     return table
+
+
+def read_through_head(
+    adapter: VLMAdapter, hidden: torch.Tensor, answer_token_id: int, top: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the `top` best token ids [n, top], the answer's rank [n]) of residuals [n, D] read by the score head."""
+    logits = adapter.final_logits(hidden)  # [n, V] float32
+    return logits.topk(top, dim=-1).indices, 1 + (logits > logits[:, answer_token_id, None]).sum(-1)
 
 
 def lens_shares(table: pd.DataFrame, by: Sequence[str] = ()) -> pd.DataFrame:
