@@ -3,9 +3,9 @@
 Per layer, the final norm and unembedding (`VLMAdapter.final_logits`, float32) applied to the layer's output at
 every image position of `VLMAdapter.stream_image_grid`: the top tokens there, the answer's rank, and whether the
 answer (and the object's name) is among the top tokens. Token-fusion families read the image tokens' own
-positions (BLIP-2 / InstructBLIP's language model: its query tokens, one row with no place on the image);
-families whose image reaches the stream only through cross-attention (BLIP, the Q-Former streams) have no
-residual at image positions and are refused with the adapter's message.
+positions (a language model that reads learned query tokens instead of patches: those, one row with no place
+on the image); families whose image reaches the stream only through cross-attention have no residual at image
+positions and are refused with the adapter's message (docs/method.md, "Logit lens and token ablation").
 """
 
 from __future__ import annotations
