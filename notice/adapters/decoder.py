@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, cast
 
 import torch
 
+from notice.adapters.attention_blocks import interface_attention_blocks
 from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
 
@@ -25,6 +26,7 @@ class DecoderVLMAdapter(VLMAdapter):
 
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn")
     head_site: ClassVar[str] = "self_attn_head"
+    knockout_engine: ClassVar[Literal["suffix", "batched"]] = "suffix"
 
     # -- where the family keeps things (override when the path differs) ----------------------
     @property
@@ -150,6 +152,20 @@ class DecoderVLMAdapter(VLMAdapter):
 
     def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
         return interface_attention_taps(self.self_attentions, tap)
+
+    # -- attention knockout -----------------------------------------------------------------------
+    def image_keys(self, inp: ModelInput) -> list[int]:
+        return self.image_positions(inp)
+
+    def answer_position(self, inp: ModelInput) -> int | None:
+        return inp.input_ids.shape[1] - 1  # the next-token logits of the last prompt position
+
+    def attention_blocks(
+        self, self_blocks: dict[int, torch.Tensor], fusion_blocks: dict[int, torch.Tensor]
+    ) -> AbstractContextManager[None]:
+        if fusion_blocks:
+            raise ValueError(f"{self.family}: the image tokens are positions; block them in the self-attention")
+        return interface_attention_blocks(self.self_attentions, self_blocks)
 
     # -- fusion attention ---------------------------------------------------------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
