@@ -69,7 +69,7 @@ def edge_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(own [T, T], fusion [T, K] or None) blocking `edges`; ValueError for a target that is not a position of the
     stream, or a block that leaves a query no key (its own key blocked, or every cross-attention key)."""
-    device = adapter.device
+    device = inp.input_ids.device
     stream = adapter.stream_positions(inp)
     T = max(stream) + 1
     own = torch.zeros(T, T, dtype=torch.bool, device=device)
@@ -102,6 +102,24 @@ def edge_blocks(
             f"of query positions {blind} (softmax of nothing); block a part of the image (e.g. 'object') instead"
         )
     return own, fusion
+
+
+def edges_without_rows(
+    adapter: VLMAdapter, inp: ModelInput, groups: TokenGroups, edges: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], str]:
+    """Why each edge of `edges` that cannot be knocked out gives no rows: an empty group, or `edge_blocks`'
+    refusal; the other edges are not listed."""
+    reasons = {}
+    for source, target in edges:
+        empty = [group for group in (source, target) if not groups.positions[group]]
+        if empty:
+            reasons[(source, target)] = f"{adapter.family} has no {' and no '.join(dict.fromkeys(empty))} tokens here"
+            continue
+        try:
+            edge_blocks(adapter, inp, groups, [(source, target)])
+        except ValueError as refusal:
+            reasons[(source, target)] = str(refusal)
+    return reasons
 
 
 def knocked_logits(
@@ -198,7 +216,7 @@ def knockout_rows(
             rows.append(Knockout(start, window, own, fusion))
     base = adapter.answer_logits(inp)
     p_base, ld_base = float(answer_prob(base, tau)), float(logit_diff(base, tau, tau_p))
-    logits = knocked_logits(adapter, inp, rows, engine, batch_size) if rows else base[:0]
+    logits = knocked_logits(adapter, inp, rows, engine, batch_size) if rows else base[None][:0]
     p_knock = answer_prob(logits, tau).tolist()
     ld_knock = logit_diff(logits, tau, tau_p).tolist()
     records = [
