@@ -123,10 +123,15 @@ def edges_without_rows(
 
 
 def knocked_logits(
-    adapter: VLMAdapter, inp: ModelInput, rows: Sequence[Knockout], engine: str = "fast", batch_size: int = 64
+    adapter: VLMAdapter,
+    inp: ModelInput,
+    rows: Sequence[Knockout],
+    engine: str = "fast",
+    batch_size: int = 64,
+    base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Answer logits [n, V] (float32) of the knocked-out runs; a row that blocks nothing is the base run
-    (`adapter.answer_logits`) bit for bit."""
+    (`adapter.answer_logits`, or `base` when given: its logits) bit for bit."""
     if engine not in ENGINES:
         raise ValueError(f"unknown knockout engine {engine!r}; engines: {', '.join(ENGINES)}")
     for row in rows:
@@ -135,14 +140,14 @@ def knocked_logits(
                 f"window {row.layer_start}..{row.layer_start + row.window - 1} is outside the layers "
                 f"0..{adapter.n_layers - 1}"
             )
-    base = adapter.answer_logits(inp)
+    base = adapter.answer_logits(inp) if base is None else base
     out = base.expand(len(rows), -1).clone()
     live = [i for i, row in enumerate(rows) if not row.empty]
     if not live:
         return out
     if engine == "reference":
         for i in live:
-            out[i] = _reference(adapter, inp, rows[i])
+            out[i] = reference_logits(adapter, inp, rows[i])
         return out
     if adapter.knockout_engine == "suffix":
         if not isinstance(adapter, DecoderVLMAdapter) or rows[live[0]].fusion is not None:
@@ -174,7 +179,8 @@ def _layer_blocks(rows: Sequence[Knockout], layers: int, fusion: bool) -> dict[i
 
 
 @torch.no_grad()
-def _reference(adapter: VLMAdapter, inp: ModelInput, row: Knockout) -> torch.Tensor:
+def reference_logits(adapter: VLMAdapter, inp: ModelInput, row: Knockout) -> torch.Tensor:
+    """Answer logits [V] (float32) of one knocked-out run: the model's own forward with the row's blocks."""
     own = _layer_blocks([row], adapter.n_layers, fusion=False)
     fusion = _layer_blocks([row], adapter.n_layers, fusion=True) if row.fusion is not None else {}
     with adapter.attention_blocks(own, fusion):
@@ -216,7 +222,7 @@ def knockout_rows(
             rows.append(Knockout(start, window, own, fusion))
     base = adapter.answer_logits(inp)
     p_base, ld_base = float(answer_prob(base, tau)), float(logit_diff(base, tau, tau_p))
-    logits = knocked_logits(adapter, inp, rows, engine, batch_size) if rows else base[None][:0]
+    logits = knocked_logits(adapter, inp, rows, engine, batch_size, base) if rows else base[None][:0]
     p_knock = answer_prob(logits, tau).tolist()
     ld_knock = logit_diff(logits, tau, tau_p).tolist()
     records = [
