@@ -135,6 +135,8 @@ def test_fast_equals_reference(adapter, whole):
     rows = knockout_rows(adapter, inp, tau, tau_p, groups, edges, window, engine="fast", batch_size=5)
     assert list(rows.columns) == list(KNOCKOUT_COLUMNS)
     assert relative_error(rows, expected) <= RTOL
+    # The fast engine's base run is the model's own, bit for bit (the suffix engine's capture runs it).
+    assert rows["p_base"].equals(expected["p_base"]) and rows["ld_base"].equals(expected["ld_base"])
     live = [e for e in edges if groups.positions[e[0]] and groups.positions[e[1]]]
     assert len(rows) == len(live) * (adapter.n_layers - window + 1)
     assert [tuple(e) for e in rows[["source", "target"]].drop_duplicates().itertuples(index=False)] == live

@@ -123,15 +123,19 @@ def edges_without_rows(
 
 
 def knocked_logits(
-    adapter: VLMAdapter,
-    inp: ModelInput,
-    rows: Sequence[Knockout],
-    engine: str = "fast",
-    batch_size: int = 64,
-    base: torch.Tensor | None = None,
+    adapter: VLMAdapter, inp: ModelInput, rows: Sequence[Knockout], engine: str = "fast", batch_size: int = 64
 ) -> torch.Tensor:
     """Answer logits [n, V] (float32) of the knocked-out runs; a row that blocks nothing is the base run
-    (`adapter.answer_logits`, or `base` when given: its logits) bit for bit."""
+    (`adapter.answer_logits`) bit for bit."""
+    return base_and_knocked_logits(adapter, inp, rows, engine, batch_size)[1]
+
+
+def base_and_knocked_logits(
+    adapter: VLMAdapter, inp: ModelInput, rows: Sequence[Knockout], engine: str = "fast", batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base run's answer logits [V] and `knocked_logits`. The suffix engine's clean-state capture is the base
+    run (the model's forward with its attention in `blocked_attention`, which blocks nothing there: eager
+    attention's own arithmetic), so the base is not run twice."""
     if engine not in ENGINES:
         raise ValueError(f"unknown knockout engine {engine!r}; engines: {', '.join(ENGINES)}")
     for row in rows:
@@ -140,25 +144,24 @@ def knocked_logits(
                 f"window {row.layer_start}..{row.layer_start + row.window - 1} is outside the layers "
                 f"0..{adapter.n_layers - 1}"
             )
-    base = adapter.answer_logits(inp) if base is None else base
-    out = base.expand(len(rows), -1).clone()
     live = [i for i, row in enumerate(rows) if not row.empty]
-    if not live:
-        return out
-    if engine == "reference":
-        for i in live:
-            out[i] = reference_logits(adapter, inp, rows[i])
-        return out
-    if adapter.knockout_engine == "suffix":
+    if engine == "fast" and adapter.knockout_engine == "suffix" and live:
         if not isinstance(adapter, DecoderVLMAdapter) or rows[live[0]].fusion is not None:
             raise TypeError(f"{adapter.family}: the suffix knockout engine runs token-fusion decoders only")
         suffix = SuffixKnockout(adapter, inp)
+        out = suffix.base_logits.expand(len(rows), -1).clone()
         for chunk in _chunks(sorted(live, key=lambda i: rows[i].layer_start), batch_size):
             out[chunk] = suffix.run_rows([rows[i] for i in chunk])
-        return out
+        return suffix.base_logits, out
+    base = adapter.answer_logits(inp)
+    out = base.expand(len(rows), -1).clone()
+    if engine == "reference":
+        for i in live:
+            out[i] = reference_logits(adapter, inp, rows[i])
+        return base, out
     for chunk in _chunks(live, batch_size):
         out[chunk] = _batched(adapter, inp, [rows[i] for i in chunk])
-    return out
+    return base, out
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:
@@ -220,9 +223,8 @@ def knockout_rows(
         for start in range(adapter.n_layers - window + 1):
             keys.append((source, target, start))
             rows.append(Knockout(start, window, own, fusion))
-    base = adapter.answer_logits(inp)
+    base, logits = base_and_knocked_logits(adapter, inp, rows, engine, batch_size)
     p_base, ld_base = float(answer_prob(base, tau)), float(logit_diff(base, tau, tau_p))
-    logits = knocked_logits(adapter, inp, rows, engine, batch_size, base) if rows else base[None][:0]
     p_knock = answer_prob(logits, tau).tolist()
     ld_knock = logit_diff(logits, tau, tau_p).tolist()
     records = [

@@ -81,7 +81,8 @@ class SuffixKnockout:
             handle = self.layers[n - 1].register_forward_hook(last_output)
             stack.callback(handle.remove)
             stack.enter_context(interface_attention_blocks(adapter.self_attentions, {}, record=record))
-            adapter.forward(inp)
+            # The base run: the adapter's own scoring of this forward (`answer_logits`).
+            self.base_logits = adapter.answer_logits_of(lambda: adapter.forward(inp).logits[0, -1])
         self.resid = cast(list[torch.Tensor], resid)
         self.allowed = [allowed_keys(mask) for mask in masks]
         self.position_embeddings = embeddings[0]
