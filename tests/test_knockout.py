@@ -11,6 +11,8 @@ one layer's attention; its image→last curve moves at exactly the windows that 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -90,6 +92,35 @@ def test_groups_partition_the_stream(adapter):
         assert [inp.tokens[p].lstrip("▁Ġ").lower() for p in question] == QUESTION.replace("?", " ?").split()
     if groups.positions["last"]:
         assert groups.positions["last"] == (inp.input_ids.shape[1] - 1,)
+
+
+class SentencepieceLike:
+    """Words as "▁word" pieces when tokenised alone; a prompt may hold the first one without "▁" (after a
+    newline), as Llama's tokenizer writes "\nIs" ."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = pieces
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [self.pieces.index("▁" + word) for word in text.split()]}
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids).replace("▁", " ")
+
+    def tokenize(self, text: str) -> list[str]:
+        return ["▁" + word for word in text.split()]
+
+
+def test_the_question_is_found_when_its_first_token_merges_with_the_prompt():
+    pieces = ["<s>", "▁USER:", "<0x0A>", "is", "▁is", "▁the", "▁object", "▁red", "▁ASSISTANT:"]
+    tokenizer = SentencepieceLike(pieces)
+    adapter = SimpleNamespace(processor=SimpleNamespace(tokenizer=tokenizer), family="sentencepiece-like")
+    prompt = ["<s>", "▁USER:", "<0x0A>", "is", "▁the", "▁object", "▁red", "▁ASSISTANT:"]
+    ids = torch.tensor([[pieces.index(p) for p in prompt]])
+    inp = ModelInput(ids, torch.ones_like(ids), torch.zeros(1), prompt)
+    assert VLMAdapter.question_positions(adapter, inp, "is the object red") == [3, 4, 5, 6]  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not a token run"):
+        VLMAdapter.question_positions(adapter, inp, "the object is red")  # type: ignore[arg-type]
 
 
 def test_the_object_is_the_patches_the_mask_overlaps(adapter):

@@ -357,14 +357,28 @@ class VLMAdapter(ABC):
 
     def question_positions(self, inp: ModelInput, question: str) -> list[int]:
         """The question's own tokens inside the prompt: the last place where its tokenisation (as written, or
-        after a space) occurs in `inp.input_ids`; ValueError if it occurs nowhere."""
+        after a space) occurs in `inp.input_ids`; failing that, where all but its first token occur right after a
+        token that is the question's start as the prompt tokenised it (sentencepiece writes "Is" after a newline
+        but "▁Is" alone). ValueError if the question is nowhere."""
         tokenizer = self.processor.tokenizer
         ids = inp.input_ids[0].tolist()
-        for text in (question, " " + question):
-            wanted = tokenizer(text, add_special_tokens=False)["input_ids"]
+        candidates = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (question, " " + question)]
+        for wanted in candidates:
             starts = [s for s in range(len(ids) - len(wanted) + 1) if wanted and ids[s : s + len(wanted)] == wanted]
             if starts:
                 return list(range(starts[-1], starts[-1] + len(wanted)))
+        for wanted in candidates:
+            tail = wanted[1:]
+            starts = [
+                s
+                for s in range(1, len(ids) - len(tail) + 1)
+                if tail
+                and ids[s : s + len(tail)] == tail
+                and (head := tokenizer.decode([ids[s - 1]]).strip())
+                and question.lstrip().startswith(head)
+            ]
+            if starts:
+                return list(range(starts[-1] - 1, starts[-1] + len(tail)))
         raise ValueError(
             f"{self.family}: the question {question!r} ({tokenizer.tokenize(question)}) is not a token run of the "
             f"prompt {inp.tokens}"
