@@ -86,32 +86,66 @@ def blocked_attention(
     layer = state.layers.get(id(module))
     if layer is not None and state.record is not None:
         state.record.keys[layer], state.record.values[layer] = key, value
-    suffix = state.suffix
-    if suffix is not None and layer is not None:
-        start, batch = suffix.start, query.shape[0]
-        key = torch.cat([suffix.keys[layer][:, :, :start].expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([suffix.values[layer][:, :, :start].expand(batch, -1, -1, -1), value], dim=2)
-        allowed = suffix.allowed[layer][start:, : key.shape[2]]
-        attention_mask = allowed[None, None]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+    block = state.blocks.get(layer) if layer is not None else None
+    if state.suffix is not None and layer is not None:
+        return _suffix_attention(query, key, value, state.suffix, layer, block, scale, softcap)
     n_rep = query.shape[1] // key.shape[1]
     keys = key.repeat_interleave(n_rep, dim=1)  # query head h reads key/value head h // n_rep (repeat_kv)
     values = value.repeat_interleave(n_rep, dim=1)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
-    softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         mask = attention_mask[:, :, :, : keys.shape[-2]]
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
-    block = state.blocks.get(layer) if layer is not None else None
     if block is not None:
-        if suffix is not None and layer is not None:
-            block = block[:, suffix.start :]
         scores = scores.masked_fill(padded_block(block, *scores.shape[-2:])[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(probs, values)
     return out.transpose(1, 2).contiguous(), probs
+
+
+def _suffix_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    suffix: SuffixRun,
+    layer: int,
+    block: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`blocked_attention` of the positions start..T-1 (query [B, H, S, d], key/value [B, H_kv, S, d]) over the
+    shared prefix and their own keys. Rows and the query heads of a key/value head are stacked into one matrix
+    against the prefix ([H_kv, start, d]), so the prefix is never copied per row (as the patching engine's
+    `shared_prefix_attention` does)."""
+    B, H, S, d = query.shape
+    n_kv, start = key.shape[1], suffix.start
+    n_rep = H // n_kv
+    grouped = query.reshape(B, n_kv, n_rep * S, d)  # query head h = kv · n_rep + r reads key/value head kv
+    scores = torch.matmul(grouped, key.transpose(-1, -2))
+    if start:
+        prefix_k = suffix.keys[layer][0, :, :start]
+        stacked = grouped.transpose(0, 1).reshape(n_kv, B * n_rep * S, d)
+        prefix = torch.matmul(stacked, prefix_k.transpose(-1, -2)).view(n_kv, B, n_rep * S, start).transpose(0, 1)
+        scores = torch.cat([prefix, scores], dim=-1)
+    scores = scores.view(B, H, S, start + S) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    allowed = suffix.allowed[layer][start:, : start + S]
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    if block is not None:
+        scores = scores.masked_fill(padded_block(block[:, start:], S, start + S)[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    grouped_probs = probs.view(B, n_kv, n_rep * S, start + S)
+    out = torch.matmul(grouped_probs[..., start:], value)
+    if start:
+        stacked = grouped_probs[..., :start].transpose(0, 1).reshape(n_kv, B * n_rep * S, start)
+        prefix_v = suffix.values[layer][0, :, :start]
+        out = out + torch.matmul(stacked, prefix_v).view(n_kv, B, n_rep * S, d).transpose(0, 1)
+    return out.reshape(B, H, S, d).transpose(1, 2).contiguous(), probs
 
 
 AttentionInterface.register(BLOCKED_ATTENTION, blocked_attention)
