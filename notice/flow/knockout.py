@@ -13,6 +13,7 @@ the same numbers from the adapter's fast knockout engine: "suffix" (decoders, no
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import groupby
 
 import pandas as pd
 import torch
@@ -150,8 +151,12 @@ def base_and_knocked_logits(
             raise TypeError(f"{adapter.family}: the suffix knockout engine runs token-fusion decoders only")
         suffix = SuffixKnockout(adapter, inp)
         out = suffix.base_logits.expand(len(rows), -1).clone()
-        for chunk in _chunks(sorted(live, key=lambda i: rows[i].layer_start), batch_size):
-            out[chunk] = suffix.run_rows([rows[i] for i in chunk])
+        # A chunk recomputes from its rows' first changed position: rows that change the same positions run
+        # together (edges into the last position recompute it alone).
+        first = {i: suffix.first_changed(rows[i]) for i in live}
+        for _, same in groupby(sorted(live, key=lambda i: (first[i], rows[i].layer_start)), key=first.__getitem__):
+            for chunk in _chunks(list(same), batch_size):
+                out[chunk] = suffix.run_rows([rows[i] for i in chunk])
         return suffix.base_logits, out
     base = adapter.answer_logits(inp)
     out = base.expand(len(rows), -1).clone()
