@@ -11,12 +11,13 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from notice import patch_pair
+from notice import knockout_pair, patch_pair
 from notice.files.hub import ModelNotFoundError
 
 PROG = "python -m notice"
 COMMANDS = {
     "patch-pair": (patch_pair, "patch one (clean, corrupt) pair with the default patch set"),
+    "knockout-pair": (knockout_pair, "attention knockout between token groups on one image and question"),
 }
 INPUT_ERRORS = (patch_pair.InputError, ModelNotFoundError)
 

@@ -228,6 +228,21 @@ def test_bench_line_reports_the_screen_keys():
     }
     # the LLaVA-1.5 layout's screen is the one that gives the unprefixed `screen_speedup=`
     assert cli.screen_prefixes() == {"blip": "blip_", "llava": ""}
+    knockouts = [dict(prefix="", speedup=25.0)]
+    assert _bench_line_fields(cli.bench_line(results, (), (), knockouts))["knockout_speedup"] == 25.0
+    assert "knockout" not in cli.bench_line(results, screens)
+    assert cli.knockout_prefixes() == {"llava": ""}  # the LLaVA-1.5 layout's knockout sweep: `knockout_speedup=`
+
+
+def test_the_knockout_sweep_is_checked_against_the_reference():
+    case = MODULES["llava"].bench_case(family="llava", tiny=True)
+    knockout = measure.measure_knockout(case, MODULES["llava"].KNOCKOUT_QUESTION_TOKENS, 3, 5, seed=0)
+    # every default edge at both window starts of a 2-layer model; 3 of them rerun by the reference engine
+    assert knockout["n_rows"] == 6 * 2 and knockout["n_reference"] == 3 and knockout["window"] == 1
+    assert knockout["err"] <= 1e-5 and knockout["speedup"] > 0
+
+
+KNOCKOUT_KEYS = ("KNOCKOUT_KEY_PREFIX", "KNOCKOUT_QUESTION_TOKENS")
 
 
 def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
@@ -235,6 +250,7 @@ def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
         family: SimpleNamespace(
             bench_case=partial(MODULES[family].bench_case, tiny=True),
             SCREEN_KEY_PREFIX=MODULES[family].SCREEN_KEY_PREFIX,
+            **{key: getattr(MODULES[family], key) for key in KNOCKOUT_KEYS if hasattr(MODULES[family], key)},
         )
         for family in ("blip", "llava")
     }
@@ -246,6 +262,7 @@ def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     fields = _bench_line_fields(lines[-1])
     assert {"blip_speedup", "llava_speedup", "max_rel_err", "blip_screen_speedup", "screen_speedup"} <= set(fields)
+    assert [key for key in fields if "knockout" in key] == ["knockout_speedup"] and fields["knockout_speedup"] > 0
     assert fields["screen_speedup"] > 0 and fields["screen_forwards"] > 0
     assert any(line.startswith("| llava |") and line.endswith("× |") for line in lines)  # the screen table
     assert not any("audit" in key for key in fields) and not any("precision audit" in line for line in lines)

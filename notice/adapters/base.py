@@ -127,6 +127,20 @@ class ImageGrid:
     cols: int
 
 
+def overlapping_cells(mask: np.ndarray, rows: int, cols: int) -> list[int]:
+    """Row-major indices of the cells of a `rows` × `cols` grid laid over `mask` [H, W] that hold a pixel above
+    0.5 (cell edges at round(i·H/rows), round(j·W/cols))."""
+    height, width = mask.shape
+    row_edges = np.round(np.linspace(0, height, rows + 1)).astype(int)
+    col_edges = np.round(np.linspace(0, width, cols + 1)).astype(int)
+    return [
+        r * cols + c
+        for r in range(rows)
+        for c in range(cols)
+        if (mask[row_edges[r] : row_edges[r + 1], col_edges[c] : col_edges[c + 1]] > 0.5).any()
+    ]
+
+
 class VLMAdapter(ABC):
     """One architecture family: the only place that knows the family's modules, inputs and rules.
 
@@ -370,6 +384,77 @@ class VLMAdapter(ABC):
             return torch.cat([x[:, :first_row], edit(x[:, first_row:])], dim=1) if first_row else edit(x)
 
         return hook_while_active(module, lambda _m, _a, output: self.replace_output_tensor(output, rows_edited))
+
+    # -- attention knockout (notice.flow) -----------------------------------------------------
+    # How the fast knockout engine runs this family: "suffix" (a causal or prefix-LM decoder: rows recompute the
+    # positions a block can change, from the window's first layer, against the clean run's cached states) or
+    # "batched" (rows are one batched forward of `batched_answer_logits`).
+    knockout_engine: ClassVar[Literal["suffix", "batched"]] = "batched"
+    # True when the image's keys in the fusion attention are positions of the stream (token fusion); False when
+    # they are a cross-attention's keys.
+    image_keys_are_positions: ClassVar[bool] = True
+
+    def stream_positions(self, inp: ModelInput) -> list[int]:
+        """Positions of the patched stream's sequence (its queries)."""
+        return list(range(inp.input_ids.shape[1]))
+
+    def image_keys(self, inp: ModelInput) -> list[int]:
+        """Every key of the image in the fusion attention: positions (token fusion) or cross-attention keys."""
+        raise NotImplementedError(f"{self.family}: no image keys, so no token groups")
+
+    def question_positions(self, inp: ModelInput, question: str) -> list[int]:
+        """The question's own tokens inside the prompt: the last place where its tokenisation (as written, or
+        after a space) occurs in `inp.input_ids`; failing that, where all but its first token occur right after a
+        token that is the question's start as the prompt tokenised it (sentencepiece writes "Is" after a newline
+        but "▁Is" alone). ValueError if the question is nowhere."""
+        tokenizer = self.processor.tokenizer
+        ids = inp.input_ids[0].tolist()
+        candidates = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (question, " " + question)]
+        for wanted in candidates:
+            starts = [s for s in range(len(ids) - len(wanted) + 1) if wanted and ids[s : s + len(wanted)] == wanted]
+            if starts:
+                return list(range(starts[-1], starts[-1] + len(wanted)))
+        for wanted in candidates:
+            tail = wanted[1:]
+            starts = [
+                s
+                for s in range(1, len(ids) - len(tail) + 1)
+                if tail
+                and ids[s : s + len(tail)] == tail
+                and (head := tokenizer.decode([ids[s - 1]]).strip())
+                and question.lstrip().startswith(head)
+            ]
+            if starts:
+                return list(range(starts[-1] - 1, starts[-1] + len(tail)))
+        raise ValueError(
+            f"{self.family}: the question {question!r} ({tokenizer.tokenize(question)}) is not a token run of the "
+            f"prompt {inp.tokens}"
+        )
+
+    def answer_position(self, inp: ModelInput) -> int | None:
+        """The stream position the answer is read at; None when no single position is (e.g. a decoder reading
+        every position of a text encoder)."""
+        raise NotImplementedError(f"{self.family}: no answer position, so no token groups")
+
+    def object_keys(self, inp: ModelInput, object_mask: np.ndarray) -> list[int]:
+        """The image keys whose patch of `image_grid` overlaps the object (`object_mask` float [H, W] in [0, 1] over
+        `model_view`, as `mask_view` gives it; a patch overlaps where any of its pixels is above 0.5)."""
+        grid = self.image_grid(inp)
+        cells = overlapping_cells(object_mask, grid.rows, grid.cols)
+        return sorted(grid.keys[cell] for cell in cells)
+
+    def attention_blocks(
+        self, self_blocks: dict[int, torch.Tensor], fusion_blocks: dict[int, torch.Tensor]
+    ) -> AbstractContextManager[None]:
+        """While active, the stream's attention at layer l blocks `self_blocks[l]` (bool [B, T, T] over stream
+        positions) and its fusion attention `fusion_blocks[l]` (bool [B, T, K] over image keys; token fusion:
+        given in `self_blocks`), as notice.adapters.attention_blocks does."""
+        raise NotImplementedError(f"{self.family}: no attention blocks, so no attention knockout")
+
+    def batched_answer_logits(self, inp: ModelInput, rows: int) -> torch.Tensor:
+        """Answer logits [rows, V] (float32) of `rows` copies of `inp` in one batched forward (under
+        `attention_blocks`, each row its own blocks): the "batched" knockout engine's forward."""
+        raise NotImplementedError(f"{self.family}: no batched forward for the knockout engine")
 
     @staticmethod
     def replace_output_tensor(output, fn: Callable[[torch.Tensor], torch.Tensor]):

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal, cast
 import torch
 from transformers import BlipForQuestionAnswering
 
+from notice.adapters.attention_blocks import bert_attention_blocks, together
 from notice.adapters.attention_taps import AttentionTap, bert_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
 
@@ -25,6 +26,7 @@ class BlipAdapter(VLMAdapter):
     default_prompt_template: ClassVar[str | None] = "{question}"
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn", "cross_attn")
     head_site: ClassVar[str] = "cross_attn_head"
+    image_keys_are_positions: ClassVar[bool] = False
 
     @property
     def _text_config(self):
@@ -78,13 +80,16 @@ class BlipAdapter(VLMAdapter):
         )
 
     # -- running ----------------------------------------------------------------------------
-    def _encode(self, inp: ModelInput) -> torch.Tensor:
-        """Text-encoder output [1, T, D] (question embeddings that the decoder cross-attends to)."""
-        image_embeds = self.model.vision_model(pixel_values=inp.pixel_values)[0]
+    def _encode(self, inp: ModelInput, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-encoder output [B, T, D] (question embeddings that the decoder cross-attends to); `image_embeds`
+        [B, K, D]: the vision model's output, computed here when not given."""
+        if image_embeds is None:
+            image_embeds = self.model.vision_model(pixel_values=inp.pixel_values)[0]
+        rows = image_embeds.shape[0]
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         return self.model.text_encoder(
-            input_ids=inp.input_ids,
-            attention_mask=inp.attention_mask,
+            input_ids=inp.input_ids.expand(rows, -1),
+            attention_mask=inp.attention_mask.expand(rows, -1),
             encoder_hidden_states=image_embeds,
             encoder_attention_mask=image_mask,
         )[0]
@@ -92,13 +97,14 @@ class BlipAdapter(VLMAdapter):
     def _decoder_logits(
         self, question_embeds: torch.Tensor, inp: ModelInput, decoder_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Decoder logits [V] for the token after `decoder_ids` [1, n]."""
+        """Decoder logits [V] for the token after `decoder_ids` [1, n] ([B, V] for question embeddings of B rows)."""
+        rows = question_embeds.shape[0]
         logits = self.model.text_decoder(
-            input_ids=decoder_ids,
+            input_ids=decoder_ids.expand(rows, -1),
             encoder_hidden_states=question_embeds,
-            encoder_attention_mask=inp.attention_mask,
+            encoder_attention_mask=inp.attention_mask.expand(rows, -1),
         ).logits
-        return logits[0, -1].float()
+        return (logits[0, -1] if rows == 1 else logits[:, -1]).float()
 
     def _bos(self) -> torch.Tensor:
         return torch.tensor([[self._text_config.bos_token_id]], device=self.device)
@@ -149,6 +155,29 @@ class BlipAdapter(VLMAdapter):
     def image_key_states(self, edit: Callable[[torch.Tensor], torch.Tensor]) -> AbstractContextManager[None]:
         # The vision tower's output: key 0 the image [CLS], then the patches.
         return self.edited_output(self.model.vision_model, edit)
+
+    # -- attention knockout -----------------------------------------------------------------------
+    def image_keys(self, inp: ModelInput) -> list[int]:
+        vision = self.model.config.vision_config
+        return list(range(1 + (vision.image_size // vision.patch_size) ** 2))  # the image [CLS] and every patch
+
+    def answer_position(self, inp: ModelInput) -> int | None:
+        return None  # the decoder reads every position of the text encoder
+
+    def attention_blocks(
+        self, self_blocks: dict[int, torch.Tensor], fusion_blocks: dict[int, torch.Tensor]
+    ) -> AbstractContextManager[None]:
+        self_attentions = [cast(Any, layer).attention.self for layer in self._layers]
+        return together(
+            bert_attention_blocks(self_attentions, self_blocks),
+            bert_attention_blocks(self.fusion_attention_modules(), fusion_blocks),
+        )
+
+    def batched_answer_logits(self, inp: ModelInput, rows: int) -> torch.Tensor:
+        image_embeds = self.model.vision_model(pixel_values=inp.pixel_values)[0]  # once for every row
+        encoded = self._encode(inp, image_embeds.expand(rows, -1, -1))
+        logits = self.answer_logits_of(lambda: self._decoder_logits(encoded, inp, self._bos()))
+        return logits.reshape(rows, -1)
 
     # -- fusion attention: the text encoder's cross-attention to the vision tower's output ----
     def fusion_attention_modules(self) -> list[torch.nn.Module]:

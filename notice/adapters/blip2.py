@@ -38,9 +38,11 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
+from notice.adapters.attention_blocks import interface_attention_blocks, together
 from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
 from notice.adapters.decoder import DecoderVLMAdapter
@@ -221,6 +223,9 @@ class Blip2LanguageModelAdapter(DecoderVLMAdapter):
         positions = self.query_positions(inp)
         return ImageGrid(tuple(positions), 1, len(positions))
 
+    def object_keys(self, inp: ModelInput, object_mask: np.ndarray) -> list[int]:
+        return []  # the image keys are the query tokens, which have no place on the image
+
     # -- fusion attention: carried onto the patch grid ----------------------------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
         if not self._query_attention:
@@ -259,6 +264,8 @@ class QFormerStreamAdapter(Blip2LanguageModelAdapter):
 
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn", "cross_attn")
     head_site: ClassVar[str] = "cross_attn_head"
+    knockout_engine: ClassVar[Literal["suffix", "batched"]] = "batched"
+    image_keys_are_positions: ClassVar[bool] = False
 
     @property
     def stream_layers(self) -> list[int]:
@@ -319,6 +326,38 @@ class QFormerStreamAdapter(Blip2LanguageModelAdapter):
         # The Q-Former's queries read the image through cross-attention, and its output is projected into the
         # language model, not unembedded.
         return VLMAdapter.stream_image_grid(self, inp)
+
+    # -- attention knockout: the query tokens' attention; no question or answer position in this stream ----
+    def stream_positions(self, inp: ModelInput) -> list[int]:
+        return self.query_positions(inp)
+
+    def image_keys(self, inp: ModelInput) -> list[int]:
+        return list(range(1 + self.vit_grid()[1]))  # the image [CLS] and every patch
+
+    def object_keys(self, inp: ModelInput, object_mask: np.ndarray) -> list[int]:
+        return VLMAdapter.object_keys(self, inp, object_mask)  # the cross-attention's keys are the ViT patches
+
+    def question_positions(self, inp: ModelInput, question: str) -> list[int]:
+        return []  # the stream's positions are the learned queries (an instruction is read, not patched)
+
+    def answer_position(self, inp: ModelInput) -> int | None:
+        return None  # the language model reads every query
+
+    def attention_blocks(
+        self, self_blocks: dict[int, torch.Tensor], fusion_blocks: dict[int, torch.Tensor]
+    ) -> AbstractContextManager[None]:
+        """Blocks at stream layer l act in Q-Former layer `stream_layers[l]` (the layers between run unblocked);
+        self-attention blocks cover the queries, an instruction's tokens after them stay visible."""
+        layers: list[Any] = list(self.qformer_layers)  # Q-Former layers: submodules by name
+        self_attentions = [layers[i].attention.attention for i in self.stream_layers]
+        return together(
+            interface_attention_blocks(self_attentions, self_blocks),
+            interface_attention_blocks(self.fusion_attention_modules(), fusion_blocks),
+        )
+
+    def batched_answer_logits(self, inp: ModelInput, rows: int) -> torch.Tensor:
+        kwargs = {key: value.expand(rows, *value.shape[1:]) for key, value in inp.model_kwargs().items()}
+        return self.answer_logits_of(lambda: self.model(**kwargs, logits_to_keep=1).logits[:, -1])
 
     # -- fusion attention: the Q-Former's cross-attention to the ViT patches --------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:

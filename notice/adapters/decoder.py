@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal, cast
 
 import torch
 
+from notice.adapters.attention_blocks import interface_attention_blocks
 from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter, pre_hook_while_active
 
@@ -26,6 +27,7 @@ class DecoderVLMAdapter(VLMAdapter):
 
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn")
     head_site: ClassVar[str] = "self_attn_head"
+    knockout_engine: ClassVar[Literal["suffix", "batched"]] = "suffix"
 
     # -- where the family keeps things (override when the path differs) ----------------------
     @property
@@ -165,6 +167,20 @@ class DecoderVLMAdapter(VLMAdapter):
 
     def stream_image_grid(self, inp: ModelInput) -> ImageGrid:
         return self.image_grid(inp)  # the image tokens are the decoder's own positions
+
+    # -- attention knockout -----------------------------------------------------------------------
+    def image_keys(self, inp: ModelInput) -> list[int]:
+        return self.image_positions(inp)
+
+    def answer_position(self, inp: ModelInput) -> int | None:
+        return inp.input_ids.shape[1] - 1  # the next-token logits of the last prompt position
+
+    def attention_blocks(
+        self, self_blocks: dict[int, torch.Tensor], fusion_blocks: dict[int, torch.Tensor]
+    ) -> AbstractContextManager[None]:
+        if fusion_blocks:
+            raise ValueError(f"{self.family}: the image tokens are positions; block them in the self-attention")
+        return interface_attention_blocks(self.self_attentions, self_blocks)
 
     # -- fusion attention ---------------------------------------------------------------------
     def fusion_attention_modules(self) -> list[torch.nn.Module]:

@@ -35,10 +35,16 @@ module site at every position, every head at every position (image positions inc
 `--screen-chunks` chunks of its run. The screen's image-embedding rows and query / key sites are not
 counted (no engine patches them), so the ratio is a lower bound.
 
+For the layouts that set `KNOCKOUT_KEY_PREFIX` (`knockout_prefixes`) it times the attention-knockout sweep
+(`measure.measure_knockout`, notice.flow.knockout): the default edges at every window start of the default window
+on the clean input, the fast engine's whole sweep (its setup included) per knocked-out run, against
+`--knockout-rows` seeded rows of it run by the reference engine (one hooked forward each), which check its rows.
+The layout's `KNOCKOUT_QUESTION_TOKENS` positions after the image stand for the question.
+
 The last line printed is `bench: <family>_speedup=<x> ... max_rel_err=<e>` (speedup of the fast engine
 over (a), one entry per family run), followed where screened by `<prefix>screen_forwards=<f>
-<prefix>screen_speedup=<x>` (exact patching's extrapolated time over the screen's); every entry is
-key=value.
+<prefix>screen_speedup=<x>` (exact patching's extrapolated time over the screen's) and where knocked out by
+`<prefix>knockout_speedup=<x>`; every entry is key=value.
 
 `--real-size` builds the real checkpoints' dimensions (random weights, bfloat16, `--device`, a GPU by
 default) and reports the fast engine's patched runs per second and the estimated wall time of the
@@ -65,7 +71,7 @@ from types import ModuleType
 import pandas as pd
 import torch
 
-from notice.bench.measure import _timed, engine_setup, measure, measure_screen, precision_audit
+from notice.bench.measure import _timed, engine_setup, measure, measure_knockout, measure_screen, precision_audit
 from notice.families import families
 from notice.method.precision import audit_summary_lines
 from notice.patching import fast
@@ -78,6 +84,7 @@ THREE_ROW = 1
 SCREEN_CHUNKS = 4
 SCREEN_REPEATS = 2
 AUDIT_ROWS = 64
+KNOCKOUT_ROWS = 2
 
 
 def _screen_line(s: dict) -> str:
@@ -108,16 +115,23 @@ def _screen_table(screens: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench_line(results: list[dict], screens: Sequence[dict] = (), audits: Sequence[pd.DataFrame] = ()) -> str:
+def bench_line(
+    results: list[dict],
+    screens: Sequence[dict] = (),
+    audits: Sequence[pd.DataFrame] = (),
+    knockouts: Sequence[dict] = (),
+) -> str:
     """The last line: `bench: <family>_speedup=<x> ... max_rel_err=<e>`, then each screened family's
     `<prefix>screen_forwards=<f> <prefix>screen_speedup=<x>` (`screen_prefixes`), then each audited family's
-    `<family>_audit_p95=<p>` (the largest 95th percentile over its site kinds; real size only)."""
+    `<family>_audit_p95=<p>` (the largest 95th percentile over its site kinds; real size only), then each knocked-out
+    family's `<prefix>knockout_speedup=<x>` (`knockout_prefixes`)."""
     entries = [f"{r['name']}_speedup={r['per_hooked'] / r['per_fast']:.1f}" for r in results]
     entries.append(f"max_rel_err={max(r['err'] for r in results):.1e}")
     for s in screens:
         prefix = s["prefix"]
         entries += [f"{prefix}screen_forwards={s['forwards']:.2f}", f"{prefix}screen_speedup={s['speedup']:.1f}"]
     entries += [f"{audit['model'].iloc[0]}_audit_p95={audit['p95'].max():.1e}" for audit in audits]
+    entries += [f"{k['prefix']}knockout_speedup={k['speedup']:.1f}" for k in knockouts]
     return "bench: " + " ".join(entries)
 
 
@@ -185,9 +199,29 @@ def screen_prefixes() -> dict[str, str]:
     }
 
 
+def knockout_prefixes() -> dict[str, str]:
+    """Family -> bench-line key prefix of the layouts whose attention-knockout sweep is timed: those that set
+    `KNOCKOUT_KEY_PREFIX` (e.g. "" gives `knockout_speedup=`)."""
+    return {
+        family: module.KNOCKOUT_KEY_PREFIX
+        for family, module in layouts().items()
+        if hasattr(module, "KNOCKOUT_KEY_PREFIX")
+    }
+
+
+def _knockout_line(k: dict) -> str:
+    return (
+        f"  knockout: {k['n_rows']} knocked-out runs (default edges, window {k['window']}) by the fast engine in "
+        f"{k['t_fast']:.1f} s = {1e3 * k['per_fast']:.1f} ms / run (setup included); reference (one hooked forward "
+        f"per run): {1e3 * k['per_reference']:.0f} ms / run (n={k['n_reference']}); knockout speedup "
+        f"{k['speedup']:.0f}×, max rel err {k['err']:.1e}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     modules = layouts()
     prefixes = screen_prefixes()
+    knockout_keys = knockout_prefixes()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--families", nargs="+", choices=list(modules), default=list(modules), help="families to run (default: all)"
@@ -220,6 +254,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=int,
         default=SCREEN_REPEATS,
         help=f"timed screens and forwards, median taken (default {SCREEN_REPEATS})",
+    )
+    parser.add_argument(
+        "--knockout-rows",
+        type=int,
+        default=KNOCKOUT_ROWS,
+        help=f"knocked-out runs timed with the reference engine, and checked ({', '.join(knockout_prefixes())}; "
+        f"default {KNOCKOUT_ROWS}; 0: no knockout)",
     )
     parser.add_argument("--batch-size", type=int, default=fast.DEFAULT_BATCH_ROWS)
     parser.add_argument("--seed", type=int, default=0)
@@ -260,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results: list[dict] = []
     screens: list[dict] = []
     audits: list[pd.DataFrame] = []
+    knockouts: list[dict] = []
     for family in args.families:
         case, t_build = _timed(partial(modules[family].bench_case, args.real_size, family=family, device=device))
         print(f"{case.description}: built in {t_build:.0f} s; {len(case.patches)} patched runs", flush=True)
@@ -284,6 +326,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             screens.append({**screen, "prefix": prefixes[family]})
             print(f"{_screen_line(screens[-1])}; screen timed in {t_screen:.0f} s", flush=True)
+        if family in knockout_keys and args.knockout_rows > 0:
+            question_tokens = modules[family].KNOCKOUT_QUESTION_TOKENS
+            knockout, t_knockout = _timed(
+                partial(measure_knockout, case, question_tokens, args.knockout_rows, args.batch_size, args.seed)
+            )
+            knockouts.append({**knockout, "prefix": knockout_keys[family]})
+            print(f"{_knockout_line(knockout)}; timed in {t_knockout:.0f} s", flush=True)
         del setup  # the engine's caches, before the audit's float32 model
         _free_memory()
         if args.real_size and args.audit_rows > 0:
@@ -320,4 +369,4 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"effect spread: standard deviation of logit_diff over the rows run:"
         )
         print(_audit_table(audits))
-    print(bench_line(results, screens, audits))
+    print(bench_line(results, screens, audits, knockouts))

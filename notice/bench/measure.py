@@ -1,6 +1,7 @@
 """The measurements of `make bench`: the fast engine against (a) one hooked forward per patched run and (b) the
 published code's 3-row batch per patch, the attribution screen against exact patching of its sites, and at real
-size the precision audit of the engine's half-precision rows."""
+size the precision audit of the engine's half-precision rows, and the attention-knockout sweep against one hooked
+forward per knocked-out run."""
 
 from __future__ import annotations
 
@@ -19,6 +20,16 @@ import torch
 from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
 from notice.bench.case import Case, float32_twin, in_dtype
 from notice.files.tables import RESULT_COLUMNS
+from notice.flow.groups import GROUPS, TokenGroups
+from notice.flow.knockout import (
+    DEFAULT_EDGES,
+    default_window,
+    edge_blocks,
+    knockout_rows,
+    parse_edges,
+    reference_logits,
+)
+from notice.flow.knockout_suffix import Knockout
 from notice.method.precision import KEY_COLUMNS, audit_sample, summarise_audit
 from notice.patching import fast, reference
 from notice.patching.attribution import IMAGE_SITE, attribution_estimates, screen_sites
@@ -373,4 +384,62 @@ def measure_screen(
         per_patch=(cost.t_total - cost.t_setup) / len(patches),
         t_exact=cost.t_total,
         speedup=cost.t_total / t_screen,
+    )
+
+
+# -- attention knockout: the fast sweep against one hooked forward per row ------------------------
+def knockout_groups(case: Case, question_tokens: int) -> TokenGroups:
+    """Token groups of a layout's random prompt: the question is the `question_tokens` positions after the image
+    and the token that follows it (a layout's "\\n"), the object the central quarter of the image grid."""
+    adapter, inp = case.adapter, case.clean
+    image = adapter.image_keys(inp)
+    grid = adapter.image_grid(inp)
+    central = [
+        grid.keys[r * grid.cols + c]
+        for r in range(grid.rows // 4, grid.rows - grid.rows // 4)
+        for c in range(grid.cols // 4, grid.cols - grid.cols // 4)
+    ]
+    answer = adapter.answer_position(inp)
+    last = [] if answer is None else [answer]
+    question = [p for p in range(max(image) + 2, max(image) + 2 + question_tokens) if p not in last]
+    taken = set(image) | set(question) | set(last)
+    text = [p for p in adapter.stream_positions(inp) if p not in taken]
+    positions = {"image": image, "object": sorted(central), "question": question, "last": last, "text": text}
+    return TokenGroups({group: tuple(positions[group]) for group in GROUPS}, adapter.image_keys_are_positions)
+
+
+def measure_knockout(case: Case, question_tokens: int, n_reference: int, batch_size: int, seed: int) -> dict:
+    """The whole default knockout sweep of the case's clean input (DEFAULT_EDGES, `default_window`) by the fast
+    engine, timed with its setup (base run, clean-state capture), against `n_reference` seeded rows of it run
+    by the reference engine (one hooked forward each), which also check the fast rows."""
+    adapter, inp = case.adapter, case.clean
+    groups = knockout_groups(case, question_tokens)
+    window = default_window(adapter.n_layers)
+    edges = parse_edges(DEFAULT_EDGES)
+    with torch.inference_mode():
+        rows, t_fast = _timed(
+            partial(knockout_rows, adapter, inp, case.tau, case.tau_p, groups, edges, window, "fast", batch_size)
+        )
+        chosen = sorted(random.Random(seed).sample(range(len(rows)), min(n_reference, len(rows))))
+        blocks = {edge: edge_blocks(adapter, inp, groups, [edge]) for edge in edges}
+        errors, t_reference = [], 0.0
+        for i in chosen:
+            row = rows.iloc[i]
+            own, fusion = blocks[(row.source, row.target)]
+            logits, seconds = _timed(
+                partial(reference_logits, adapter, inp, Knockout(int(row.layer_start), window, own, fusion))
+            )
+            t_reference += seconds
+            ld, p = float(logit_diff(logits, case.tau, case.tau_p)), float(answer_prob(logits, case.tau))
+            errors += [relative_error(row.ld_knock, ld), relative_error(row.p_knock, p)]
+    per_fast, per_reference = t_fast / len(rows), t_reference / len(chosen)
+    return dict(
+        n_rows=len(rows),
+        window=window,
+        t_fast=t_fast,
+        per_fast=per_fast,
+        n_reference=len(chosen),
+        per_reference=per_reference,
+        speedup=per_reference / per_fast,
+        err=max(errors),
     )
