@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from notice.adapters.base import ImageGrid, ModelInput, VLMAdapter
+from notice.adapters.base import ImageGrid, ModelInput, VLMAdapter, overlapping_cells
 
 ABLATION_COLUMNS: tuple[str, ...] = (
     "ablated",
@@ -29,19 +29,12 @@ ABLATION_COLUMNS: tuple[str, ...] = (
 
 
 def object_keys(grid: ImageGrid, mask_view: np.ndarray) -> tuple[int, ...]:
-    """The image keys whose patch overlaps the object: some pixel of the patch is object (mask > 0.5).
-
-    `mask_view` is [H, W] on the pixels the model sees (`VLMAdapter.mask_view`), H and W multiples of the grid;
-    an empty mask ([0, 0]: no object known) gives no keys.
-    """
+    """The image keys whose patch overlaps the object (`overlapping_cells`: some pixel of the patch above 0.5),
+    in grid order. `mask_view` is [H, W] on the pixels the model sees (`VLMAdapter.mask_view`); an empty mask
+    ([0, 0]: no object known) gives no keys."""
     if mask_view.size == 0:
         return ()
-    height, width = mask_view.shape
-    if height % grid.rows or width % grid.cols:
-        raise ValueError(f"mask {height}×{width} does not tile into the {grid.rows}×{grid.cols} image grid")
-    patches = mask_view.reshape(grid.rows, height // grid.rows, grid.cols, width // grid.cols) > 0.5
-    on_object = patches.any(axis=(1, 3)).ravel()
-    return tuple(key for key, hit in zip(grid.keys, on_object, strict=True) if hit)
+    return tuple(grid.keys[cell] for cell in overlapping_cells(mask_view, grid.rows, grid.cols))
 
 
 def random_keys(grid_keys: Sequence[int], object_keys: Sequence[int], n_draws: int, seed: int) -> list[tuple[int, ...]]:
