@@ -79,7 +79,8 @@ def test_unknown_key_is_named(tmp_path):
     assert_config_error(
         output,
         f"{where}: sed: unknown key (expected one of: {', '.join(SCHEMA['properties'])})",
-        f"{where}: patching.engnie: unknown key (expected one of: engine, module_sites, head_sites, batch_size)",
+        f"{where}: patching.engnie: unknown key (expected one of: "
+        f"{', '.join(SCHEMA['properties']['patching']['properties'])})",
     )
 
 
