@@ -1,4 +1,4 @@
-"""Attention knockout between token groups (docs/method.md, §"Token groups and attention knockout").
+"""Attention knockout between token groups (docs/method.md, §10).
 
 An edge "source:target" blocks every attention edge from a query in `target` to a key in `source` (all heads):
 information cannot flow from source to target through attention there. A knocked-out run blocks one edge in a
