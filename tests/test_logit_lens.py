@@ -15,7 +15,7 @@ from toy_adapters import QUESTION, noise_image, one_torch_thread, tiny_adapter
 
 from notice.families import family_names
 from notice.flow import logit_lens as logit_lens_module
-from notice.flow.logit_lens import LENS_SHARE_COLUMNS, LOGIT_LENS_COLUMNS, TOKEN_SEPARATOR, lens_shares, logit_lens
+from notice.flow.logit_lens import LENS_SHARE_COLUMNS, LOGIT_LENS_COLUMNS, lens_shares, logit_lens
 from notice.patching.hooks import hooked
 
 TAU = 5  # an arbitrary answer token of the tiny vocabularies
@@ -71,7 +71,7 @@ def test_the_last_layer_is_the_models_own_logits(adapter, monkeypatch):
     last = table[table.layer == adapter.n_layers - 1]
     for row in last.itertuples():
         logits = own[row.position]
-        expected = TOKEN_SEPARATOR.join(tokenizer.convert_ids_to_tokens(logits.topk(5).indices.tolist()))
+        expected = tokenizer.convert_ids_to_tokens(logits.topk(5).indices.tolist())
         assert row.top_tokens == expected
         # The answer's rank, up to float32 rounding between the two routes (relative 1e-5).
         tol = 1e-5 * max(float(logits.abs().max()), 1.0)
@@ -136,7 +136,7 @@ def test_lens_shares_counts_the_table_per_label_and_layer():
             "position": [3, 4, 3, 4, 3, 4],
             "row": [0, 0, 0, 0, 0, 0],
             "col": [0, 1, 0, 1, 0, 1],
-            "top_tokens": ["x"] * 6,
+            "top_tokens": [["x"]] * 6,
             "answer_rank": [1, 9, 2, 3, 7, 8],
             "answer_in_top5": [True, False, True, True, False, False],
             "object_in_top5": pd.array([True, True, False, True, None, None], dtype="boolean"),

@@ -30,7 +30,6 @@ LOGIT_LENS_COLUMNS: tuple[str, ...] = (
     "object_in_top5",
 )
 LENS_SHARE_COLUMNS: tuple[str, ...] = ("layer", "n_positions", "answer_share", "object_share")
-TOKEN_SEPARATOR = "|"
 POSITIONS_PER_CHUNK = 256
 
 
@@ -40,9 +39,10 @@ def logit_lens(
 ) -> pd.DataFrame:
     """LOGIT_LENS_COLUMNS, one row per (layer, image position), layers in order, positions in grid order.
 
-    `top_tokens`: the `top` highest-scoring tokens joined by "|"; `answer_rank`: 1 + the number of tokens
-    scoring above the answer; `answer_in_top5` / `object_in_top5`: that token is among the `top` (object: <NA>
-    where `object_token_id` is None). NotImplementedError (the adapter's) where the image is not in the stream.
+    `top_tokens`: the `top` highest-scoring tokens, best first (a list: a token may hold any character);
+    `answer_rank`: 1 + the number of tokens scoring above the answer; `answer_in_top5` / `object_in_top5`: that
+    token is among the `top` (object: <NA> where `object_token_id` is None). NotImplementedError (the adapter's)
+    where the image is not in the stream.
     """
     grid = adapter.stream_image_grid(inp)
     _, states = capture(adapter, inp, [("layer", layer) for layer in range(adapter.n_layers)])
@@ -61,7 +61,7 @@ def logit_lens(
         columns["position"] += list(grid.keys)
         columns["row"] += [i // grid.cols for i in range(n)]
         columns["col"] += [i % grid.cols for i in range(n)]
-        columns["top_tokens"] += [TOKEN_SEPARATOR.join(tokenizer.convert_ids_to_tokens(ids)) for ids in best.tolist()]
+        columns["top_tokens"] += [tokenizer.convert_ids_to_tokens(ids) for ids in best.tolist()]
         columns["answer_rank"] += answer_rank.tolist()
         columns["answer_in_top5"] += (best == answer_token_id).any(-1).tolist()
         columns["object_in_top5"] += (
