@@ -1,0 +1,123 @@
+"""The flow stage over a model's selected samples (rule `flow`): on each clean prompt, the token groups, attention
+knockout of the edges, the logit lens on image tokens and the object-token ablation, with the labels in front;
+what a sample cannot give (no object mask, an empty group) is a row of the skipped table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from notice.adapters.base import ModelInput, VLMAdapter
+from notice.files.tables import stable_seed
+from notice.flow.ablation import ABLATION_COLUMNS, ablation_rows, object_keys
+from notice.flow.groups import token_groups
+from notice.flow.knockout import KNOCKOUT_COLUMNS, default_window, knockout_rows
+from notice.flow.logit_lens import LOGIT_LENS_COLUMNS, logit_lens
+from notice.flow.records import (
+    LABEL_COLUMNS,
+    concat_or_empty,
+    empty_group_reason,
+    labelled,
+    skipped_table,
+    usable_edges,
+)
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    """The config's `flow` section as the stage uses it (edges parsed by notice.flow.knockout.parse_edges)."""
+
+    edges: tuple[tuple[str, str], ...]
+    window: int | None  # None: default_window of the model's layers
+    ablation_draws: int
+    engine: str
+    batch_size: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class FlowTables:
+    knockout: pd.DataFrame  # LABEL_COLUMNS + KNOCKOUT_COLUMNS
+    logit_lens: pd.DataFrame  # LABEL_COLUMNS + LOGIT_LENS_COLUMNS
+    ablation: pd.DataFrame  # LABEL_COLUMNS + ABLATION_COLUMNS
+    skipped: pd.DataFrame  # SKIPPED_COLUMNS
+
+
+def knockout_window(adapter: VLMAdapter, window: int | None) -> int:
+    """The window of `flow.window` (None: the model's default), refused when the model has fewer layers."""
+    if window is None:
+        return default_window(adapter.n_layers)
+    if window > adapter.n_layers:
+        raise ValueError(f"config flow.window = {window} is more than the model's {adapter.n_layers} layers")
+    return window
+
+
+def object_token_id(adapter: VLMAdapter, subject: str) -> int | None:
+    """The object word's token for the logit lens: the sample's subject (the noun its question names) when it is
+    one word, else None (not known)."""
+    words = str(subject).split()
+    return adapter.option_token_id(words[0]) if len(words) == 1 else None
+
+
+def flow_tables(
+    adapter: VLMAdapter,
+    samples: pd.DataFrame,
+    load_image: Callable[[str], Image.Image],
+    settings: FlowSettings,
+    lens_ids: Collection[str],
+    labels: Mapping[str, str],
+) -> FlowTables:
+    """The flow tables of every sample (PROMPT_COLUMNS rows and `subject`), with `labels` (model, dataset);
+    the logit lens only on the samples of `lens_ids`."""
+    window = knockout_window(adapter, settings.window)
+    knockout, lens, ablation, skipped = [], [], [], []
+    for row in tqdm(samples.itertuples(index=False), total=len(samples), desc="flow", mininterval=5):
+        sample_labels: dict[str, Any] = {**labels, "task": row.task, "sample_id": str(row.sample_id)}
+        inp = adapter.prepare(load_image(row.image_path), row.prompt)
+        mask_path = str(row.mask_path or "")
+        mask = adapter.mask_view(Image.open(mask_path), inp) if mask_path else None
+        groups = token_groups(adapter, inp, row.question, mask)
+        tau, tau_p = int(row.answer_token_id), int(row.distractor_token_id)
+        edges, edge_skips = usable_edges(settings.edges, groups.positions, mask is not None)
+        skipped += [{**sample_labels, **skip} for skip in edge_skips]
+        if edges:
+            rows = knockout_rows(
+                adapter, inp, tau, tau_p, groups, edges, window, engine=settings.engine, batch_size=settings.batch_size
+            )
+            knockout.append(labelled(rows, sample_labels, KNOCKOUT_COLUMNS))
+        keys = object_keys(adapter, inp, groups)
+        if keys:
+            seed = stable_seed(settings.seed, "flow ablation", row.sample_id)
+            rows = ablation_rows(adapter, inp, tau, tau_p, keys, settings.ablation_draws, seed)
+            ablation.append(labelled(rows, sample_labels, ABLATION_COLUMNS))
+        else:
+            reason = empty_group_reason("object", mask is not None)
+            skipped.append({**sample_labels, "analysis": "ablation", "item": "object", "reason": reason})
+        if str(row.sample_id) in lens_ids:
+            lens.append(lens_rows(adapter, inp, tau, row.subject, sample_labels, skipped))
+    return FlowTables(
+        knockout=concat_or_empty(knockout, [*LABEL_COLUMNS, *KNOCKOUT_COLUMNS]),
+        logit_lens=concat_or_empty(lens, [*LABEL_COLUMNS, *LOGIT_LENS_COLUMNS]),
+        ablation=concat_or_empty(ablation, [*LABEL_COLUMNS, *ABLATION_COLUMNS]),
+        skipped=skipped_table(skipped),
+    )
+
+
+def lens_rows(
+    adapter: VLMAdapter, inp: ModelInput, tau: int, subject: str, labels: Mapping[str, Any], skipped: list[dict]
+) -> pd.DataFrame:
+    """One sample's logit-lens table with its labels; what it lacks is added to `skipped`."""
+    object_token = object_token_id(adapter, subject)
+    if object_token is None:
+        reason = f"no one-word object name (the subject is {subject!r}): object_in_top5 is empty"
+        skipped.append({**labels, "analysis": "logit_lens", "item": "object_in_top5", "reason": reason})
+    rows = logit_lens(adapter, inp, tau, object_token)
+    if not len(rows):
+        reason = "no image position in the stream the logit lens reads"
+        skipped.append({**labels, "analysis": "logit_lens", "item": "image", "reason": reason})
+    return labelled(rows, labels, LOGIT_LENS_COLUMNS)
