@@ -19,6 +19,7 @@ from planted_tables import (
     planted_skipped,
 )
 
+from notice.flow.logit_lens import lens_shares
 from notice.method.head_functions import HeadFunctionConfig, grounding_summary, scores_from_records
 from notice.method.heads import bootstrap_heads, head_effects, significant_heads, universal_heads, universal_heads_table
 from notice.present.flow import (
@@ -29,8 +30,8 @@ from notice.present.flow import (
     knockout_figure,
     lens_map_cells,
     lens_map_figure,
+    lens_share_chart,
     lens_share_figure,
-    lens_share_table,
     map_layers,
     skipped_summary,
 )
@@ -67,12 +68,14 @@ def test_the_knockout_figure_has_a_panel_per_task_and_a_line_per_edge(tmp_path):
         knockout_figure(planted_knockout().iloc[:0], tmp_path / "empty", "t")
 
 
-def test_lens_shares_per_layer_and_task():
-    shares = lens_share_table(planted_lens()).set_index(["task", "layer"])
-    assert list(shares.loc["colour", "answer_share"]) == [0.0, 0.0, pytest.approx(4 / 9), 1.0]
-    assert list(shares.loc["colour", "object_share"]) == [0.0, 0.0, 0.0, pytest.approx(4 / 9)]
-    assert shares.loc["shape", "object_share"].isna().all()  # no object word known
-    assert set(shares["n_samples"]) == {3}
+def test_the_lens_share_chart_draws_the_shares_per_layer_and_task():
+    spec = lens_share_chart(lens_shares(planted_lens(), by=["task"]), "t").to_dict()
+    values = pd.DataFrame(next(iter(spec["datasets"].values()))).set_index(["task", "word", "layer"])["share"]
+    values = values.sort_index()
+    assert list(values.loc["colour", "answer"]) == [0.0, 0.0, pytest.approx(4 / 9), 1.0]
+    assert list(values.loc["colour", "object word"]) == [0.0, 0.0, 0.0, pytest.approx(4 / 9)]
+    assert ("shape", "object word") not in values.index.droplevel("layer")  # no object word known: no line
+    assert list(values.loc["shape", "answer"]) == list(values.loc["colour", "answer"])
 
 
 def test_lens_maps_take_samples_of_every_task_and_the_planted_cells_are_in_the_top5(tmp_path):

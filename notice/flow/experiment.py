@@ -4,10 +4,11 @@ what a sample cannot give (no object mask, an empty group) is a row of the skipp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
@@ -15,12 +16,13 @@ from tqdm import tqdm
 from notice.adapters.base import ModelInput, VLMAdapter
 from notice.files.tables import stable_seed
 from notice.flow.ablation import ABLATION_COLUMNS, ablation_rows, object_keys
-from notice.flow.groups import token_groups
-from notice.flow.knockout import KNOCKOUT_COLUMNS, default_window, knockout_rows
+from notice.flow.groups import TokenGroups, token_groups
+from notice.flow.knockout import KNOCKOUT_COLUMNS, default_window, edge_blocks, knockout_rows
 from notice.flow.logit_lens import LOGIT_LENS_COLUMNS, logit_lens
 from notice.flow.records import (
     LABEL_COLUMNS,
     concat_or_empty,
+    edge_name,
     empty_group_reason,
     labelled,
     skipped_table,
@@ -57,6 +59,33 @@ def knockout_window(adapter: VLMAdapter, window: int | None) -> int:
     return window
 
 
+def blockable_edges(
+    adapter: VLMAdapter, inp: ModelInput, groups: TokenGroups, edges: Sequence[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """(the edges the model's attention can block, a skip record for each it cannot: e.g. a cross-attention
+    family's query left no image key, or an image target that is no position of its stream; the reason is
+    `knockout.edge_blocks`'s refusal)."""
+    usable, skipped = [], []
+    for edge in edges:
+        try:
+            edge_blocks(adapter, inp, groups, [edge])
+        except ValueError as refusal:
+            skipped.append({"analysis": "knockout", "item": edge_name(edge), "reason": str(refusal)})
+        else:
+            usable.append(edge)
+    return usable, skipped
+
+
+def ablation_problem(n_object: int, n_image: int, has_object_mask: bool) -> str:
+    """Why the object-token ablation cannot run on a sample ("" when it can): no object token, or too few
+    non-object tokens to draw as many random ones."""
+    if not n_object:
+        return empty_group_reason("object", has_object_mask)
+    if n_object > n_image - n_object:
+        return f"the object covers {n_object} of {n_image} image tokens: too few others to draw as many at random"
+    return ""
+
+
 def object_token_id(adapter: VLMAdapter, subject: str) -> int | None:
     """The object word's token for the logit lens: the sample's subject (the noun its question names) when it is
     one word, else None (not known)."""
@@ -84,20 +113,22 @@ def flow_tables(
         groups = token_groups(adapter, inp, row.question, mask)
         tau, tau_p = int(row.answer_token_id), int(row.distractor_token_id)
         edges, edge_skips = usable_edges(settings.edges, groups.positions, mask is not None)
-        skipped += [{**sample_labels, **skip} for skip in edge_skips]
+        edges, refusals = blockable_edges(adapter, inp, groups, edges)
+        skipped += [{**sample_labels, **skip} for skip in [*edge_skips, *refusals]]
         if edges:
             rows = knockout_rows(
                 adapter, inp, tau, tau_p, groups, edges, window, engine=settings.engine, batch_size=settings.batch_size
             )
             knockout.append(labelled(rows, sample_labels, KNOCKOUT_COLUMNS))
-        keys = object_keys(adapter, inp, groups)
-        if keys:
+        grid = adapter.image_grid(inp)
+        keys = object_keys(grid, mask if mask is not None else np.zeros((0, 0), np.float32))
+        reason = ablation_problem(len(keys), len(grid.keys), mask is not None)
+        if reason:
+            skipped.append({**sample_labels, "analysis": "ablation", "item": "object", "reason": reason})
+        else:
             seed = stable_seed(settings.seed, "flow ablation", row.sample_id)
             rows = ablation_rows(adapter, inp, tau, tau_p, keys, settings.ablation_draws, seed)
             ablation.append(labelled(rows, sample_labels, ABLATION_COLUMNS))
-        else:
-            reason = empty_group_reason("object", mask is not None)
-            skipped.append({**sample_labels, "analysis": "ablation", "item": "object", "reason": reason})
         if str(row.sample_id) in lens_ids:
             lens.append(lens_rows(adapter, inp, tau, row.subject, sample_labels, skipped))
     return FlowTables(
@@ -113,11 +144,12 @@ def lens_rows(
 ) -> pd.DataFrame:
     """One sample's logit-lens table with its labels; what it lacks is added to `skipped`."""
     object_token = object_token_id(adapter, subject)
+    try:
+        rows = logit_lens(adapter, inp, tau, object_token)
+    except NotImplementedError as refusal:  # the adapter's: the image does not enter the residual stream
+        skipped.append({**labels, "analysis": "logit_lens", "item": "image", "reason": str(refusal)})
+        return pd.DataFrame(columns=[*LABEL_COLUMNS, *LOGIT_LENS_COLUMNS])
     if object_token is None:
         reason = f"no one-word object name (the subject is {subject!r}): object_in_top5 is empty"
         skipped.append({**labels, "analysis": "logit_lens", "item": "object_in_top5", "reason": reason})
-    rows = logit_lens(adapter, inp, tau, object_token)
-    if not len(rows):
-        reason = "no image position in the stream the logit lens reads"
-        skipped.append({**labels, "analysis": "logit_lens", "item": "image", "reason": reason})
     return labelled(rows, labels, LOGIT_LENS_COLUMNS)

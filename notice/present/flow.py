@@ -1,6 +1,6 @@
-"""Figures and summaries of how the image reaches the answer: knockout curves per edge over the window start (one
-panel per task), the logit lens on image tokens (per layer, and as maps over the image grid), the object-token
-ablation against random image tokens."""
+"""Figures and summaries of how the image reaches the answer (`notice.flow`): knockout curves per edge over the window
+start (one panel per task), the logit lens on image tokens (per layer, and as maps over the image grid), the
+object-token ablation against random image tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from notice.files.tables import check_columns
+from notice.flow.logit_lens import lens_shares
 from notice.present.charts import save_chart
 
 KNOCKOUT_KEYS: tuple[str, ...] = ("task", "sample_id", "source", "target", "layer_start", "window", "relative_change")
@@ -46,8 +47,12 @@ def knockout_chart(curves: pd.DataFrame, title: str) -> alt.FacetChart:
         low=100 * (curves["mean"] - curves["sem"]),
         high=100 * (curves["mean"] + curves["sem"]),
     )
-    window = ", ".join(str(w) for w in sorted(df["window"].unique()))
-    x = alt.X("layer_start:Q", title=f"first layer of the blocked window ({window} layers)")
+    windows = sorted(df["window"].unique())
+    size = f"{', '.join(map(str, windows))} layer{'' if windows == [1] else 's'}"
+    starts = list(range(int(df["layer_start"].min()), int(df["layer_start"].max()) + 1))
+    x = alt.X(
+        "layer_start:Q", title=f"first layer of the blocked window ({size})", axis=alt.Axis(values=starts, format="d")
+    )
     colour = alt.Color("edge:N", title="blocked edge (source:target)", sort=list(df["edge"].drop_duplicates()))
     band = alt.Chart().mark_area(opacity=0.2).encode(x=x, y="low:Q", y2="high:Q", color=colour)
     line = (
@@ -66,6 +71,7 @@ def knockout_chart(curves: pd.DataFrame, title: str) -> alt.FacetChart:
         .properties(width=260, height=200)
         .facet(column=alt.Column("task:N", title=None))
         .properties(title=alt.TitleParams(title, anchor="start"))
+        .configure_legend(symbolOpacity=1)
     )
 
 
@@ -75,46 +81,41 @@ def knockout_figure(knockout: pd.DataFrame, out_stem: str | Path, title: str) ->
     return save_chart(knockout_chart(knockout_curves(knockout), title), out_stem)
 
 
-def lens_share_table(lens: pd.DataFrame) -> pd.DataFrame:
-    """Per task and layer: the share of image positions (over every sample) whose top 5 holds the answer, and the
-    object word (NaN where no sample has one), and the number of samples."""
-    check_columns(lens, [*LENS_KEYS, "answer_in_top5", "object_in_top5"], "logit-lens table")
-    df = lens.assign(
-        answer=lens["answer_in_top5"].astype(float), object_word=pd.to_numeric(lens["object_in_top5"], errors="coerce")
-    )
-    grouped = df.groupby(["task", "layer"], sort=True)
-    return grouped.agg(
-        answer_share=("answer", "mean"), object_share=("object_word", "mean"), n_samples=("sample_id", "nunique")
-    ).reset_index()
-
-
-def lens_share_chart(shares: pd.DataFrame, title: str) -> alt.Chart:
-    """Share of image positions with the answer (solid) and the object word (dashed) in their top 5, per layer."""
+def lens_share_chart(shares: pd.DataFrame, title: str) -> alt.TopLevelMixin:
+    """Share of image positions with the answer (solid) and the object word (dashed) in their top 5, per layer
+    (`shares`: `notice.flow.logit_lens.lens_shares` by task)."""
     long = shares.melt(
-        id_vars=["task", "layer", "n_samples"],
+        id_vars=["task", "layer", "n_positions"],
         value_vars=["answer_share", "object_share"],
         var_name="word",
         value_name="share",
     ).dropna(subset=["share"])
     long["word"] = long["word"].map({"answer_share": "answer", "object_share": "object word"})
-    return (
-        alt.Chart(long)
-        .mark_line(point=True)
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(values=sorted(long["layer"].unique().tolist()), format="d"))
+    y = alt.Y("share:Q", title="share of image positions with it in the top 5", scale=alt.Scale(domain=[0, 1]))
+    tooltip = ["task:N", "word:N", "layer:Q", "share:Q", "n_positions:Q"]
+    lines = (
+        alt.Chart()
+        .mark_line()
         .encode(
-            x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1, format="d")),
-            y=alt.Y("share:Q", title="share of image positions with it in the top 5", scale=alt.Scale(domain=[0, 1])),
+            x=x,
+            y=y,
             color=alt.Color("task:N"),
             strokeDash=alt.StrokeDash("word:N", sort=["answer", "object word"]),
-            tooltip=["task:N", "word:N", "layer:Q", "share:Q", "n_samples:Q"],
+            tooltip=tooltip,
         )
-        .properties(width=320, height=200, title=alt.TitleParams(title, anchor="start"))
+    )
+    points = alt.Chart().mark_point(filled=True).encode(x=x, y=y, color=alt.Color("task:N"), tooltip=tooltip)
+    return alt.layer(lines, points, data=long).properties(
+        width=320, height=200, title=alt.TitleParams(title, anchor="start")
     )
 
 
 def lens_share_figure(lens: pd.DataFrame, out_stem: str | Path, title: str) -> list[Path]:
     if lens.empty:
         raise ValueError(f"{out_stem}: no logit-lens rows to draw")
-    return save_chart(lens_share_chart(lens_share_table(lens), title), out_stem)
+    check_columns(lens, [*LENS_KEYS, "answer_in_top5", "object_in_top5"], "logit-lens table")
+    return save_chart(lens_share_chart(lens_shares(lens, by=["task"]), title), out_stem)
 
 
 def map_samples(lens: pd.DataFrame, n: int) -> list[str]:
