@@ -249,7 +249,7 @@ def dataset_errors(config: Mapping[str, Any]) -> list[str]:
     return errors
 
 
-# The token groups an attention edge joins: notice.flow.groups.GROUPS (tests/test_flow_contract.py checks they agree;
+# The token groups an attention edge joins: notice.flow.groups.GROUPS (tests/test_flow_experiment.py checks they agree;
 # the config checks run before any job and import nothing of the models' side).
 FLOW_GROUPS: tuple[str, ...] = ("image", "object", "question", "last", "text")
 
