@@ -1,26 +1,20 @@
-"""What the flow stage writes around the library's rows: which edges a sample can use, and why not."""
+"""What the flow stage writes around the library's rows: labels, empty shards, skipped rows."""
 
 import pandas as pd
 
-from notice.flow.records import LABEL_COLUMNS, SKIPPED_COLUMNS, concat_or_empty, labelled, skipped_table, usable_edges
+from notice.flow.records import (
+    LABEL_COLUMNS,
+    SKIPPED_COLUMNS,
+    concat_or_empty,
+    labelled,
+    no_object_reason,
+    skipped_table,
+)
 
-EDGES = (("image", "question"), ("object", "last"), ("question", "last"), ("object", "question"), ("text", "last"))
 
-
-def test_edges_with_an_empty_group_are_skipped_with_the_reason_in_order():
-    positions = {"image": (1, 2, 3, 4), "object": (), "question": (6, 7), "last": (9,), "text": (0, 5, 8)}
-    usable, skipped = usable_edges(EDGES, positions, has_object_mask=False)
-    assert usable == [("image", "question"), ("question", "last"), ("text", "last")]
-    assert skipped == [
-        {"analysis": "knockout", "item": "object:last", "reason": "no object mask"},
-        {"analysis": "knockout", "item": "object:question", "reason": "no object mask"},
-    ]
-    _, skipped = usable_edges(EDGES, positions, has_object_mask=True)
-    assert {skip["reason"] for skip in skipped} == {"the object mask covers no image patch"}
-    usable, skipped = usable_edges(EDGES, {**positions, "object": (2,), "text": ()}, has_object_mask=True)
-    assert ("object", "last") in usable and skipped == [
-        {"analysis": "knockout", "item": "text:last", "reason": "no text position in this model's input"}
-    ]
+def test_a_missing_object_says_whether_a_mask_was_known():
+    assert no_object_reason(False) == "no object mask"
+    assert no_object_reason(True) == "the object mask covers no image patch"
 
 
 def test_labels_go_in_front_and_an_empty_shard_keeps_its_columns():

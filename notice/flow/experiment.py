@@ -17,17 +17,9 @@ from notice.adapters.base import ModelInput, VLMAdapter
 from notice.files.tables import stable_seed
 from notice.flow.ablation import ABLATION_COLUMNS, ablation_rows, object_keys
 from notice.flow.groups import TokenGroups, token_groups
-from notice.flow.knockout import KNOCKOUT_COLUMNS, default_window, edge_blocks, knockout_rows
+from notice.flow.knockout import KNOCKOUT_COLUMNS, default_window, edges_without_rows, knockout_rows
 from notice.flow.logit_lens import LOGIT_LENS_COLUMNS, logit_lens
-from notice.flow.records import (
-    LABEL_COLUMNS,
-    concat_or_empty,
-    edge_name,
-    empty_group_reason,
-    labelled,
-    skipped_table,
-    usable_edges,
-)
+from notice.flow.records import LABEL_COLUMNS, concat_or_empty, edge_name, labelled, no_object_reason, skipped_table
 
 
 @dataclass(frozen=True)
@@ -59,28 +51,26 @@ def knockout_window(adapter: VLMAdapter, window: int | None) -> int:
     return window
 
 
-def blockable_edges(
-    adapter: VLMAdapter, inp: ModelInput, groups: TokenGroups, edges: Sequence[tuple[str, str]]
+def knockout_edges(
+    adapter: VLMAdapter, inp: ModelInput, groups: TokenGroups, edges: Sequence[tuple[str, str]], has_object_mask: bool
 ) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
-    """(the edges the model's attention can block, a skip record for each it cannot: e.g. a cross-attention
-    family's query left no image key, or an image target that is no position of its stream; the reason is
-    `knockout.edge_blocks`'s refusal)."""
-    usable, skipped = [], []
-    for edge in edges:
-        try:
-            edge_blocks(adapter, inp, groups, [edge])
-        except ValueError as refusal:
-            skipped.append({"analysis": "knockout", "item": edge_name(edge), "reason": str(refusal)})
-        else:
-            usable.append(edge)
-    return usable, skipped
+    """(the edges that give knockout rows, in the order given; a skip record for each other edge with
+    `knockout.edges_without_rows`' reason: an empty group, or a block the model's attention refuses, e.g. a
+    cross-attention family's query left no image key). An empty object group says whether a mask was known."""
+    reasons = edges_without_rows(adapter, inp, groups, edges)
+    skipped = []
+    for edge, reason in reasons.items():
+        if "object" in edge and not groups.positions["object"]:
+            reason = no_object_reason(has_object_mask)
+        skipped.append({"analysis": "knockout", "item": edge_name(edge), "reason": reason})
+    return [edge for edge in edges if edge not in reasons], skipped
 
 
 def ablation_problem(n_object: int, n_image: int, has_object_mask: bool) -> str:
     """Why the object-token ablation cannot run on a sample ("" when it can): no object token, or too few
     non-object tokens to draw as many random ones."""
     if not n_object:
-        return empty_group_reason("object", has_object_mask)
+        return no_object_reason(has_object_mask)
     if n_object > n_image - n_object:
         return f"the object covers {n_object} of {n_image} image tokens: too few others to draw as many at random"
     return ""
@@ -112,9 +102,8 @@ def flow_tables(
         mask = adapter.mask_view(Image.open(mask_path), inp) if mask_path else None
         groups = token_groups(adapter, inp, row.question, mask)
         tau, tau_p = int(row.answer_token_id), int(row.distractor_token_id)
-        edges, edge_skips = usable_edges(settings.edges, groups.positions, mask is not None)
-        edges, refusals = blockable_edges(adapter, inp, groups, edges)
-        skipped += [{**sample_labels, **skip} for skip in [*edge_skips, *refusals]]
+        edges, edge_skips = knockout_edges(adapter, inp, groups, settings.edges, mask is not None)
+        skipped += [{**sample_labels, **skip} for skip in edge_skips]
         if edges:
             rows = knockout_rows(
                 adapter, inp, tau, tau_p, groups, edges, window, engine=settings.engine, batch_size=settings.batch_size

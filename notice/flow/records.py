@@ -20,27 +20,9 @@ def edge_name(edge: tuple[str, str]) -> str:
     return f"{edge[0]}:{edge[1]}"
 
 
-def empty_group_reason(group: str, has_object_mask: bool) -> str:
-    """Why a token group of a sample has no position."""
-    if group == "object":
-        return "the object mask covers no image patch" if has_object_mask else "no object mask"
-    return f"no {group} position in this model's input"
-
-
-def usable_edges(
-    edges: Sequence[tuple[str, str]], positions: Mapping[str, Sequence[int]], has_object_mask: bool
-) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
-    """(the edges whose source and target groups both have positions, in the order given; a skip record
-    {analysis, item, reason} for each of the others)."""
-    usable, skipped = [], []
-    for edge in edges:
-        empty = [group for group in edge if not positions.get(group)]
-        if empty:
-            reason = empty_group_reason(empty[0], has_object_mask)
-            skipped.append({"analysis": "knockout", "item": edge_name(edge), "reason": reason})
-        else:
-            usable.append(edge)
-    return usable, skipped
+def no_object_reason(has_object_mask: bool) -> str:
+    """Why a sample has no object token: no mask, or one that covers no image patch."""
+    return "the object mask covers no image patch" if has_object_mask else "no object mask"
 
 
 def labelled(rows: pd.DataFrame, labels: Mapping[str, Any], columns: Sequence[str]) -> pd.DataFrame:
