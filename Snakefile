@@ -24,6 +24,7 @@ include: "rules/pairs.smk"
 include: "rules/patching.smk"
 include: "rules/analysis.smk"
 include: "rules/screen.smk"
+include: "rules/flow.smk"
 include: "rules/precision.smk"
 include: "rules/report.smk"
 

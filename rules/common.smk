@@ -199,7 +199,7 @@ def all_targets():
             f"{RESULTS}/{model}/analysis/universal_heads.csv",
             f"{RESULTS}/{model}/figures",
         ]
-    return targets
+    return targets + flow_outputs("figures")
 
 
 # -- shards: per-sample GPU work is split into `sharding.n_shards` jobs, then gathered ----------
@@ -244,3 +244,24 @@ def screen_outputs(name):
     files = {"validation": "analysis/screen_validation.csv", "misses": "analysis/screen_misses.csv"}
     files |= {"object_fraction": "analysis/screen_object_fraction.csv", "figures": "screen_figures"}
     return [f"{RESULTS}/{model}/{files[name]}" for model in MODELS] if SCREEN["enabled"] else []
+
+
+# -- how the image reaches the answer (config `flow`, rules/flow.smk) ----------------------------------------
+FLOW = config["flow"]
+FLOW_TABLES = ("knockout", "logit_lens", "ablation", "skipped")
+
+
+def flow_files(model, name):
+    """One flow table of `model` (`name`, e.g. "knockout.parquet") per dataset."""
+    return [f"{RESULTS}/{model}/{dataset}/flow/{name}" for dataset in DATASETS]
+
+
+def flow_outputs(name):
+    """Every model's flow `name` output ("figures": its figure folder; "ablation", "skipped": its summaries of the
+    ablation and of what was skipped), none with the flow stage off."""
+    files = {
+        "figures": "flow_figures",
+        "ablation": "analysis/flow_ablation.csv",
+        "skipped": "analysis/flow_skipped.csv",
+    }
+    return [f"{RESULTS}/{model}/{files[name]}" for model in MODELS] if FLOW["enabled"] else []

@@ -18,6 +18,9 @@ rule report:
         screen_precision=(
             [audit for model in MODELS for audit in precision_audits(model, "screen")] if SCREEN["enabled"] else []
         ),
+        flow_figures=flow_outputs("figures"),
+        flow_ablation=flow_outputs("ablation"),
+        flow_skipped=flow_outputs("skipped"),
     output:
         report=f"{RESULTS}/report.html",
         table1=multiext(f"{RESULTS}/tables/table1_universal_heads", ".csv", ".md"),

@@ -18,6 +18,7 @@ from notice.workflow.config import (
     blamed_source,
     checked_config,
     dataset_errors,
+    flow_errors,
     model_errors,
     schema_errors,
     unavailable_models,
@@ -132,6 +133,15 @@ def test_absent_sections_get_the_schemas_defaults():
         "precision_audit": {"rows": 256, "device": "auto"},
     }
     assert filled["screen"] == {"enabled": False, "method": "atp", "top_k": 10, "confirm_top": 0, "map_samples": 4}
+    assert filled["flow"] == {
+        "enabled": False,
+        "window": None,
+        "edges": ["image:question", "image:last", "question:last", "object:question", "object:last", "text:last"],
+        "ablation_draws": 8,
+        "lens_samples": 16,
+        "engine": "fast",
+        "batch_size": 64,
+    }
     assert filled["selection"] == {"n_per_task": 1, "min_per_task": 1}
     assert filled["analysis"]["head_functions"]["outlier_z"] == 3.0 and filled["analysis"]["k_sigma"] == 2.0
     dataset = filled["datasets"]["synthetic"]
@@ -249,6 +259,33 @@ def test_unknown_corruptions_and_sd_inpaint_outside_svo_probes_are_named():
         "config: datasets.synthetic.corruptions has 'sd_inpaint', which needs SVO-Probes triplets (kind "
         "svo_probes), not kind 'synthetic'; list the dataset's corruptions without it"
     ]
+
+
+def test_flow_edges_name_each_bad_edge_by_its_index():
+    config = minimal_config()
+    config["flow"] = {"edges": ["image:last", "imgae:last", "image-last", "image:last:text", "image:last"]}
+    expected = "expected source:target, each one of image, object, question, last, text"
+    assert flow_errors(filled(config)) == [
+        f"config: flow.edges.1 = 'imgae:last': unknown group 'imgae' ({expected})",
+        f"config: flow.edges.2 = 'image-last' is not one source:target pair ({expected})",
+        f"config: flow.edges.3 = 'image:last:text' is not one source:target pair ({expected})",
+        "config: flow.edges.4 = 'image:last' is listed twice",
+    ]
+    assert flow_errors(filled(minimal_config())) == []  # the default edges
+
+
+def test_flow_settings_out_of_range_are_schema_errors():
+    config = minimal_config()
+    config["flow"] = {"window": 0, "engine": "slow", "ablation_draws": 0, "edges": [], "lens_samples": "all"}
+    assert schema_errors(config, SCHEMA, from_file(config)) == [
+        "config error in my.yaml: flow.window: 0 is less than the minimum of 1",
+        "config error in my.yaml: flow.edges: [] should be non-empty",
+        "config error in my.yaml: flow.ablation_draws: 0 is less than the minimum of 1",
+        "config error in my.yaml: flow.lens_samples: 'all' is not of type 'integer', 'null'",
+        "config error in my.yaml: flow.engine: 'slow' is not one of ['fast', 'reference']",
+    ]
+    config["flow"] = {"window": None, "lens_samples": None}
+    assert schema_errors(config, SCHEMA, from_file(config)) == []
 
 
 def real_dataset(kind: str, path: Path | None) -> dict:
@@ -377,12 +414,15 @@ def test_checked_config_stops_at_schema_errors_then_checks_the_filled_config(tmp
     config["seed"] = 0
     config["models"]["toy"]["train"]["dataset"] = "nowhere"
     config["datasets"]["synthetic"]["tasks"]["shape"]["values"] = ["circle"] * 2
+    config["flow"] = {"edges": ["image:answer"]}
     with pytest.raises(ValueError) as stopped:
         checked_config(config, SCHEMA_PATH, from_file(config), offline=False)
     assert str(stopped.value).splitlines() == [
         "config: models.toy.train.dataset = 'nowhere' is not a dataset (expected one of ['synthetic'])",
         "config: datasets.synthetic.tasks.shape.values: ['circle', 'circle'] has fewer than two different values "
         "(the distractor is another value of the task)",
+        "config: flow.edges.0 = 'image:answer': unknown group 'answer' (expected source:target, each one of image, "
+        "object, question, last, text)",
     ]
 
 

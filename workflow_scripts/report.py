@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from notice.method.precision import read_audits
-from notice.present.report import ScreenResults, workflow_report
+from notice.present.report import FlowResults, ScreenResults, workflow_report
 from notice.workflow.runtime import logged
 
 
@@ -25,6 +25,13 @@ with logged(snakemake.log[0]) as log:
             dict(zip(snakemake.params.models, map(Path, inputs.screen_figures))),
             read_audits(inputs.screen_precision) if inputs.screen_precision else None,
         )
+    flow = None
+    if inputs.flow_figures:  # the flow stage ran (config flow.enabled)
+        flow = FlowResults(
+            read_all(inputs.flow_ablation),
+            read_all(inputs.flow_skipped),
+            dict(zip(snakemake.params.models, map(Path, inputs.flow_figures))),
+        )
     path = workflow_report(
         read_all(inputs.universal),
         read_all(inputs.significant),
@@ -37,5 +44,6 @@ with logged(snakemake.log[0]) as log:
         Path(snakemake.output.table1[0]).parent,
         screen,
         read_audits(inputs.precision) if inputs.precision else None,  # none: every model is full precision
+        flow,
     )
     log.info("report written to %s", path)

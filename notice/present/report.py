@@ -32,6 +32,20 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "object outlined in cyan, the screen's effect of each image token summed over layers (absolute value) and "
     "its maximum over layers, each panel scaled to its own maximum; the last row averages the maps over every "
     "sample of the task (objects move between scenes, so read it with the on-object shares).",
+    "knockout": "Attention knockout (as Zhang et al., CVPR 2025): relative change of the probability of the answer, "
+    "(p_knock − p_base) / p_base, when every attention edge from the target group's queries to the source group's "
+    "keys is blocked in a window of consecutive layers, against the window's first layer; mean over the samples "
+    "with a band of ± one standard error, one line per edge, one panel per task. A dip marks the layers where that "
+    "route carries the answer.",
+    "lens": "Logit lens on image tokens: per layer, the share of image positions (over the tabulated samples) whose "
+    "residual, read through the final norm and unembedding, has the answer (solid) or the object word (dashed, "
+    "where known) among its top 5 tokens.",
+    "lensmap": "Logit-lens maps: per sample (rows) and a few layers (columns), the image grid coloured by the "
+    "answer's rank among the vocabulary at each image position (bright: near the top); outlined cells hold it in "
+    "their top 5. Hover a cell for its top tokens.",
+    "flowablation": "Object-token ablation (as Neo et al., ICLR 2025): mean change of the logit difference when the "
+    "object's image tokens are replaced by the mean image token, against as many random non-object image tokens "
+    "(averaged over the draws), per task; error bars ± one standard error over the samples.",
     "attention": "Attention patterns (paper Fig. 6/7): per sample (rows), the image with the object's mask outlined "
     "in cyan, the average over all fusion-attention heads from the head-patching position, each "
     "universal head there (with its scored function) and the best object detector (at its own query "
@@ -100,6 +114,7 @@ def workflow_report(
     tables_dir: str | Path,
     screen: ScreenResults | None = None,
     precision: pd.DataFrame | None = None,
+    flow: FlowResults | None = None,
 ) -> Path:
     """The workflow's report and the paper's Tables 1-3 (`tables_dir`/<TABLE_FILES>.csv and .md).
 
@@ -108,7 +123,8 @@ def workflow_report(
     `figure_dirs` maps every model, in report order, to its figure directory; `settings` is the
     config's `analysis` section (with `precision_k` where a model is half precision); `screen` the attribution
     screen's tables and figures, when it ran; `precision` the precision audits of the half-precision models
-    (`notice.method.precision.AUDIT_COLUMNS`), None when every model is full precision.
+    (`notice.method.precision.AUDIT_COLUMNS`), None when every model is full precision; `flow` the flow stage's
+    summaries and figures, when it ran.
     """
     config = HeadFunctionConfig.from_dict(settings["head_functions"])
     corruptions = settings["universal_corruptions"]
@@ -160,10 +176,14 @@ def workflow_report(
     ]
     if screen is not None:
         sections.append(screen_section(screen, grounding))
+    if flow is not None:
+        sections.append(flow_section(flow))
     for model, figure_dir in figure_dirs.items():
         sections += figure_sections(model, Path(figure_dir))
         if screen is not None and model in screen.figure_dirs:
             sections += figure_sections(f"{model} screen", screen.figure_dirs[model])
+        if flow is not None and model in flow.figure_dirs:
+            sections += figure_sections(f"{model} flow", flow.figure_dirs[model])
     return build_report(sections, out_html)
 
 
@@ -266,4 +286,43 @@ def screen_precision_table(audits: pd.DataFrame) -> Table:
         "the median, 95th percentile and maximum of |estimate − float32 estimate| over those pairs' estimates "
         "(n_audited of n_rows), next to the spread of all the estimates (their standard deviation).",
         "No audited estimates: the screen tables of the half-precision models have no rows.",
+    )
+
+
+FLOW_TITLE = "How the image reaches the answer"
+
+
+@dataclass(frozen=True)
+class FlowResults:
+    """The flow stage's outputs over every model (`notice.present.flow`): the ablation summary and what was
+    skipped, concatenated; the figure directory of each model."""
+
+    ablation: pd.DataFrame
+    skipped: pd.DataFrame
+    figure_dirs: dict[str, Path]
+
+
+def flow_section(flow: FlowResults) -> Section:
+    """The object-token ablation per task, and every sample × edge or analysis that could not be computed."""
+    return Section(
+        FLOW_TITLE,
+        html="<p>On the clean prompt of every selected sample: attention knockout between token groups (image, "
+        "object, question, last position, other text) over windows of consecutive layers, the logit lens read at "
+        "the image positions, and the object's image tokens ablated against as many random ones. The knockout "
+        "curves and logit-lens maps are in each model's flow figures below.</p>",
+        tables=[
+            Table(
+                flow.ablation,
+                "Object-token ablation per task: the object's image tokens (object) or as many random non-object "
+                "image tokens (random, averaged over the draws) replaced by the mean image token; mean change of the "
+                "logit difference with its standard error over the samples, and the accuracy before and after.",
+                "No ablation rows: no sample has an object mask covering an image patch.",
+            ),
+            Table(
+                flow.skipped,
+                "Skipped: samples whose edge or analysis could not be computed, and why (an edge with an empty token "
+                "group, no object mask, no one-word object name for the logit lens).",
+                "Nothing skipped: every edge and analysis was computed on every sample.",
+            ),
+        ],
     )

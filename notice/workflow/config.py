@@ -4,7 +4,8 @@ First the schema (config/schemas/config.schema.yaml): one line per violation, na
 what was expected and the source that set it (a config file or --config). Then the schema's defaults are
 filled in: the schema is the only place a default is written, so rules and scripts read `section[key]`.
 Last, what the schema cannot say: names that must exist, keys of other dataset kinds, dataset paths on disk,
-the synthetic generator's tasks and values, toy architectures, models available offline.
+the synthetic generator's tasks and values, toy architectures, the flow stage's edges, models available
+offline.
 """
 
 from __future__ import annotations
@@ -248,6 +249,28 @@ def dataset_errors(config: Mapping[str, Any]) -> list[str]:
     return errors
 
 
+# The token groups an attention edge joins: notice.flow.groups.GROUPS (tests/test_flow_experiment.py checks they agree;
+# the config checks run before any job and import nothing of the models' side).
+FLOW_GROUPS: tuple[str, ...] = ("image", "object", "question", "last", "text")
+
+
+def flow_errors(config: Mapping[str, Any]) -> list[str]:
+    """Each knocked-out edge is "source:target" of two token groups, and is named once."""
+    errors, seen = [], set()
+    expected = f"expected source:target, each one of {', '.join(FLOW_GROUPS)}"
+    for index, edge in enumerate(config["flow"]["edges"]):
+        parts = edge.split(":")
+        unknown = [part for part in parts if part not in FLOW_GROUPS]
+        if len(parts) != 2:
+            errors.append(f"config: flow.edges.{index} = {edge!r} is not one source:target pair ({expected})")
+        elif unknown:
+            errors.append(f"config: flow.edges.{index} = {edge!r}: unknown group {unknown[0]!r} ({expected})")
+        elif edge in seen:
+            errors.append(f"config: flow.edges.{index} = {edge!r} is listed twice")
+        seen.add(edge)
+    return errors
+
+
 def is_local_path(path: str) -> bool:
     """A filesystem path (absolute, ./, ../ or ~), not a Hugging Face id."""
     return os.path.isabs(path) or path.startswith((".", "~"))
@@ -291,7 +314,7 @@ def checked_config(
     if errors:
         raise ValueError("\n".join(errors))
     filled = with_defaults(config, schema)
-    errors = model_errors(filled) + dataset_errors(filled)
+    errors = model_errors(filled) + dataset_errors(filled) + flow_errors(filled)
     errors += unavailable_models(filled, offline) if not errors else []
     if errors:
         raise ValueError("\n".join(errors))
