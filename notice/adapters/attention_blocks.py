@@ -25,7 +25,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from notice.adapters.attention_taps import attention_switched
+from notice.adapters.attention_taps import attention_switched, eager_scores
 
 BLOCKED_ATTENTION = "notice_blocked"
 
@@ -91,15 +91,7 @@ def blocked_attention(
     block = state.blocks.get(layer) if layer is not None else None
     if state.suffix is not None and layer is not None:
         return _suffix_attention(query, key, value, state.suffix, layer, block, scale, softcap)
-    n_rep = query.shape[1] // key.shape[1]
-    keys = key.repeat_interleave(n_rep, dim=1)  # query head h reads key/value head h // n_rep (repeat_kv)
-    values = value.repeat_interleave(n_rep, dim=1)
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : keys.shape[-2]]
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    scores, values = eager_scores(query, key, value, attention_mask, scale, softcap)
     if block is not None:
         scores = scores.masked_fill(padded_block(block, *scores.shape[-2:])[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)

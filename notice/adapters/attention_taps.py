@@ -55,6 +55,28 @@ def additive_mask(mask: torch.Tensor | None, keys: int) -> torch.Tensor | None:
     return mask.float().masked_fill(mask <= torch.finfo(mask.dtype).min, float("-inf"))
 
 
+def eager_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention up to the softmax: (scores [B, H, T, K] — q·k·scale, soft-capped, plus the
+    mask — and the values per query head [B, H, K, d]); query head h reads key/value head h // n_rep (repeat_kv)."""
+    n_rep = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(n_rep, dim=1)
+    values = value.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : keys.shape[-2]]
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    return scores, values
+
+
 def tapped_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -73,24 +95,12 @@ def tapped_attention(
     layer = layers.get(id(module))
     if layer is not None:
         query, key = tap.query(layer, query), tap.key(layer, key)
-    n_rep = query.shape[1] // key.shape[1]
-    keys = key.repeat_interleave(n_rep, dim=1)  # query head h reads key/value head h // n_rep (repeat_kv)
-    values = value.repeat_interleave(n_rep, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, keys.transpose(-1, -2)) * scale
     softcap = kwargs.get("softcap")
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if attention_mask is not None:
-        causal = attention_mask[:, :, :, : keys.shape[-2]]
-        scores = (
-            scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-            if causal.dtype == torch.bool
-            else scores + causal
-        )
+    scores, values = eager_scores(query, key, value, attention_mask, scale, softcap)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if layer is not None:
-        probs = tap.probs(layer, probs, scale, additive_mask(attention_mask, keys.shape[-2]), softcap)
+        probs = tap.probs(layer, probs, scale, additive_mask(attention_mask, values.shape[-2]), softcap)
     out = torch.matmul(probs, values)
     return out.transpose(1, 2).contiguous(), probs
 

@@ -24,7 +24,7 @@ from notice.adapters.attention_blocks import KeyValueRecord, SuffixRun, interfac
 from notice.adapters.base import ModelInput
 from notice.adapters.decoder import DecoderVLMAdapter
 from notice.patching.fast_core import main_output, rows_by_index
-from notice.patching.fast_decoder import allowed_keys
+from notice.patching.fast_decoder import allowed_keys, layer_inputs_recorded
 
 
 @dataclass(frozen=True)
@@ -61,23 +61,12 @@ class SuffixKnockout:
         masks: list[Any] = [None] * n
         embeddings: list[Any] = []
 
-        def layer_input(layer: int):
-            def hook(_module, args, kwargs):
-                resid[layer] = (args[0] if args else kwargs["hidden_states"])[0].detach()
-                masks[layer] = kwargs.get("attention_mask")
-                if layer == 0:
-                    embeddings.append(kwargs.get("position_embeddings"))
-
-            return hook
-
         def last_output(_module, _args, output):
             resid[n] = main_output(output)[0].detach()
 
         record = KeyValueRecord()
         with ExitStack() as stack, torch.no_grad():
-            for layer, block in enumerate(self.layers):
-                handle = block.register_forward_pre_hook(layer_input(layer), with_kwargs=True)
-                stack.callback(handle.remove)
+            stack.enter_context(layer_inputs_recorded(self.layers, resid, masks, embeddings))
             handle = self.layers[n - 1].register_forward_hook(last_output)
             stack.callback(handle.remove)
             stack.enter_context(interface_attention_blocks(adapter.self_attentions, {}, record=record))

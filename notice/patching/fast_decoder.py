@@ -22,8 +22,8 @@ all but the patched one. The score is the next-token logits at the last position
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -110,6 +110,30 @@ def allowed_keys(mask: torch.Tensor | None) -> torch.Tensor:
     return mask[0, 0] if mask.dtype == torch.bool else mask[0, 0] == 0
 
 
+@contextmanager
+def layer_inputs_recorded(
+    layers: Iterable[torch.nn.Module], resid: list, masks: list, position_embeddings: list
+) -> Iterator[None]:
+    """While active, a forward writes each decoder layer's input (the residual stream [T, D] of batch row 0) into
+    `resid[layer]`, the attention mask it was given into `masks[layer]`, and appends layer 0's position
+    embeddings (None without rotary embeddings) to `position_embeddings`."""
+
+    def layer_input(layer: int):
+        def hook(_module, args, kwargs):
+            resid[layer] = (args[0] if args else kwargs["hidden_states"])[0].detach()
+            masks[layer] = kwargs.get("attention_mask")
+            if layer == 0:
+                position_embeddings.append(kwargs.get("position_embeddings"))
+
+        return hook
+
+    with ExitStack() as stack:
+        for layer, block in enumerate(layers):
+            handle = block.register_forward_pre_hook(layer_input(layer), with_kwargs=True)
+            stack.callback(handle.remove)
+        yield
+
+
 class DecoderFast(FastFamily):
     stages = ("self_attn", "mlp", "layer")
     adapter: DecoderVLMAdapter
@@ -143,22 +167,11 @@ class DecoderFast(FastFamily):
             return record_site
 
         masks: list[torch.Tensor | None] = [None] * len(self.layers)
-
-        def layer_input(layer: int):
-            def hook(_module, args, kwargs):
-                resid[layer] = (args[0] if args else kwargs["hidden_states"])[0].detach()
-                masks[layer] = kwargs.get("attention_mask")
-                if layer == 0:
-                    position_embeddings.append(kwargs.get("position_embeddings"))
-
-            return hook
-
         cache = DynamicCache(config=self.adapter.model.config)
         with ExitStack() as stack:
             stack.enter_context(image_embeddings_replaced(self.adapter, image_fn))
-            for layer, block in enumerate(self.layers):
-                handle = block.register_forward_pre_hook(layer_input(layer), with_kwargs=True)
-                stack.callback(handle.remove)
+            stack.enter_context(layer_inputs_recorded(self.layers, resid, masks, position_embeddings))
+            for layer in range(len(self.layers)):
                 for site in self.stages:
                     module, kind = self.adapter.site_module(site, layer)
                     stack.enter_context(hooked(module, kind, site_recorder(site, layer)))
