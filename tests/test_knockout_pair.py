@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from toy_adapters import QUESTION, one_torch_thread
+from toy_adapters import QUESTION, one_torch_thread, save_tiny_models
 
 from notice.__main__ import main
 from notice.adapters.loading import load_adapter
@@ -40,10 +40,7 @@ def one_thread() -> Iterator[None]:
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny model directories of every family (its tiny builder), a wide random image and an object mask."""
     root = tmp_path_factory.mktemp("knockout_pair")
-    for name in family_names():
-        model, processor = family(name).load("tiny")()
-        model.save_pretrained(root / name)
-        processor.save_pretrained(root / name)
+    save_tiny_models(root, family_names())
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(root / "wide.png")
     mask = np.zeros((24, 40), dtype=np.uint8)

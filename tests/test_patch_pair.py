@@ -18,12 +18,12 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from toy_adapters import DEFAULT_FAMILIES, QUESTION, STR_QUESTION, one_torch_thread
+from toy_adapters import DEFAULT_FAMILIES, QUESTION, STR_QUESTION, one_torch_thread, save_tiny_models
 from transformers import BertConfig
 
 from notice.__main__ import main
 from notice.adapters.loading import load_adapter
-from notice.families import default_family, families, family
+from notice.families import default_family, families
 from notice.files.tables import PAIR_COLUMNS, RESULT_COLUMNS, make_table, read_table, write_table
 from notice.method.pairs import PAIR_DTYPES
 from notice.method.precision import AUDIT_COLUMNS, AUDIT_ROW_COLUMNS, audit_summary_lines
@@ -44,10 +44,7 @@ def one_thread() -> Iterator[None]:
 def tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny model directories of every family (its tiny builder in the family table) and random images."""
     root = tmp_path_factory.mktemp("patch_pair")
-    for name in DEFAULT_FAMILIES:
-        model, processor = family(name).load("tiny")()
-        model.save_pretrained(root / name)
-        processor.save_pretrained(root / name)
+    save_tiny_models(root, DEFAULT_FAMILIES)
     rng = np.random.default_rng(0)
     sizes = {"clean": (32, 32), "wide": (40, 24), "wide_corrupt": (40, 24)}
     for name, (width, height) in sizes.items():

@@ -6,8 +6,9 @@ re-initialised with a larger std to make patching effects visible.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import cast
 
 import numpy as np
@@ -56,6 +57,14 @@ def llava_adapter(seed: int = 0, std: float = 0.3, **overrides) -> LlavaAdapter:
 
 def paligemma_adapter(seed: int = 0, std: float = 0.3, **overrides) -> PaliGemmaAdapter:
     return cast(PaliGemmaAdapter, tiny_adapter("paligemma", seed, std, **overrides))
+
+
+def save_tiny_models(root: Path, names: Iterable[str]) -> None:
+    """The tiny model and processor of each family in `names` (its tiny builder) saved in `root / name`."""
+    for name in names:
+        model, processor = family(name).load("tiny")()
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
 
 
 def noise_image(seed: int, size: int = 32, height: int | None = None) -> Image.Image:
