@@ -5,11 +5,11 @@ import pandas as pd
 from notice.flow.records import (
     LABEL_COLUMNS,
     SKIPPED_COLUMNS,
-    concat_or_empty,
     labelled,
     no_object_reason,
     skipped_table,
 )
+from notice.patching.experiment import concat_or_empty
 
 
 def test_a_missing_object_says_whether_a_mask_was_known():

@@ -19,7 +19,8 @@ from notice.flow.ablation import ABLATION_COLUMNS, ablation_rows, object_keys
 from notice.flow.groups import TokenGroups, token_groups
 from notice.flow.knockout import KNOCKOUT_COLUMNS, default_window, edges_without_rows, knockout_rows
 from notice.flow.logit_lens import LOGIT_LENS_COLUMNS, logit_lens
-from notice.flow.records import LABEL_COLUMNS, concat_or_empty, edge_name, labelled, no_object_reason, skipped_table
+from notice.flow.records import LABEL_COLUMNS, edge_name, labelled, no_object_reason, skipped_table
+from notice.patching.experiment import concat_or_empty
 
 
 @dataclass(frozen=True)

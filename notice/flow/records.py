@@ -30,14 +30,6 @@ def labelled(rows: pd.DataFrame, labels: Mapping[str, Any], columns: Sequence[st
     return rows.assign(**labels)[[*LABEL_COLUMNS, *columns]]
 
 
-def concat_or_empty(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
-    """`frames` concatenated with `columns` in order; a table with those columns and no row if none."""
-    frames = [frame for frame in frames if len(frame)]
-    if not frames:
-        return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
-    return pd.concat(frames, ignore_index=True)[list(columns)]
-
-
 def skipped_table(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     """The skipped table (SKIPPED_COLUMNS) of skip records that already carry their labels."""
     return pd.DataFrame(list(records), columns=list(SKIPPED_COLUMNS)).astype(str)

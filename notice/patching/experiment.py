@@ -64,8 +64,10 @@ def pair_labels(pair: Any, labels: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
-def concat_or_empty(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
-    """`frames` concatenated with `columns` in order; a table with those columns and no row if none."""
+def concat_or_empty(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    """`frames` concatenated with `columns` in order (frames without rows left out: they would set no value but
+    could widen a column's dtype); a table with those columns and no row if none has a row."""
+    frames = [frame for frame in frames if len(frame)]
     if not frames:
         return pd.DataFrame({column: pd.Series(dtype=object) for column in columns})
     return pd.concat(frames, ignore_index=True)[list(columns)]
