@@ -11,6 +11,8 @@ like the real checkpoint (`AutoConfig`, the model class, `notice.adapters.proces
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -64,7 +66,7 @@ def build(
             "video_token": "<video>",
         },
     )
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    ids = {tok: cast(int, tokenizer.convert_tokens_to_ids(tok)) for tok in SPECIAL_TOKENS}
     text = dict(
         model_type="qwen2",
         vocab_size=len(tokenizer),
@@ -98,7 +100,7 @@ def build(
         image_mean=IMAGE_MEAN,
         image_std=IMAGE_STD,
     )
-    processor = image_only(InternVLProcessor)(  # type: ignore[arg-type]  # type[X] is hashable (python/mypy#20409)
+    processor = image_only(InternVLProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=None,
