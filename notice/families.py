@@ -122,6 +122,14 @@ FAMILIES: tuple[Family, ...] = (
         bench="notice.bench.layouts.idefics3",
     ),
     Family(
+        "internvl",
+        ("internvl",),
+        adapter="notice.adapters.internvl:InternVLAdapter",
+        engine=_DECODER,
+        tiny="notice.testing.tiny_internvl:build",
+        bench="notice.bench.layouts.internvl",
+    ),
+    Family(
         "paligemma",
         ("paligemma",),
         adapter="notice.adapters.paligemma:PaliGemmaAdapter",
