@@ -12,6 +12,7 @@ saved without torchvision: the processor has no video processor (`processors.ima
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from transformers import (
@@ -65,7 +66,7 @@ def build(
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
     )
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    ids = {tok: cast(int, tokenizer.convert_tokens_to_ids(tok)) for tok in SPECIAL_TOKENS}
     vision = SiglipVisionConfig(
         **tiny_layers(hidden, layers, heads), image_size=image_size, patch_size=patch_size, vision_use_head=False
     )
@@ -98,7 +99,7 @@ def build(
         image_mean=IMAGE_MEAN,
         image_std=IMAGE_STD,
     )
-    processor = image_only(LlavaOnevisionProcessor)(  # type: ignore[arg-type]  # type[X] is hashable (python/mypy#20409)
+    processor = image_only(LlavaOnevisionProcessor)(
         image_processor=image_processor,
         tokenizer=tokenizer,
         num_image_tokens=(image_size // patch_size) ** 2,
