@@ -90,6 +90,14 @@ FAMILIES: tuple[Family, ...] = (
         bench="notice.bench.layouts.llava_next",
     ),
     Family(
+        "llava_onevision",
+        ("llava_onevision",),
+        adapter="notice.adapters.llava_onevision:LlavaOnevisionAdapter",
+        engine=_DECODER,
+        tiny="notice.testing.tiny_llava_onevision:build",
+        bench="notice.bench.layouts.llava_onevision",
+    ),
+    Family(
         "qwen2_vl",
         ("qwen2_vl",),
         adapter="notice.adapters.qwen2_vl:Qwen2VLAdapter",
