@@ -33,12 +33,14 @@ class LlavaNextAdapter(DecoderVLMAdapter):
         """The base view: the first side² image tokens (the tiles and newlines follow)."""
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
-        keys = self.image_positions(inp)
-        if self.model.config.vision_feature_select_strategy == "full":
-            keys = keys[1:]  # CLIP's [CLS] comes first
+        keys = self.image_positions(inp)[self.leading_image_tokens() :]
         if len(keys) < side * side:
-            raise ValueError(f"llava_next: {len(keys)} image tokens, fewer than the {side}×{side} base view")
+            raise ValueError(f"{self.family}: {len(keys)} image tokens, fewer than the {side}×{side} base view")
         return ImageGrid(tuple(keys[: side * side]), side, side)
+
+    def leading_image_tokens(self) -> int:
+        """Image tokens before the base view's patches: CLIP's [CLS] when the model keeps every feature."""
+        return 1 if self.model.config.vision_feature_select_strategy == "full" else 0
 
     def model_view(self, inp: ModelInput) -> np.ndarray:
         """The base view (tile 0 of pixel_values [1, tiles, C, H, W])."""
