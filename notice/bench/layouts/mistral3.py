@@ -1,14 +1,16 @@
 """Mistral 3's layout for `make bench`: `mistralai/Mistral-Small-3.1-24B-Instruct-2503`'s architecture, random weights.
 
-A Pixtral tower at 14-pixel patches on a landscape image the processor resized to 448×560 pixels (`image_sizes`;
-pixel values [1, 3, 448, 560]): 32×40 patches with 2-D RoPE, merged 2×2 into 16 rows of 20 `[IMG]` tokens, each row
-followed by `[IMG_BREAK]` and the last by `[IMG_END]` (336 image positions, 320 of them image tokens). The prompt is
+A Pixtral tower at 14-pixel patches on a 4:3 landscape image the processor resized to 336×448 pixels (`image_sizes`;
+pixel values [1, 3, 336, 448]): 24×32 patches with 2-D RoPE, merged 2×2 into 12 rows of 16 `[IMG]` tokens, each row
+followed by `[IMG_BREAK]` and the last by `[IMG_END]` (204 image positions, 192 of them image tokens). The prompt is
 the adapter's default, "<s>[INST]" (2 tokens), the image, then "{question}[/INST]" (11 tokens with a 10-token
-question): 349 tokens. The tower keeps the real width (1024, 16 heads of 64, SiLU-gated MLP 4096) but 4 of its 24
-layers; the Mistral language model is scaled as the LLaVA bench's (hidden 1024, 12 layers, 16 query / 4 key-value
-heads, MLP 2816) with the real vocabulary of 131072 and no sliding window. `real_size` builds Mistral-Small-3.1
-(40 layers × 5120, 32 query / 8 key-value heads of 128, MLP 32768, untied head) and the full tower. Word ids are
-stand-ins drawn at random above Mistral's 1000 control tokens; the control tokens have their real ids.
+question): 217 tokens. The 12 markers are patched text positions inside the image, so a patch there recomputes the
+image rows after it: they, not the text after the image, make most of the fast engine's cost. The tower keeps the
+real width (1024, 16 heads of 64, SiLU-gated MLP 4096) but 4 of its 24 layers; the Mistral language model is scaled
+as the LLaVA bench's (hidden 1024, 12 layers, 16 query / 4 key-value heads, MLP 2816) with the real vocabulary of
+131072 and no sliding window. `real_size` builds Mistral-Small-3.1 (40 layers × 5120, 32 query / 8 key-value heads
+of 128, MLP 32768, untied head) and the full tower. Word ids are stand-ins drawn at random above Mistral's 1000
+control tokens; the control tokens have their real ids.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ BOS, INST, END_INST, IMAGE_TOKEN, IMAGE_BREAK, IMAGE_END = 1, 3, 4, 10, 12, 13
 PROMPT = "[INST][IMG]{question}[/INST]"  # the adapter's default (no processor here)
 QUESTION_TOKENS = 10
 MERGE = 2
-TOKEN_ROWS, TOKEN_COLS = 16, 20  # merged tokens of the resized image: 448×560 pixels at 14 × 2
+TOKEN_ROWS, TOKEN_COLS = 12, 16  # merged tokens of the resized image: 336×448 pixels at 14 × 2
 PIXTRAL = dict(
     hidden_size=1024,
     num_attention_heads=16,
