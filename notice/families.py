@@ -138,6 +138,14 @@ FAMILIES: tuple[Family, ...] = (
         bench="notice.bench.layouts.internvl",
     ),
     Family(
+        "mistral3",
+        ("mistral3",),
+        adapter="notice.adapters.mistral3:Mistral3Adapter",
+        engine=_DECODER,
+        tiny="notice.testing.tiny_mistral3:build",
+        bench="notice.bench.layouts.mistral3",
+    ),
+    Family(
         "paligemma",
         ("paligemma",),
         adapter="notice.adapters.paligemma:PaliGemmaAdapter",

@@ -5,13 +5,17 @@ In transformers 5 every video processor needs torchvision, and a processor whose
 `ProcessorMixin.__init__` looks the name up in a torchvision-only mapping and fails with
 `'VIDEO_PROCESSOR_MAPPING' has no attribute '_extra_content'`. The workflow only feeds images, so
 the fallback here builds the same processor class without its video parts; image processors fall
-back to their PIL backend by themselves (`AutoImageProcessor`).
+back to their PIL backend by themselves (`AutoImageProcessor`). A processor module that imports its
+model's torchvision image processor (for a helper its PIL twin has too) is imported with the PIL twin
+standing in (`processor_class`).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
+import sys
 from pathlib import Path
 
 import transformers
@@ -51,21 +55,44 @@ def image_only(cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     )
 
 
+@functools.cache
+def processor_class(name: str) -> type[ProcessorMixin]:
+    """transformers' processor class `name`, also where its module imports the model's torchvision image processor.
+
+    Without torchvision, transformers gives a placeholder for such a class (`processing_<model>` imports
+    `image_processing_<model>`, which imports torchvision). Its module is then imported once with the PIL image
+    processor module `image_processing_pil_<model>` standing in for the torchvision one (it defines the same
+    helpers), and the class is that module's own: same code, same behaviour. ImportError if the PIL module lacks
+    what the processor module imports. Cached: one class per name.
+    """
+    cls = getattr(transformers, name)
+    if not getattr(cls, "is_dummy", False) or list(cls._backends) != ["torchvision"]:
+        return cls  # the class, or a placeholder that names what else is missing when used
+    package, _, module = cls.__module__.rpartition(".")
+    model = module.removeprefix("processing_")
+    torchvision_module = f"{package}.image_processing_{model}"
+    sys.modules[torchvision_module] = importlib.import_module(f"{package}.image_processing_pil_{model}")
+    try:
+        return getattr(importlib.import_module(cls.__module__), name)
+    finally:
+        del sys.modules[torchvision_module]
+
+
 def _processor_class(source: str) -> type[ProcessorMixin]:
     """The processor class a directory names (as AutoProcessor finds it), else its model type's."""
     for name in _PROCESSOR_CLASS_FILES:
         path = Path(source, name)
         if path.is_file() and (class_name := json.loads(path.read_text()).get("processor_class")):
-            return getattr(transformers, class_name)
+            return processor_class(class_name)
     model_type = AutoConfig.from_pretrained(source, local_files_only=True).model_type
-    return getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
+    return processor_class(PROCESSOR_MAPPING_NAMES[model_type])
 
 
 def load_processor(source: str) -> ProcessorMixin:
     """The processor of the local model directory `source` (already resolved; nothing is downloaded).
 
     AutoProcessor first, so a machine with torchvision gets exactly what transformers gives; only if
-    it fails, the directory's processor class without video sub-processors (`image_only`).
+    it fails, the directory's processor class (`processor_class`) without video sub-processors (`image_only`).
     """
     try:
         return AutoProcessor.from_pretrained(source, local_files_only=True)
