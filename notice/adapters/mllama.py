@@ -33,7 +33,9 @@ from PIL import Image
 from transformers import MllamaForConditionalGeneration
 from transformers.models.mllama.image_processing_pil_mllama import get_all_supported_aspect_ratios
 
-from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput
+from notice.adapters.attention_blocks import interface_attention_blocks
+from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
+from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter
 from notice.adapters.decoder import DecoderVLMAdapter
 
 
@@ -41,8 +43,10 @@ class MllamaAdapter(DecoderVLMAdapter):
     model_class: ClassVar[type] = MllamaForConditionalGeneration
     default_prompt_template: ClassVar[str | None] = None
     module_sites: ClassVar[tuple[str, ...]] = ("mlp", "self_attn", "cross_attn")
-    head_site: ClassVar[str] = "self_attn_head"  # the self-attention layers'; cross-attention layers: cross_attn_head
+    # The fusion heads (attention to the image); the self-attention layers' heads are `self_attn_head`.
+    head_site: ClassVar[str] = "cross_attn_head"
     image_keys_are_positions: ClassVar[bool] = False
+    knockout_engine: ClassVar[Literal["suffix", "batched"]] = "batched"
 
     @property
     def image_token_id(self) -> int:
@@ -140,6 +144,57 @@ class MllamaAdapter(DecoderVLMAdapter):
         canvas = self._canvas(out["pixel_values"][0, 0], inp)
         return (canvas.float().mean(0) > 0.5).float().numpy()
 
-    # -- fusion attention: not positions of the stream ------------------------------------------
+    def stream_image_grid(self, inp: ModelInput) -> ImageGrid:
+        return VLMAdapter.stream_image_grid(self, inp)  # refused: the image enters by cross-attention only
+
+    # -- fusion attention: the cross-attention layers' attention to the image keys -------------------
+    @property
+    def cross_attentions(self) -> dict[int, torch.nn.Module]:
+        """layer -> the cross-attention module of each cross-attention layer."""
+        return {layer: cast(Any, self.layers[layer]).cross_attn for layer in self.cross_attention_layers}
+
     def attention_queries(self, inp: ModelInput) -> list[int]:
         return self.patch_positions(inp)  # every position attends to the image (see the module docstring)
+
+    def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
+        return interface_attention_taps(self.cross_attentions, tap)
+
+    # -- attention knockout -----------------------------------------------------------------------
+    def attention_blocks(
+        self, self_blocks: dict[int, torch.Tensor], fusion_blocks: dict[int, torch.Tensor]
+    ) -> AbstractContextManager[None]:
+        """Stream blocks in the self-attention layers, image-key blocks in the cross-attention layers (a window's
+        layers of the other kind have no such attention: nothing to block there)."""
+        cross = self.cross_attention_layers
+        modules = {
+            layer: cast(Any, block).cross_attn if layer in cross else cast(Any, block).self_attn
+            for layer, block in enumerate(self.layers)
+        }
+        blocks = {
+            **{layer: block for layer, block in self_blocks.items() if layer not in cross},
+            **{layer: block for layer, block in fusion_blocks.items() if layer in cross},
+        }
+        return interface_attention_blocks(modules, blocks)
+
+    def batched_answer_logits(self, inp: ModelInput, rows: int) -> torch.Tensor:
+        """The image through the vision tower and projector once (as `MllamaModel.forward`: [tiles, patches + 1,
+        D], tiles of row r at r·tiles..), then the decoder on `rows` copies of the prompt."""
+        inner = self.model.model
+        vision = inner.vision_model(
+            pixel_values=inp.pixel_values,
+            aspect_ratio_ids=inp.extra["aspect_ratio_ids"],
+            aspect_ratio_mask=inp.extra["aspect_ratio_mask"],
+        ).last_hidden_state
+        states = inner.multi_modal_projector(vision).reshape(-1, vision.shape[-2], self.hidden_size)
+        mask = inp.extra["cross_attention_mask"]
+
+        def forward() -> torch.Tensor:
+            return self.model(
+                input_ids=inp.input_ids.expand(rows, -1),
+                attention_mask=inp.attention_mask.expand(rows, -1),
+                cross_attention_states=states.repeat(rows, 1, 1),
+                cross_attention_mask=mask.expand(rows, *mask.shape[1:]),
+                logits_to_keep=1,
+            ).logits[:, -1]
+
+        return self.answer_logits_of(forward).reshape(rows, -1)

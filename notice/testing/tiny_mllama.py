@@ -3,8 +3,8 @@
 Same classes, config layout (a tiled vision tower with local and gated global layers whose intermediate
 layers are concatenated to its output, a linear projector, a Llama decoder whose cross-attention layers
 read the projected image), processor (`MllamaProcessor` over the PIL `MllamaImageProcessorPil`: no
-torchvision) and chat-template shape as `meta-llama/Llama-3.2-11B-Vision-Instruct`, only tiny: 16-pixel tiles
-of 4-pixel patches (16 patches and a [CLS] per tile) and at most 4 tiles, so the decoder's cross-attention
+torchvision) and chat-template shape as `meta-llama/Llama-3.2-11B-Vision-Instruct`, only tiny: 32-pixel tiles
+of 8-pixel patches (16 patches and a [CLS] per tile) and at most 4 tiles, so the decoder's cross-attention
 reads 4 × 17 image keys (padding tiles included, as the model pads every image to `max_num_tiles`). The
 cross-attention layers' tanh gates start at zero in a fresh model (the layer is then the identity); the
 builder draws them, so the image reaches the text. Saved with `save_pretrained`, it loads back like the
@@ -64,8 +64,8 @@ def build(
     cross_attention_layers: tuple[int, ...] = (1, 3),
     heads: int = 4,
     kv_heads: int = 2,
-    tile: int = 16,
-    patch_size: int = 4,
+    tile: int = 32,
+    patch_size: int = 8,
     max_tiles: int = 4,
 ) -> tuple[MllamaForConditionalGeneration, MllamaProcessor]:
     """A random tiny Mllama (eval mode, eager attention) and its processor.
