@@ -355,6 +355,11 @@ class VLMAdapter(ABC):
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
         """Per layer, the fusion attention module; its output[1] is the probabilities [B, H, T, K]."""
 
+    def fusion_layers(self) -> list[int]:
+        """The layer of each module of `fusion_attention_modules`: every layer, unless only some layers attend to
+        the image."""
+        return list(range(len(self.fusion_attention_modules())))
+
     @abstractmethod
     def image_grid(self, inp: ModelInput) -> ImageGrid:
         """The key indices of the image patches scored for head functions, and their grid."""

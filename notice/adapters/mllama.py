@@ -153,6 +153,12 @@ class MllamaAdapter(DecoderVLMAdapter):
         """layer -> the cross-attention module of each cross-attention layer."""
         return {layer: cast(Any, self.layers[layer]).cross_attn for layer in self.cross_attention_layers}
 
+    def fusion_attention_modules(self) -> list[torch.nn.Module]:
+        return list(self.cross_attentions.values())
+
+    def fusion_layers(self) -> list[int]:
+        return self.cross_attention_layers
+
     def attention_queries(self, inp: ModelInput) -> list[int]:
         return self.patch_positions(inp)  # every position attends to the image (see the module docstring)
 

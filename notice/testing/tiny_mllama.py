@@ -17,7 +17,10 @@ from typing import Any, cast
 
 import torch
 from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
-from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+from transformers.models.mllama.image_processing_pil_mllama import (
+    MllamaImageProcessorPil,
+    get_all_supported_aspect_ratios,
+)
 
 from notice.demo.toy_family import IMAGE_MEAN, IMAGE_STD
 from notice.testing.tiny import tiny_layers, word_tokenizer
@@ -102,6 +105,7 @@ def build(
         max_num_tiles=max_tiles,
         intermediate_layers_indices=intermediate,
         vision_output_dim=hidden * (1 + len(intermediate)),
+        supported_aspect_ratios=[list(r) for r in get_all_supported_aspect_ratios(max_tiles)],
     )
     config = MllamaConfig(text_config=text, vision_config=vision, image_token_index=ids[IMAGE_TOKEN])
     torch.manual_seed(seed)
