@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -135,7 +135,7 @@ def layer_inputs_recorded(
 
 
 class DecoderFast(FastFamily):
-    stages = ("self_attn", "mlp", "layer")
+    stages: ClassVar[tuple[str, ...]] = ("self_attn", "mlp", "layer")
     adapter: DecoderVLMAdapter
 
     def __init__(self, adapter: DecoderVLMAdapter, clean_inp: ModelInput, corrupt_inp: ModelInput, *args, **kwargs):
@@ -232,6 +232,7 @@ class DecoderFast(FastFamily):
                     new = self.resid[layer][start:].expand(len(entering), -1, -1)
                     h = new if h is None else torch.cat([h, new])
                     order += entering
+                assert h is not None, "the first layer run has rows entering"
                 with self.clean_value_hooks(layer, [patches[i] for i in entering], first_row, start):
                     h = self.run_layer(layer, h, cos_sin, prefix)
                 # Positions the patch cannot have changed keep the corrupt run's values bit-identical,

@@ -11,7 +11,7 @@ the image keys/values); the tanh gates and the row mask are the model's own code
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -23,7 +23,7 @@ from notice.patching.hooks import ImageFn
 
 
 class MllamaFast(DecoderFast):
-    stages = ("self_attn", "cross_attn", "mlp", "layer")
+    stages: ClassVar[tuple[str, ...]] = ("self_attn", "cross_attn", "mlp", "layer")
 
     @property
     def cross_attention_layers(self) -> list[int]:
@@ -44,7 +44,7 @@ class MllamaFast(DecoderFast):
         return logits
 
     def row_bytes(self, patch: Patch) -> int:
-        keys = int(self.cache.layers[self.cross_attention_layers[0]].keys.shape[2])
+        keys = int(self.prefix.keys[self.cross_attention_layers[0]].shape[2])  # the image keys
         scores = 3 * self.adapter.n_heads * (self.seq_len - patch.position) * keys * 4  # float32 softmax
         return super().row_bytes(patch) + scores
 

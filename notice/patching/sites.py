@@ -66,7 +66,8 @@ def check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
         raise ValueError(f"{patch}: layer must be in [0, {adapter.n_layers})")
     parent = HEAD_SITE_PARENT.get(patch.site, patch.site)
     if parent in adapter.module_sites and parent not in adapter.layer_sites(patch.layer):
-        raise ValueError(f"{patch}: layer {patch.layer} has no {parent} (its sites: {adapter.layer_sites(patch.layer)})")
+        sites = adapter.layer_sites(patch.layer)
+        raise ValueError(f"{patch}: layer {patch.layer} has no {parent} (its sites: {', '.join(sites)})")
 
 
 def check_aligned(clean_inp: ModelInput, corrupt_inp: ModelInput) -> None:

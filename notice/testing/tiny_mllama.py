@@ -77,9 +77,7 @@ def build(
     (`layers` layers, those in `cross_attention_layers` cross-attention layers). Images are resized onto a canvas
     of at most `max_tiles` tiles of `tile` pixels.
     """
-    tokenizer = word_tokenizer(
-        SPECIAL_TOKENS, "<unk>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>"
-    )
+    tokenizer = word_tokenizer(SPECIAL_TOKENS, "<unk>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
     # The chat template writes `<|begin_of_text|>` itself (the processor adds it to a prompt without one).
     tokenizer.bos_token = "<|begin_of_text|>"
     ids = {tok: cast(int, tokenizer.convert_tokens_to_ids(tok)) for tok in SPECIAL_TOKENS}
