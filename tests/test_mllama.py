@@ -7,9 +7,12 @@ import torch
 from toy_adapters import QUESTION, clean_and_corrupt, noise_image, one_torch_thread, tiny_adapter
 
 from notice.adapters.base import Patch, pre_hook_while_active
+from notice.method.screen import image_effects
 from notice.patching import corruptions, fast, reference
+from notice.patching.attribution import IMAGE_SITE, attribution_estimates
 from notice.patching.fast_decoder import DecoderFast
 from notice.patching.fast_mllama import MllamaFast
+from notice.patching.query_keys import patch_queries_keys
 from notice.patching.sites import default_patches
 
 
@@ -157,3 +160,29 @@ def test_the_grid_is_the_canvas_of_tiles(adapter, width, height, tiles):
     # The canvas is the tiles, row-major.
     last = adapter.pixels_view(inp.pixel_values[0, 0, rows * cols - 1])
     assert (adapter.model_view(inp)[-32:, -32:] == last).all()
+
+
+def test_the_screen_covers_each_layer_kinds_sites_and_the_cross_attention_keys(adapter):
+    clean, corrupt = clean_and_corrupt(adapter, "SIP", image)
+    tau, tau_p = adapter.option_token_id("red"), adapter.option_token_id("green")
+    estimates = attribution_estimates(adapter, clean, corrupt, tau, tau_p)
+    stream = {key for key in estimates.values if key[0] != IMAGE_SITE}
+    assert stream == {
+        *{("mlp", layer) for layer in range(4)},
+        *{(site, layer) for site in ("self_attn", "self_attn_head") for layer in (0, 2)},
+        *{
+            (site, layer)
+            for site in ("cross_attn", "cross_attn_head", "cross_attn_query", "cross_attn_key")
+            for layer in (1, 3)
+        },
+    }
+    assert estimates.values[("cross_attn_key", 1)].shape == (len(adapter.image_keys(clean)), 2)  # key/value heads
+    effects = image_effects(adapter, estimates, clean)
+    assert effects is not None and effects.shape == (2, len(adapter.image_grid(clean).keys))
+    # A key site is patched exactly by one forward with that key clean; a key the last position cannot see (a
+    # padding tile's) changes nothing.
+    padding_key = len(adapter.image_keys(clean)) - 1
+    [row] = patch_queries_keys(adapter, clean, corrupt, [Patch("cross_attn_key", 3, padding_key, 0)], tau, tau_p)
+    assert row["ld_patched"] == row["ld_corrupt"]
+    with pytest.raises(ValueError, match="layer 2 has no fusion attention"):
+        patch_queries_keys(adapter, clean, corrupt, [Patch("cross_attn_key", 2, 0, 0)], tau, tau_p)

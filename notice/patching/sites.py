@@ -18,6 +18,18 @@ def activation_key(site: str, layer: int) -> SiteKey:
     return HEAD_SITE_PARENT.get(site, site), layer
 
 
+def has_site(adapter: VLMAdapter, site: str, layer: int) -> bool:
+    """True when `layer` has `site` (a head site: its parent; `layer`: every layer) (`VLMAdapter.layer_sites`)."""
+    parent = HEAD_SITE_PARENT.get(site, site)
+    return parent == "layer" or parent in adapter.layer_sites(layer)
+
+
+def head_sites(adapter: VLMAdapter) -> list[str]:
+    """Every head site some layer has: the adapter's `head_site` first, then the other layer kinds' (if any)."""
+    by_layer = [adapter.layer_head_site(layer) for layer in range(adapter.n_layers)]
+    return list(dict.fromkeys([adapter.head_site, *by_layer]))
+
+
 def all_sites(adapter: VLMAdapter) -> list[SiteKey]:
     """Every (module site, layer) a default experiment can patch; head sites live in their parent."""
     at = [
