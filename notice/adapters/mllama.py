@@ -17,8 +17,11 @@ to every image key (padding tiles included) and only their cross-attention layer
 (`full_text_row_masked_out_mask`), so they too depend on the image. The prompt is the processor's chat template.
 
 Sites: `mlp` in every layer; `self_attn` (the input of `self_attn.o_proj`) and its heads in self-attention
-layers; `cross_attn` (the input of `cross_attn.o_proj`) and its heads in cross-attention layers. Gaussian noise
-is applied to the projector's output: exactly the image keys every cross-attention layer reads.
+layers; `cross_attn` (the input of `cross_attn.o_proj`) and its heads in cross-attention layers; heads at the last
+position in both kinds. The fusion heads (head functions, attention taps, the knockout's image edges) are the
+cross-attention heads; their image grid is the canvas's patches (each tile's [CLS] left out). There is no logit
+lens: no stream position holds the image. Gaussian noise is applied to the projector's output: exactly the image
+keys every cross-attention layer reads.
 """
 
 from __future__ import annotations
