@@ -146,6 +146,14 @@ FAMILIES: tuple[Family, ...] = (
         bench="notice.bench.layouts.mistral3",
     ),
     Family(
+        "mllama",
+        ("mllama",),
+        adapter="notice.adapters.mllama:MllamaAdapter",
+        engine="notice.patching.fast_mllama:MllamaFast",
+        tiny="notice.testing.tiny_mllama:build",
+        bench="notice.bench.layouts.mllama",
+    ),
+    Family(
         "paligemma",
         ("paligemma",),
         adapter="notice.adapters.paligemma:PaliGemmaAdapter",

@@ -4,7 +4,8 @@
 Ablating no token changes nothing, bit for bit; ablating every image token is its explicit recomputation (the
 image tokens captured, their rows replaced by their mean by hand, the model run on that) and moves the score;
 the image tokens that `image_key_states` hands over are what the model reads (token fusion: the language
-model's input embeddings, text rows the token embeddings; cross-attention: the vision tower's output); random
+model's input embeddings, text rows the token embeddings; cross-attention: the vision tower's output, or
+what a decoder's cross-attention layers read); random
 draws are reproducible from the seed and never hold object tokens; a mask's patches give the object's keys;
 bfloat16 runs.
 """
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from toy_adapters import QUESTION, noise_image, one_torch_thread, tiny_adapter
 
-from notice.adapters.base import ImageGrid
+from notice.adapters.base import ImageGrid, pre_hook_while_active
 from notice.families import family_names
 from notice.flow.ablation import ABLATION_COLUMNS, ablation_rows, object_keys, random_keys
 
@@ -96,6 +97,14 @@ def test_the_image_tokens_handed_over_are_what_the_model_reads(adapter):
             embedded = adapter.model.get_input_embeddings()(inp.input_ids)
             text = sorted(set(range(inp.input_ids.shape[1])) - set(adapter.image_positions(inp)))
             assert states.shape == embedded.shape and torch.equal(states[:, text], embedded[:, text])
+        elif adapter.family == "mllama":
+            # Cross-attention layers inside the decoder: the image states each of them reads, key k at row k.
+            read = []
+            layer = adapter.layers[adapter.cross_attention_layers[0]]
+            with pre_hook_while_active(layer, lambda _m, args, kwargs: read.append(kwargs["cross_attention_states"])):
+                adapter.answer_logits(inp)
+            assert torch.equal(states, read[0].reshape(states.shape))
+            assert states.shape[1] == len(adapter.image_keys(inp)) and max(keys) < states.shape[1]
         else:
             # The image by cross-attention (BLIP-2's language model: through the Q-Former): the vision tower's
             # output, key k at row k (less the [CLS] row where the keys start at 0).

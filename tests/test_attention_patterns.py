@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from toy_adapters import DEFAULT_FAMILIES, QUESTION, noise_image, one_torch_thread, tiny_adapter
 
+from notice.adapters.decoder import DecoderVLMAdapter
 from notice.files.tables import PROMPT_COLUMNS
 from notice.method.attention import RECORD_INDEX_COLUMNS, choose_samples, load_records, write_records
 from notice.method.head_functions import AVERAGE_HEAD, HeadFunctionConfig, grounding_summary, scores_from_records
@@ -89,16 +90,18 @@ def test_records_hold_normalised_patch_attention(pipeline):
     assert index["has_object_mask"].tolist() == [True, False, True]
     for record in records:
         weights = record["weights"]
-        assert weights.shape == (adapter.n_layers, adapter.n_heads, len(record["query_positions"]), 16)
+        assert record["layers"].tolist() == adapter.fusion_layers()
+        assert weights.shape == (len(adapter.fusion_layers()), adapter.n_heads, len(record["query_positions"]), 16)
         np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
         assert ((record["mass"] > 0) & (record["mass"] <= 1 + 1e-6)).all()
         np.testing.assert_allclose(record["average"], weights.mean(axis=1), atol=1e-6)
         np.testing.assert_allclose(record["all_heads_average"], weights.mean(axis=(0, 1)), atol=1e-6)
         assert record["image"].shape == (32, 32, 3) and record["site"] == adapter.head_site
         labels = record["query_labels"].tolist()
-        # cross-attention fusion: the head position is the answer token in the question; decoders: the last token
+        # a text encoder's cross-attention fusion: the head position is the answer token in the question; decoders
+        # (their cross-attention layers too): the last token
         assert labels[record["head_query_index"]] == (
-            "<answer>" if adapter.head_site == "cross_attn_head" else "<last>"
+            "<last>" if isinstance(adapter, DecoderVLMAdapter) else "<answer>"
         )
         assert "<answer>" in labels and "<distractor>" in labels
     assert records[1]["mask"].size == 0
@@ -109,9 +112,10 @@ def test_records_hold_normalised_patch_attention(pipeline):
 def test_scores_match_the_records_by_hand(pipeline):
     _, _, records, scores, _ = pipeline
     masked = [r for r in records if r["mask"].size]
-    layer, head, q = 1, 2, masked[0]["head_query_index"]
+    index, head, q = 1, 2, masked[0]["head_query_index"]
+    layer = int(masked[0]["layers"][index])  # the second layer with fusion attention
     # detection score = patch attention on the object / object area (1/4), mean over masked samples
-    expected = np.mean([r["weights"][layer, head, q, OBJECT_PATCHES].sum() / 0.25 for r in masked])
+    expected = np.mean([r["weights"][index, head, q, OBJECT_PATCHES].sum() / 0.25 for r in masked])
     row = scores[(scores["layer"] == layer) & (scores["head"] == head) & scores["is_head_position"]].iloc[0]
     assert row["detection_score"] == pytest.approx(expected, rel=1e-5)
     assert row["n_samples"] == 3 and row["n_masked"] == 2 and row["has_object_mask"]
@@ -132,10 +136,11 @@ def test_without_masks_only_outlier_scores(pipeline):
 
 def test_overlay_figure_from_records(pipeline):
     adapter, _, records, scores, tmp_path = pipeline
-    universal = pd.DataFrame({"layer": [0], "head": [1], "kind": ["vision"]})
+    first = adapter.fusion_layers()[0]
+    universal = pd.DataFrame({"layer": [first], "head": [1], "kind": ["vision"]})
     panels = overlay_panels(universal, scores, max_heads=4)
     best = scores[scores["head"] >= 0].sort_values("detection_score").iloc[-1]
-    assert panels["title"].tolist()[0].startswith("L0.H1 vision: ")
+    assert panels["title"].tolist()[0].startswith(f"L{first}.H1 vision: ")
     assert panels.iloc[-1][["layer", "head", "query"]].tolist() == [best["layer"], best["head"], best["query"]]
     paths = attention_overlays(records, panels, tmp_path / "figures" / "attention_toy", "title")
     assert [p.suffix for p in paths] == [".png", ".svg", ".html"]

@@ -214,7 +214,8 @@ def test_attention_taps_see_what_the_model_computes_and_change_nothing(family):
         with adapter.attention_taps(Record()):
             tapped = adapter.answer_logits(clean)
     assert torch.equal(plain, tapped)
-    for layer in range(adapter.n_layers):
+    assert {layer for _, layer in seen} == set(adapter.fusion_layers())
+    for layer in adapter.fusion_layers():
         q, k, (probs, scaling, mask, softcap) = seen[("q", layer)], seen[("k", layer)], seen[("p", layer)]
         assert q.shape[1] == adapter.n_heads and probs.shape[1:3] == q.shape[1:3] and probs.shape[-1] == k.shape[2]
         # the probabilities are the softmax of the reported queries, keys and settings

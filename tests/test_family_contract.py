@@ -58,12 +58,14 @@ def every_patch(adapter, inp) -> list[Patch]:
         Patch(site, layer, p)
         for site in (*adapter.module_sites, "layer")
         for layer in range(adapter.n_layers)
+        if site in (*adapter.layer_sites(layer), "layer")
         for p in positions
     ]
     patches += [
         Patch(site, layer, p, head)
         for site in head_sites
         for layer in range(adapter.n_layers)
+        if HEAD_SITE_PARENT[site] in adapter.layer_sites(layer)
         for p in positions
         for head in range(adapter.n_heads)
     ]
@@ -73,7 +75,12 @@ def every_patch(adapter, inp) -> list[Patch]:
 
 def test_sites_have_their_documented_widths(adapter):
     clean, _ = inputs(adapter, "SIP")
-    sites = [(site, layer) for site in (*adapter.module_sites, "layer") for layer in range(adapter.n_layers)]
+    sites = [
+        (site, layer)
+        for site in (*adapter.module_sites, "layer")
+        for layer in range(adapter.n_layers)
+        if site in (*adapter.layer_sites(layer), "layer")
+    ]
     _, acts = hooks.capture(adapter, clean, sites)
     T = clean.input_ids.shape[1]
     for site, layer in sites:
@@ -94,13 +101,13 @@ def test_patching_the_clean_run_with_itself_changes_nothing(adapter):
 
 def test_the_heads_of_a_site_together_are_the_site(adapter):
     clean, corrupt = inputs(adapter, "SIP")
-    parent = HEAD_SITE_PARENT[adapter.head_site]
+    head_sites = [adapter.layer_head_site(layer) for layer in range(adapter.n_layers)]
     position = adapter.head_position(clean, adapter.option_token_id("red"))
-    _, acts = hooks.capture(adapter, clean, [(parent, layer) for layer in range(adapter.n_layers)])
-    for layer in range(adapter.n_layers):
-        site = reference.run_patched(adapter, corrupt, Patch(parent, layer, position), acts)
+    _, acts = hooks.capture(adapter, clean, [(HEAD_SITE_PARENT[s], layer) for layer, s in enumerate(head_sites)])
+    for layer, head_site in enumerate(head_sites):
+        site = reference.run_patched(adapter, corrupt, Patch(HEAD_SITE_PARENT[head_site], layer, position), acts)
         heads = reference.run_patched(
-            adapter, corrupt, [Patch(adapter.head_site, layer, position, h) for h in range(adapter.n_heads)], acts
+            adapter, corrupt, [Patch(head_site, layer, position, h) for h in range(adapter.n_heads)], acts
         )
         torch.testing.assert_close(heads, site, rtol=1e-6, atol=1e-6)
 

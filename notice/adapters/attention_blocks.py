@@ -25,7 +25,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from notice.adapters.attention_taps import attention_switched, eager_scores
+from notice.adapters.attention_taps import attention_switched, eager_scores, layers_of
 
 BLOCKED_ATTENTION = "notice_blocked"
 
@@ -147,17 +147,18 @@ AttentionMaskInterface.register(BLOCKED_ATTENTION, eager_mask)
 
 @contextmanager
 def interface_attention_blocks(
-    modules: Sequence[torch.nn.Module],
+    modules: Sequence[torch.nn.Module] | Mapping[int, torch.nn.Module],
     blocks: Mapping[int, torch.Tensor],
     suffix: SuffixRun | None = None,
     record: KeyValueRecord | None = None,
 ) -> Iterator[None]:
-    """Blocks on attention modules that dispatch to transformers' attention interface: module i is layer i;
-    `blocks[i]` its blocked edges (a layer without an entry runs unblocked). Nested, each module takes the
-    blocks of the innermost context that names it (a stream's self- and cross-attention blocked together)."""
-    _active.append(_Active({id(module): layer for layer, module in enumerate(modules)}, blocks, suffix, record))
+    """Blocks on attention modules that dispatch to transformers' attention interface: module i is layer i (or
+    layer -> module); `blocks[i]` its blocked edges (a layer without an entry runs unblocked). Nested, each module
+    takes the blocks of the innermost context that names it (a stream's self- and cross-attention blocked
+    together)."""
+    _active.append(_Active(layers_of(modules), blocks, suffix, record))
     try:
-        with attention_switched(modules, BLOCKED_ATTENTION):
+        with attention_switched(modules.values() if isinstance(modules, Mapping) else modules, BLOCKED_ATTENTION):
             yield
     finally:
         _active.pop()

@@ -16,7 +16,7 @@ to read a gradient). Two ways in, by how the family computes attention:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol
 
@@ -127,12 +127,22 @@ def attention_switched(modules: Iterable[torch.nn.Module], name: str) -> Iterato
             config._attn_implementation_internal = value
 
 
+def layers_of(modules: Sequence[torch.nn.Module] | Mapping[int, torch.nn.Module]) -> dict[int, int]:
+    """id of each attention module -> its layer: module i is layer i, or the layer a mapping gives it (a family
+    whose fusion attention is in some layers only)."""
+    by_layer = modules if isinstance(modules, Mapping) else dict(enumerate(modules))
+    return {id(module): layer for layer, module in by_layer.items()}
+
+
 @contextmanager
-def interface_attention_taps(modules: Sequence[torch.nn.Module], tap: AttentionTap) -> Iterator[None]:
-    """Taps on attention modules that dispatch to transformers' attention interface: module i is layer i."""
-    _active.append((tap, {id(module): layer for layer, module in enumerate(modules)}))
+def interface_attention_taps(
+    modules: Sequence[torch.nn.Module] | Mapping[int, torch.nn.Module], tap: AttentionTap
+) -> Iterator[None]:
+    """Taps on attention modules that dispatch to transformers' attention interface: module i is layer i (or
+    layer -> module)."""
+    _active.append((tap, layers_of(modules)))
     try:
-        with attention_switched(modules, TAPPED_ATTENTION):
+        with attention_switched(modules.values() if isinstance(modules, Mapping) else modules, TAPPED_ATTENTION):
             yield
     finally:
         _active.pop()

@@ -193,11 +193,21 @@ class VLMAdapter(ABC):
     module_sites: ClassVar[tuple[str, ...]]  # module-wise sites, e.g. ("mlp", "self_attn", "cross_attn")
     head_site: ClassVar[str]  # "cross_attn_head" or "self_attn_head"
 
+    def layer_sites(self, layer: int) -> tuple[str, ...]:
+        """The module sites `layer` has: every one of `module_sites`, unless the family's layers differ in kind
+        (e.g. cross-attention layers between self-attention layers)."""
+        return self.module_sites
+
+    def layer_head_site(self, layer: int) -> str:
+        """The head site patched at `layer`: `head_site`, unless the family's layers differ in kind."""
+        return self.head_site
+
     def site_width(self, site: str) -> int:
         """Width of the activation at `site` (a head site: one head's slice)."""
         if site in HEAD_SITE_PARENT:
             return self.head_dim
-        module, kind = self.site_module(site, 0)
+        first = next((layer for layer in range(self.n_layers) if site in self.layer_sites(layer)), 0)
+        module, kind = self.site_module(site, first)
         if kind == "input":
             return cast(torch.nn.Linear, module).in_features  # an output projection
         return self.hidden_size
@@ -344,6 +354,11 @@ class VLMAdapter(ABC):
     @abstractmethod
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
         """Per layer, the fusion attention module; its output[1] is the probabilities [B, H, T, K]."""
+
+    def fusion_layers(self) -> list[int]:
+        """The layer of each module of `fusion_attention_modules`: every layer, unless only some layers attend to
+        the image."""
+        return list(range(len(self.fusion_attention_modules())))
 
     @abstractmethod
     def image_grid(self, inp: ModelInput) -> ImageGrid:

@@ -37,7 +37,7 @@ from notice.patching.fast_core import FastFamily
 from notice.patching.hooks import hooked
 from notice.patching.query_keys import qk_sites
 from notice.patching.scores import Scores, answer_prob, logit_diff, result_row, scores
-from notice.patching.sites import activation_key
+from notice.patching.sites import activation_key, has_site, head_sites
 
 T = TypeVar("T")
 
@@ -313,7 +313,7 @@ def _median_timed(fn: Callable[[], T], repeats: int) -> tuple[T, float]:
 
 def engine_sites(adapter: VLMAdapter) -> list[str]:
     """The default screen's sites that the patching engines patch: module sites and the head site."""
-    return [site for site in screen_sites(adapter) if site in (*adapter.module_sites, adapter.head_site)]
+    return [site for site in screen_sites(adapter) if site in (*adapter.module_sites, *head_sites(adapter))]
 
 
 def screen_patches(adapter: VLMAdapter, inp: ModelInput) -> list[Patch]:
@@ -329,13 +329,12 @@ def screen_patches(adapter: VLMAdapter, inp: ModelInput) -> list[Patch]:
     layers = range(adapter.n_layers)
     patches: list[Patch] = []
     for site in engine_sites(adapter):
+        at = [layer for layer in layers if has_site(adapter, site, layer)]
         if site in HEAD_SITE_PARENT:
             heads = range(adapter.n_heads)
-            patches += [
-                Patch(site, layer, position, head) for layer in layers for position in positions for head in heads
-            ]
+            patches += [Patch(site, layer, position, head) for layer in at for position in positions for head in heads]
         else:
-            patches += [Patch(site, layer, position) for layer in layers for position in positions]
+            patches += [Patch(site, layer, position) for layer in at for position in positions]
     return patches
 
 

@@ -56,12 +56,13 @@ def image_attention(
     heads: Sequence[int] | None = None,
     query_positions: Sequence[int] | None = None,
 ) -> ImageAttention:
-    """Fusion attention of `layers` × `heads` (default: all) from `query_positions` to the patches.
+    """Fusion attention of `layers` × `heads` (default: all: the adapter's `fusion_layers`) from `query_positions`
+    to the patches.
 
     Default query positions: `adapter.attention_queries` (the positions that can see the image).
     """
-    modules = adapter.fusion_attention_modules()
-    layers = list(range(len(modules))) if layers is None else list(layers)
+    modules = dict(zip(adapter.fusion_layers(), adapter.fusion_attention_modules()))
+    layers = list(modules) if layers is None else list(layers)
     heads = list(range(adapter.n_heads)) if heads is None else list(heads)
     queries = adapter.attention_queries(inp) if query_positions is None else list(query_positions)
     image = adapter.image_grid(inp)

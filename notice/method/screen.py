@@ -39,6 +39,7 @@ from notice.patching.engines import Engine
 from notice.patching.experiment import concat_or_empty, pair_inputs, pair_labels
 from notice.patching.hooks import ImageFn
 from notice.patching.query_keys import qk_sites
+from notice.patching.sites import head_sites
 
 KEY_COLUMNS: tuple[str, ...] = RESULT_COLUMNS[: RESULT_COLUMNS.index("token")]
 LABEL_COLUMNS: tuple[str, ...] = KEY_COLUMNS[: KEY_COLUMNS.index("site")]
@@ -69,7 +70,8 @@ def is_unsigned(method: str) -> bool:
 
 # -- the screen stage -----------------------------------------------------------------------------
 def image_effects(adapter: VLMAdapter, estimates: Estimates, inp: ModelInput) -> np.ndarray | None:
-    """Effect of each image patch per layer, [layers, rows · cols] on `adapter.image_grid`'s grid.
+    """Effect of each image patch per layer (`fusion_layers` for key sites), [layers, rows · cols] on
+    `adapter.image_grid`'s grid.
 
     Where the fusion attention is the stream's own self-attention, the image tokens are stream positions
     and a layer's effect at a patch is the sum of its module sites' estimates there. Where it is
@@ -87,8 +89,9 @@ def image_effects(adapter: VLMAdapter, estimates: Estimates, inp: ModelInput) ->
             [np.sum([values[(s, layer)].numpy() for s in sites], axis=0)[keys] for layer in range(adapter.n_layers)]
         )
     key_site = qk_sites(adapter)[1]
-    if (key_site, 0) in values:
-        return np.stack([values[(key_site, layer)].numpy().sum(-1)[keys] for layer in range(adapter.n_layers)])
+    layers = adapter.fusion_layers()
+    if (key_site, layers[0]) in values:
+        return np.stack([values[(key_site, layer)].numpy().sum(-1)[keys] for layer in layers])
     image = values.get((IMAGE_SITE, IMAGE_LAYER))
     return None if image is None else image.numpy()[keys][None, :]
 
@@ -98,7 +101,7 @@ def confirm_patches(adapter: VLMAdapter, table: pd.DataFrame, n: int) -> list[Pa
     the image-embedding rows): module and head sites first, then the fusion attention's query and key sites,
     each by rank (the confirmed table's row order)."""
     qk = qk_sites(adapter)
-    patchable = table[table["site"].isin([*adapter.module_sites, adapter.head_site, *qk])]
+    patchable = table[table["site"].isin([*adapter.module_sites, *head_sites(adapter), *qk])]
     top = patchable.reindex(patchable["estimate"].abs().sort_values(ascending=False, kind="stable").index).head(n)
     patches = [Patch(str(r.site), int(r.layer), int(r.position), int(r.head)) for r in top.itertuples()]
     return sorted(patches, key=lambda patch: patch.site in qk)

@@ -40,7 +40,7 @@ from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, VLMAdapter
 from notice.patching.hooks import ImageFn, hooked, image_embeddings_replaced
 from notice.patching.query_keys import AttentionRecord, has_attention_taps, qk_sites
 from notice.patching.scores import logit_diff
-from notice.patching.sites import SiteKey, activation_key, check_aligned
+from notice.patching.sites import SiteKey, activation_key, check_aligned, has_site, head_sites
 
 METHODS = ("atp", "atp_star")
 IMAGE_SITE = "image"  # rows of the image embeddings the text side reads (`image_embedding_module`'s output)
@@ -63,9 +63,10 @@ def screen_sites(adapter: VLMAdapter, sites: Sequence[str] | None = None) -> lis
     the head site, the image embeddings and (where the adapter has attention taps) the fusion attention's
     queries and keys."""
     taps = list(qk_sites(adapter)) if has_attention_taps(adapter) else []
-    known = [*adapter.module_sites, adapter.head_site, "layer", IMAGE_SITE, *taps]
+    heads = head_sites(adapter)
+    known = [*adapter.module_sites, *heads, "layer", IMAGE_SITE, *taps]
     if sites is None:
-        return [*adapter.module_sites, adapter.head_site, IMAGE_SITE, *taps]
+        return [*adapter.module_sites, *heads, IMAGE_SITE, *taps]
     unknown = [site for site in sites if site not in known]
     if unknown:
         raise ValueError(f"screen sites {unknown} do not exist in {adapter.family} (expected some of {known})")
@@ -228,7 +229,7 @@ def _run(
             stack.enter_context(hooked(module, kind, tap(key)))
         if gate is not None:
             for layer in range(adapter.n_layers):
-                for site in adapter.module_sites:
+                for site in adapter.layer_sites(layer):
                     stack.enter_context(hooked(adapter.site_module(site, layer)[0], "output", _gated(gate, layer)))
         if attention is not None:
             stack.enter_context(adapter.attention_taps(attention))
@@ -245,7 +246,11 @@ def _dots(
     """(a_clean − a_corrupt) · ∂LD/∂a per position (and per head for the head site)."""
     out: dict[SiteKey, torch.Tensor] = {}
     for site in sites:
-        layers = [IMAGE_LAYER] if site == IMAGE_SITE else range(adapter.n_layers)
+        layers = (
+            [IMAGE_LAYER]
+            if site == IMAGE_SITE
+            else [layer for layer in range(adapter.n_layers) if has_site(adapter, site, layer)]
+        )
         for layer in layers:
             key = (IMAGE_SITE, IMAGE_LAYER) if site == IMAGE_SITE else activation_key(site, layer)
             product = deltas[key] * grads[key]
@@ -279,7 +284,11 @@ def attribution_estimates(
     query_site, key_site = qk_sites(adapter)
     taps = query_site in sites or key_site in sites
     stream = [s for s in sites if s not in (IMAGE_SITE, query_site, key_site)]
-    keys = list(dict.fromkeys(activation_key(s, layer) for s in stream for layer in range(adapter.n_layers)))
+    keys = list(
+        dict.fromkeys(
+            activation_key(s, layer) for s in stream for layer in range(adapter.n_layers) if has_site(adapter, s, layer)
+        )
+    )
     image = IMAGE_SITE in sites
     clean_attention, attention = (AttentionRecord(False), AttentionRecord(True)) if taps else (None, None)
     with torch.no_grad():
@@ -316,7 +325,7 @@ def attribution_estimates(
                     k: torch.zeros_like(attention.tensors[k]) if g is None else g[0]
                     for k, g in zip(tapped, grads[len(all_keys) :])
                 }
-                for layer in range(adapter.n_layers):
+                for layer in adapter.fusion_layers():
                     query, key = _query_key(clean_attention, attention, tap_grads, layer, fix)
                     if query_site in sites:
                         values[(query_site, layer)] = query

@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from notice.adapters.base import ModelInput, Patch, VLMAdapter
+from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
 from notice.files.tables import RESULT_COLUMNS
 from notice.patching.corruptions import corrupt_image_fn
 from notice.patching.engines import Engine
@@ -41,7 +41,7 @@ def select_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int, s
     return [
         patch
         for patch in default_patches(adapter, inp, answer_token_id)
-        if (keep_heads if patch.site == adapter.head_site else keep_modules)
+        if (keep_heads if patch.site in HEAD_SITE_PARENT else keep_modules)
     ]
 
 

@@ -9,7 +9,7 @@ computes many patched runs at once, one row per patch.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import ClassVar, Literal
 
@@ -85,9 +85,14 @@ class FastFamily(ABC):
         except KeyError:
             raise KeyError(f"the {run} run's activations hold no {key}") from None
 
-    def record_sites(self, run: Run, per_layer: dict[str, list[torch.Tensor]]) -> None:
+    def record_sites(self, run: Run, per_layer: Mapping[str, Sequence[torch.Tensor | None]]) -> None:
         """Store a capture's per-layer values of the stage sites as `self.sites[run]`."""
-        self.sites[run] = {(site, layer): value for site in self.stages for layer, value in enumerate(per_layer[site])}
+        self.sites[run] = {
+            (site, layer): value
+            for site in self.stages
+            for layer, value in enumerate(per_layer[site])
+            if value is not None  # a site the layer does not have (adapter.layer_sites)
+        }
 
     def is_noop(self, patch: Patch) -> bool:
         """True when the clean value written by the patch is bit-identical to the corrupt one.

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -135,7 +135,7 @@ def layer_inputs_recorded(
 
 
 class DecoderFast(FastFamily):
-    stages = ("self_attn", "mlp", "layer")
+    stages: ClassVar[tuple[str, ...]] = ("self_attn", "mlp", "layer")
     adapter: DecoderVLMAdapter
 
     def __init__(self, adapter: DecoderVLMAdapter, clean_inp: ModelInput, corrupt_inp: ModelInput, *args, **kwargs):
@@ -172,7 +172,7 @@ class DecoderFast(FastFamily):
             stack.enter_context(image_embeddings_replaced(self.adapter, image_fn))
             stack.enter_context(layer_inputs_recorded(self.layers, resid, masks, position_embeddings))
             for layer in range(len(self.layers)):
-                for site in self.stages:
+                for site in self.layer_stages(layer):
                     module, kind = self.adapter.site_module(site, layer)
                     stack.enter_context(hooked(module, kind, site_recorder(site, layer)))
             logits = self.adapter.answer_logits_of(
@@ -181,11 +181,16 @@ class DecoderFast(FastFamily):
         # Every layer's sites, input and mask are recorded by now.
         self.take_masks(masks)
         self.record_sites(run, cast(dict[str, list[torch.Tensor]], record))
+        self.cache = cache
         self.resid = cast(list[torch.Tensor], resid + [record["layer"][-1]])
         self.position_embeddings = position_embeddings[0]
         cached: list[Any] = cache.layers  # a decoder's attention layers, keys/values set
         self.prefix = SharedPrefix([layer.keys for layer in cached], [layer.values for layer in cached], 0)
         return logits
+
+    def layer_stages(self, layer: int) -> list[str]:
+        """The stage sites `layer` has (the adapter's `layer_sites`, and the layer's output)."""
+        return [site for site in self.stages if site == "layer" or site in self.adapter.layer_sites(layer)]
 
     def take_masks(self, masks: Sequence[torch.Tensor | None]) -> None:
         """Refuse a model whose layers let a position attend to a later one: reusing the corrupt run's
@@ -227,10 +232,9 @@ class DecoderFast(FastFamily):
                     new = self.resid[layer][start:].expand(len(entering), -1, -1)
                     h = new if h is None else torch.cat([h, new])
                     order += entering
+                assert h is not None, "the first layer run has rows entering"
                 with self.clean_value_hooks(layer, [patches[i] for i in entering], first_row, start):
-                    h = main_output(
-                        self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin, shared_prefix=prefix)
-                    )
+                    h = self.run_layer(layer, h, cos_sin, prefix)
                 # Positions the patch cannot have changed keep the corrupt run's values bit-identical,
                 # whatever the batch: before a row's patched position (causality) and, in the layer it
                 # enters at, every position but the patched one.
@@ -238,6 +242,14 @@ class DecoderFast(FastFamily):
                 h = torch.where(frozen, self.resid[layer + 1][start:], h)
         assert h is not None, "no patch at a layer of the model"
         return self.adapter.final_logits(h[:, -1])[rows_by_index(order, h.device)]
+
+    def run_layer(
+        self, layer: int, h: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...] | None, prefix: SharedPrefix
+    ) -> torch.Tensor:
+        """The model's decoder layer `layer` on the rows' positions prefix.start..T-1 (`h` [n, S, D]), their
+        self-attention over the shared prefix; `position_embeddings` are those positions' own."""
+        block = self.layers[layer]
+        return main_output(block(h, attention_mask=None, position_embeddings=position_embeddings, shared_prefix=prefix))
 
     def _frozen(self, patches: Sequence[Patch], layer: int, start: int) -> torch.Tensor:
         """Bool [n, S, 1]: the suffix positions of each row that still hold the corrupt run's values

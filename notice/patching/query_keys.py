@@ -110,6 +110,9 @@ def patch_queries_keys(
         if patch.site not in (query_site, key_site):
             raise ValueError(f"{patch}: not a query or key site of {adapter.family} ({query_site}, {key_site})")
         kind = "q" if patch.site == query_site else "k"
+        if (kind, patch.layer) not in clean.tensors:
+            layers = adapter.fusion_layers()
+            raise ValueError(f"{patch}: layer {patch.layer} has no fusion attention (the layers that have: {layers})")
         heads, positions = clean.tensors[(kind, patch.layer)].shape[:2]
         if not (0 <= patch.head < heads and 0 <= patch.position < positions):
             raise ValueError(f"{patch}: head must be in [0, {heads}) and position in [0, {positions})")

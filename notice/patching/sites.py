@@ -18,19 +18,35 @@ def activation_key(site: str, layer: int) -> SiteKey:
     return HEAD_SITE_PARENT.get(site, site), layer
 
 
+def has_site(adapter: VLMAdapter, site: str, layer: int) -> bool:
+    """True when `layer` has `site` (a head site: its parent; `layer`: every layer) (`VLMAdapter.layer_sites`)."""
+    parent = HEAD_SITE_PARENT.get(site, site)
+    return parent == "layer" or parent in adapter.layer_sites(layer)
+
+
+def head_sites(adapter: VLMAdapter) -> list[str]:
+    """Every head site some layer has: the adapter's `head_site` first, then the other layer kinds' (if any)."""
+    by_layer = [adapter.layer_head_site(layer) for layer in range(adapter.n_layers)]
+    return list(dict.fromkeys([adapter.head_site, *by_layer]))
+
+
 def all_sites(adapter: VLMAdapter) -> list[SiteKey]:
     """Every (module site, layer) a default experiment can patch; head sites live in their parent."""
-    sites = set(adapter.module_sites) | {HEAD_SITE_PARENT[adapter.head_site]}
-    return [(site, layer) for site in sorted(sites) for layer in range(adapter.n_layers)]
+    at = [
+        set(adapter.layer_sites(layer)) | {HEAD_SITE_PARENT[adapter.layer_head_site(layer)]}
+        for layer in range(adapter.n_layers)
+    ]
+    sites = set().union(*at) if at else set()
+    return [(site, layer) for site in sorted(sites) for layer in range(adapter.n_layers) if site in at[layer]]
 
 
 def default_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int) -> list[Patch]:
     """The standard experiment, in this order:
 
-    1. module-wise: for site in adapter.module_sites, for layer in 0..n_layers-1, for position in
-       adapter.patch_positions(inp) (ascending): Patch(site, layer, position);
+    1. module-wise: for site in adapter.module_sites, for layer in 0..n_layers-1 that has the site
+       (adapter.layer_sites), for position in adapter.patch_positions(inp) (ascending): Patch(site, layer, position);
     2. head-wise, at adapter.head_position(inp, answer_token_id): for layer, for head in
-       0..n_heads-1: Patch(adapter.head_site, layer, position, head).
+       0..n_heads-1: Patch(adapter.layer_head_site(layer), layer, position, head).
     """
     positions = adapter.patch_positions(inp)
     head_pos = adapter.head_position(inp, answer_token_id)
@@ -38,10 +54,11 @@ def default_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int) 
         Patch(site, layer, position)
         for site in adapter.module_sites
         for layer in range(adapter.n_layers)
+        if site in adapter.layer_sites(layer)
         for position in positions
     ]
     head_wise = [
-        Patch(adapter.head_site, layer, head_pos, head)
+        Patch(adapter.layer_head_site(layer), layer, head_pos, head)
         for layer in range(adapter.n_layers)
         for head in range(adapter.n_heads)
     ]
@@ -59,6 +76,10 @@ def check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
         raise ValueError(f"{patch}: position outside the prompt of length {seq_len}")
     if not 0 <= patch.layer < adapter.n_layers:
         raise ValueError(f"{patch}: layer must be in [0, {adapter.n_layers})")
+    parent = HEAD_SITE_PARENT.get(patch.site, patch.site)
+    if parent in adapter.module_sites and parent not in adapter.layer_sites(patch.layer):
+        sites = adapter.layer_sites(patch.layer)
+        raise ValueError(f"{patch}: layer {patch.layer} has no {parent} (its sites: {', '.join(sites)})")
 
 
 def check_aligned(clean_inp: ModelInput, corrupt_inp: ModelInput) -> None:
