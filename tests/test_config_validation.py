@@ -176,3 +176,21 @@ def test_the_shipped_configs_validate_and_modern_models_merge_onto_the_paper_con
     assert {"blip", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl"} <= set(paper["models"])
     for name in ("llava_next", "qwen2_vl", "qwen2_5_vl"):
         assert paper["models"][name]["prompt_template"].count("{question}") == 1
+
+
+@pytest.mark.parametrize("name", sorted(yaml.safe_load((REPO / "config" / "models_2026.yaml").read_text())["models"]))
+def test_each_2026_prompt_template_takes_the_image_in_its_family_processor(name):
+    """The 2026 config's templates hold the family's image placeholder: the family's processor (tiny, with the
+    checkpoint's special tokens) takes the prompt with one image and expands the placeholder into image tokens."""
+    from snakemake.utils import update_config, validate
+    from toy_adapters import noise_image, tiny_adapter
+
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    update_config(paper, yaml.safe_load((REPO / "config" / "models_2026.yaml").read_text()))
+    validate(paper, str(REPO / "config" / "schemas" / "config.schema.yaml"))
+    template = paper["models"][name]["prompt_template"]
+    assert template.count("{question}") == 1
+    adapter = tiny_adapter(name)  # the sections are named after their families
+    inp = adapter.prepare(noise_image(0), template.replace("{question}", "what is here"))
+    assert inp.input_ids.shape[0] == 1
+    assert len(adapter.image_keys(inp)) > 0, f"{name}: no image tokens in the prompt"
