@@ -31,7 +31,8 @@ from notice.bench.case import Case, Size, build_model, family_adapter_of, random
 
 VOCAB = 151936
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
-PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"  # chat template (Qwen3-VL-Instruct: no default system turn)
+# The chat template (Qwen3-VL-Instruct's has no default system turn).
+PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
 # As PROMPT tokenises: 4 tokens up to <|vision_start|>, 16 from <|vision_end|> on (a 10-token question).
 TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE = 4, 16
 PATCH, MERGE, TEMPORAL = 16, 2, 2
