@@ -35,6 +35,8 @@ class ResidualAddition:
     def added(self, hidden: torch.Tensor, start: int = 0) -> torch.Tensor:
         """`hidden` [B, S, D], the states of positions start..start+S-1, with the addition at its positions among
         them, in the model's own arithmetic (states + values, in the states' dtype)."""
+        if not len(self.positions) or int(self.positions[-1]) < start:
+            return hidden  # every position it adds at lies before the states'
         keep = self.positions >= start
         index = self.positions[keep] - start
         out = hidden.clone()

@@ -22,6 +22,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
 
 from notice.adapters.processors import image_only
 from notice.testing.tiny import tiny_layers, word_tokenizer
@@ -66,7 +67,7 @@ def build(
     patch_size: int = 4,
     min_pixels: int = 16 * 16,
     max_pixels: int = 64 * 64,
-) -> tuple[Qwen3VLForConditionalGeneration | Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor]:
+) -> tuple[Qwen3VLForConditionalGeneration | Qwen3VLMoeForConditionalGeneration, ProcessorMixin]:
     """A random tiny Qwen3-VL (`kind="qwen3_vl"`) or Qwen3-VL-MoE (`"qwen3_vl_moe"`: 4 experts, 2 per token), eval
     mode, eager attention.
 
@@ -130,7 +131,7 @@ def build(
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    processor = image_only(Qwen3VLProcessor)(  # type: ignore[arg-type]  # type[X] is hashable (python/mypy#20409)
+    processor = image_only(Qwen3VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     return model, processor
