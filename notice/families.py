@@ -114,6 +114,22 @@ FAMILIES: tuple[Family, ...] = (
         bench="notice.bench.layouts.qwen2_vl",
     ),
     Family(
+        "qwen3_vl",
+        ("qwen3_vl",),
+        adapter="notice.adapters.qwen3_vl:Qwen3VLAdapter",
+        engine=_DECODER,
+        tiny="notice.testing.tiny_qwen3_vl:build_qwen3_vl",
+        bench="notice.bench.layouts.qwen3_vl",
+    ),
+    Family(
+        "qwen3_vl_moe",
+        ("qwen3_vl_moe",),
+        adapter="notice.adapters.qwen3_vl:Qwen3VLMoeAdapter",
+        engine=_DECODER,
+        tiny="notice.testing.tiny_qwen3_vl:build_qwen3_vl_moe",
+        bench="notice.bench.layouts.qwen3_vl",
+    ),
+    Family(
         "idefics3",
         ("idefics3",),
         adapter="notice.adapters.idefics3:Idefics3Adapter",

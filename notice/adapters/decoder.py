@@ -11,8 +11,9 @@ such as `<|vision_start|>`, are text positions), heads at the last prompt positi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
 
 import torch
@@ -20,6 +21,36 @@ import torch
 from notice.adapters.attention_blocks import interface_attention_blocks
 from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
 from notice.adapters.base import HEAD_SITE_PARENT, ImageGrid, ModelInput, VLMAdapter, pre_hook_while_active
+
+
+@dataclass(frozen=True)
+class ResidualAddition:
+    """What a model adds to the residual stream after decoder layer `layer`'s output, before the next layer (or the
+    final norm) reads it: `values` [N, D] at the sorted positions `positions` [N] (e.g. DeepStack's image features)."""
+
+    layer: int
+    positions: torch.Tensor
+    values: torch.Tensor
+
+    def added(self, hidden: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """`hidden` [B, S, D], the states of positions start..start+S-1, with the addition at its positions among
+        them, in the model's own arithmetic (states + values, in the states' dtype)."""
+        if not len(self.positions) or int(self.positions[-1]) < start:
+            return hidden  # every position it adds at lies before the states'
+        keep = self.positions >= start
+        index = self.positions[keep] - start
+        out = hidden.clone()
+        out[:, index] = hidden[:, index] + self.values[keep].to(hidden.device, hidden.dtype)
+        return out
+
+
+def residual_added(
+    additions: Mapping[int, ResidualAddition], layer: int, hidden: torch.Tensor, start: int = 0
+) -> torch.Tensor:
+    """Layer `layer`'s outputs [B, S, D] at positions start.. with what the model adds after it, if `additions` (by
+    layer) has anything."""
+    addition = additions.get(layer)
+    return hidden if addition is None else addition.added(hidden, start)
 
 
 class DecoderVLMAdapter(VLMAdapter):
@@ -145,6 +176,12 @@ class DecoderVLMAdapter(VLMAdapter):
         """Next-token logits [B, V] (float32) from last-layer outputs [B, D] (final norm, then head)."""
         norm, head = self.float32_module(self.head_input_module()), self.float32_module(self.lm_head)
         return head(norm(self.head_input(hidden))).float()
+
+    def residual_additions_recorded(self, additions: list[ResidualAddition]) -> AbstractContextManager[None]:
+        """While active, a forward (batch of one) appends to `additions` what the model adds to the residual stream
+        between decoder layers besides their outputs, which the fast engines must add as the model does. None here:
+        a layer's output is the next layer's input."""
+        return nullcontext()
 
     @property
     def self_attentions(self) -> list[torch.nn.Module]:

@@ -7,7 +7,8 @@ layer from the clean run's residual stream and recomputes only the positions fro
 (`start`) on, with the model's own decoder layers (projections, RoPE, norms, MLPs); its attention is
 `blocked_attention` over the clean run's keys/values of positions < start (held once for every row) and its own
 keys/values, under the mask the model built for the layer (sliding windows and prefix-LM kept) and the row's
-blocks in its window's layers. Positions before a row's own first changed position keep the clean values
+blocks in its window's layers; what the model adds between layers (DeepStack) is the clean run's, added as the
+model adds it. Positions before a row's own first changed position keep the clean values
 bit-identical. The score is the next-token logits at the last position, through the adapter's score head.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from notice.adapters.attention_blocks import KeyValueRecord, SuffixRun, interface_attention_blocks
 from notice.adapters.base import ModelInput
-from notice.adapters.decoder import DecoderVLMAdapter
+from notice.adapters.decoder import DecoderVLMAdapter, ResidualAddition, residual_added
 from notice.patching.fast_core import main_output, rows_by_index
 from notice.patching.fast_decoder import allowed_keys, layer_inputs_recorded
 
@@ -65,13 +66,17 @@ class SuffixKnockout:
             resid[n] = main_output(output)[0].detach()
 
         record = KeyValueRecord()
+        additions: list[ResidualAddition] = []
         with ExitStack() as stack, torch.no_grad():
             stack.enter_context(layer_inputs_recorded(self.layers, resid, masks, embeddings))
+            stack.enter_context(adapter.residual_additions_recorded(additions))
             handle = self.layers[n - 1].register_forward_hook(last_output)
             stack.callback(handle.remove)
             stack.enter_context(interface_attention_blocks(adapter.self_attentions, {}, record=record))
             # The base run: the adapter's own scoring of this forward (`answer_logits`).
             self.base_logits = adapter.answer_logits_of(lambda: adapter.forward(inp).logits[0, -1])
+        self.additions = {addition.layer: addition for addition in additions}
+        resid[n] = residual_added(self.additions, n - 1, cast(torch.Tensor, resid[n])[None])[0]
         self.resid = cast(list[torch.Tensor], resid)
         self.allowed = [allowed_keys(mask) for mask in masks]
         self.position_embeddings = embeddings[0]
@@ -113,6 +118,7 @@ class SuffixKnockout:
             suffix = SuffixRun(start, self.keys, self.values, self.allowed)
             with interface_attention_blocks(self.adapter.self_attentions, blocks, suffix=suffix):
                 h = main_output(self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin))
+            h = residual_added(self.additions, layer, h, start)  # the clean run's (DeepStack); most families: none
             positions = torch.arange(start, self.seq_len, device=device)[None]
             frozen = positions < torch.tensor([firsts[i] for i in order], device=device)[:, None]
             h = torch.where(frozen[..., None], self.resid[layer + 1][start:], h)

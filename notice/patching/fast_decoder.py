@@ -17,7 +17,9 @@ same forward hook on the site's module as the reference engine's, and its querie
 corrupt run's cached keys/values of positions < s (held once, not copied per row) and to the row's own
 keys/values of positions >= s under the causal mask. Positions the patch cannot change keep the
 corrupt run's values: those before the row's own patched position, and in the layer it enters at,
-all but the patched one. The score is the next-token logits at the last position.
+all but the patched one. What a model adds to the residual stream between layers besides their outputs
+(`DecoderVLMAdapter.residual_additions_recorded`: DeepStack's image features) is the corrupt run's, added
+after each layer as the model adds it. The score is the next-token logits at the last position.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from transformers import AttentionInterface, DynamicCache
 
 from notice.adapters.attention_taps import attention_switched
 from notice.adapters.base import ModelInput, Patch
-from notice.adapters.decoder import DecoderVLMAdapter
+from notice.adapters.decoder import DecoderVLMAdapter, ResidualAddition, residual_added
 from notice.patching.fast_core import FastFamily, Run, main_output, rows_by_index
 from notice.patching.hooks import ImageFn, hooked, image_embeddings_replaced
 
@@ -167,10 +169,12 @@ class DecoderFast(FastFamily):
             return record_site
 
         masks: list[torch.Tensor | None] = [None] * len(self.layers)
+        additions: list[ResidualAddition] = []
         cache = DynamicCache(config=self.adapter.model.config)
         with ExitStack() as stack:
             stack.enter_context(image_embeddings_replaced(self.adapter, image_fn))
             stack.enter_context(layer_inputs_recorded(self.layers, resid, masks, position_embeddings))
+            stack.enter_context(self.adapter.residual_additions_recorded(additions))
             for layer in range(len(self.layers)):
                 for site in self.layer_stages(layer):
                     module, kind = self.adapter.site_module(site, layer)
@@ -182,7 +186,9 @@ class DecoderFast(FastFamily):
         self.take_masks(masks)
         self.record_sites(run, cast(dict[str, list[torch.Tensor]], record))
         self.cache = cache
-        self.resid = cast(list[torch.Tensor], resid + [record["layer"][-1]])
+        self.additions = {addition.layer: addition for addition in additions}
+        output = residual_added(self.additions, len(self.layers) - 1, cast(torch.Tensor, record["layer"][-1])[None])
+        self.resid = cast(list[torch.Tensor], resid + [output[0]])
         self.position_embeddings = position_embeddings[0]
         cached: list[Any] = cache.layers  # a decoder's attention layers, keys/values set
         self.prefix = SharedPrefix([layer.keys for layer in cached], [layer.values for layer in cached], 0)
@@ -235,6 +241,9 @@ class DecoderFast(FastFamily):
                 assert h is not None, "the first layer run has rows entering"
                 with self.clean_value_hooks(layer, [patches[i] for i in entering], first_row, start):
                     h = self.run_layer(layer, h, cos_sin, prefix)
+                # What the model adds after the layer (DeepStack: the corrupt run's image features), as it adds it;
+                # the frozen positions' resid[layer + 1] has it already.
+                h = residual_added(self.additions, layer, h, start)
                 # Positions the patch cannot have changed keep the corrupt run's values bit-identical,
                 # whatever the batch: before a row's patched position (causality) and, in the layer it
                 # enters at, every position but the patched one.

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 
 from notice.adapters.base import Patch
+from notice.adapters.decoder import residual_added
 from notice.patching.fast_core import main_output, rows_by_index
 from notice.patching.fast_decoder import DecoderFast, allowed_keys
 from notice.patching.hooks import hooked
@@ -107,6 +108,7 @@ class PrefixLMFast(DecoderFast):
                         h, attention_mask=self.masks[layer], position_embeddings=self.position_embeddings
                     )
                 )
+            h = residual_added(self.additions, layer, h, start)
             if layer == last:
                 break
             if changed is not None:
