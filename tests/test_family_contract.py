@@ -57,13 +57,13 @@ def every_patch(adapter, inp) -> list[Patch]:
     patches = [
         Patch(site, layer, p)
         for site in (*adapter.module_sites, "layer")
-        for layer in range(adapter.n_layers)
+        for layer in adapter.site_layers(site)
         for p in positions
     ]
     patches += [
         Patch(site, layer, p, head)
         for site in head_sites
-        for layer in range(adapter.n_layers)
+        for layer in adapter.site_layers(site)
         for p in positions
         for head in range(adapter.n_heads)
     ]
@@ -73,7 +73,7 @@ def every_patch(adapter, inp) -> list[Patch]:
 
 def test_sites_have_their_documented_widths(adapter):
     clean, _ = inputs(adapter, "SIP")
-    sites = [(site, layer) for site in (*adapter.module_sites, "layer") for layer in range(adapter.n_layers)]
+    sites = [(site, layer) for site in (*adapter.module_sites, "layer") for layer in adapter.site_layers(site)]
     _, acts = hooks.capture(adapter, clean, sites)
     T = clean.input_ids.shape[1]
     for site, layer in sites:
@@ -96,8 +96,8 @@ def test_the_heads_of_a_site_together_are_the_site(adapter):
     clean, corrupt = inputs(adapter, "SIP")
     parent = HEAD_SITE_PARENT[adapter.head_site]
     position = adapter.head_position(clean, adapter.option_token_id("red"))
-    _, acts = hooks.capture(adapter, clean, [(parent, layer) for layer in range(adapter.n_layers)])
-    for layer in range(adapter.n_layers):
+    _, acts = hooks.capture(adapter, clean, [(parent, layer) for layer in adapter.site_layers(parent)])
+    for layer in adapter.site_layers(parent):
         site = reference.run_patched(adapter, corrupt, Patch(parent, layer, position), acts)
         heads = reference.run_patched(
             adapter, corrupt, [Patch(adapter.head_site, layer, position, h) for h in range(adapter.n_heads)], acts

@@ -193,11 +193,16 @@ class VLMAdapter(ABC):
     module_sites: ClassVar[tuple[str, ...]]  # module-wise sites, e.g. ("mlp", "self_attn", "cross_attn")
     head_site: ClassVar[str]  # "cross_attn_head" or "self_attn_head"
 
+    def site_layers(self, site: str) -> list[int]:
+        """The layers that have `site` (a head site: its parent's); every layer unless the family's layers differ
+        (e.g. a hybrid model's self-attention sites only in its attention layers)."""
+        return list(range(self.n_layers))
+
     def site_width(self, site: str) -> int:
         """Width of the activation at `site` (a head site: one head's slice)."""
         if site in HEAD_SITE_PARENT:
             return self.head_dim
-        module, kind = self.site_module(site, 0)
+        module, kind = self.site_module(site, self.site_layers(site)[0])
         if kind == "input":
             return cast(torch.nn.Linear, module).in_features  # an output projection
         return self.hidden_size

@@ -86,8 +86,14 @@ class FastFamily(ABC):
             raise KeyError(f"the {run} run's activations hold no {key}") from None
 
     def record_sites(self, run: Run, per_layer: dict[str, list[torch.Tensor]]) -> None:
-        """Store a capture's per-layer values of the stage sites as `self.sites[run]`."""
-        self.sites[run] = {(site, layer): value for site in self.stages for layer, value in enumerate(per_layer[site])}
+        """Store a capture's per-layer values of the stage sites as `self.sites[run]` (None: the layer has no such
+        site)."""
+        self.sites[run] = {
+            (site, layer): value
+            for site in self.stages
+            for layer, value in enumerate(per_layer[site])
+            if value is not None
+        }
 
     def is_noop(self, patch: Patch) -> bool:
         """True when the clean value written by the patch is bit-identical to the corrupt one.

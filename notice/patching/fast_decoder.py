@@ -171,8 +171,8 @@ class DecoderFast(FastFamily):
         with ExitStack() as stack:
             stack.enter_context(image_embeddings_replaced(self.adapter, image_fn))
             stack.enter_context(layer_inputs_recorded(self.layers, resid, masks, position_embeddings))
-            for layer in range(len(self.layers)):
-                for site in self.stages:
+            for site in self.stages:
+                for layer in self.adapter.site_layers(site):
                     module, kind = self.adapter.site_module(site, layer)
                     stack.enter_context(hooked(module, kind, site_recorder(site, layer)))
             logits = self.adapter.answer_logits_of(
@@ -183,8 +183,14 @@ class DecoderFast(FastFamily):
         self.record_sites(run, cast(dict[str, list[torch.Tensor]], record))
         self.resid = cast(list[torch.Tensor], resid + [record["layer"][-1]])
         self.position_embeddings = position_embeddings[0]
-        cached: list[Any] = cache.layers  # a decoder's attention layers, keys/values set
-        self.prefix = SharedPrefix([layer.keys for layer in cached], [layer.values for layer in cached], 0)
+        # A decoder's cache layers: keys/values set in attention layers (None in a hybrid model's linear-attention
+        # layers, which keep recurrent states instead).
+        cached: list[Any] = cache.layers
+        keys, values = (
+            [getattr(layer, "keys", None) for layer in cached],
+            [getattr(layer, "values", None) for layer in cached],
+        )
+        self.prefix = SharedPrefix(cast(list[torch.Tensor], keys), cast(list[torch.Tensor], values), 0)
         return logits
 
     def take_masks(self, masks: Sequence[torch.Tensor | None]) -> None:
@@ -227,10 +233,7 @@ class DecoderFast(FastFamily):
                     new = self.resid[layer][start:].expand(len(entering), -1, -1)
                     h = new if h is None else torch.cat([h, new])
                     order += entering
-                with self.clean_value_hooks(layer, [patches[i] for i in entering], first_row, start):
-                    h = main_output(
-                        self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin, shared_prefix=prefix)
-                    )
+                h = self.run_layer(layer, h, [patches[i] for i in entering], first_row, cos_sin, prefix)
                 # Positions the patch cannot have changed keep the corrupt run's values bit-identical,
                 # whatever the batch: before a row's patched position (causality) and, in the layer it
                 # enters at, every position but the patched one.
@@ -238,6 +241,22 @@ class DecoderFast(FastFamily):
                 h = torch.where(frozen, self.resid[layer + 1][start:], h)
         assert h is not None, "no patch at a layer of the model"
         return self.adapter.final_logits(h[:, -1])[rows_by_index(order, h.device)]
+
+    def run_layer(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        entering: Sequence[Patch],
+        first_row: int,
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+        prefix: SharedPrefix,
+    ) -> torch.Tensor:
+        """Decoder layer `layer` on the rows' positions prefix.start..T-1 [n, S, D], the clean values of the rows
+        `first_row`.. entering here (`entering`) written at their sites."""
+        with self.clean_value_hooks(layer, entering, first_row, prefix.start):
+            return main_output(
+                self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin, shared_prefix=prefix)
+            )
 
     def _frozen(self, patches: Sequence[Patch], layer: int, start: int) -> torch.Tensor:
         """Bool [n, S, 1]: the suffix positions of each row that still hold the corrupt run's values

@@ -21,28 +21,29 @@ def activation_key(site: str, layer: int) -> SiteKey:
 def all_sites(adapter: VLMAdapter) -> list[SiteKey]:
     """Every (module site, layer) a default experiment can patch; head sites live in their parent."""
     sites = set(adapter.module_sites) | {HEAD_SITE_PARENT[adapter.head_site]}
-    return [(site, layer) for site in sorted(sites) for layer in range(adapter.n_layers)]
+    return [(site, layer) for site in sorted(sites) for layer in adapter.site_layers(site)]
 
 
 def default_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int) -> list[Patch]:
     """The standard experiment, in this order:
 
-    1. module-wise: for site in adapter.module_sites, for layer in 0..n_layers-1, for position in
-       adapter.patch_positions(inp) (ascending): Patch(site, layer, position);
-    2. head-wise, at adapter.head_position(inp, answer_token_id): for layer, for head in
-       0..n_heads-1: Patch(adapter.head_site, layer, position, head).
+    1. module-wise: for site in adapter.module_sites, for layer in adapter.site_layers(site) (every layer
+       unless the family's layers differ), for position in adapter.patch_positions(inp) (ascending):
+       Patch(site, layer, position);
+    2. head-wise, at adapter.head_position(inp, answer_token_id): for layer in the head site's layers, for
+       head in 0..n_heads-1: Patch(adapter.head_site, layer, position, head).
     """
     positions = adapter.patch_positions(inp)
     head_pos = adapter.head_position(inp, answer_token_id)
     module_wise = [
         Patch(site, layer, position)
         for site in adapter.module_sites
-        for layer in range(adapter.n_layers)
+        for layer in adapter.site_layers(site)
         for position in positions
     ]
     head_wise = [
         Patch(adapter.head_site, layer, head_pos, head)
-        for layer in range(adapter.n_layers)
+        for layer in adapter.site_layers(adapter.head_site)
         for head in range(adapter.n_heads)
     ]
     return module_wise + head_wise
@@ -59,6 +60,8 @@ def check_patch(adapter: VLMAdapter, patch: Patch, seq_len: int) -> None:
         raise ValueError(f"{patch}: position outside the prompt of length {seq_len}")
     if not 0 <= patch.layer < adapter.n_layers:
         raise ValueError(f"{patch}: layer must be in [0, {adapter.n_layers})")
+    if patch.layer not in adapter.site_layers(patch.site):
+        raise ValueError(f"{patch}: {adapter.family} has {patch.site} in layers {adapter.site_layers(patch.site)} only")
 
 
 def check_aligned(clean_inp: ModelInput, corrupt_inp: ModelInput) -> None:
