@@ -326,9 +326,9 @@ def screen_patches(adapter: VLMAdapter, inp: ModelInput) -> list[Patch]:
     patches, one full forward each. So the exact cost extrapolated from these is a lower bound.
     """
     positions = range(inp.input_ids.shape[1])
-    layers = range(adapter.n_layers)
     patches: list[Patch] = []
     for site in engine_sites(adapter):
+        layers = adapter.site_layers(site)
         if site in HEAD_SITE_PARENT:
             heads = range(adapter.n_heads)
             patches += [
