@@ -10,10 +10,14 @@ import pytest
 import torch
 from toy_adapters import QUESTION, noise_image, one_torch_thread, tiny_adapter
 
-from notice.adapters.base import HEAD_SITE_PARENT, Patch
+from notice.adapters.base import Patch
+from notice.flow.knockout import knocked_logits
+from notice.flow.knockout_suffix import Knockout
 from notice.patching import fast, reference
+from notice.patching.attribution import screen_sites
 from notice.patching.fast_qwen3_5 import DELTA_RULE_CHUNK, Qwen35Fast
 from notice.patching.hooks import capture
+from notice.patching.query_keys import has_attention_taps
 from notice.patching.sites import all_sites, check_patch, default_patches
 
 RTOL = 1e-5
@@ -127,12 +131,19 @@ def test_the_byte_level_tokenizer_keeps_answer_words_apart(adapter):
     assert adapter.prompt_template.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-def test_attention_stages_refuse_with_the_reason(adapter):
-    for call in (
-        lambda: adapter.attention_taps(None),
-        lambda: adapter.attention_blocks({}, {}),
-        lambda: adapter.fusion_attention_modules(),
-    ):
+def test_attention_stages_refuse_with_the_reason(adapter, long_inputs):
+    for call in (lambda: adapter.attention_blocks({}, {}), lambda: adapter.fusion_attention_modules()):
         with pytest.raises(NotImplementedError, match="layers \\[0, 2\\] are linear attention"):
             call()
-    assert HEAD_SITE_PARENT[adapter.head_site] == "self_attn"
+    # Knockout refuses on either engine (the rows' attention goes through `attention_blocks`).
+    clean, _ = long_inputs
+    T = clean.input_ids.shape[1]
+    own = torch.zeros(T, T, dtype=torch.bool)
+    own[T - 1, 5] = True  # the last position does not read position 5
+    row = Knockout(layer_start=1, window=1, own=own)
+    for engine in ("fast", "reference"):
+        with pytest.raises(NotImplementedError, match="attention knockout needs"):
+            knocked_logits(adapter, clean, [row], engine=engine)
+    # No attention taps: the attribution screen leaves the query/key sites out.
+    assert not has_attention_taps(adapter)
+    assert "query" not in " ".join(screen_sites(adapter))

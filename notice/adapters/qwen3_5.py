@@ -24,8 +24,7 @@ from typing import Any, ClassVar, Literal, cast
 import torch
 from transformers import Qwen3_5ForConditionalGeneration
 
-from notice.adapters.attention_taps import AttentionTap
-from notice.adapters.base import HEAD_SITE_PARENT
+from notice.adapters.base import HEAD_SITE_PARENT, VLMAdapter
 from notice.adapters.qwen2_vl import _QwenVLAdapter
 
 FULL_ATTENTION = "full_attention"
@@ -33,7 +32,8 @@ FULL_ATTENTION = "full_attention"
 
 class Qwen35Adapter(_QwenVLAdapter):
     model_class: ClassVar[type] = Qwen3_5ForConditionalGeneration
-    knockout_engine: ClassVar[Literal["suffix", "batched"]] = "suffix"
+    # Knockout runs through `attention_blocks` (refused below) on either knockout engine, not the suffix engine.
+    knockout_engine: ClassVar[Literal["suffix", "batched"]] = "batched"
 
     def chat_prompt_template(self) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
@@ -82,8 +82,8 @@ class Qwen35Adapter(_QwenVLAdapter):
             "recurrent state, there is no query-key edge to read or block)"
         )
 
-    def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
-        raise self._no_linear_attention("the attribution screen's query/key sites")
+    # No taps (the screen then leaves the query/key sites out, as for every adapter without taps): the base's refusal.
+    attention_taps = VLMAdapter.attention_taps
 
     def attention_blocks(
         self, self_blocks: dict[int, torch.Tensor], fusion_blocks: dict[int, torch.Tensor]

@@ -233,6 +233,7 @@ class DecoderFast(FastFamily):
                     new = self.resid[layer][start:].expand(len(entering), -1, -1)
                     h = new if h is None else torch.cat([h, new])
                     order += entering
+                assert h is not None, "the first layer run is some row's entry layer"
                 h = self.run_layer(layer, h, [patches[i] for i in entering], first_row, cos_sin, prefix)
                 # Positions the patch cannot have changed keep the corrupt run's values bit-identical,
                 # whatever the batch: before a row's patched position (causality) and, in the layer it
@@ -248,7 +249,7 @@ class DecoderFast(FastFamily):
         h: torch.Tensor,
         entering: Sequence[Patch],
         first_row: int,
-        cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+        cos_sin: tuple[torch.Tensor, ...] | None,
         prefix: SharedPrefix,
     ) -> torch.Tensor:
         """Decoder layer `layer` on the rows' positions prefix.start..T-1 [n, S, D], the clean values of the rows

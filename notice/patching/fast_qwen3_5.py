@@ -82,9 +82,9 @@ class Qwen35Fast(DecoderFast):
                 block: Any = self.layers[layer]  # a Qwen3.5 decoder layer: submodules by name
                 normed = block.input_layernorm(self.resid[layer][None, :boundary])
                 block.linear_attn(normed, cache_params=cache)
+            cached: list[Any] = cache.layers  # linear-attention cache layers at these indices
             self.states[boundary] = {
-                layer: (cache.layers[layer].conv_states[0], cache.layers[layer].recurrent_states[0])
-                for layer in self.linear_layers
+                layer: (cached[layer].conv_states[0], cached[layer].recurrent_states[0]) for layer in self.linear_layers
             }
         return self.states[boundary]
 
@@ -98,7 +98,7 @@ class Qwen35Fast(DecoderFast):
         h: torch.Tensor,
         entering: Sequence[Patch],
         first_row: int,
-        cos_sin: tuple[torch.Tensor, torch.Tensor] | None,
+        cos_sin: tuple[torch.Tensor, ...] | None,
         prefix: SharedPrefix,
     ) -> torch.Tensor:
         if layer not in self.linear_layers:

@@ -16,7 +16,7 @@ processor has no video processor (`processors.image_only`).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -81,7 +81,7 @@ def byte_level_tokenizer(vocab_size: int = 600) -> Qwen3_5Tokenizer:
     merges = _merges(trained)
     tokenizer = Qwen3_5Tokenizer(
         vocab=vocab,
-        merges=merges,
+        merges=merges,  # type: ignore[arg-type]  # `tokenizers`' BPE takes (left, right) pairs
         unk_token="<|endoftext|>",
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -89,7 +89,7 @@ def byte_level_tokenizer(vocab_size: int = 600) -> Qwen3_5Tokenizer:
     )
     tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
     tokenizer.add_tokens(list(THINK))
-    tokenizer._tokenizer.decoder = decoders.ByteLevel()
+    cast(Tokenizer, tokenizer._tokenizer).decoder = decoders.ByteLevel()
     return tokenizer
 
 
@@ -119,7 +119,7 @@ def build(
     token.
     """
     tokenizer = byte_level_tokenizer()
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    ids = {tok: cast(int, tokenizer.convert_tokens_to_ids(tok)) for tok in SPECIAL_TOKENS}
     layer_types = layer_types or ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     text = dict(
         vocab_size=len(tokenizer),
@@ -177,7 +177,7 @@ def build(
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=2, temporal_patch_size=2
     )
-    processor = image_only(Qwen3VLProcessor)(  # type: ignore[arg-type]  # type[X] is hashable (python/mypy#20409)
+    processor = image_only(Qwen3VLProcessor)(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     return model, processor
