@@ -122,6 +122,14 @@ FAMILIES: tuple[Family, ...] = (
         bench="notice.bench.layouts.qwen3_5",
     ),
     Family(
+        "qwen3_5_moe",
+        ("qwen3_5_moe",),
+        adapter="notice.adapters.qwen3_5:Qwen35MoeAdapter",
+        engine="notice.patching.fast_qwen3_5:Qwen35Fast",
+        tiny="notice.testing.tiny_qwen3_5:build_moe",
+        bench="notice.bench.layouts.qwen3_5",
+    ),
+    Family(
         "idefics3",
         ("idefics3",),
         adapter="notice.adapters.idefics3:Idefics3Adapter",

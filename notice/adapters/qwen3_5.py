@@ -1,15 +1,16 @@
 """Qwen3.5 (`Qwen3_5ForConditionalGeneration`).
 
 Written for `Qwen/Qwen3.5-27B` (the checkpoint transformers' config documents; the other Qwen3.5 sizes share
-the layout). The vision side is Qwen3-VL's tower without DeepStack (16-pixel patches at the image's own
-resolution, learned position embeddings resampled to the grid, a merger joining 2×2 patches into one
-`<|image_pad|>` token between `<|vision_start|>` and `<|vision_end|>`; the merged tokens are spliced into the
-prompt and reach the language model only there). The language model is hybrid: its `layer_types` alternate
-linear-attention layers (a gated delta rule with a short causal convolution, `linear_attn`, whose recurrent
-and convolution states carry every earlier position) and full-attention layers (gated grouped-query
-attention, `self_attn`, with interleaved multimodal RoPE on part of each head). Sites: `mlp` in every layer,
-`self_attn` and its heads in the full-attention layers only (`site_layers`); a linear-attention layer mixes
-positions through its recurrent state, so it has no heads and no attention edges to read or block.
+the layout) and, as `qwen3_5_moe`, `Qwen/Qwen3.5-35B-A3B` (MoE MLPs). The vision side is Qwen3-VL's tower
+without DeepStack (16-pixel patches at the image's own resolution, learned position embeddings resampled to
+the grid, a merger joining 2×2 patches into one `<|image_pad|>` token between `<|vision_start|>` and
+`<|vision_end|>`; the merged tokens are spliced into the prompt and reach the language model only there). The
+language model is hybrid: its `layer_types` alternate linear-attention layers (a gated delta rule with a short
+causal convolution, `linear_attn`, whose recurrent and convolution states carry every earlier position) and
+full-attention layers (gated grouped-query attention, `self_attn`, with interleaved multimodal RoPE on part of
+each head). Sites: `mlp` in every layer, `self_attn` and its heads in the full-attention layers only
+(`site_layers`); a linear-attention layer mixes positions through its recurrent state, so it has no heads and
+no attention edges to read or block.
 
 The prompt is the processor's chat template with the generation prompt's thinking block closed
 (`enable_thinking=False`, the real template's non-thinking answer prompt), so the first generated token is
@@ -22,7 +23,7 @@ from contextlib import AbstractContextManager
 from typing import Any, ClassVar, Literal, cast
 
 import torch
-from transformers import Qwen3_5ForConditionalGeneration
+from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
 from notice.adapters.base import HEAD_SITE_PARENT, VLMAdapter
 from notice.adapters.qwen2_vl import _QwenVLAdapter
@@ -92,3 +93,10 @@ class Qwen35Adapter(_QwenVLAdapter):
 
     def fusion_attention_modules(self) -> list[torch.nn.Module]:
         raise self._no_linear_attention("the attention stage (attention patterns, head functions)")
+
+
+class Qwen35MoeAdapter(Qwen35Adapter):
+    """Qwen3.5-MoE (`Qwen/Qwen3.5-35B-A3B`): the same layers, each MLP a mixture of experts (top-k routed per
+    position, plus a gated shared expert): the `mlp` site is the mixture's output."""
+
+    model_class: ClassVar[type] = Qwen3_5MoeForConditionalGeneration

@@ -20,7 +20,13 @@ from typing import Any, cast
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3VLProcessor
+from transformers import (
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3VLProcessor,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX, Qwen3_5Tokenizer
 from transformers.processing_utils import ProcessorMixin
@@ -109,8 +115,10 @@ def build(
     min_pixels: int = 16 * 16,
     max_pixels: int = 64 * 64,
     layer_types: list[str] | None = None,
-) -> tuple[Qwen3_5ForConditionalGeneration, ProcessorMixin]:
-    """A random tiny Qwen3.5, eval mode, eager attention, and its processor.
+    moe: bool = False,
+) -> tuple[Qwen3_5ForConditionalGeneration | Qwen3_5MoeForConditionalGeneration, ProcessorMixin]:
+    """A random tiny Qwen3.5 (`moe`: Qwen3.5-MoE, whose MLPs are 4 experts, 2 per token, plus a gated shared
+    expert), eval mode, eager attention, and its processor.
 
     The language model alternates linear and full attention (`layer_types`, default linear first, as the real
     three-linear-then-one-full pattern starts); full attention has `heads` query heads of 16 dims (rotary on
@@ -121,10 +129,15 @@ def build(
     tokenizer = byte_level_tokenizer()
     ids = {tok: cast(int, tokenizer.convert_tokens_to_ids(tok)) for tok in SPECIAL_TOKENS}
     layer_types = layer_types or ["linear_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    mlp = (
+        dict(moe_intermediate_size=hidden, shared_expert_intermediate_size=hidden, num_experts=4, num_experts_per_tok=2)
+        if moe
+        else dict(intermediate_size=2 * hidden)
+    )
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        **mlp,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -158,7 +171,12 @@ def build(
         out_hidden_size=hidden,
         num_position_embeddings=64,
     )
-    config = Qwen3_5Config(
+    config_cls, model_cls = (
+        (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration)
+        if moe
+        else (Qwen3_5Config, Qwen3_5ForConditionalGeneration)
+    )
+    config = config_cls(
         text_config=text,
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
@@ -167,7 +185,7 @@ def build(
         vision_end_token_id=ids["<|vision_end|>"],
     )
     torch.manual_seed(seed)
-    model = Qwen3_5ForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    model = model_cls._from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():  # the zero-centred RMSNorm weights and A_log are initialised flat: vary them
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("A_log") or name.endswith("dt_bias"):
@@ -181,3 +199,8 @@ def build(
         image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
     )
     return model, processor
+
+
+def build_moe(seed: int = 0, **sizes: Any):
+    """A random tiny Qwen3.5-MoE and its processor (`build`)."""
+    return build(seed=seed, moe=True, **sizes)

@@ -12,7 +12,9 @@ real pattern of three linear-attention layers then one full-attention layer (ful
 11) and the real head shapes: full attention 8 query / 2 key-value heads of 256 (rotary on a quarter), linear
 attention 4 key / 8 value heads of 128 with a 4-wide convolution, MLP 3072, with the real vocabulary of
 248320; `real_size` builds the default config's 32 layers × 4096 (16 / 4 heads of 256; linear attention 16 /
-32 heads of 128; MLP 12288) and the full 27-layer tower.
+32 heads of 128; MLP 12288) and the full 27-layer tower. Qwen3.5-MoE (`family="qwen3_5_moe"`,
+`Qwen/Qwen3.5-35B-A3B`): the same layout with each MLP 32 experts of 256, 8 per token, plus a shared expert of
+256 (`MOE`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from __future__ import annotations
 import random
 
 import torch
-from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+from transformers import (
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForConditionalGeneration,
+)
 
 from notice.bench.case import Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
 
@@ -78,6 +85,29 @@ TEXT: dict[Size, dict] = {
         partial_rotary_factor=0.25,
     ),
 }
+# Qwen3.5-MoE (`qwen3_5_moe`): the MLP fields above replaced by experts (routed per position, plus a gated shared
+# expert), as transformers' default Qwen3.5-MoE config (the 35B-A3B layout: 40 layers × 2048, 16 / 2 heads of
+# 256, linear attention 16 / 32 heads of 128, 256 experts of 512, 8 per token, shared expert 512) at real size.
+MOE: dict[Size, dict] = {
+    "tiny": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64),
+    "bench": dict(
+        num_experts=32, num_experts_per_tok=8, moe_intermediate_size=256, shared_expert_intermediate_size=256
+    ),
+    "real": dict(
+        hidden_size=2048,
+        num_hidden_layers=40,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        num_experts=256,
+        num_experts_per_tok=8,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+    ),
+}
+CLASSES = {
+    "qwen3_5": (Qwen3_5Config, Qwen3_5ForConditionalGeneration),
+    "qwen3_5_moe": (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration),
+}
 # (width, heads, MLP width, depth)
 TOWER: dict[Size, tuple[int, int, int, int]] = {
     "tiny": (32, 2, 64, 2),
@@ -88,10 +118,14 @@ TOWER: dict[Size, tuple[int, int, int, int]] = {
 
 def bench_case(real_size: bool = False, *, family: str = "qwen3_5", tiny: bool = False, device: str = "cpu") -> Case:
     size = size_of(real_size, tiny)
+    config_cls, model_cls = CLASSES[family]
     text = dict(TEXT[size])
+    if family == "qwen3_5_moe":
+        del text["intermediate_size"]
+        text.update(MOE[size])
     section, rotary = text.pop("mrope_section"), text.pop("partial_rotary_factor")
     width, heads, mlp, depth = TOWER[size]
-    config = Qwen3_5Config(
+    config = config_cls(
         text_config=dict(
             text,
             vocab_size=VOCAB,
@@ -122,7 +156,7 @@ def bench_case(real_size: bool = False, *, family: str = "qwen3_5", tiny: bool =
         vision_start_token_id=VISION_START,
         vision_end_token_id=VISION_END,
     )
-    adapter = family_adapter_of(family, build_model(Qwen3_5ForConditionalGeneration, config, size, device), PROMPT)
+    adapter = family_adapter_of(family, build_model(model_cls, config, size, device), PROMPT)
     grid = IMAGE_SIDE[size] // PATCH
     n_image = (grid // MERGE) ** 2
     rng = random.Random(0)
@@ -145,7 +179,13 @@ def bench_case(real_size: bool = False, *, family: str = "qwen3_5", tiny: bool =
             "image_grid_thw": torch.tensor([[1, grid, grid]]),
             "mm_token_type_ids": (torch.tensor([ids]) == IMAGE_PAD).int(),
         },
-        description=f"Qwen3.5 layout: {IMAGE_SIDE[size]} px ({n_image} image tokens), tower {depth} layers × {width}, "
-        f"{len(ids)}-token prompt, hybrid LM {text['num_hidden_layers']} layers × {text['hidden_size']} "
-        "(3 linear-attention : 1 full-attention)",
+        description=f"{'Qwen3.5-MoE' if family == 'qwen3_5_moe' else 'Qwen3.5'} layout: {IMAGE_SIDE[size]} px "
+        f"({n_image} image tokens), tower {depth} layers × {width}, {len(ids)}-token prompt, "
+        f"hybrid LM {text['num_hidden_layers']} layers × {text['hidden_size']} "
+        "(3 linear-attention : 1 full-attention)"
+        + (
+            f", {text['num_experts']} experts, {text['num_experts_per_tok']} per token"
+            if family == "qwen3_5_moe"
+            else ""
+        ),
     )
