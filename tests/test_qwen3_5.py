@@ -6,6 +6,7 @@ fast engine's linear-attention layers start from position 0; here the prompt is 
 144 image tokens) that rows resume after one and two chunk boundaries, from the corrupt run's states there.
 """
 
+import numpy as np
 import pytest
 import torch
 from toy_adapters import QUESTION, noise_image, one_torch_thread, tiny_adapter
@@ -13,8 +14,9 @@ from toy_adapters import QUESTION, noise_image, one_torch_thread, tiny_adapter
 from notice.adapters.base import Patch
 from notice.flow.knockout import knocked_logits
 from notice.flow.knockout_suffix import Knockout
+from notice.method.screen import image_effects
 from notice.patching import fast, reference
-from notice.patching.attribution import screen_sites
+from notice.patching.attribution import IMAGE_SITE, attribution_estimates, screen_sites
 from notice.patching.fast_qwen3_5 import DELTA_RULE_CHUNK, Qwen35Fast
 from notice.patching.hooks import capture
 from notice.patching.query_keys import has_attention_taps
@@ -149,3 +151,21 @@ def test_attention_stages_refuse_with_the_reason(adapter, long_inputs):
     # No attention taps: the attribution screen leaves the query/key sites out.
     assert not has_attention_taps(adapter)
     assert "query" not in " ".join(screen_sites(adapter))
+
+
+@pytest.mark.parametrize("method", ["atp", "atp_star"])
+def test_the_attribution_screen_covers_each_site_in_its_layers(adapter, long_inputs, method):
+    clean, corrupt = long_inputs
+    tau, tau_p = adapter.option_token_id("red"), adapter.option_token_id("green")
+    estimates = attribution_estimates(adapter, clean, corrupt, tau, tau_p, method=method)
+    stream = {key for key in estimates.values if key[0] != IMAGE_SITE}
+    assert stream == {("mlp", layer) for layer in range(4)} | {
+        (site, layer) for site in ("self_attn", "self_attn_head") for layer in (1, 3)
+    }
+    effects = image_effects(adapter, estimates, clean)
+    assert effects is not None and effects.shape == (4, len(adapter.image_grid(clean).keys))
+    # A linear-attention layer's image effect is its MLP's; a full-attention layer's adds its self-attention's.
+    keys = list(adapter.image_grid(clean).keys)
+    np.testing.assert_allclose(effects[0], estimates.values[("mlp", 0)].numpy()[keys])
+    both = estimates.values[("mlp", 1)].numpy() + estimates.values[("self_attn", 1)].numpy()
+    np.testing.assert_allclose(effects[1], both[keys])

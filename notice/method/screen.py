@@ -80,11 +80,14 @@ def image_effects(adapter: VLMAdapter, estimates: Estimates, inp: ModelInput) ->
     keys = list(adapter.image_grid(inp).keys)
     values = estimates.values
     if adapter.head_site == "self_attn_head":
-        sites = [s for s in adapter.module_sites if (s, 0) in values]
+        sites = [s for s in adapter.module_sites if (s, adapter.site_layers(s)[0]) in values]
         if not sites:
             return None
         return np.stack(
-            [np.sum([values[(s, layer)].numpy() for s in sites], axis=0)[keys] for layer in range(adapter.n_layers)]
+            [
+                np.sum([values[(s, layer)].numpy() for s in sites if (s, layer) in values], axis=0)[keys]
+                for layer in range(adapter.n_layers)
+            ]
         )
     key_site = qk_sites(adapter)[1]
     if (key_site, 0) in values:

@@ -227,8 +227,8 @@ def _run(
             module, kind = adapter.site_module(*key)
             stack.enter_context(hooked(module, kind, tap(key)))
         if gate is not None:
-            for layer in range(adapter.n_layers):
-                for site in adapter.module_sites:
+            for site in adapter.module_sites:
+                for layer in adapter.site_layers(site):
                     stack.enter_context(hooked(adapter.site_module(site, layer)[0], "output", _gated(gate, layer)))
         if attention is not None:
             stack.enter_context(adapter.attention_taps(attention))
@@ -245,7 +245,7 @@ def _dots(
     """(a_clean − a_corrupt) · ∂LD/∂a per position (and per head for the head site)."""
     out: dict[SiteKey, torch.Tensor] = {}
     for site in sites:
-        layers = [IMAGE_LAYER] if site == IMAGE_SITE else range(adapter.n_layers)
+        layers = [IMAGE_LAYER] if site == IMAGE_SITE else adapter.site_layers(site)
         for layer in layers:
             key = (IMAGE_SITE, IMAGE_LAYER) if site == IMAGE_SITE else activation_key(site, layer)
             product = deltas[key] * grads[key]
@@ -279,7 +279,7 @@ def attribution_estimates(
     query_site, key_site = qk_sites(adapter)
     taps = query_site in sites or key_site in sites
     stream = [s for s in sites if s not in (IMAGE_SITE, query_site, key_site)]
-    keys = list(dict.fromkeys(activation_key(s, layer) for s in stream for layer in range(adapter.n_layers)))
+    keys = list(dict.fromkeys(activation_key(s, layer) for s in stream for layer in adapter.site_layers(s)))
     image = IMAGE_SITE in sites
     clean_attention, attention = (AttentionRecord(False), AttentionRecord(True)) if taps else (None, None)
     with torch.no_grad():
