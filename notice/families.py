@@ -130,6 +130,22 @@ FAMILIES: tuple[Family, ...] = (
         bench="notice.bench.layouts.qwen3_vl",
     ),
     Family(
+        "qwen3_5",
+        ("qwen3_5",),
+        adapter="notice.adapters.qwen3_5:Qwen35Adapter",
+        engine="notice.patching.fast_qwen3_5:Qwen35Fast",
+        tiny="notice.testing.tiny_qwen3_5:build",
+        bench="notice.bench.layouts.qwen3_5",
+    ),
+    Family(
+        "qwen3_5_moe",
+        ("qwen3_5_moe",),
+        adapter="notice.adapters.qwen3_5:Qwen35MoeAdapter",
+        engine="notice.patching.fast_qwen3_5:Qwen35Fast",
+        tiny="notice.testing.tiny_qwen3_5:build_moe",
+        bench="notice.bench.layouts.qwen3_5",
+    ),
+    Family(
         "idefics3",
         ("idefics3",),
         adapter="notice.adapters.idefics3:Idefics3Adapter",

@@ -27,6 +27,7 @@ from notice.adapters.base import HEAD_SITE_PARENT, Patch
 from notice.adapters.loading import load_adapter
 from notice.patching import corruptions, fast, hooks, reference
 from notice.patching.scores import ROW_COLUMNS
+from notice.patching.sites import layer_head_sites
 
 RTOL = 1e-5
 
@@ -101,10 +102,11 @@ def test_patching_the_clean_run_with_itself_changes_nothing(adapter):
 
 def test_the_heads_of_a_site_together_are_the_site(adapter):
     clean, corrupt = inputs(adapter, "SIP")
-    head_sites = [adapter.layer_head_site(layer) for layer in range(adapter.n_layers)]
+    head_sites = [(layer, site) for layer in range(adapter.n_layers) for site in layer_head_sites(adapter, layer)]
+    assert head_sites, "no layer has heads"
     position = adapter.head_position(clean, adapter.option_token_id("red"))
-    _, acts = hooks.capture(adapter, clean, [(HEAD_SITE_PARENT[s], layer) for layer, s in enumerate(head_sites)])
-    for layer, head_site in enumerate(head_sites):
+    _, acts = hooks.capture(adapter, clean, [(HEAD_SITE_PARENT[s], layer) for layer, s in head_sites])
+    for layer, head_site in head_sites:
         site = reference.run_patched(adapter, corrupt, Patch(HEAD_SITE_PARENT[head_site], layer, position), acts)
         heads = reference.run_patched(
             adapter, corrupt, [Patch(head_site, layer, position, h) for h in range(adapter.n_heads)], acts

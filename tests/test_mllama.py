@@ -38,10 +38,10 @@ def placeholder(adapter, inp) -> int:
 class CrossAttentionSkipped(MllamaFast):
     """The wrong engine: the cross-attention layers of a patched row are the identity."""
 
-    def run_layer(self, layer, h, position_embeddings, prefix):
+    def run_layer(self, layer, h, entering, first_row, cos_sin, prefix):
         if layer in self.cross_attention_layers:
             return h
-        return super().run_layer(layer, h, position_embeddings, prefix)
+        return super().run_layer(layer, h, entering, first_row, cos_sin, prefix)
 
 
 def test_the_default_patch_set_follows_the_layer_kinds(adapter):

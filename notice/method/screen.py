@@ -39,7 +39,7 @@ from notice.patching.engines import Engine
 from notice.patching.experiment import concat_or_empty, pair_inputs, pair_labels
 from notice.patching.hooks import ImageFn
 from notice.patching.query_keys import qk_sites
-from notice.patching.sites import head_sites
+from notice.patching.sites import head_sites, site_layers
 
 KEY_COLUMNS: tuple[str, ...] = RESULT_COLUMNS[: RESULT_COLUMNS.index("token")]
 LABEL_COLUMNS: tuple[str, ...] = KEY_COLUMNS[: KEY_COLUMNS.index("site")]
@@ -82,11 +82,14 @@ def image_effects(adapter: VLMAdapter, estimates: Estimates, inp: ModelInput) ->
     keys = list(adapter.image_grid(inp).keys)
     values = estimates.values
     if adapter.head_site == "self_attn_head":
-        sites = [s for s in adapter.module_sites if (s, 0) in values]
+        sites = [s for s in adapter.module_sites if (s, site_layers(adapter, s)[0]) in values]
         if not sites:
             return None
         return np.stack(
-            [np.sum([values[(s, layer)].numpy() for s in sites], axis=0)[keys] for layer in range(adapter.n_layers)]
+            [
+                np.sum([values[(s, layer)].numpy() for s in sites if (s, layer) in values], axis=0)[keys]
+                for layer in range(adapter.n_layers)
+            ]
         )
     key_site = qk_sites(adapter)[1]
     layers = adapter.fusion_layers()

@@ -190,8 +190,14 @@ class DecoderFast(FastFamily):
         output = residual_added(self.additions, len(self.layers) - 1, cast(torch.Tensor, record["layer"][-1])[None])
         self.resid = cast(list[torch.Tensor], resid + [output[0]])
         self.position_embeddings = position_embeddings[0]
-        cached: list[Any] = cache.layers  # a decoder's attention layers, keys/values set
-        self.prefix = SharedPrefix([layer.keys for layer in cached], [layer.values for layer in cached], 0)
+        # A decoder's cache layers: keys/values set in attention layers (None in a hybrid model's linear-attention
+        # layers, which keep recurrent states instead).
+        cached: list[Any] = cache.layers
+        keys, values = (
+            [getattr(layer, "keys", None) for layer in cached],
+            [getattr(layer, "values", None) for layer in cached],
+        )
+        self.prefix = SharedPrefix(cast(list[torch.Tensor], keys), cast(list[torch.Tensor], values), 0)
         return logits
 
     def layer_stages(self, layer: int) -> list[str]:
@@ -238,9 +244,8 @@ class DecoderFast(FastFamily):
                     new = self.resid[layer][start:].expand(len(entering), -1, -1)
                     h = new if h is None else torch.cat([h, new])
                     order += entering
-                assert h is not None, "the first layer run has rows entering"
-                with self.clean_value_hooks(layer, [patches[i] for i in entering], first_row, start):
-                    h = self.run_layer(layer, h, cos_sin, prefix)
+                assert h is not None, "the first layer run is some row's entry layer"
+                h = self.run_layer(layer, h, [patches[i] for i in entering], first_row, cos_sin, prefix)
                 # What the model adds after the layer (DeepStack: the corrupt run's image features), as it adds it;
                 # the frozen positions' resid[layer + 1] has it already.
                 h = residual_added(self.additions, layer, h, start)
@@ -253,12 +258,20 @@ class DecoderFast(FastFamily):
         return self.adapter.final_logits(h[:, -1])[rows_by_index(order, h.device)]
 
     def run_layer(
-        self, layer: int, h: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...] | None, prefix: SharedPrefix
+        self,
+        layer: int,
+        h: torch.Tensor,
+        entering: Sequence[Patch],
+        first_row: int,
+        cos_sin: tuple[torch.Tensor, ...] | None,
+        prefix: SharedPrefix,
     ) -> torch.Tensor:
-        """The model's decoder layer `layer` on the rows' positions prefix.start..T-1 (`h` [n, S, D]), their
-        self-attention over the shared prefix; `position_embeddings` are those positions' own."""
-        block = self.layers[layer]
-        return main_output(block(h, attention_mask=None, position_embeddings=position_embeddings, shared_prefix=prefix))
+        """Decoder layer `layer` on the rows' positions prefix.start..T-1 [n, S, D], the clean values of the rows
+        `first_row`.. entering here (`entering`) written at their sites."""
+        with self.clean_value_hooks(layer, entering, first_row, prefix.start):
+            return main_output(
+                self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin, shared_prefix=prefix)
+            )
 
     def _frozen(self, patches: Sequence[Patch], layer: int, start: int) -> torch.Tensor:
         """Bool [n, S, 1]: the suffix positions of each row that still hold the corrupt run's values

@@ -11,6 +11,7 @@ the image keys/values); the tanh gates and the row mask are the model's own code
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -49,14 +50,20 @@ class MllamaFast(DecoderFast):
         return super().row_bytes(patch) + scores
 
     def run_layer(
-        self, layer: int, h: torch.Tensor, position_embeddings: tuple[torch.Tensor, ...] | None, prefix: SharedPrefix
+        self,
+        layer: int,
+        h: torch.Tensor,
+        entering: Sequence[Patch],
+        first_row: int,
+        cos_sin: tuple[torch.Tensor, ...] | None,
+        prefix: SharedPrefix,
     ) -> torch.Tensor:
         if layer not in self.cross_attention_layers:
-            return super().run_layer(layer, h, position_embeddings, prefix)
+            return super().run_layer(layer, h, entering, first_row, cos_sin, prefix)
         block: Any = self.layers[layer]
         start = prefix.start
         # The text config is shared with the self-attention modules, switched to the shared-prefix attention.
-        with attention_switched([block.cross_attn], "eager"):
+        with self.clean_value_hooks(layer, entering, first_row, start), attention_switched([block.cross_attn], "eager"):
             output = block(
                 h,
                 cross_attention_states=None,  # the keys/values are read from the captured run's cache

@@ -26,14 +26,26 @@ def has_site(adapter: VLMAdapter, site: str, layer: int) -> bool:
 
 def head_sites(adapter: VLMAdapter) -> list[str]:
     """Every head site some layer has: the adapter's `head_site` first, then the other layer kinds' (if any)."""
-    by_layer = [adapter.layer_head_site(layer) for layer in range(adapter.n_layers)]
+    by_layer = [site for layer in range(adapter.n_layers) for site in layer_head_sites(adapter, layer)]
     return list(dict.fromkeys([adapter.head_site, *by_layer]))
+
+
+def site_layers(adapter: VLMAdapter, site: str) -> list[int]:
+    """The layers that have `site` (`has_site`), ascending."""
+    return [layer for layer in range(adapter.n_layers) if has_site(adapter, site, layer)]
+
+
+def layer_head_sites(adapter: VLMAdapter, layer: int) -> list[str]:
+    """The head site patched at `layer` (`VLMAdapter.layer_head_site`), or none where the layer lacks its parent
+    (a linear-attention layer has no heads)."""
+    site = adapter.layer_head_site(layer)
+    return [site] if has_site(adapter, site, layer) else []
 
 
 def all_sites(adapter: VLMAdapter) -> list[SiteKey]:
     """Every (module site, layer) a default experiment can patch; head sites live in their parent."""
     at = [
-        set(adapter.layer_sites(layer)) | {HEAD_SITE_PARENT[adapter.layer_head_site(layer)]}
+        set(adapter.layer_sites(layer)) | {HEAD_SITE_PARENT[site] for site in layer_head_sites(adapter, layer)}
         for layer in range(adapter.n_layers)
     ]
     sites = set().union(*at) if at else set()
@@ -45,8 +57,8 @@ def default_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int) 
 
     1. module-wise: for site in adapter.module_sites, for layer in 0..n_layers-1 that has the site
        (adapter.layer_sites), for position in adapter.patch_positions(inp) (ascending): Patch(site, layer, position);
-    2. head-wise, at adapter.head_position(inp, answer_token_id): for layer, for head in
-       0..n_heads-1: Patch(adapter.layer_head_site(layer), layer, position, head).
+    2. head-wise, at adapter.head_position(inp, answer_token_id): for layer that has heads (`layer_head_sites`),
+       for head in 0..n_heads-1: Patch(adapter.layer_head_site(layer), layer, position, head).
     """
     positions = adapter.patch_positions(inp)
     head_pos = adapter.head_position(inp, answer_token_id)
@@ -58,8 +70,9 @@ def default_patches(adapter: VLMAdapter, inp: ModelInput, answer_token_id: int) 
         for position in positions
     ]
     head_wise = [
-        Patch(adapter.layer_head_site(layer), layer, head_pos, head)
+        Patch(site, layer, head_pos, head)
         for layer in range(adapter.n_layers)
+        for site in layer_head_sites(adapter, layer)
         for head in range(adapter.n_heads)
     ]
     return module_wise + head_wise
