@@ -1,18 +1,20 @@
 """Qwen3.5's layout for `make bench`: the architecture of transformers' default Qwen3.5 config (the 9B layout;
 `Qwen/Qwen3.5-27B` is the same design, wider and deeper), random weights.
 
-A 512×512 image at patch 16: 32×32 patches (`image_grid_thw` (1, 32, 32), pixel values as the processor
-flattens them, [1024, 3·2·16·16]), merged 2×2 into 256 `<|image_pad|>` tokens between `<|vision_start|>` and
-`<|vision_end|>` in a 25-token chat prompt (no system turn: "<|im_start|>user\\n" before the image, the question
+A 384×384 image at patch 16: 24×24 patches (`image_grid_thw` (1, 24, 24), pixel values as the processor
+flattens them, [576, 3·2·16·16]), merged 2×2 into 144 `<|image_pad|>` tokens between `<|vision_start|>` and
+`<|vision_end|>` in a 170-token chat prompt (no system turn: "<|im_start|>user\\n" before the image, the question
 and the non-thinking assistant prompt with its closed `<think>` block after it; mRoPE position ids from the
 model's own `get_rope_index`, given `mm_token_type_ids`). The vision tower keeps the real width (1152, 16
 heads, MLP 4304, 2304 learned positions) but only 4 of its 27 layers, as the Qwen2-VL / InternVL layouts cut
-theirs. The hybrid language model is scaled as the Qwen2-VL bench's (hidden 1024, 12 layers) and keeps the
-real pattern of three linear-attention layers then one full-attention layer (full attention in layers 3, 7,
-11) and the real head shapes: full attention 8 query / 2 key-value heads of 256 (rotary on a quarter), linear
-attention 4 key / 8 value heads of 128 with a 4-wide convolution, MLP 3072, with the real vocabulary of
-248320; `real_size` builds the default config's 32 layers × 4096 (16 / 4 heads of 256; linear attention 16 /
-32 heads of 128; MLP 12288) and the full 27-layer tower. Qwen3.5-MoE (`family="qwen3_5_moe"`,
+theirs. The hybrid language model has the Qwen2-VL bench's width (1024) but 8 layers, keeping the real pattern
+of three linear-attention layers then one full-attention layer (full attention in layers 3 and 7), and the real
+head shapes: full attention 8 query / 2 key-value heads of 256 (rotary on a quarter), linear attention 4 key /
+8 value heads of 128 with a 4-wide convolution, MLP 3072, with the real vocabulary of 248320. It is smaller
+than the other decoder layouts (144 image tokens, 8 layers) so that `make bench` keeps its time: a patched row
+solves at least one whole 64-position chunk of the delta rule in every linear-attention layer, so its rows cost
+more than a decoder's. `real_size` builds the default config's 32 layers × 4096 (16 / 4 heads of 256; linear
+attention 16 / 32 heads of 128; MLP 12288) and the full 27-layer tower. Qwen3.5-MoE (`family="qwen3_5_moe"`,
 `Qwen/Qwen3.5-35B-A3B`): the same layout with each MLP 32 experts of 256, 8 per token, plus a shared expert of
 256 (`MOE`).
 """
@@ -40,7 +42,7 @@ PROMPT = (
 # As PROMPT tokenises: 3 tokens before <|vision_start|>, 22 from <|vision_end|> on (a 10-token question).
 TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE = 4, 22
 PATCH, MERGE, TEMPORAL = 16, 2, 2
-IMAGE_SIDE: dict[Size, int] = {"tiny": 64, "bench": 512, "real": 512}
+IMAGE_SIDE: dict[Size, int] = {"tiny": 64, "bench": 384, "real": 512}
 TEXT: dict[Size, dict] = {
     "tiny": dict(
         hidden_size=64,
@@ -58,7 +60,7 @@ TEXT: dict[Size, dict] = {
     ),
     "bench": dict(
         hidden_size=1024,
-        num_hidden_layers=12,
+        num_hidden_layers=8,
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=256,
