@@ -231,3 +231,19 @@ def test_unknown_model_type_lists_supported(tmp_path):
     ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=rf"'bert'.*{re.escape(str(model_types()))}"):
         load_adapter(str(tmp_path))
+
+
+@pytest.mark.parametrize(("family", "tokenizer_adds_bos"), [("mistral3", True), ("mllama", False)])
+def test_the_chat_prompt_has_one_bos(family, tokenizer_adds_bos):
+    """A chat template that writes the BOS itself, for a tokenizer that adds one too, gives one BOS, not two: the
+    chat prompt leaves it to the tokenizer; a tokenizer that adds none keeps the template's."""
+    from toy_adapters import tiny_adapter
+
+    adapter = tiny_adapter(family)
+    tokenizer = adapter.processor.tokenizer
+    rendered = adapter.rendered_chat_template()
+    assert rendered.startswith(tokenizer.bos_token)
+    prompt = adapter.chat_prompt_template()
+    assert prompt == (rendered.removeprefix(tokenizer.bos_token) if tokenizer_adds_bos else rendered)
+    ids = tokenizer(prompt.replace("{question}", "red"))["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1

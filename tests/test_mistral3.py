@@ -102,11 +102,15 @@ def test_the_default_prompt_has_one_bos_and_no_dated_system_prompt(adapter):
     inp = prepared(adapter, 40, 24)
     assert inp.tokens[:3] == ["<s>", "[INST]", "[IMG]"] and inp.tokens.count("<s>") == 1
     assert inp.tokens[-1] == "[/INST]" and "[SYSTEM_PROMPT]" not in inp.tokens
-    # The chat template writes <s> itself and a system prompt: tokenised as a prompt, <s> would come twice.
-    template = adapter.chat_prompt_template()
+    # The chat template writes <s> itself and a system prompt: tokenised as rendered, <s> would come twice; the
+    # chat prompt leaves it to the tokenizer.
+    template = adapter.rendered_chat_template()
     assert template.startswith("<s>[SYSTEM_PROMPT]")
     tokenizer = adapter.processor.tokenizer
     assert tokenizer.convert_ids_to_tokens(tokenizer(template)["input_ids"])[:2] == ["<s>", "<s>"]
+    chat = adapter.chat_prompt_template()
+    assert chat == template.removeprefix("<s>")
+    assert tokenizer.convert_ids_to_tokens(tokenizer(chat)["input_ids"])[:2] == ["<s>", "[SYSTEM_PROMPT]"]
 
 
 def test_model_view_and_mask_view_are_the_resized_image(adapter):

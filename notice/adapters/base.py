@@ -141,6 +141,18 @@ def overlapping_cells(mask: np.ndarray, rows: int, cols: int) -> list[int]:
     ]
 
 
+def without_added_bos(prompt: str, tokenizer: Any) -> str:
+    """`prompt` without its leading BOS text when `tokenizer` adds a BOS to whatever it encodes."""
+    bos = tokenizer.bos_token
+    if not bos or not prompt.startswith(bos):
+        return prompt
+    added = tokenizer("a")["input_ids"]
+    adds_bos = (
+        len(added) > len(tokenizer("a", add_special_tokens=False)["input_ids"]) and added[0] == tokenizer.bos_token_id
+    )
+    return prompt.removeprefix(bos) if adds_bos else prompt
+
+
 class VLMAdapter(ABC):
     """One architecture family: the only place that knows the family's modules, inputs and rules.
 
@@ -222,7 +234,13 @@ class VLMAdapter(ABC):
         return self.prompt_template.replace("{question}", question)
 
     def chat_prompt_template(self) -> str:
-        """The processor's chat template for one image and the question, with the generation prompt."""
+        """The processor's chat template for one image and the question, with the generation prompt, less the
+        leading BOS where the tokenizer adds one to every prompt itself (as transformers' own tokenizing
+        `apply_chat_template` gives: one BOS, not two)."""
+        return without_added_bos(self.rendered_chat_template(), self.processor.tokenizer)
+
+    def rendered_chat_template(self) -> str:
+        """The processor's chat template rendered for one image and the question, with the generation prompt."""
         template = getattr(self.processor, "chat_template", None)
         if not template:
             raise ValueError(

@@ -109,7 +109,7 @@ class Idefics3Adapter(_Idefics3FamilyAdapter):
 class SmolVLMAdapter(_Idefics3FamilyAdapter):
     model_class: ClassVar[type] = SmolVLMForConditionalGeneration
 
-    def chat_prompt_template(self) -> str:
+    def rendered_chat_template(self) -> str:
         # SmolVLMProcessor.apply_chat_template reads its video processor's defaults, which a processor
         # loaded without torchvision lacks; the template itself is rendered by the base class's method.
         # transformers types a message's content as str; a list of parts is what the template takes.

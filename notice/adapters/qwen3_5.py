@@ -36,7 +36,7 @@ class Qwen35Adapter(_QwenVLAdapter):
     # Knockout runs through `attention_blocks` (refused below) on either knockout engine, not the suffix engine.
     knockout_engine: ClassVar[Literal["suffix", "batched"]] = "batched"
 
-    def chat_prompt_template(self) -> str:
+    def rendered_chat_template(self) -> str:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
         return self.processor.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=False, enable_thinking=False
