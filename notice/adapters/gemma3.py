@@ -1,16 +1,17 @@
 """Gemma 3 (`Gemma3ForConditionalGeneration`): SigLIP → average pooling → linear projector → image tokens inside a
 Gemma 3 chat prompt, attended to bidirectionally within the image.
 
-Written for `google/gemma-3-4b-it` (also `-12b-it` / `-27b-it`). The prompt is the processor's chat template
-("<bos><start_of_turn>user\\n<start_of_image>{question}<end_of_turn>\\n<start_of_turn>model\\n"), in which the
-processor expands `<start_of_image>` into "\\n\\n<start_of_image>", the image's soft tokens (256 at 896 px: SigLIP's
-64×64 patches average-pooled 4×4, row-major) and "<end_of_image>\\n\\n"; the markers and newlines are patched text
-positions. The template writes BOS itself, so the tokenizer adds none (as the processor's own
-`apply_chat_template` does). `token_type_ids` (1 at the soft tokens) reaches the model, which then lets the image's
-tokens attend to each other in both directions; text is causal, and five of every six layers attend within a
-sliding window (1024 tokens: longer than a prompt). So a patch at an image token reaches the image's earlier
-tokens one layer later, and the fast engine is the block-causal one. Gaussian noise is applied to the projector's
-output (the image tokens). Final logits are soft-capped where the config says so (Gemma 3's checkpoints do not).
+Written for `google/gemma-3-4b-it` (also `-12b-it` / `-27b-it`). The prompt is the processor's chat template,
+"<start_of_turn>user\\n<start_of_image>{question}<end_of_turn>\\n<start_of_turn>model\\n", whose leading "<bos>" is
+left to the tokenizer (it adds one to every prompt: one BOS, as the processor's own `apply_chat_template` gives,
+whoever calls the processor). The processor expands `<start_of_image>` into "\\n\\n<start_of_image>", the image's
+soft tokens (256 at 896 px: SigLIP's 64×64 patches average-pooled 4×4, row-major) and "<end_of_image>\\n\\n"; the
+markers and newlines are patched text positions. `token_type_ids` (1 at the soft tokens) reaches the model, which
+then lets the image's tokens attend to each other in both directions; text is causal, and five of every six layers
+attend within a sliding window (1024 tokens: longer than a prompt). So a patch at an image token reaches the
+image's earlier tokens one layer later, and the fast engine is the block-causal one. Gaussian noise is applied to
+the projector's output (the image tokens). Final logits are soft-capped where the config says so (Gemma 3's
+checkpoints do not).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from PIL import Image
 from transformers import Gemma3ForConditionalGeneration
 
-from notice.adapters.base import ImageGrid, ModelInput, model_input
+from notice.adapters.base import ImageGrid, ModelInput
 from notice.adapters.decoder import DecoderVLMAdapter
 
 
@@ -29,14 +29,11 @@ class Gemma3Adapter(DecoderVLMAdapter):
     model_class: ClassVar[type] = Gemma3ForConditionalGeneration
     default_prompt_template: ClassVar[str | None] = None
 
-    def prepare(self, image: Image.Image, prompt: str) -> ModelInput:
-        tokenizer = self.processor.tokenizer
-        # A prompt that starts with BOS (the chat template's) gets no second one from the tokenizer.
-        starts_with_bos = tokenizer.bos_token is not None and prompt.startswith(tokenizer.bos_token)
-        encoding = self.processor(
-            images=image, text=prompt, return_tensors="pt", add_special_tokens=not starts_with_bos
-        )
-        return model_input(encoding, tokenizer, self.device, self.dtype)
+    def chat_prompt_template(self) -> str:
+        """The chat template's prompt without its leading BOS, which the tokenizer adds to every prompt it encodes."""
+        template = super().chat_prompt_template()
+        bos = self.processor.tokenizer.bos_token
+        return template.removeprefix(bos) if bos else template
 
     def image_embedding_module(self) -> torch.nn.Module:
         return self.model.model.multi_modal_projector

@@ -2,12 +2,13 @@
 
 Same classes, config layout, processor and chat-template format as `google/gemma-3-4b-it`, only tiny: a SigLIP
 tower on 32-pixel images of 4-pixel patches (8×8 patches, average-pooled 2×2 into 16 image tokens), a Gemma 3
-decoder whose layers alternate a sliding-window layer and a global one (the real pattern is five to one), and a
-word-level vocabulary with Gemma's first ids, its turn and image markers and the newlines the processor writes
-around the image (`"\\n\\n<start_of_image>"`, the soft tokens, `"<end_of_image>\\n\\n"`). The window is shorter
-than a tiny prompt (the real one, 1024 tokens, is longer than a prompt), so the window's mask is exercised. Saved
-with `save_pretrained`, it loads back like the real checkpoint (`AutoConfig`, the model class,
-`notice.adapters.processors.load_processor`).
+decoder of three layers alternating sliding-window and global attention (the real pattern is five to one; three,
+so that what a patch at an image token sends back to the image's earlier tokens one layer later reaches the score
+in the next), and a word-level vocabulary with Gemma's first ids, its turn and image markers and the newlines the
+processor writes around the image (`"\\n\\n<start_of_image>"`, the soft tokens, `"<end_of_image>\\n\\n"`). The
+window is longer than a tiny prompt, as the real one (1024 tokens) is longer than a prompt; `sliding_window`
+shortens it. The projector, which Gemma 3 initialises to zeros, is random. Saved with `save_pretrained`, it loads
+back like the real checkpoint (`AutoConfig`, the model class, `notice.adapters.processors.load_processor`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ SPECIAL_TOKENS = (
     "<end_of_image>",
     "<image_soft_token>",
 )
-NEWLINES = ("\n", "\n\n")  # tokens of Gemma's vocabulary: the template's line ends and the image's surroundings
+# Tokens of Gemma's vocabulary: line ends, the image's surroundings, and "user\n" + "\n\n<start_of_image>".
+NEWLINES = ("\n", "\n\n", "\n\n\n")
 ROLE_WORDS = ("model",)  # the assistant's role in Gemma's turns; "user" is a word already
 # gemma-3-4b-it's template, short (no system turn): BOS, turns of user and model, the image's placeholder.
 CHAT_TEMPLATE = (
@@ -57,13 +59,13 @@ CHAT_TEMPLATE = (
 def build(
     seed: int = 0,
     hidden: int = 32,
-    layers: int = 2,
+    layers: int = 3,
     heads: int = 4,
     kv_heads: int = 2,
     image_size: int = 32,
     patch_size: int = 4,
     tokens_per_image: int = 16,
-    sliding_window: int = 12,
+    sliding_window: int = 128,
     **text: Any,
 ) -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
     """A random tiny Gemma 3 (eval mode, eager attention) and its processor.
@@ -126,6 +128,8 @@ def build(
     )
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    # Gemma 3 initialises its projector to zeros (the image would not reach the text); random as the other weights.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range)
     model.generation_config.pad_token_id = ids["<pad>"]
     model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
     return model, processor

@@ -30,7 +30,8 @@ from notice.bench.case import Case, Size, build_model, family_adapter_of, random
 VOCAB = 262208
 BOS, START_OF_TURN, END_OF_TURN = 2, 105, 106
 START_OF_IMAGE, END_OF_IMAGE, IMAGE_TOKEN = 255999, 256000, 262144
-PROMPT = "<bos><start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n"  # chat template
+# The adapter's chat template (the tokenizer adds <bos>).
+PROMPT = "<start_of_turn>user\n<start_of_image>{question}<end_of_turn>\n<start_of_turn>model\n"
 # Around the image: "user", "\n\n\n" before <start_of_image>; "\n\n", a 10-token question, "\n", "model", "\n" after.
 WORDS_BEFORE_IMAGE, QUESTION_TOKENS = 2, 10
 SIGLIP_SO400M = dict(
@@ -93,7 +94,10 @@ def bench_case(real_size: bool = False, *, family: str = "gemma3", tiny: bool = 
         eoi_token_index=END_OF_IMAGE,
         image_token_index=IMAGE_TOKEN,
     )
-    adapter = family_adapter_of(family, build_model(Gemma3ForConditionalGeneration, config, size, device), PROMPT)
+    model = build_model(Gemma3ForConditionalGeneration, config, size, device)
+    # Gemma 3 initialises its projector to zeros (the image would not reach the text); random as the other weights.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range)
+    adapter = family_adapter_of(family, model, PROMPT)
     rng = random.Random(0)
     words = random_ids(rng, WORDS_BEFORE_IMAGE + QUESTION_TOKENS + 5, 256, START_OF_IMAGE)
     before, newlines, question, tail = words[:2], words[2], words[3:13], words[13:]
