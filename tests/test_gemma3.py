@@ -177,3 +177,19 @@ def test_the_engine_is_exact_at_every_position_under_any_sliding_window(window, 
     rows = fast.patch_sample(adapter, clean, corrupt, patches, tau, tau_p, batch_size=16)
     assert fast.max_relative_error(rows, expected, floor=1.0) <= RTOL
     assert max(abs(r["logit_diff"]) for r in expected) > 1e-2  # the patches move the score
+
+
+def test_a_cache_that_drops_positions_is_refused():
+    """The model's generation cache keeps only a window's last keys of a sliding layer; the engine keeps them all,
+    and refuses a cache that does not."""
+    adapter = tiny_adapter("gemma3", seed=5, sliding_window=4)
+    clean, corrupt = clean_and_corrupt(adapter, "SIP", image)
+
+    class GenerationCache(BlockCausalFast):
+        def key_value_cache(self):
+            return DecoderFast.key_value_cache(self)
+
+    T = clean.input_ids.shape[1]
+    with pytest.raises(NotImplementedError, match=f"layer 0's cache holds 3 of the prompt's {T} keys"):
+        GenerationCache(adapter, clean, corrupt)
+    assert {keys.shape[2] for keys in BlockCausalFast(adapter, clean, corrupt).prefix.keys} == {T}

@@ -21,9 +21,11 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from notice.adapters.base import Patch
+from notice.adapters.base import ModelInput, Patch
 from notice.patching.fast_decoder import DecoderFast, allowed_keys
+from notice.patching.hooks import ImageFn
 
 
 def row_starts(allowed: Sequence[torch.Tensor]) -> list[int]:
@@ -50,9 +52,19 @@ class BlockCausalFast(DecoderFast):
     def key_value_cache(self) -> DynamicCache:
         cache = super().key_value_cache()
         for layer in cache.layers:
-            if getattr(layer, "is_sliding", False):
+            if isinstance(layer, DynamicSlidingWindowLayer):
                 layer.activate_past_recording()  # keep every position, not only the window's last ones
         return cache
+
+    def capture_runs(self, clean_inp: ModelInput | None, corrupt_inp: ModelInput, image_fn: ImageFn | None) -> None:
+        super().capture_runs(clean_inp, corrupt_inp, image_fn)
+        for layer, keys in enumerate(self.prefix.keys):
+            if keys.shape[2] != self.seq_len:
+                raise NotImplementedError(
+                    f"layer {layer}'s cache holds {keys.shape[2]} of the prompt's {self.seq_len} keys (a cache that "
+                    "drops positions, e.g. chunked attention): the block-causal engine needs them all; use engine "
+                    "'reference'"
+                )
 
     def take_masks(self, masks: Sequence[torch.Tensor | None]) -> None:
         """Any mask the model builds: the suffix attention applies it, and a row starts where it lets the patch

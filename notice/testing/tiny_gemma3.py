@@ -129,7 +129,8 @@ def build(
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
     # Gemma 3 initialises its projector to zeros (the image would not reach the text); random as the other weights.
-    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range)
+    projection = model.get_parameter("model.multi_modal_projector.mm_input_projection_weight")
+    torch.nn.init.normal_(projection, std=text_config.initializer_range)
     model.generation_config.pad_token_id = ids["<pad>"]
     model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
     return model, processor

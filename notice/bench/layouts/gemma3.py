@@ -96,7 +96,8 @@ def bench_case(real_size: bool = False, *, family: str = "gemma3", tiny: bool = 
     )
     model = build_model(Gemma3ForConditionalGeneration, config, size, device)
     # Gemma 3 initialises its projector to zeros (the image would not reach the text); random as the other weights.
-    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.initializer_range)
+    projection = model.get_parameter("model.multi_modal_projector.mm_input_projection_weight")
+    torch.nn.init.normal_(projection, std=config.get_text_config().initializer_range)
     adapter = family_adapter_of(family, model, PROMPT)
     rng = random.Random(0)
     words = random_ids(rng, WORDS_BEFORE_IMAGE + QUESTION_TOKENS + 5, 256, START_OF_IMAGE)
