@@ -1,21 +1,22 @@
 """Gemma 3's layout for `make bench`: `google/gemma-3-4b-it`'s architecture, random weights.
 
 SigLIP So400m/14, its patches average-pooled into 256 image tokens and projected, in the chat template's prompt:
-"<bos><start_of_turn>user\n" and the processor's "\n\n<start_of_image>" (5 tokens), the 256 image tokens
+"<bos><start_of_turn>user\\n" and the processor's "\\n\\n<start_of_image>" (5 tokens), the 256 image tokens
 (`token_type_ids` 1: attended to bidirectionally among themselves), then
-"<end_of_image>\n\n{question}<end_of_turn>\n<start_of_turn>model\n" (17 tokens with a 10-token question): 278
-tokens. The tower keeps the real width (1152, 16 heads, MLP 4304) but runs 4 of its 27 layers on a 448-pixel image
+"<end_of_image>\\n\\n{question}<end_of_turn>\\n<start_of_turn>model\\n" (17 tokens with a 10-token question): 278
+tokens. The tower keeps the real width (1152, 16 heads, MLP 4304) but runs 2 of its 27 layers on a 448-pixel image
 (32×32 patches pooled 2×2 into the same 256 tokens), not the real 896 pixels (64×64 patches pooled 4×4): eager
-attention over 4096 patches alone takes longer on 2 cores than the bench's budget for the family, and a cheaper
-tower only makes the hooked runs the engine is compared with cheaper. The Gemma 3 language model is scaled to
-hidden 1024 and 12 layers (8 query / 4 key-value heads × 128 as the 4B's 8 / 4 × 256, MLP 4× as the 4B's, five
-sliding-window layers of 1024 tokens to one global as the real pattern) with the real vocabulary of 262208;
-`real_size` builds the 4B (34 layers × 2560, MLP 10240, global RoPE scaled 8× linearly) and the full tower at 896
-px. Word ids are stand-ins drawn at random; the image tokens and markers have their own ids.
+attention over 4096 patches alone takes longer on 2 cores than the bench's budget for the family. The language
+model is the other decoder layouts' (hidden 1024, 12 layers, MLP 2816) with Gemma 3's attention (8 query / 4
+key-value heads × 128, as the 4B's 8 / 4 × 256; five sliding-window layers of 1024 tokens to one global, as the
+real pattern) and the real vocabulary of 262208; `real_size` builds the 4B (34 layers × 2560, MLP 10240, global
+RoPE scaled 8× linearly) and the full tower at 896 px. Word ids are stand-ins drawn at random; the image tokens and
+markers have their own ids. The projector, which Gemma 3 initialises to zeros, is random.
 
 The default patch set is the decoder families': module sites at every text position (those before the image are
 no-ops under SIP), heads at the last position, so every patched position follows the image and the block-causal
-engine recomputes only the suffix after it, as the causal decoder engine does.
+engine recomputes only the suffix after it, as the causal decoder engine does. The hooked run it is compared with
+costs less than the real model's would: its tower is 2 layers over 1024 patches instead of 27 over 4096.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import random
 import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
 
-from notice.bench.case import Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
+from notice.bench.case import SCALED_DECODER, Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
 
 VOCAB = 262208
 BOS, START_OF_TURN, END_OF_TURN = 2, 105, 106
@@ -42,30 +43,19 @@ VISION: dict[Size, dict] = {
     "tiny": dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56, patch_size=14
     ),
-    "bench": dict(SIGLIP_SO400M, num_hidden_layers=4, image_size=448),
+    "bench": dict(SIGLIP_SO400M, num_hidden_layers=2, image_size=448),
     "real": dict(SIGLIP_SO400M, num_hidden_layers=27),
 }
 TOKENS_PER_IMAGE: dict[Size, int] = {"tiny": 4, "bench": 256, "real": 256}
 TEXT: dict[Size, dict] = {
+    # The other decoder layouts' language model, with Gemma 3's 2:1 query to key-value heads.
     "tiny": dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        SCALED_DECODER["tiny"],
         head_dim=8,
         query_pre_attn_scalar=8,
-        intermediate_size=64,
         layer_types=["sliding_attention", "full_attention"],
     ),
-    "bench": dict(
-        hidden_size=1024,
-        num_hidden_layers=12,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=128,
-        query_pre_attn_scalar=128,
-        intermediate_size=4096,
-    ),
+    "bench": dict(SCALED_DECODER["bench"], num_attention_heads=8, head_dim=128, query_pre_attn_scalar=128),
     "real": dict(
         hidden_size=2560,
         num_hidden_layers=34,
