@@ -30,7 +30,7 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def adapter():
-    return tiny_adapter("gemma3", seed=3)
+    return tiny_adapter("gemma3", seed=5)
 
 
 def image(seed: int):
@@ -132,12 +132,13 @@ class CausalSuffix(BlockCausalFast):
         self.suffix_allowed = [allowed & allowed.tril() for allowed in self.suffix_allowed]
 
 
-def ld_error(adapter, engine_class, clean, corrupt, patches) -> float:
-    """The largest |LD − reference LD| / max(|reference LD|, 1) of the engine's rows for `patches`."""
-    tau, tau_p = adapter.option_token_id("red"), adapter.option_token_id("green")
-    expected = [r["ld_patched"] for r in reference.patch_sample(adapter, clean, corrupt, patches, tau, tau_p)]
+def logits_error(adapter, engine_class, clean, corrupt, patches) -> float:
+    """The largest |logit − reference logit| / max(|reference logit|, 1) of the engine's rows for `patches`, over the
+    whole vocabulary."""
+    _, acts = hooks.capture(adapter, clean, sorted({(p.site, p.layer) for p in patches}))
+    expected = torch.stack([reference.run_patched(adapter, corrupt, p, acts) for p in patches])
     logits = engine_class(adapter, clean, corrupt).run_rows(patches)
-    return max(abs(float(x[tau] - x[tau_p]) - y) / max(abs(y), 1.0) for x, y in zip(logits, expected))
+    return float(((logits - expected).abs() / expected.abs().clamp(min=1.0)).max())
 
 
 def image_patches(adapter, inp: ModelInput) -> list[Patch]:
@@ -148,9 +149,9 @@ def image_patches(adapter, inp: ModelInput) -> list[Patch]:
 def test_treating_the_image_as_causal_is_wrong_and_the_block_causal_engine_is_exact(adapter):
     clean, corrupt = clean_and_corrupt(adapter, "SIP", image)
     patches = image_patches(adapter, clean)
-    assert ld_error(adapter, BlockCausalFast, clean, corrupt, patches) <= RTOL
-    assert ld_error(adapter, PatchedPositionStart, clean, corrupt, patches) > 1e-2
-    assert ld_error(adapter, CausalSuffix, clean, corrupt, patches) > 1e-2
+    assert logits_error(adapter, BlockCausalFast, clean, corrupt, patches) <= RTOL
+    assert logits_error(adapter, PatchedPositionStart, clean, corrupt, patches) > 1e-2  # 0.019
+    assert logits_error(adapter, CausalSuffix, clean, corrupt, patches) > 1e-2  # 0.16
 
 
 def test_the_causal_decoder_engine_refuses_the_image_blocks(adapter):
