@@ -194,6 +194,14 @@ FAMILIES: tuple[Family, ...] = (
         bench="notice.bench.layouts.paligemma",
     ),
     Family(
+        "gemma3",
+        ("gemma3",),
+        adapter="notice.adapters.gemma3:Gemma3Adapter",
+        engine="notice.patching.fast_block_causal:BlockCausalFast",
+        tiny="notice.testing.tiny_gemma3:build",
+        bench="notice.bench.layouts.gemma3",
+    ),
+    Family(
         "blip2",
         ("blip-2",),
         adapter="notice.adapters.blip2:Blip2Adapter",

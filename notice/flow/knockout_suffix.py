@@ -60,7 +60,7 @@ class SuffixKnockout:
         n = len(self.layers)
         resid: list[torch.Tensor | None] = [None] * (n + 1)
         masks: list[Any] = [None] * n
-        embeddings: list[Any] = []
+        embeddings: list[Any] = [None] * n
 
         def last_output(_module, _args, output):
             resid[n] = main_output(output)[0].detach()
@@ -79,7 +79,7 @@ class SuffixKnockout:
         resid[n] = residual_added(self.additions, n - 1, cast(torch.Tensor, resid[n])[None])[0]
         self.resid = cast(list[torch.Tensor], resid)
         self.allowed = [allowed_keys(mask) for mask in masks]
-        self.position_embeddings = embeddings[0]
+        self.position_embeddings = embeddings  # per layer
         self.keys = [record.keys[layer] for layer in range(n)]
         self.values = [record.values[layer] for layer in range(n)]
 
@@ -99,9 +99,6 @@ class SuffixKnockout:
         firsts = [self.first_changed(k) for k in knockouts]
         start = min(firsts)
         device = self.adapter.device
-        cos_sin = (
-            None if self.position_embeddings is None else tuple(x[..., start:, :] for x in self.position_embeddings)
-        )
         h: torch.Tensor | None = None
         order: list[int] = []
         for layer in range(min(k.layer_start for k in knockouts), len(self.layers)):
@@ -116,6 +113,8 @@ class SuffixKnockout:
             if any(k.in_window(layer) for k in rows):
                 blocks[layer] = torch.stack([k.own if k.in_window(layer) else torch.zeros_like(k.own) for k in rows])
             suffix = SuffixRun(start, self.keys, self.values, self.allowed)
+            embeddings = self.position_embeddings[layer]
+            cos_sin = None if embeddings is None else tuple(x[..., start:, :] for x in embeddings)
             with interface_attention_blocks(self.adapter.self_attentions, blocks, suffix=suffix):
                 h = main_output(self.layers[layer](h, attention_mask=None, position_embeddings=cos_sin))
             h = residual_added(self.additions, layer, h, start)  # the clean run's (DeepStack); most families: none

@@ -19,14 +19,16 @@ keys/values of positions >= s under the causal mask. Positions the patch cannot 
 corrupt run's values: those before the row's own patched position, and in the layer it enters at,
 all but the patched one. What a model adds to the residual stream between layers besides their outputs
 (`DecoderVLMAdapter.residual_additions_recorded`: DeepStack's image features) is the corrupt run's, added
-after each layer as the model adds it. The score is the next-token logits at the last position.
+after each layer as the model adds it. The score is the next-token logits at the last position. (A subclass
+whose masks are not causal says where a row starts, `row_start`, and gives the suffix attention the model's
+masks, `suffix_allowed`: notice.patching.fast_block_causal.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, cast
 
 import torch
@@ -48,6 +50,8 @@ class SharedPrefix:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     start: int
+    # Per layer, bool [T, T]: query q attends to key k (the model's own masks); None: causal, no window.
+    allowed: list[torch.Tensor] | None = None
 
 
 def shared_prefix_attention(
@@ -61,7 +65,8 @@ def shared_prefix_attention(
     shared_prefix: SharedPrefix | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention of the suffix positions start..T-1 over the shared prefix and their own keys.
+    """Attention of the suffix positions start..T-1 over the shared prefix and their own keys: causal, or
+    under the model's own masks where `shared_prefix.allowed` holds them (their rows start.. of each layer's).
 
     query [B, H, S, d], key/value [B, H_kv, S, d] (after the model's own RoPE); returns [B, S, H, d]
     as transformers' eager attention does. Query heads of one key/value head are grouped as
@@ -74,22 +79,30 @@ def shared_prefix_attention(
         raise NotImplementedError("attention logit soft-capping is not supported by the fast engine")
     window = kwargs.get("sliding_window")
     start = shared_prefix.start
-    if window is not None and start + key.shape[2] > window:
-        raise NotImplementedError(f"sliding-window attention (window {window}) is not supported by the fast engine")
+    layer_idx = cast(int, module.layer_idx)  # set by transformers on every attention module
     B, H, S, d = query.shape
     n_kv = key.shape[1]
     n_rep = H // n_kv
+    if shared_prefix.allowed is None:
+        if window is not None and start + key.shape[2] > window:
+            raise NotImplementedError(f"sliding-window attention (window {window}) is not supported by the fast engine")
+        blocked = torch.ones(S, S, dtype=torch.bool, device=query.device).triu(1).repeat(n_rep, 1)
+        prefix_blocked = None
+    else:  # the window, if any, is in the model's mask
+        allowed = shared_prefix.allowed[layer_idx][start:]
+        blocked = ~allowed[:, start:].repeat(n_rep, 1)
+        prefix_blocked = ~allowed[:, :start].repeat(n_rep, 1)
     scale = scaling if scaling is not None else d**-0.5
     grouped = query.reshape(B, n_kv, n_rep * S, d)
-    blocked = torch.ones(S, S, dtype=torch.bool, device=query.device).triu(1).repeat(n_rep, 1)
     scores = (torch.matmul(grouped, key.transpose(-1, -2)) * scale).masked_fill(blocked, torch.finfo(query.dtype).min)
-    layer_idx = cast(int, module.layer_idx)  # set by transformers on every attention module
     prefix_k = shared_prefix.keys[layer_idx][0, :, :start]
     prefix_v = shared_prefix.values[layer_idx][0, :, :start]
     if start:
         stacked = grouped.transpose(0, 1).reshape(n_kv, B * n_rep * S, d)
-        prefix = torch.matmul(stacked, prefix_k.transpose(-1, -2)) * scale
-        scores = torch.cat([prefix.view(n_kv, B, n_rep * S, start).transpose(0, 1), scores], dim=-1)
+        prefix = (torch.matmul(stacked, prefix_k.transpose(-1, -2)) * scale).view(n_kv, B, n_rep * S, start)
+        if prefix_blocked is not None:
+            prefix = prefix.masked_fill(prefix_blocked, torch.finfo(query.dtype).min)
+        scores = torch.cat([prefix.transpose(0, 1), scores], dim=-1)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     out = torch.matmul(probs[..., start:], value)
     if start:
@@ -117,15 +130,14 @@ def layer_inputs_recorded(
     layers: Iterable[torch.nn.Module], resid: list, masks: list, position_embeddings: list
 ) -> Iterator[None]:
     """While active, a forward writes each decoder layer's input (the residual stream [T, D] of batch row 0) into
-    `resid[layer]`, the attention mask it was given into `masks[layer]`, and appends layer 0's position
-    embeddings (None without rotary embeddings) to `position_embeddings`."""
+    `resid[layer]`, the attention mask it was given into `masks[layer]`, and its position embeddings (None
+    without rotary embeddings; layer types may have their own) into `position_embeddings[layer]`."""
 
     def layer_input(layer: int):
         def hook(_module, args, kwargs):
             resid[layer] = (args[0] if args else kwargs["hidden_states"])[0].detach()
             masks[layer] = kwargs.get("attention_mask")
-            if layer == 0:
-                position_embeddings.append(kwargs.get("position_embeddings"))
+            position_embeddings[layer] = kwargs.get("position_embeddings")
 
         return hook
 
@@ -139,6 +151,8 @@ def layer_inputs_recorded(
 class DecoderFast(FastFamily):
     stages: ClassVar[tuple[str, ...]] = ("self_attn", "mlp", "layer")
     adapter: DecoderVLMAdapter
+    # Per layer, the masks the suffix attention applies (`SharedPrefix.allowed`); None: causal.
+    suffix_allowed: list[torch.Tensor] | None = None
 
     def __init__(self, adapter: DecoderVLMAdapter, clean_inp: ModelInput, corrupt_inp: ModelInput, *args, **kwargs):
         for inp in (clean_inp, corrupt_inp):
@@ -158,8 +172,8 @@ class DecoderFast(FastFamily):
         """The model's own forward of `inp`: record sites, layer inputs, position embeddings, keys/values."""
         record: dict[str, list[torch.Tensor | None]] = {site: [None] * len(self.layers) for site in self.stages}
         resid: list[torch.Tensor | None] = [None] * len(self.layers)
-        # None for layers without rotary embeddings (learned absolute positions are added before layer 0).
-        position_embeddings: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        # Per layer; None without rotary embeddings (learned absolute positions are added before layer 0).
+        position_embeddings: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.layers)
 
         def site_recorder(site: str, layer: int):
             def record_site(x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +184,7 @@ class DecoderFast(FastFamily):
 
         masks: list[torch.Tensor | None] = [None] * len(self.layers)
         additions: list[ResidualAddition] = []
-        cache = DynamicCache(config=self.adapter.model.config)
+        cache = self.key_value_cache()
         with ExitStack() as stack:
             stack.enter_context(image_embeddings_replaced(self.adapter, image_fn))
             stack.enter_context(layer_inputs_recorded(self.layers, resid, masks, position_embeddings))
@@ -189,7 +203,7 @@ class DecoderFast(FastFamily):
         self.additions = {addition.layer: addition for addition in additions}
         output = residual_added(self.additions, len(self.layers) - 1, cast(torch.Tensor, record["layer"][-1])[None])
         self.resid = cast(list[torch.Tensor], resid + [output[0]])
-        self.position_embeddings = position_embeddings[0]
+        self.position_embeddings = position_embeddings
         # A decoder's cache layers: keys/values set in attention layers (None in a hybrid model's linear-attention
         # layers, which keep recurrent states instead).
         cached: list[Any] = cache.layers
@@ -199,6 +213,10 @@ class DecoderFast(FastFamily):
         )
         self.prefix = SharedPrefix(cast(list[torch.Tensor], keys), cast(list[torch.Tensor], values), 0)
         return logits
+
+    def key_value_cache(self) -> DynamicCache:
+        """The cache the captured forward fills; patched rows read its keys/values of every position."""
+        return DynamicCache(config=self.adapter.model.config)
 
     def layer_stages(self, layer: int) -> list[str]:
         """The stage sites `layer` has (the adapter's `layer_sites`, and the layer's output)."""
@@ -212,28 +230,32 @@ class DecoderFast(FastFamily):
                 raise ValueError(
                     f"layer {layer} attends to later positions (not causal, e.g. prefix-LM attention): the "
                     "decoder fast engine would be wrong; give the family the engine "
-                    "notice.patching.fast_prefix_lm:PrefixLMFast in the family table, or use engine 'reference'"
+                    "notice.patching.fast_block_causal:BlockCausalFast (later positions within blocks, e.g. an "
+                    "image's tokens) or notice.patching.fast_prefix_lm:PrefixLMFast (a bidirectional prefix) in "
+                    "the family table, or use engine 'reference'"
                 )
 
     # -- patched rows -----------------------------------------------------------------------
+    def row_start(self, patch: Patch) -> int:
+        """The first position the patch can change (causal attention: the patched one)."""
+        return patch.position
+
     def order_key(self, patch: Patch) -> tuple:
         # Rows of one chunk then share (nearly) the same recomputed suffix.
-        return (patch.position, patch.layer, self.stage(patch.site), patch.head)
+        return (self.row_start(patch), patch.position, patch.layer, self.stage(patch.site), patch.head)
 
     def row_bytes(self, patch: Patch) -> int:
         hidden = self.adapter.hidden_size
         width = int(getattr(self.adapter.text_config, "intermediate_size", 4 * hidden))
-        S = self.seq_len - patch.position
+        S = self.seq_len - self.row_start(patch)
         elements = S * (10 * hidden + 3 * width) + 3 * self.adapter.n_heads * S * self.seq_len  # scores in float32
         return elements * self.adapter.dtype.itemsize
 
     @torch.no_grad()
     def run_rows(self, patches: Sequence[Patch]) -> torch.Tensor:
-        start = min(p.position for p in patches)
+        start = min(self.row_start(p) for p in patches)
         last = len(self.layers) - 1
-        embeddings = self.position_embeddings
-        cos_sin = None if embeddings is None else tuple(x[..., start:, :] for x in embeddings)
-        prefix = SharedPrefix(self.prefix.keys, self.prefix.values, start)
+        prefix = replace(self.prefix, start=start, allowed=self.suffix_allowed)
         h: torch.Tensor | None = None
         order: list[int] = []
         with attention_switched(self.adapter.self_attentions, ATTENTION_NAME):
@@ -245,13 +267,15 @@ class DecoderFast(FastFamily):
                     h = new if h is None else torch.cat([h, new])
                     order += entering
                 assert h is not None, "the first layer run is some row's entry layer"
+                embeddings = self.position_embeddings[layer]
+                cos_sin = None if embeddings is None else tuple(x[..., start:, :] for x in embeddings)
                 h = self.run_layer(layer, h, [patches[i] for i in entering], first_row, cos_sin, prefix)
                 # What the model adds after the layer (DeepStack: the corrupt run's image features), as it adds it;
                 # the frozen positions' resid[layer + 1] has it already.
                 h = residual_added(self.additions, layer, h, start)
                 # Positions the patch cannot have changed keep the corrupt run's values bit-identical,
-                # whatever the batch: before a row's patched position (causality) and, in the layer it
-                # enters at, every position but the patched one.
+                # whatever the batch: before a row's start (causality: its patched position) and, in the
+                # layer it enters at, every position but the patched one.
                 frozen = self._frozen([patches[i] for i in order], layer, start)
                 h = torch.where(frozen, self.resid[layer + 1][start:], h)
         assert h is not None, "no patch at a layer of the model"
@@ -278,5 +302,6 @@ class DecoderFast(FastFamily):
         after `layer`."""
         positions = torch.arange(start, self.seq_len, device=self.adapter.device)[None]
         patched = torch.tensor([p.position for p in patches], device=positions.device)[:, None]
+        starts = torch.tensor([self.row_start(p) for p in patches], device=positions.device)[:, None]
         entered_here = torch.tensor([p.layer == layer for p in patches], device=positions.device)[:, None]
-        return ((positions < patched) | (entered_here & (positions != patched)))[..., None]
+        return ((positions < starts) | (entered_here & (positions != patched)))[..., None]

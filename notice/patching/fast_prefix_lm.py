@@ -105,7 +105,7 @@ class PrefixLMFast(DecoderFast):
                 stack.enter_context(self.clean_value_hooks(layer, chosen, first_row, start))
                 h = main_output(
                     self.layers[layer](
-                        h, attention_mask=self.masks[layer], position_embeddings=self.position_embeddings
+                        h, attention_mask=self.masks[layer], position_embeddings=self.position_embeddings[layer]
                     )
                 )
             h = residual_added(self.additions, layer, h, start)
