@@ -121,8 +121,9 @@ def test_the_fast_engine_reuses_the_models_interleaved_multimodal_positions(adap
     image = adapter.image_positions(clean)
     assert not torch.equal(position_ids[1, 0, image], position_ids[2, 0, image])  # rows and columns of the grid
     expected_cos, _ = adapter.language_model.rotary_emb(engine.resid[0][None], position_ids)
-    cos, _ = engine.position_embeddings
-    torch.testing.assert_close(cos, expected_cos, rtol=0, atol=0)
+    for layer_embeddings in engine.position_embeddings:  # every layer's, as the model gave them
+        cos, _ = layer_embeddings
+        torch.testing.assert_close(cos, expected_cos, rtol=0, atol=0)
     # Rows after the image, at its last layer included, equal the reference.
     after = [p for p in adapter.patch_positions(clean) if p > max(image)]
     patches = [Patch("mlp", layer, p) for layer in range(adapter.n_layers) for p in after]
