@@ -23,7 +23,7 @@ from notice.adapters.base import ImageGrid, ModelInput
 from notice.adapters.decoder import DecoderVLMAdapter
 
 
-class _QwenVLAdapter(DecoderVLMAdapter):
+class QwenVLAdapter(DecoderVLMAdapter):
     default_prompt_template: ClassVar[str | None] = None
 
     def image_embedding_module(self) -> torch.nn.Module:
@@ -61,9 +61,9 @@ class _QwenVLAdapter(DecoderVLMAdapter):
         return (self._unpatchify(out["pixel_values"], out["image_grid_thw"]).mean(0) > 0.5).float().numpy()
 
 
-class Qwen2VLAdapter(_QwenVLAdapter):
+class Qwen2VLAdapter(QwenVLAdapter):
     model_class: ClassVar[type] = Qwen2VLForConditionalGeneration
 
 
-class Qwen25VLAdapter(_QwenVLAdapter):
+class Qwen25VLAdapter(QwenVLAdapter):
     model_class: ClassVar[type] = Qwen2_5_VLForConditionalGeneration

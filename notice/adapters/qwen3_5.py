@@ -26,12 +26,12 @@ import torch
 from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
 from notice.adapters.base import HEAD_SITE_PARENT, VLMAdapter
-from notice.adapters.qwen2_vl import _QwenVLAdapter
+from notice.adapters.qwen2_vl import QwenVLAdapter
 
 FULL_ATTENTION = "full_attention"
 
 
-class Qwen35Adapter(_QwenVLAdapter):
+class Qwen35Adapter(QwenVLAdapter):
     model_class: ClassVar[type] = Qwen3_5ForConditionalGeneration
     # Knockout runs through `attention_blocks` (refused below) on either knockout engine, not the suffix engine.
     knockout_engine: ClassVar[Literal["suffix", "batched"]] = "batched"

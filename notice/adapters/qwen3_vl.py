@@ -21,10 +21,10 @@ from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForCondition
 
 from notice.adapters.base import pre_hook_while_active
 from notice.adapters.decoder import ResidualAddition
-from notice.adapters.qwen2_vl import _QwenVLAdapter
+from notice.adapters.qwen2_vl import QwenVLAdapter
 
 
-class Qwen3VLAdapter(_QwenVLAdapter):
+class Qwen3VLAdapter(QwenVLAdapter):
     model_class: ClassVar[type] = Qwen3VLForConditionalGeneration
 
     @contextmanager
