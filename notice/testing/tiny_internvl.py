@@ -21,6 +21,7 @@ from transformers.processing_utils import ProcessorMixin
 from notice.adapters.processors import image_only
 from notice.demo.toy_family import IMAGE_MEAN, IMAGE_STD
 from notice.testing.tiny import tiny_layers, word_tokenizer
+from notice.testing.tiny_qwen import stop_at_qwen_end_tokens
 
 # Qwen has no unknown token, but a word-level model needs one.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<unk>")
@@ -90,8 +91,7 @@ def build(
     )
     torch.manual_seed(seed)
     model = InternVLForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    stop_at_qwen_end_tokens(model, ids)
     image_processor = GotOcr2ImageProcessorPil(
         size={"height": tile, "width": tile},
         crop_to_patches=True,

@@ -10,7 +10,7 @@ torchvision: the processor has no video processor (`processors.image_only`). Sav
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from transformers import (
@@ -27,6 +27,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from notice.adapters.processors import image_only
 from notice.testing.tiny import tiny_layers, word_tokenizer
+from notice.testing.tiny_qwen import qwen_chat_template, stop_at_qwen_end_tokens
 
 Kind = Literal["qwen2_vl", "qwen2_5_vl"]
 
@@ -43,20 +44,7 @@ SPECIAL_TOKENS = (
 )
 
 # Qwen2-VL-Instruct's template, short: default system turn, images in place, generation prompt.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = qwen_chat_template(system="You are a helpful assistant.")
 
 _CLASSES: dict[str, tuple[type, type[PreTrainedModel], type[ProcessorMixin]]] = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor),
@@ -112,7 +100,7 @@ def build(
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    ids = {tok: cast(int, tokenizer.convert_tokens_to_ids(tok)) for tok in SPECIAL_TOKENS}
     text = dict(
         vocab_size=len(tokenizer),
         **tiny_layers(hidden, layers, heads),
@@ -133,8 +121,7 @@ def build(
     )
     torch.manual_seed(seed)
     model = model_cls._from_config(config, attn_implementation="eager").eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    stop_at_qwen_end_tokens(model, ids)
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=2, temporal_patch_size=2
     )

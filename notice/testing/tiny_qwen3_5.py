@@ -33,6 +33,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from notice.adapters.processors import image_only
 from notice.testing.tiny import WORDS
+from notice.testing.tiny_qwen import qwen_chat_template, stop_at_qwen_end_tokens
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -47,20 +48,7 @@ THINK = ("<think>", "</think>")  # ordinary added tokens in the real vocabulary
 
 # Qwen3.5's template, short: no default system turn, images in place, and the generation prompt with an
 # empty thinking block when `enable_thinking` is false (the real template's non-thinking answer prompt).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-    "{% else %}<think>\n{% endif %}{% endif %}"
-)
+CHAT_TEMPLATE = qwen_chat_template(thinking_switch=True)
 
 
 def byte_level_tokenizer(vocab_size: int = 600) -> Qwen3_5Tokenizer:
@@ -190,8 +178,7 @@ def build(
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("A_log") or name.endswith("dt_bias"):
                 parameter.normal_(0.0, 0.3)
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    stop_at_qwen_end_tokens(model, ids)
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size, merge_size=2, temporal_patch_size=2
     )

@@ -10,7 +10,7 @@ without torchvision: the processor has no video processor (`processors.image_onl
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from transformers import (
@@ -26,23 +26,13 @@ from transformers.processing_utils import ProcessorMixin
 
 from notice.adapters.processors import image_only
 from notice.testing.tiny import tiny_layers, word_tokenizer
+from notice.testing.tiny_qwen import qwen_chat_template, stop_at_qwen_end_tokens
 from notice.testing.tiny_qwen2_vl import SPECIAL_TOKENS
 
 Kind = Literal["qwen3_vl", "qwen3_vl_moe"]
 
 # Qwen3-VL-Instruct's template, short: no default system turn, images in place, generation prompt.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = qwen_chat_template()
 
 _CLASSES: dict[str, tuple[type, type[PreTrainedModel]]] = {
     "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration),
@@ -83,7 +73,7 @@ def build(
         pad_token="<|endoftext|>",
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    ids = {tok: cast(int, tokenizer.convert_tokens_to_ids(tok)) for tok in SPECIAL_TOKENS}
     rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope_section(hidden // heads)}
     text: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
@@ -120,8 +110,7 @@ def build(
     )
     torch.manual_seed(seed)
     model = model_cls._from_config(config, attn_implementation="eager").eval()
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    stop_at_qwen_end_tokens(model, ids)
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=min_pixels,
         max_pixels=max_pixels,
