@@ -181,7 +181,7 @@ def test_scores_average_over_samples_and_thresholds_come_from_config():
 def test_query_labels():
     tokens = ["[CLS]", "is", "the", "object", "a", "circle", "or", "a", "square", "?", "[SEP]"]
     ids = list(range(len(tokens)))
-    assert query_labels(ids, tokens, range(len(tokens)), answer_id=5, distractor_id=8) == [
+    assert query_labels(ids, tokens, range(len(tokens)), answer_ids={5}, distractor_ids={8, 99}) == [
         "[CLS]",
         "is",
         "the",
@@ -204,3 +204,12 @@ def test_grounding_summary_names_the_best_head():
     assert summary["mean_detection"] == pytest.approx((0.9 + 0 + 2.5 / 15 + 0.4) / 4 / AREA)
     assert summary["best_detection_at_head_position"] == pytest.approx(0.9 / AREA)
     assert summary["n_detection_heads"] == 1 and summary["grounds_objects"]
+
+
+def test_query_labels_know_an_option_as_generated_and_as_written():
+    """A byte-level tokenizer spells the generated answer ("red", after a newline) apart from the question's
+    " red": both are the option."""
+    tokens = ["is", "Ġit", "Ġred", "Ġor", "Ġgreen", "?", "\n"]
+    ids = [10, 11, 12, 13, 14, 15, 16]
+    labels = query_labels(ids, tokens, range(len(ids)), answer_ids={7, 12}, distractor_ids={8, 14})
+    assert labels == ["is", "Ġit", "<answer>", "Ġor", "<distractor>", "?", "<last>"]

@@ -16,10 +16,10 @@ from notice.flow.knockout import knocked_logits
 from notice.flow.knockout_suffix import Knockout
 from notice.method.screen import image_effects
 from notice.patching import fast, reference
-from notice.patching.attribution import IMAGE_SITE, attribution_estimates, screen_sites
+from notice.patching.attribution import IMAGE_SITE, attribution_estimates
 from notice.patching.fast_qwen3_5 import DELTA_RULE_CHUNK, Qwen35Fast
 from notice.patching.hooks import capture
-from notice.patching.query_keys import has_attention_taps
+from notice.patching.query_keys import has_attention_taps, qk_sites
 from notice.patching.sites import all_sites, check_patch, default_patches, site_layers
 
 RTOL = 1e-5
@@ -135,10 +135,9 @@ def test_the_byte_level_tokenizer_keeps_answer_words_apart(adapter):
     assert adapter.prompt_template.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-def test_attention_stages_refuse_with_the_reason(adapter, long_inputs):
-    for call in (lambda: adapter.attention_blocks({}, {}), lambda: adapter.fusion_attention_modules()):
-        with pytest.raises(NotImplementedError, match="layers \\[0, 2\\] are linear attention"):
-            call()
+def test_knockout_refuses_with_the_reason_and_the_attention_stage_reads_the_full_attention_layers(adapter, long_inputs):
+    with pytest.raises(NotImplementedError, match="layers \\[0, 2\\] are linear attention"):
+        adapter.attention_blocks({}, {})
     # Knockout refuses on either engine (the rows' attention goes through `attention_blocks`).
     clean, _ = long_inputs
     T = clean.input_ids.shape[1]
@@ -148,9 +147,10 @@ def test_attention_stages_refuse_with_the_reason(adapter, long_inputs):
     for engine in ("fast", "reference"):
         with pytest.raises(NotImplementedError, match="attention knockout needs"):
             knocked_logits(adapter, clean, [row], engine=engine)
-    # No attention taps: the attribution screen leaves the query/key sites out.
-    assert not has_attention_taps(adapter)
-    assert "query" not in " ".join(screen_sites(adapter))
+    # Attention patterns, head functions and the screen's query/key taps: the full-attention layers' heads.
+    assert adapter.fusion_layers() == adapter.full_attention_layers == [1, 3]
+    assert adapter.fusion_attention_modules() == [adapter.layers[1].self_attn, adapter.layers[3].self_attn]
+    assert has_attention_taps(adapter)
 
 
 @pytest.mark.parametrize("method", ["atp", "atp_star"])
@@ -158,10 +158,12 @@ def test_the_attribution_screen_covers_each_site_in_its_layers(adapter, long_inp
     clean, corrupt = long_inputs
     tau, tau_p = adapter.option_token_id("red"), adapter.option_token_id("green")
     estimates = attribution_estimates(adapter, clean, corrupt, tau, tau_p, method=method)
-    stream = {key for key in estimates.values if key[0] != IMAGE_SITE}
+    taps = qk_sites(adapter)
+    stream = {key for key in estimates.values if key[0] not in (IMAGE_SITE, *taps)}
     assert stream == {("mlp", layer) for layer in range(4)} | {
         (site, layer) for site in ("self_attn", "self_attn_head") for layer in (1, 3)
     }
+    assert {key for key in estimates.values if key[0] in taps} == {(site, layer) for site in taps for layer in (1, 3)}
     effects = image_effects(adapter, estimates, clean)
     assert effects is not None and effects.shape == (4, len(adapter.image_grid(clean).keys))
     # A linear-attention layer's image effect is its MLP's; a full-attention layer's adds its self-attention's.

@@ -77,16 +77,6 @@ def knockout_refusal(adapter: VLMAdapter) -> str | None:
     return None
 
 
-def attention_refusal(adapter: VLMAdapter) -> str | None:
-    """The adapter's reason for refusing the attention stage (its `fusion_attention_modules` raises
-    NotImplementedError); None where attention patterns and head functions run."""
-    try:
-        adapter.fusion_attention_modules()
-    except NotImplementedError as refusal:
-        return str(refusal)
-    return None
-
-
 def noise_image(seed: int, size: int = 32, height: int | None = None) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height or size, size, 3), dtype=np.uint8))

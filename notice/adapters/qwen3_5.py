@@ -25,7 +25,8 @@ from typing import Any, ClassVar, Literal, cast
 import torch
 from transformers import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
 
-from notice.adapters.base import HEAD_SITE_PARENT, VLMAdapter
+from notice.adapters.attention_taps import AttentionTap, interface_attention_taps
+from notice.adapters.base import HEAD_SITE_PARENT
 from notice.adapters.qwen2_vl import QwenVLAdapter
 
 FULL_ATTENTION = "full_attention"
@@ -74,23 +75,26 @@ class Qwen35Adapter(QwenVLAdapter):
         return [cast(torch.nn.Module, self.layers[i].self_attn) for i in self.full_attention_layers]
 
     # -- stages that read attention per layer --------------------------------------------------
-    def _no_linear_attention(self, what: str) -> NotImplementedError:
-        return NotImplementedError(
-            f"{self.family}: {what} needs attention probabilities in every layer, but layers "
-            f"{self.linear_attention_layers} are linear attention (a gated delta rule: positions mix through a "
-            "recurrent state, there is no query-key edge to read or block)"
-        )
+    # The attention stage (patterns, head functions) and the screen's query/key taps read the heads where they
+    # are: the full-attention layers (`fusion_layers`). Knockout is refused: a block in those layers alone would
+    # leave every linear-attention layer carrying the blocked information on.
+    def fusion_layers(self) -> list[int]:
+        return self.full_attention_layers
 
-    # No taps (the screen then leaves the query/key sites out, as for every adapter without taps): the base's refusal.
-    attention_taps = VLMAdapter.attention_taps
+    def fusion_attention_modules(self) -> list[torch.nn.Module]:
+        return self.self_attentions
+
+    def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
+        return interface_attention_taps(dict(zip(self.full_attention_layers, self.self_attentions)), tap)
 
     def attention_blocks(
         self, self_blocks: dict[int, torch.Tensor], fusion_blocks: dict[int, torch.Tensor]
     ) -> AbstractContextManager[None]:
-        raise self._no_linear_attention("attention knockout")
-
-    def fusion_attention_modules(self) -> list[torch.nn.Module]:
-        raise self._no_linear_attention("the attention stage (attention patterns, head functions)")
+        raise NotImplementedError(
+            f"{self.family}: attention knockout needs every layer's attention to block an edge, but layers "
+            f"{self.linear_attention_layers} are linear attention (a gated delta rule: positions mix through a "
+            "recurrent state, there is no query-key edge to block)"
+        )
 
 
 class Qwen35MoeAdapter(Qwen35Adapter):

@@ -137,6 +137,12 @@ def object_mask(adapter: VLMAdapter, mask_path: str, inp: ModelInput) -> np.ndar
     return adapter.mask_view(Image.open(mask_path), inp) if mask_path else np.zeros((0, 0), np.float32)
 
 
+def option_ids(adapter: VLMAdapter, option: str, token_id: int) -> set[int]:
+    """An option's first token as the model generates it (`token_id`) and as a question writes it, after a space."""
+    written = adapter.processor.tokenizer(" " + option, add_special_tokens=False)["input_ids"]
+    return {token_id, *written[:1]}
+
+
 def attention_record(adapter: VLMAdapter, row: pd.Series, load_image: Callable[[str], Image.Image]) -> dict:
     """Fusion attention of every head from every default query position of one selected sample.
 
@@ -168,7 +174,11 @@ def attention_record(adapter: VLMAdapter, row: pd.Series, load_image: Callable[[
         "query_tokens": np.asarray([inp.tokens[p] for p in attention.query_positions]),
         "query_labels": np.asarray(
             query_labels(
-                ids, inp.tokens, attention.query_positions, int(row["answer_token_id"]), int(row["distractor_token_id"])
+                ids,
+                inp.tokens,
+                attention.query_positions,
+                option_ids(adapter, str(row["answer"]), int(row["answer_token_id"])),
+                option_ids(adapter, str(row["distractor"]), int(row["distractor_token_id"])),
             )
         ),
         "head_query_index": attention.query_positions.index(head_position),

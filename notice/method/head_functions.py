@@ -29,7 +29,7 @@ Rules (thresholds in HeadFunctionConfig):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -200,12 +200,17 @@ def sample_scores(
 
 
 def query_labels(
-    token_ids: Sequence[int], tokens: Sequence[str], positions: Sequence[int], answer_id: int, distractor_id: int
+    token_ids: Sequence[int],
+    tokens: Sequence[str],
+    positions: Sequence[int],
+    answer_ids: Collection[int],
+    distractor_ids: Collection[int],
 ) -> list[str]:
     """A label per query position that means the same thing across samples.
 
-    The correct option's token is "<answer>", the incorrect one's "<distractor>", the last position
-    of the prompt "<last>"; other tokens are their own text. A label's k-th repeat gets "#k" (the
+    The correct option's token (any of `answer_ids`: as generated, and as written in the question, which a
+    byte-level tokenizer spells apart, "red" and "Ġred") is "<answer>", the incorrect one's "<distractor>", the
+    last position of the prompt "<last>"; other tokens are their own text. A label's k-th repeat gets "#k" (the
     two "a" of "is the object a circle or a square?").
     """
     last = len(token_ids) - 1
@@ -215,9 +220,9 @@ def query_labels(
         token_id = token_ids[position]
         base = (
             ANSWER_QUERY
-            if token_id == answer_id
+            if token_id in answer_ids
             else DISTRACTOR_QUERY
-            if token_id == distractor_id
+            if token_id in distractor_ids
             else LAST_QUERY
             if position == last
             else tokens[position]
