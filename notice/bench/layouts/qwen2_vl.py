@@ -18,6 +18,7 @@ heads, MLP 18944) and the full 32-layer tower.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 from transformers import (
@@ -27,6 +28,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from notice.adapters.base import VLMAdapter
 from notice.bench.case import Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
 
 VOCAB = 152064
@@ -117,29 +119,51 @@ def bench_case(real_size: bool = False, *, family: str = "qwen2_vl", tiny: bool 
         vision_end_token_id=VISION_END,
     )
     adapter = family_adapter_of(family, build_model(model_cls, config, size, device), PROMPT)
-    grid = IMAGE_SIDE[size] // PATCH
+    return qwen_sip_case(
+        family,
+        adapter,
+        IMAGE_SIDE[size] // PATCH,
+        patch=PATCH,
+        tokens=(VISION_START, IMAGE_PAD, VISION_END),
+        text=(TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE),
+        ids_below=150000,
+        describe=lambda n_image, n_ids: f"{'Qwen2-VL' if family == 'qwen2_vl' else 'Qwen2.5-VL'} layout: "
+        f"{IMAGE_SIDE[size]} px ({n_image} image tokens), tower {TOWER[size][3]} layers × {TOWER[size][0]}, "
+        f"{n_ids}-token prompt, Qwen2 {text['num_hidden_layers']} layers × {text['hidden_size']}",
+    )
+
+
+def qwen_sip_case(
+    family: str,
+    adapter: VLMAdapter,
+    grid: int,
+    *,
+    patch: int,
+    tokens: tuple[int, int, int],
+    text: tuple[int, int],
+    ids_below: int,
+    describe: Callable[[int, int], str],
+) -> Case:
+    """The SIP sample of a Qwen-style layout (Qwen2-VL, Qwen3-VL, Qwen3.5): a square image of `grid`² patches of
+    `patch` pixels (2 frames, merged 2×2 into `<|image_pad|>` tokens), its token run `tokens` (vision start,
+    image pad, vision end) after `text[0] - 1` random words and before `text[1] - 1`, random ids and answer
+    tokens below `ids_below`; `describe(image tokens, prompt length)` is the case's description."""
+    vision_start, image_pad, vision_end = tokens
+    before, after = text
     n_image = (grid // MERGE) ** 2
     rng = random.Random(0)
-    words = random_ids(rng, TEXT_BEFORE_IMAGE + TEXT_AFTER_IMAGE - 2, 100, 150000)
-    ids = [
-        *words[: TEXT_BEFORE_IMAGE - 1],
-        VISION_START,
-        *[IMAGE_PAD] * n_image,
-        VISION_END,
-        *words[TEXT_BEFORE_IMAGE - 1 :],
-    ]
+    words = random_ids(rng, before + after - 2, 100, ids_below)
+    ids = [*words[: before - 1], vision_start, *[image_pad] * n_image, vision_end, *words[before - 1 :]]
     return sip_case(
         family,
         adapter,
         ids,
-        (grid * grid, 3 * TEMPORAL * PATCH * PATCH),
-        tau=rng.randrange(100, 150000),
-        tau_p=rng.randrange(100, 150000),
+        (grid * grid, 3 * TEMPORAL * patch * patch),
+        tau=rng.randrange(100, ids_below),
+        tau_p=rng.randrange(100, ids_below),
         extra={
             "image_grid_thw": torch.tensor([[1, grid, grid]]),
-            "mm_token_type_ids": (torch.tensor([ids]) == IMAGE_PAD).int(),
+            "mm_token_type_ids": (torch.tensor([ids]) == image_pad).int(),
         },
-        description=f"{'Qwen2-VL' if family == 'qwen2_vl' else 'Qwen2.5-VL'} layout: {IMAGE_SIDE[size]} px "
-        f"({n_image} image tokens), tower {TOWER[size][3]} layers × {TOWER[size][0]}, {len(ids)}-token "
-        f"prompt, Qwen2 {text['num_hidden_layers']} layers × {text['hidden_size']}",
+        description=describe(n_image, len(ids)),
     )

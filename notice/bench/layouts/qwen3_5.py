@@ -21,9 +21,6 @@ attention 16 / 32 heads of 128; MLP 12288) and the full 27-layer tower. Qwen3.5-
 
 from __future__ import annotations
 
-import random
-
-import torch
 from transformers import (
     Qwen3_5Config,
     Qwen3_5ForConditionalGeneration,
@@ -31,7 +28,8 @@ from transformers import (
     Qwen3_5MoeForConditionalGeneration,
 )
 
-from notice.bench.case import Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
+from notice.bench.case import Case, Size, build_model, family_adapter_of, size_of
+from notice.bench.layouts.qwen2_vl import qwen_sip_case
 
 VOCAB = 248320
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 248053, 248054, 248056, 248057
@@ -159,35 +157,19 @@ def bench_case(real_size: bool = False, *, family: str = "qwen3_5", tiny: bool =
         vision_end_token_id=VISION_END,
     )
     adapter = family_adapter_of(family, build_model(model_cls, config, size, device), PROMPT)
-    grid = IMAGE_SIDE[size] // PATCH
-    n_image = (grid // MERGE) ** 2
-    rng = random.Random(0)
-    words = random_ids(rng, TEXT_BEFORE_IMAGE + TEXT_AFTER_IMAGE - 2, 100, 240000)
-    ids = [
-        *words[: TEXT_BEFORE_IMAGE - 1],
-        VISION_START,
-        *[IMAGE_PAD] * n_image,
-        VISION_END,
-        *words[TEXT_BEFORE_IMAGE - 1 :],
-    ]
-    return sip_case(
+    experts = (
+        f", {text['num_experts']} experts, {text['num_experts_per_tok']} per token" if family == "qwen3_5_moe" else ""
+    )
+    return qwen_sip_case(
         family,
         adapter,
-        ids,
-        (grid * grid, 3 * TEMPORAL * PATCH * PATCH),
-        tau=rng.randrange(100, 240000),
-        tau_p=rng.randrange(100, 240000),
-        extra={
-            "image_grid_thw": torch.tensor([[1, grid, grid]]),
-            "mm_token_type_ids": (torch.tensor([ids]) == IMAGE_PAD).int(),
-        },
-        description=f"{'Qwen3.5-MoE' if family == 'qwen3_5_moe' else 'Qwen3.5'} layout: {IMAGE_SIDE[size]} px "
-        f"({n_image} image tokens), tower {depth} layers × {width}, {len(ids)}-token prompt, "
-        f"hybrid LM {text['num_hidden_layers']} layers × {text['hidden_size']} "
-        "(3 linear-attention : 1 full-attention)"
-        + (
-            f", {text['num_experts']} experts, {text['num_experts_per_tok']} per token"
-            if family == "qwen3_5_moe"
-            else ""
-        ),
+        IMAGE_SIDE[size] // PATCH,
+        patch=PATCH,
+        tokens=(VISION_START, IMAGE_PAD, VISION_END),
+        text=(TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE),
+        ids_below=240000,
+        describe=lambda n_image, n_ids: f"{'Qwen3.5-MoE' if family == 'qwen3_5_moe' else 'Qwen3.5'} layout: "
+        f"{IMAGE_SIDE[size]} px ({n_image} image tokens), tower {depth} layers × {width}, {n_ids}-token prompt, "
+        f"hybrid LM {text['num_hidden_layers']} layers × {text['hidden_size']} (3 linear-attention : 1 "
+        f"full-attention){experts}",
     )

@@ -17,9 +17,6 @@ per token) and the full 27-layer tower.
 
 from __future__ import annotations
 
-import random
-
-import torch
 from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
@@ -27,7 +24,8 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 
-from notice.bench.case import Case, Size, build_model, family_adapter_of, random_ids, sip_case, size_of
+from notice.bench.case import Case, Size, build_model, family_adapter_of, size_of
+from notice.bench.layouts.qwen2_vl import qwen_sip_case
 
 VOCAB = 151936
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 151652, 151653, 151655, 151656
@@ -131,30 +129,16 @@ def bench_case(real_size: bool = False, *, family: str = "qwen3_vl", tiny: bool 
         tie_word_embeddings=False,
     )
     adapter = family_adapter_of(family, build_model(model_cls, config, size, device), PROMPT)
-    grid = IMAGE_SIDE[size] // PATCH
-    n_image = (grid // MERGE) ** 2
-    rng = random.Random(0)
-    words = random_ids(rng, TEXT_BEFORE_IMAGE + TEXT_AFTER_IMAGE - 2, 100, 150000)
-    ids = [
-        *words[: TEXT_BEFORE_IMAGE - 1],
-        VISION_START,
-        *[IMAGE_PAD] * n_image,
-        VISION_END,
-        *words[TEXT_BEFORE_IMAGE - 1 :],
-    ]
     name = "Qwen3-VL-MoE" if family == "qwen3_vl_moe" else "Qwen3-VL"
-    return sip_case(
+    return qwen_sip_case(
         family,
         adapter,
-        ids,
-        (grid * grid, 3 * TEMPORAL * PATCH * PATCH),
-        tau=rng.randrange(100, 150000),
-        tau_p=rng.randrange(100, 150000),
-        extra={
-            "image_grid_thw": torch.tensor([[1, grid, grid]]),
-            "mm_token_type_ids": (torch.tensor([ids]) == IMAGE_PAD).int(),
-        },
-        description=f"{name} layout: {IMAGE_SIDE[size]} px ({n_image} image tokens), tower {depth} layers × {width} "
-        f"(DeepStack taps {taps}), {len(ids)}-token prompt, {text['num_hidden_layers']} layers × "
-        f"{text['hidden_size']}",
+        IMAGE_SIDE[size] // PATCH,
+        patch=PATCH,
+        tokens=(VISION_START, IMAGE_PAD, VISION_END),
+        text=(TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE),
+        ids_below=150000,
+        describe=lambda n_image, n_ids: f"{name} layout: {IMAGE_SIDE[size]} px ({n_image} image tokens), tower "
+        f"{depth} layers × {width} (DeepStack taps {taps}), {n_ids}-token prompt, {text['num_hidden_layers']} "
+        f"layers × {text['hidden_size']}",
     )
