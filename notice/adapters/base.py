@@ -343,6 +343,20 @@ class VLMAdapter(ABC):
     def image_embedding_module(self) -> torch.nn.Module:
         """Module whose output holds the image embeddings the text side sees (Gaussian-noise target)."""
 
+    # -- circuits (notice.circuits) ----------------------------------------------------------
+    def attention_projections(
+        self, site: str, layer: int
+    ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+        """The query, key and value projections of attention site `site` ("self_attn", "cross_attn") at `layer`:
+        modules whose outputs [.., rows, heads·width] the attention reads, one column block per head (a
+        cross-attention's keys and values are projections of the image)."""
+        raise NotImplementedError(f"{self.family}: no attention projections, so no circuits")
+
+    def circuit_input_modules(self) -> dict[str, list[torch.nn.Module]]:
+        """The circuit graph's input nodes: "image", the modules whose outputs are all the image brings into the
+        patched stream, and "text", those of the prompt's tokens (rows = stream positions where they line up)."""
+        return {"image": [self.image_embedding_module()], "text": [self.model.get_input_embeddings()]}
+
     def attention_taps(self, tap: AttentionTap) -> AbstractContextManager[None]:
         """While active, every fusion-attention layer reports its queries, keys and probabilities to `tap`
         (notice.adapters.attention_taps); the attribution screen's query/key sites need it."""

@@ -148,6 +148,16 @@ class BlipAdapter(VLMAdapter):
             return block, "output"
         raise ValueError(f"unknown BLIP site {site!r}")
 
+    def attention_projections(
+        self, site: str, layer: int
+    ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+        block: Any = self._layers[layer]  # a BlipTextLayer: submodules by name
+        attention = {"self_attn": block.attention, "cross_attn": block.crossattention}[site].self
+        return attention.query, attention.key, attention.value
+
+    def circuit_input_modules(self) -> dict[str, list[torch.nn.Module]]:
+        return {"image": [self.model.vision_model], "text": [self.model.text_encoder.embeddings.word_embeddings]}
+
     def image_embedding_module(self) -> torch.nn.Module:
         # Its `last_hidden_state` is what the text encoder's cross-attention reads.
         return self.model.vision_model

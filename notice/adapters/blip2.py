@@ -308,6 +308,20 @@ class QFormerStreamAdapter(Blip2LanguageModelAdapter):
             f"unknown {self.family} site {site!r} (sites: mlp, self_attn, cross_attn, cross_attn_head, layer)"
         )
 
+    def attention_projections(
+        self, site: str, layer: int
+    ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+        block: Any = self.qformer_layers[self.stream_layers[layer]]  # a Q-Former layer: submodules by name
+        attention = {"self_attn": block.attention, "cross_attn": block.crossattention}[site].attention
+        return attention.query, attention.key, attention.value
+
+    def circuit_input_modules(self) -> dict[str, list[torch.nn.Module]]:
+        """The image: the ViT output the cross-attention reads. The text: the instruction's word embeddings in the
+        Q-Former (InstructBLIP) and the prompt's in the language model, which reads it besides the queries."""
+        qformer: Any = self.model.qformer  # a Q-Former: submodules by name
+        words = [qformer.embeddings.word_embeddings] if hasattr(qformer, "embeddings") else []
+        return {"image": [self.model.vision_model], "text": [*words, self.model.get_input_embeddings()]}
+
     def patch_positions(self, inp: ModelInput) -> list[int]:
         return self.query_positions(inp)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
@@ -44,6 +44,11 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
         with pre_hook_while_active(self.language_model, pre_hook):
             yield
+
+    def circuit_input_modules(self) -> dict[str, list[torch.nn.Module]]:
+        """The image: the merger's output and DeepStack's features (added to the stream after the first layers)."""
+        visual: Any = self.model.model.visual  # the vision model: submodules by name
+        return {**super().circuit_input_modules(), "image": [visual.merger, *visual.deepstack_merger_list]}
 
 
 class Qwen3VLMoeAdapter(Qwen3VLAdapter):
