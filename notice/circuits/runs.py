@@ -88,11 +88,11 @@ def _slots_hooked(
                 value = forced[slot]
                 if value.shape != x.shape:
                     raise ValueError(f"{slot}: forced value {tuple(value.shape)} for an output {tuple(x.shape)}")
-                x = value.to(x.dtype)
+                x = value.to(x.dtype).clone()  # models add to some outputs in place
             if slot in leaves:
                 x = x + leaves[slot]
             if record or slot == stop:
-                run.values[slot] = x
+                run.values[slot] = x.clone()
             if slot == stop:
                 raise _Stopped
             return x
