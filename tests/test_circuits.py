@@ -14,6 +14,7 @@ from toy_adapters import QUESTION, STR_QUESTION, noise_image, one_torch_thread, 
 
 from notice.adapters.base import VLMAdapter
 from notice.circuits.ablation import Pair, circuit_ld, circuit_logits, faithfulness, record_pair
+from notice.circuits.additive import supported
 from notice.circuits.attribution import edge_scores
 from notice.circuits.faithfulness import edge_table, faithfulness_curve, smallest_faithful
 from notice.circuits.graph import EDGE_GROUPS
@@ -89,12 +90,35 @@ def linear_llava() -> VLMAdapter:
 @pytest.mark.parametrize("corruption", ["SIP", "STR"])
 def test_eap_equals_exact_single_edge_ablation_on_a_linear_model(corruption):
     pair = sample(linear_llava(), corruption)
+    assert supported(pair)  # scored in one backward pass; the per-reader way is checked too
     scores = edge_scores(pair, "eap")
     exact = np.array([circuit_ld(pair, cut(pair, e)) - pair.ld_clean for e in range(pair.graph.n_edges)])
     assert np.abs(exact).max() > 1e-2  # the cuts do something
-    np.testing.assert_allclose(scores, exact, rtol=0, atol=1e-5 * max(1.0, np.abs(exact).max()))
+    tolerance = 1e-5 * max(1.0, np.abs(exact).max())
+    np.testing.assert_allclose(scores, exact, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(edge_scores(pair, "eap", per_reader=True), exact, rtol=0, atol=tolerance)
     # integrated gradients of a linear function are its gradient
     np.testing.assert_allclose(edge_scores(pair, "eap_ig", ig_steps=3), scores, rtol=0, atol=1e-9)
+
+
+RESIDUAL_SUM = [name for name in ALL_FAMILIES if name in ("llava", "qwen2_vl", "internvl", "paligemma", "mistral3")]
+
+
+@pytest.mark.parametrize("name", RESIDUAL_SUM)
+@pytest.mark.parametrize("corruption", ["SIP", "STR"])
+def test_one_backward_scores_equal_the_per_reader_scores(name, corruption):
+    """The residual-sum way (one backward per step) against the way every family takes (a forward per reader)."""
+    pair = sample(tiny_adapter(name, seed=3), corruption)
+    assert supported(pair)
+    fast = edge_scores(pair, "eap_ig", ig_steps=3)
+    reference = edge_scores(pair, "eap_ig", ig_steps=3, per_reader=True)
+    assert np.abs(reference).max() > 1e-3
+    np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-5 * max(1.0, np.abs(reference).max()))
+
+
+def test_models_that_are_no_residual_sum_take_the_per_reader_way():
+    assert not supported(sample(tiny_adapter("blip", seed=3), "SIP"))
+    assert not supported(sample(tiny_adapter("gemma3", seed=3), "SIP"))  # post-norms
 
 
 def test_eap_is_not_exact_on_the_nonlinear_model():

@@ -352,6 +352,11 @@ class VLMAdapter(ABC):
         cross-attention's keys and values are projections of the image)."""
         raise NotImplementedError(f"{self.family}: no attention projections, so no circuits")
 
+    def residual_norms(self, layer: int) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """(attention's pre-norm, MLP's pre-norm) of a layer that adds its output projection's and MLP's outputs to a
+        residual stream as they are; None (every layer here): circuits then score edges by one forward per reader."""
+        return None
+
     def circuit_input_modules(self) -> dict[str, list[torch.nn.Module]]:
         """The circuit graph's input nodes: "image", the modules whose outputs are all the image brings into the
         patched stream, and "text", those of the prompt's tokens (rows = stream positions where they line up)."""

@@ -119,6 +119,17 @@ class DecoderVLMAdapter(VLMAdapter):
         attention: Any = getattr(self.layers[layer], site)  # a family's attention module: projections by name
         return attention.q_proj, attention.k_proj, attention.v_proj
 
+    def residual_norms(self, layer: int) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """(the norm the attention reads the residual stream through, the MLP's) where `layer` is a pre-norm layer
+        that adds its attention's output projection and its MLP's output to the stream as they are (Llama's
+        layout: those four submodules and no other); None for any other layer (post-norms, gates, cross-attention,
+        linear attention). Circuits score such layers' edges in one backward pass (notice.circuits.attribution)."""
+        block: Any = self.layers[layer]  # a family's decoder layer: submodules by name
+        names = {name for name, _ in block.named_children()}
+        if names != {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}:
+            return None
+        return block.input_layernorm, block.post_attention_layernorm
+
     # -- inputs -----------------------------------------------------------------------------
     def option_token_id(self, option: str) -> int:
         """First token of `option` generated right after the prompt.

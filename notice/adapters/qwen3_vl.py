@@ -45,6 +45,9 @@ class Qwen3VLAdapter(QwenVLAdapter):
         with pre_hook_while_active(self.language_model, pre_hook):
             yield
 
+    def residual_norms(self, layer: int) -> None:
+        return None  # DeepStack adds image features to the stream between layers: not the plain residual sum
+
     def circuit_input_modules(self) -> dict[str, list[torch.nn.Module]]:
         """The image: the merger's output and DeepStack's features (added to the stream after the first layers)."""
         visual: Any = self.model.model.visual  # the vision model: submodules by name

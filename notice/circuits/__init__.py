@@ -1,1 +1,1 @@
-"""Circuits: edge attribution (EAP, EAP-IG) over token groups and exact faithfulness (docs/method.md, §13)."""
+"""Circuits: edge attribution (EAP, EAP-IG) over token groups and exact faithfulness (docs/method.md, §12)."""

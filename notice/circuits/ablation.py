@@ -1,5 +1,5 @@
 """Exact circuit runs: the clean input with every edge outside the circuit given its corrupt value (docs/method.md,
-§13 "Faithfulness").
+§12 "Faithfulness").
 
 A reader's input is recomputed by a forward in which every node computed before it outputs, at each token group,
 its value in the circuit run where the edge is kept and its corrupt-run value where it is not (the model's own

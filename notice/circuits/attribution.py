@@ -1,4 +1,4 @@
-"""Edge attribution: EAP and EAP-IG scores of every edge of a pair's graph (docs/method.md, §13 "Scores").
+"""Edge attribution: EAP and EAP-IG scores of every edge of a pair's graph (docs/method.md, §12 "Scores").
 
 The score of edge (u, r, g) estimates LD(circuit without the edge) − LD(clean) to first order:
 Σ over the group's positions of (u_corrupt − u_clean) · ∂LD/∂(u as r receives it). EAP takes the gradient in the
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from notice.circuits.ablation import Pair
+from notice.circuits.additive import additive_scores, supported
 from notice.circuits.graph import EDGE_GROUPS, Node
 from notice.circuits.runs import Slot, forward
 from notice.patching.attribution import frozen_parameters
@@ -58,18 +59,33 @@ def _node_slots(pair: Pair) -> list[Slot]:
     return [s for s in pair.graph.order if s[0] in ("input", "heads", "module")]
 
 
-def edge_scores(pair: Pair, method: str = "eap_ig", ig_steps: int = 5) -> np.ndarray:
-    """Score of every edge of `pair.graph` (float64 [edges]) by `method` (eap, or eap_ig with `ig_steps`)."""
+def edge_scores(pair: Pair, method: str = "eap_ig", ig_steps: int = 5, *, per_reader: bool = False) -> np.ndarray:
+    """Score of every edge of `pair.graph` (float64 [edges]) by `method` (eap, or eap_ig with `ig_steps`): in one
+    backward pass per step where the model is a residual sum (notice.circuits.additive), else (or with `per_reader`,
+    the reference) with one forward per reader slot."""
     if method not in METHODS:
         raise ValueError(f"circuit scores: method {method!r}, expected one of {METHODS}")
     if method == "eap_ig" and ig_steps < 1:
         raise ValueError(f"circuits.ig_steps must be at least 1, got {ig_steps}")
-    graph, adapter = pair.graph, pair.adapter
+    graph = pair.graph
     alphas = [1.0] if method == "eap" else [k / ig_steps for k in range(1, ig_steps + 1)]
+    totals = torch.zeros(len(graph.readers), len(graph.nodes), len(EDGE_GROUPS), dtype=torch.float64)
+    with frozen_parameters(pair.adapter.model):
+        if supported(pair) and not per_reader:
+            additive_scores(pair, alphas, totals)
+        else:
+            reader_scores(pair, alphas, totals)
+    return (totals / len(alphas)).numpy()[graph.edge_reader, graph.edge_node, graph.edge_group]
+
+
+def reader_scores(pair: Pair, alphas: list[float], totals: torch.Tensor) -> None:
+    """Add Σ over `alphas` of every (reader, node, group) score to `totals` [readers, nodes, groups]: per step one
+    backward to every reader's value, then per reader slot one forward from the nodes' values (with zero leaves)
+    and one vector-Jacobian product per reader."""
+    graph, adapter = pair.graph, pair.adapter
     node_slots = _node_slots(pair)
     inputs = [s for s in node_slots if s[0] == "input"]
     deltas = {s: (pair.corrupt.values[s].double() - pair.clean.values[s].double()) for s in node_slots}
-    totals = np.zeros((len(graph.readers), len(graph.nodes), len(EDGE_GROUPS)))
     readers_of: dict[Slot, list[int]] = {}
     for r, reader in enumerate(graph.readers):
         if reader.slot is not None:
@@ -79,9 +95,9 @@ def edge_scores(pair: Pair, method: str = "eap_ig", ig_steps: int = 5) -> np.nda
         for slot, grad in grads.items():
             if grad is not None:
                 for node, sums in _group_sums(pair, slot, deltas[slot] * grad.double()).items():
-                    totals[r, node] += sums
+                    totals[r, node] += torch.from_numpy(sums)
 
-    with frozen_parameters(adapter.model), torch.enable_grad():
+    with torch.enable_grad():
         for alpha in alphas:
             mix = {s: pair.corrupt.values[s] + alpha * (pair.clean.values[s] - pair.corrupt.values[s]) for s in inputs}
             with torch.no_grad():
@@ -111,5 +127,3 @@ def edge_scores(pair: Pair, method: str = "eap_ig", ig_steps: int = 5) -> np.nda
                     out[..., block] = reader_grads[slot][..., block]
                     grads = torch.autograd.grad(value, list(leaves.values()), out, retain_graph=True, allow_unused=True)
                     accumulate(r, dict(zip(leaves, grads)))
-    totals /= len(alphas)
-    return totals[graph.edge_reader, graph.edge_node, graph.edge_group]

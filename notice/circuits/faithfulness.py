@@ -1,4 +1,4 @@
-"""Circuits from scores, their exact faithfulness over a task's pairs, and the curves' summaries (docs/method.md, §13
+"""Circuits from scores, their exact faithfulness over a task's pairs, and the curves' summaries (docs/method.md, §12
 "Faithfulness").
 
 A circuit is a set of edges kept by name (upstream node -> reader [group]), so one circuit applies to every pair of a

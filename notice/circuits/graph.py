@@ -1,5 +1,5 @@
 """The circuit graph of one sample: nodes, node inputs (readers) and edges grouped by token group (docs/method.md,
-§13).
+§12).
 
 Nodes are the image and the text (the graph's inputs), every attention head and every module site (an MLP).
 A reader is one input of a node: a head's query, key or value (a key/value head shared by several query heads under

@@ -1,5 +1,5 @@
 """Forward passes of the circuit graph: every node output and every node input the graph names is a *slot* (a
-hooked tensor), which a run records, replaces by a given value, or stops at (docs/method.md, §13).
+hooked tensor), which a run records, replaces by a given value, or stops at (docs/method.md, §12).
 
 Slots: ("input", "image"|"text", -1, i) the i-th module of `circuit_input_modules`; ("heads", site, layer, 0) the
 attention's head outputs (its output projection's input, one column block per head); ("module", site, layer, 0) a
@@ -54,6 +54,17 @@ def slot_module(adapter: VLMAdapter, slot: Slot) -> tuple[torch.nn.Module, str]:
     if kind == "proj":
         return adapter.attention_projections(site, layer)[index], "output"
     return adapter.site_module(site, layer)
+
+
+STREAM: Slot = ("stream", "", 0, 0)  # the residual stream entering the first layer (recorded, never forced)
+
+
+def _kept(run: Run, key: Slot):
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        run.values[key] = x.detach().clone()
+        return x
+
+    return keep
 
 
 class _Stopped(Exception):
@@ -123,6 +134,8 @@ def forward(
     with ExitStack() as stack:
         stack.enter_context(image_embeddings_replaced(adapter, image_fn))  # before the slots: they see the noise
         stack.enter_context(_slots_hooked(adapter, slots, forced or {}, leaves or {}, run, record, stop))
+        if record and adapter.residual_norms(0) is not None:
+            stack.enter_context(hooked(adapter.site_module("layer", 0)[0], "input", _kept(run, STREAM)))
         try:
             run.logits = adapter.differentiable_answer_logits(inp)
         except _Stopped:

@@ -1,6 +1,6 @@
 """Circuits in the workflow: one (model, dataset, corruption)'s edge scores, faithfulness curves, smallest faithful
 circuit and validation against exact single-edge ablation; then, per model, the overlap of its circuits
-(docs/method.md, §13).
+(docs/method.md, §12).
 """
 
 from __future__ import annotations
