@@ -15,6 +15,7 @@ from toy_adapters import QUESTION, STR_QUESTION, noise_image, one_torch_thread, 
 from notice.adapters.base import VLMAdapter
 from notice.circuits.ablation import Pair, circuit_ld, circuit_logits, faithfulness, record_pair
 from notice.circuits.additive import supported
+from notice.circuits.additive_runs import circuits_logits
 from notice.circuits.attribution import edge_scores
 from notice.circuits.faithfulness import edge_table, faithfulness_curve, smallest_faithful
 from notice.circuits.graph import EDGE_GROUPS
@@ -114,6 +115,19 @@ def test_one_backward_scores_equal_the_per_reader_scores(name, corruption):
     reference = edge_scores(pair, "eap_ig", ig_steps=3, per_reader=True)
     assert np.abs(reference).max() > 1e-3
     np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-5 * max(1.0, np.abs(reference).max()))
+
+
+@pytest.mark.parametrize("name", RESIDUAL_SUM)
+def test_batched_circuit_runs_equal_the_reference_runs(name):
+    """Several circuits in one forward (the residual sum's Δ per reader) against one reference run each."""
+    pair = sample(tiny_adapter(name, seed=3), "SIP")
+    n = pair.graph.n_edges
+    rng = np.random.default_rng(0)
+    circuits = [np.ones(n, bool), np.zeros(n, bool), *(rng.random(n) < share for share in (0.05, 0.5, 0.95))]
+    fast = circuits_logits(pair, circuits)
+    reference = torch.stack([circuit_logits(pair, kept) for kept in circuits])
+    assert (reference[2:] - reference[0]).abs().max() > 1e-2  # the circuits differ
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5 * max(1.0, float(reference.abs().max())))
 
 
 def test_models_that_are_no_residual_sum_take_the_per_reader_way():

@@ -11,7 +11,7 @@ their clean values reads the clean run's; readers with the same inputs share one
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ class Pair:
     corrupt: Run
     tau: int
     tau_p: int
+    cache: dict = field(default_factory=dict)  # what faster runs derive from the two runs once
 
     @property
     def ld_clean(self) -> float:

@@ -14,9 +14,14 @@ import numpy as np
 import pandas as pd
 
 from notice.circuits.ablation import Pair, circuit_ld, faithfulness
+from notice.circuits.additive import supported
+from notice.circuits.additive_runs import circuits_logits
 from notice.circuits.graph import EDGE_GROUPS
+from notice.patching.scores import logit_diff
 
 CURVE_COLUMNS = ("level", "n", "fraction", "faithfulness")
+Circuit = tuple[set[str] | None, set[str] | None]  # (edges by name, or None; nodes by name, or None)
+CIRCUITS_PER_FORWARD = 4  # circuit runs batched in one forward where the model is a residual sum
 
 
 def edge_names(pair: Pair) -> list[str]:
@@ -79,11 +84,28 @@ def kept_mask(pair: Pair, edges: set[str] | None = None, nodes: set[str] | None 
     return np.array([name in (edges or set()) for name in edge_names(pair)], dtype=bool)
 
 
-def task_faithfulness(pairs: Sequence[Pair], edges: set[str] | None = None, nodes: set[str] | None = None) -> float:
-    """Faithfulness of one circuit over the task: the summed metric of its circuit runs against the summed clean and
-    corrupt metrics."""
-    circuit = sum(circuit_ld(pair, kept_mask(pair, edges, nodes)) for pair in pairs)
-    return faithfulness(circuit, sum(p.ld_clean for p in pairs), sum(p.ld_corrupt for p in pairs))
+def circuit_lds(pair: Pair, circuits: Sequence[np.ndarray], per_forward: int = CIRCUITS_PER_FORWARD) -> list[float]:
+    """LD of each circuit run (bool [edges] kept): `per_forward` at a time in one forward where the model is a
+    residual sum (notice.circuits.additive_runs), else one by one (notice.circuits.ablation)."""
+    if not supported(pair):
+        return [circuit_ld(pair, kept) for kept in circuits]
+    lds: list[float] = []
+    for start in range(0, len(circuits), per_forward):
+        logits = circuits_logits(pair, circuits[start : start + per_forward])
+        lds += [float(logit_diff(row, pair.tau, pair.tau_p)) for row in logits]
+    return lds
+
+
+def task_faithfulness(
+    pairs: Sequence[Pair], circuits: Sequence[tuple[set[str] | None, set[str] | None]]
+) -> list[float]:
+    """Faithfulness of each circuit (edges by name, or nodes by name) over the task: the summed metric of its circuit
+    runs against the summed clean and corrupt metrics."""
+    totals = np.zeros(len(circuits))
+    for pair in pairs:
+        totals += circuit_lds(pair, [kept_mask(pair, edges, nodes) for edges, nodes in circuits])
+    clean, corrupt = sum(p.ld_clean for p in pairs), sum(p.ld_corrupt for p in pairs)
+    return [faithfulness(float(total), clean, corrupt) for total in totals]
 
 
 def log_grid(total: int, points: int) -> list[int]:
@@ -96,13 +118,18 @@ def log_grid(total: int, points: int) -> list[int]:
 
 def faithfulness_curve(pairs: Sequence[Pair], table: pd.DataFrame, score: str, points: int) -> pd.DataFrame:
     """Faithfulness of the top-n edge circuits and top-n node circuits, n on a log grid (columns CURVE_COLUMNS)."""
-    rows = []
     n_nodes = table["upstream"].nunique()
-    for level, total in (("edges", len(table)), ("nodes", n_nodes)):
-        for n in log_grid(total, points):
-            chosen = top_edges(table, score, n) if level == "edges" else top_nodes(table, score, n)
-            value = task_faithfulness(pairs, **({"edges": chosen} if level == "edges" else {"nodes": chosen}))
-            rows.append({"level": level, "n": n, "fraction": n / max(total, 1), "faithfulness": value})
+    grid = [("edges", n, len(table)) for n in log_grid(len(table), points)]
+    grid += [("nodes", n, n_nodes) for n in log_grid(n_nodes, points)]
+    circuits = [
+        (top_edges(table, score, n), None) if level == "edges" else (None, top_nodes(table, score, n))
+        for level, n, _ in grid
+    ]
+    values = task_faithfulness(pairs, circuits)
+    rows = [
+        {"level": level, "n": n, "fraction": n / max(total, 1), "faithfulness": value}
+        for (level, n, total), value in zip(grid, values)
+    ]
     return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
 
 
@@ -122,7 +149,7 @@ def smallest_faithful(
     lo = int(below["n"].iloc[-1]) if not below.empty else 0
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        value = task_faithfulness(pairs, edges=top_edges(table, score, mid))
+        (value,) = task_faithfulness(pairs, [(top_edges(table, score, mid), None)])
         if value >= target:
             hi, hi_value = mid, value
         else:

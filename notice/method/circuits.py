@@ -15,9 +15,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from notice.adapters.base import VLMAdapter
-from notice.circuits.ablation import Pair, circuit_ld, record_pair
+from notice.circuits.ablation import Pair, record_pair
 from notice.circuits.attribution import METHODS, edge_scores
 from notice.circuits.faithfulness import (
+    circuit_lds,
     curve_summary,
     edge_table,
     faithfulness_curve,
@@ -121,12 +122,12 @@ def validation_rows(pair: Pair, scores: Mapping[str, np.ndarray], settings: Circ
     n = pair.graph.n_edges
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(settings.validation_edges, n), replace=False))
-    exact = []
+    circuits = []
     for edge in sample:
         kept = np.ones(n, dtype=bool)
         kept[edge] = False
-        exact.append(circuit_ld(pair, kept) - pair.ld_clean)
-    exact_arr = np.asarray(exact)
+        circuits.append(kept)
+    exact_arr = np.asarray(circuit_lds(pair, circuits)) - pair.ld_clean
     k = min(settings.validation_top_k, len(sample))
     top_exact = set(np.argsort(-np.abs(exact_arr), kind="stable")[:k])
     rows = []
