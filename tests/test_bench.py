@@ -242,7 +242,21 @@ def test_the_knockout_sweep_is_checked_against_the_reference():
     assert knockout["err"] <= 1e-5 and knockout["speedup"] > 0
 
 
-KNOCKOUT_KEYS = ("KNOCKOUT_KEY_PREFIX", "KNOCKOUT_QUESTION_TOKENS")
+def test_circuits_are_timed_and_the_batched_curve_checked_against_one_forward_per_circuit():
+    case = MODULES["llava"].bench_case(family="llava", tiny=True)
+    circuit = measure.measure_circuits(case, MODULES["llava"].KNOCKOUT_QUESTION_TOKENS, 2, 4, repeats=1)
+    assert circuit["n_edges"] > 0 and circuit["ig_steps"] == 2 and circuit["n_circuits"] == 5  # 0 and 4 sizes
+    assert circuit["err"] <= 1e-5 and circuit["forwards"] > 0 and circuit["speedup"] > 0
+    line = cli.bench_line(
+        [dict(name="llava", per_hooked=1.0, per_fast=1.0, err=0.0)], circuits=[{**circuit, "prefix": ""}]
+    )
+    fields = _bench_line_fields(line)
+    assert fields["eap_ig_forwards"] == pytest.approx(circuit["forwards"], rel=0.05)
+    assert fields["faithfulness_speedup"] == pytest.approx(circuit["speedup"], rel=0.05)
+    assert cli.circuit_prefixes() == {"llava": ""}
+
+
+KNOCKOUT_KEYS = ("KNOCKOUT_KEY_PREFIX", "KNOCKOUT_QUESTION_TOKENS", "CIRCUIT_KEY_PREFIX")
 
 
 def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
@@ -263,6 +277,7 @@ def test_main_prints_the_screen_speedup_last(monkeypatch, capsys):
     fields = _bench_line_fields(lines[-1])
     assert {"blip_speedup", "llava_speedup", "max_rel_err", "blip_screen_speedup", "screen_speedup"} <= set(fields)
     assert [key for key in fields if "knockout" in key] == ["knockout_speedup"] and fields["knockout_speedup"] > 0
+    assert fields["eap_ig_forwards"] > 0 and fields["faithfulness_speedup"] > 0
     assert fields["screen_speedup"] > 0 and fields["screen_forwards"] > 0
     assert any(line.startswith("| llava |") and line.endswith("× |") for line in lines)  # the screen table
     assert not any("audit" in key for key in fields) and not any("precision audit" in line for line in lines)

@@ -344,9 +344,7 @@ class VLMAdapter(ABC):
         """Module whose output holds the image embeddings the text side sees (Gaussian-noise target)."""
 
     # -- circuits (notice.circuits) ----------------------------------------------------------
-    def attention_projections(
-        self, site: str, layer: int
-    ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    def attention_projections(self, site: str, layer: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
         """The query, key and value projections of attention site `site` ("self_attn", "cross_attn") at `layer`:
         modules whose outputs [.., rows, heads·width] the attention reads, one column block per head (a
         cross-attention's keys and values are projections of the image)."""

@@ -148,9 +148,7 @@ class BlipAdapter(VLMAdapter):
             return block, "output"
         raise ValueError(f"unknown BLIP site {site!r}")
 
-    def attention_projections(
-        self, site: str, layer: int
-    ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    def attention_projections(self, site: str, layer: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
         block: Any = self._layers[layer]  # a BlipTextLayer: submodules by name
         attention = {"self_attn": block.attention, "cross_attn": block.crossattention}[site].self
         return attention.query, attention.key, attention.value

@@ -308,9 +308,7 @@ class QFormerStreamAdapter(Blip2LanguageModelAdapter):
             f"unknown {self.family} site {site!r} (sites: mlp, self_attn, cross_attn, cross_attn_head, layer)"
         )
 
-    def attention_projections(
-        self, site: str, layer: int
-    ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    def attention_projections(self, site: str, layer: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
         block: Any = self.qformer_layers[self.stream_layers[layer]]  # a Q-Former layer: submodules by name
         attention = {"self_attn": block.attention, "cross_attn": block.crossattention}[site].attention
         return attention.query, attention.key, attention.value

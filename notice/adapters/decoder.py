@@ -111,9 +111,7 @@ class DecoderVLMAdapter(VLMAdapter):
             return block, "output"
         raise ValueError(f"unknown {self.family} site {site!r} (sites: mlp, self_attn, self_attn_head, layer)")
 
-    def attention_projections(
-        self, site: str, layer: int
-    ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    def attention_projections(self, site: str, layer: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
         if site not in self.layer_sites(layer) or site not in ("self_attn", "cross_attn"):
             raise ValueError(f"{self.family}: layer {layer} has no attention site {site!r}")
         attention: Any = getattr(self.layers[layer], site)  # a family's attention module: projections by name

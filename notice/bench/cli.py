@@ -44,7 +44,14 @@ The layout's `KNOCKOUT_QUESTION_TOKENS` positions after the image stand for the 
 The last line printed is `bench: <family>_speedup=<x> ... max_rel_err=<e>` (speedup of the fast engine
 over (a), one entry per family run), followed where screened by `<prefix>screen_forwards=<f>
 <prefix>screen_speedup=<x>` (exact patching's extrapolated time over the screen's) and where knocked out by
-`<prefix>knockout_speedup=<x>`; every entry is key=value.
+`<prefix>knockout_speedup=<x>` and where circuits are timed by `<prefix>eap_ig_forwards=<f>
+<prefix>faithfulness_speedup=<x>`; every entry is key=value.
+
+For the layouts that set `CIRCUIT_KEY_PREFIX` (`circuit_prefixes`) it times circuits (`measure.measure_circuits`,
+notice.circuits): EAP-IG scores of every edge of the sample (5 steps, the config's default; its two recorded runs
+included) against one forward, in forward-equivalents (`eap_ig_forwards`); then the exact faithfulness of the top-n
+edge circuits, n on a `--circuit-points` log grid, batched as the workflow runs them against one hooked forward per
+circuit, which also checks them (`faithfulness_speedup`). Its token groups are the knockout's.
 
 `--real-size` builds the real checkpoints' dimensions (random weights, bfloat16, `--device`, a GPU by
 default) and reports the fast engine's patched runs per second and the estimated wall time of the
@@ -71,7 +78,15 @@ from types import ModuleType
 import pandas as pd
 import torch
 
-from notice.bench.measure import _timed, engine_setup, measure, measure_knockout, measure_screen, precision_audit
+from notice.bench.measure import (
+    _timed,
+    engine_setup,
+    measure,
+    measure_circuits,
+    measure_knockout,
+    measure_screen,
+    precision_audit,
+)
 from notice.families import families
 from notice.method.precision import audit_summary_lines
 from notice.patching import fast
@@ -85,6 +100,8 @@ SCREEN_CHUNKS = 4
 SCREEN_REPEATS = 2
 AUDIT_ROWS = 64
 KNOCKOUT_ROWS = 2
+CIRCUIT_IG_STEPS = 5  # the config's default
+CIRCUIT_POINTS = 6
 
 
 def _screen_line(s: dict) -> str:
@@ -120,11 +137,13 @@ def bench_line(
     screens: Sequence[dict] = (),
     audits: Sequence[pd.DataFrame] = (),
     knockouts: Sequence[dict] = (),
+    circuits: Sequence[dict] = (),
 ) -> str:
     """The last line: `bench: <family>_speedup=<x> ... max_rel_err=<e>`, then each screened family's
     `<prefix>screen_forwards=<f> <prefix>screen_speedup=<x>` (`screen_prefixes`), then each audited family's
     `<family>_audit_p95=<p>` (the largest 95th percentile over its site kinds; real size only), then each knocked-out
-    family's `<prefix>knockout_speedup=<x>` (`knockout_prefixes`)."""
+    family's `<prefix>knockout_speedup=<x>` (`knockout_prefixes`), then each circuit-timed family's
+    `<prefix>eap_ig_forwards=<f> <prefix>faithfulness_speedup=<x>` (`circuit_prefixes`)."""
     entries = [f"{r['name']}_speedup={r['per_hooked'] / r['per_fast']:.1f}" for r in results]
     entries.append(f"max_rel_err={max(r['err'] for r in results):.1e}")
     for s in screens:
@@ -132,6 +151,11 @@ def bench_line(
         entries += [f"{prefix}screen_forwards={s['forwards']:.2f}", f"{prefix}screen_speedup={s['speedup']:.1f}"]
     entries += [f"{audit['model'].iloc[0]}_audit_p95={audit['p95'].max():.1e}" for audit in audits]
     entries += [f"{k['prefix']}knockout_speedup={k['speedup']:.1f}" for k in knockouts]
+    for c in circuits:
+        entries += [
+            f"{c['prefix']}eap_ig_forwards={c['forwards']:.1f}",
+            f"{c['prefix']}faithfulness_speedup={c['speedup']:.1f}",
+        ]
     return "bench: " + " ".join(entries)
 
 
@@ -218,10 +242,30 @@ def _knockout_line(k: dict) -> str:
     )
 
 
+def circuit_prefixes() -> dict[str, str]:
+    """Family -> bench-line key prefix of the layouts whose circuits are timed: those that set `CIRCUIT_KEY_PREFIX`
+    (e.g. "" gives `eap_ig_forwards=` and `faithfulness_speedup=`)."""
+    return {
+        family: module.CIRCUIT_KEY_PREFIX
+        for family, module in layouts().items()
+        if hasattr(module, "CIRCUIT_KEY_PREFIX")
+    }
+
+
+def _circuit_line(c: dict) -> str:
+    return (
+        f"  circuits: EAP-IG ({c['ig_steps']} steps) of {c['n_edges']} edges, both runs recorded, in "
+        f"{c['t_scores']:.1f} s = {c['forwards']:.1f} forward-equivalents (forward {c['t_forward']:.2f} s); "
+        f"faithfulness of {c['n_circuits']} top-n circuits: {c['t_fast']:.1f} s batched, {c['t_hooked']:.1f} s one "
+        f"hooked forward per circuit; faithfulness speedup {c['speedup']:.1f}×, max rel err {c['err']:.1e}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     modules = layouts()
     prefixes = screen_prefixes()
     knockout_keys = knockout_prefixes()
+    circuit_keys = circuit_prefixes()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--families", nargs="+", choices=list(modules), default=list(modules), help="families to run (default: all)"
@@ -261,6 +305,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=KNOCKOUT_ROWS,
         help=f"knocked-out runs timed with the reference engine, and checked ({', '.join(knockout_prefixes())}; "
         f"default {KNOCKOUT_ROWS}; 0: no knockout)",
+    )
+    parser.add_argument(
+        "--circuit-points",
+        type=int,
+        default=CIRCUIT_POINTS,
+        help=f"points of the timed faithfulness curve ({', '.join(circuit_prefixes())}; default {CIRCUIT_POINTS}; "
+        "0: no circuits)",
     )
     parser.add_argument("--batch-size", type=int, default=fast.DEFAULT_BATCH_ROWS)
     parser.add_argument("--seed", type=int, default=0)
@@ -302,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     screens: list[dict] = []
     audits: list[pd.DataFrame] = []
     knockouts: list[dict] = []
+    circuits: list[dict] = []
     for family in args.families:
         case, t_build = _timed(partial(modules[family].bench_case, args.real_size, family=family, device=device))
         print(f"{case.description}: built in {t_build:.0f} s; {len(case.patches)} patched runs", flush=True)
@@ -333,6 +385,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
             knockouts.append({**knockout, "prefix": knockout_keys[family]})
             print(f"{_knockout_line(knockout)}; timed in {t_knockout:.0f} s", flush=True)
+        if family in circuit_keys and args.circuit_points > 0:
+            question_tokens = modules[family].KNOCKOUT_QUESTION_TOKENS
+            circuit, t_circuit = _timed(
+                partial(
+                    measure_circuits, case, question_tokens, CIRCUIT_IG_STEPS, args.circuit_points, args.screen_repeats
+                )
+            )
+            circuits.append({**circuit, "prefix": circuit_keys[family]})
+            print(f"{_circuit_line(circuit)}; timed in {t_circuit:.0f} s", flush=True)
         del setup  # the engine's caches, before the audit's float32 model
         _free_memory()
         if args.real_size and args.audit_rows > 0:
@@ -369,4 +430,4 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"effect spread: standard deviation of logit_diff over the rows run:"
         )
         print(_audit_table(audits))
-    print(bench_line(results, screens, audits, knockouts))
+    print(bench_line(results, screens, audits, knockouts, circuits))

@@ -1,7 +1,8 @@
 """The measurements of `make bench`: the fast engine against (a) one hooked forward per patched run and (b) the
 published code's 3-row batch per patch, the attribution screen against exact patching of its sites, and at real
-size the precision audit of the engine's half-precision rows, and the attention-knockout sweep against one hooked
-forward per knocked-out run."""
+size the precision audit of the engine's half-precision rows, the attention-knockout sweep against one hooked
+forward per knocked-out run, and circuits (EAP-IG's cost, a faithfulness curve batched against one forward per
+circuit)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ import torch
 
 from notice.adapters.base import HEAD_SITE_PARENT, ModelInput, Patch, VLMAdapter
 from notice.bench.case import Case, float32_twin, in_dtype
+from notice.circuits.ablation import record_pair
+from notice.circuits.attribution import edge_scores
+from notice.circuits.faithfulness import circuit_lds, edge_table, kept_mask, log_grid, top_edges
 from notice.files.tables import RESULT_COLUMNS
 from notice.flow.groups import GROUPS, TokenGroups
 from notice.flow.knockout import (
@@ -441,4 +445,34 @@ def measure_knockout(case: Case, question_tokens: int, n_reference: int, batch_s
         per_reference=per_reference,
         speedup=per_reference / per_fast,
         err=max(errors),
+    )
+
+
+# -- circuits: EAP-IG's cost in forwards, and one faithfulness curve batched against one forward per circuit ------
+def measure_circuits(case: Case, question_tokens: int, ig_steps: int, curve_points: int, repeats: int) -> dict:
+    """EAP-IG scores of every edge of the case's pair (its two recorded runs included) against one forward
+    (`answer_logits` of the clean input, median of `repeats`): the cost in forward-equivalents; then the exact
+    faithfulness of the top-n edge circuits (n on a `curve_points` log grid) computed `CIRCUITS_PER_FORWARD` to a
+    forward against one hooked forward per circuit, which also checks them."""
+    adapter = case.adapter
+    groups = knockout_groups(case, question_tokens)
+    with torch.no_grad():
+        _, t_forward = _median_timed(partial(adapter.answer_logits, case.clean), repeats)
+    pair, t_record = _timed(partial(record_pair, adapter, case.clean, case.corrupt, groups, case.tau, case.tau_p))
+    scores, t_scores = _timed(partial(edge_scores, pair, "eap_ig", ig_steps))
+    table = edge_table([pair], {"eap_ig": [scores]})
+    circuits = [kept_mask(pair, top_edges(table, "score_eap_ig", n)) for n in log_grid(len(table), curve_points)]
+    fast_lds, t_fast = _timed(partial(circuit_lds, pair, circuits))
+    hooked_lds, t_hooked = _timed(partial(circuit_lds, pair, circuits, 1))
+    return dict(
+        n_edges=pair.graph.n_edges,
+        ig_steps=ig_steps,
+        t_forward=t_forward,
+        t_scores=t_record + t_scores,
+        forwards=(t_record + t_scores) / t_forward,
+        n_circuits=len(circuits),
+        t_fast=t_fast,
+        t_hooked=t_hooked,
+        speedup=t_hooked / t_fast,
+        err=max(relative_error(a, b) for a, b in zip(fast_lds, hooked_lds)),
     )

@@ -19,6 +19,7 @@ from notice.bench.case import SCALED_DECODER, Case, Size, build_model, family_ad
 VOCAB = 32064
 SCREEN_KEY_PREFIX = ""  # `make bench` times the attribution screen here: `screen_speedup=` is this layout's
 KNOCKOUT_KEY_PREFIX = ""  # and the attention-knockout sweep: `knockout_speedup=` is this layout's
+CIRCUIT_KEY_PREFIX = ""  # and circuits: `eap_ig_forwards=` and `faithfulness_speedup=` are this layout's
 KNOCKOUT_QUESTION_TOKENS = 16  # the "{question}" of the text after the image (after its "\n")
 IMAGE_TOKEN = 32000
 TEXT_BEFORE_IMAGE = 3  # "<s> USER :"
