@@ -25,6 +25,7 @@ include: "rules/patching.smk"
 include: "rules/analysis.smk"
 include: "rules/screen.smk"
 include: "rules/flow.smk"
+include: "rules/circuits.smk"
 include: "rules/precision.smk"
 include: "rules/report.smk"
 

@@ -246,6 +246,39 @@ def screen_outputs(name):
     return [f"{RESULTS}/{model}/{files[name]}" for model in MODELS] if SCREEN["enabled"] else []
 
 
+# -- circuits (config `circuits`, rules/circuits.smk) -----------------------------------------------------------
+CIRCUITS = config["circuits"]
+# What the circuits job reads of the section (the seed comes from the top level).
+CIRCUIT_KEYS = (
+    "ig_steps",
+    "target_faithfulness",
+    "curve_points",
+    "validation_edges",
+    "validation_top_k",
+    "max_pairs",
+)
+
+
+def circuit_files(model, name):
+    """One circuits output of `model` (`name`, e.g. "edges.parquet") per condition."""
+    return [f"{RESULTS}/{model}/{dataset}/circuits/{corruption}/{name}" for dataset, corruption in conditions()]
+
+
+def circuit_outputs(name):
+    """Input function of the report: every model's circuit `name` output ("summary", "validation", "skipped": one
+    per condition; "overlap", "shared_heads", "figures": one per model), none with the circuits off."""
+    if not CIRCUITS["enabled"]:
+        return []
+    if name in ("summary", "validation", "skipped"):
+        return [path for model in MODELS for path in circuit_files(model, f"{name}.csv")]
+    files = {
+        "overlap": "analysis/circuit_overlap.csv",
+        "shared_heads": "analysis/circuit_shared_heads.csv",
+        "figures": "circuit_figures",
+    }
+    return [f"{RESULTS}/{model}/{files[name]}" for model in MODELS]
+
+
 # -- how the image reaches the answer (config `flow`, rules/flow.smk) ----------------------------------------
 FLOW = config["flow"]
 FLOW_TABLES = ("knockout", "logit_lens", "ablation", "skipped")

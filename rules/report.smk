@@ -21,6 +21,12 @@ rule report:
         flow_figures=flow_outputs("figures"),
         flow_ablation=flow_outputs("ablation"),
         flow_skipped=flow_outputs("skipped"),
+        circuit_summary=circuit_outputs("summary"),
+        circuit_validation=circuit_outputs("validation"),
+        circuit_skipped=circuit_outputs("skipped"),
+        circuit_overlap=circuit_outputs("overlap"),
+        circuit_shared_heads=circuit_outputs("shared_heads"),
+        circuit_figures=circuit_outputs("figures"),
     output:
         report=f"{RESULTS}/report.html",
         table1=multiext(f"{RESULTS}/tables/table1_universal_heads", ".csv", ".md"),

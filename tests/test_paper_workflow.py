@@ -664,6 +664,7 @@ def test_full_paper_dag_plans(sources, tmp_path):
     ):
         assert re.search(rf"^(local)?rule {rule}:", output, re.MULTILINE), f"rule {rule} missing from the plan"
     assert "synthetic_dataset" not in output and "train_toy_model" not in output
+    assert not re.search(r"^(local)?rule (circuits|circuit_overlap):", output, re.MULTILINE)  # circuits off
     for model in MODELS:
         for dataset in EVALUATED:
             for corruption in corruptions_of(dataset):

@@ -20,6 +20,7 @@ from workflow_helpers import (
 )
 
 from notice.files.tables import RESULT_COLUMNS
+from notice.method.circuits import EDGE_COLUMNS, FAITHFULNESS_COLUMNS, OVERLAP_COLUMNS, SHARED_HEAD_COLUMNS
 from notice.method.precision import AUDIT_COLUMNS, AUDIT_ROW_COLUMNS, draws
 from notice.method.screen import KEY_COLUMNS
 from notice.method.screen import TABLE_COLUMNS as SCREEN_TABLE_COLUMNS
@@ -60,6 +61,8 @@ TINY = {
     "patching": {"engine": "fast"},
     "analysis": {"bootstrap_draws": 20},
     "screen": {"enabled": True, "method": "atp", "confirm_top": 3, "map_samples": 2},
+    # The demo's small circuits: the first 2 pairs of each condition, 4 curve points, 8 validated edges per pair.
+    "circuits": {"enabled": True, "max_pairs": 2, "curve_points": 4, "validation_edges": 8},
     # One core per job, so that two run side by side on 2 cores (the jobs are short; most of their time is
     # loading Python modules and models).
     "gpu_jobs": {"threads": 1},
@@ -137,12 +140,19 @@ def test_changing_patching_settings_reruns_only_patching_and_after(workdir):
     jobs = planned_jobs(result.stdout + result.stderr)
     n_tables = sum(len(dataset.get("corruptions", TINY["corruptions"])) for dataset in TINY["datasets"].values())
     assert jobs.get("patch") == len(MODELS) * n_tables
-    assert set(jobs) <= {"patch", "gather_patching", "analyse_heads", "figures", "validate_screen", "report", "all"}, (
-        jobs
-    )
+    assert set(jobs) <= {
+        "patch",
+        "gather_patching",
+        "analyse_heads",
+        "figures",
+        "validate_screen",
+        "circuit_overlap",  # reads the universal heads
+        "report",
+        "all",
+    }, jobs
 
 
-GATHERING = {"analyse_heads", "head_functions", "figures", "validate_screen", "report", "all"}
+GATHERING = {"analyse_heads", "head_functions", "figures", "validate_screen", "circuit_overlap", "report", "all"}
 
 
 def test_adding_a_dataset_plans_only_its_jobs_and_the_gathering(workdir):
@@ -214,6 +224,37 @@ def test_screen_covers_the_exact_sites_and_more_and_is_validated_in_the_report(w
         assert list(figures.glob("screenscatter_*.png")) and list(figures.glob("screenmap_*.png"))
     report = (workdir / "results/report.html").read_text()
     assert "Attribution screen" in report and "screenmap_synthetic_sip_colour" in report
+
+
+def test_circuits_account_for_every_pair_and_reach_the_report(workdir):
+    for model in MODELS:
+        for corruption in TINY["corruptions"]:
+            folder = workdir / f"results/{model}/synthetic/circuits/{corruption}"
+            pairs = pd.read_parquet(workdir / f"results/{model}/synthetic/pairs/{corruption}.parquet")
+            edges = pd.read_parquet(folder / "edges.parquet")
+            assert list(edges.columns) == list(EDGE_COLUMNS)
+            summary = pd.read_csv(folder / "summary.csv").set_index("method")
+            skipped = pd.read_csv(folder / "skipped.csv")
+            validation = pd.read_csv(folder / "validation.csv")
+            beyond = skipped["reason"].str.startswith("beyond circuits.max_pairs = 2")
+            assert list(skipped["sample_id"][beyond]) == list(pairs["sample_id"].iloc[2:])
+            used = int(summary["n_pairs"].iloc[0]) if len(summary) else 0
+            assert used + len(skipped) == len(pairs) and len(validation) == 2 * used  # a row per pair and method
+            if used:
+                assert set(summary.index) == {"eap", "eap_ig"} and (summary["n_edges"] == len(edges)).all()
+                assert edges["in_circuit"].sum() == summary.loc["eap_ig", "smallest_n"]
+                assert (validation["sampled"] == 8).all()
+                curve = pd.read_parquet(folder / "faithfulness.parquet")
+                assert list(curve.columns) == list(FAITHFULNESS_COLUMNS) and curve["n"].max() == len(edges)
+        overlap = pd.read_csv(workdir / f"results/{model}/analysis/circuit_overlap.csv")
+        assert list(overlap.columns) == list(OVERLAP_COLUMNS)
+        shared = pd.read_csv(workdir / f"results/{model}/analysis/circuit_shared_heads.csv")
+        assert list(shared.columns) == list(SHARED_HEAD_COLUMNS)
+        figures = {path.name for path in (workdir / f"results/{model}/circuit_figures").glob("*.png")}
+        assert f"circuitcurve_{model}.png" in figures and f"circuitoverlap_{model}.png" in figures
+        assert f"circuitgraph_{model}_synthetic_sip.png" in figures
+    report = (workdir / "results/report.html").read_text()
+    assert ">Circuits<" in report and "toy_llava circuits: circuitgraph figures" in report
 
 
 def test_breaking_an_exact_table_lowers_the_screens_correlation(workdir, tmp_path):

@@ -142,6 +142,14 @@ def test_absent_sections_get_the_schemas_defaults():
         "engine": "fast",
         "batch_size": 64,
     }
+    assert filled["circuits"] == {
+        "enabled": False,
+        "ig_steps": 5,
+        "target_faithfulness": 0.8,
+        "curve_points": 10,
+        "validation_edges": 24,
+        "validation_top_k": 5,
+    }
     assert filled["selection"] == {"n_per_task": 1, "min_per_task": 1}
     assert filled["analysis"]["head_functions"]["outlier_z"] == 3.0 and filled["analysis"]["k_sigma"] == 2.0
     dataset = filled["datasets"]["synthetic"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from notice.method.precision import read_audits
-from notice.present.report import FlowResults, ScreenResults, workflow_report
+from notice.present.report import CircuitResults, FlowResults, ScreenResults, workflow_report
 from notice.workflow.runtime import logged
 
 
@@ -32,6 +32,16 @@ with logged(snakemake.log[0]) as log:
             read_all(inputs.flow_skipped),
             dict(zip(snakemake.params.models, map(Path, inputs.flow_figures))),
         )
+    circuits = None
+    if inputs.circuit_figures:  # the circuits ran (config circuits.enabled)
+        circuits = CircuitResults(
+            read_all(inputs.circuit_summary),
+            read_all(inputs.circuit_validation),
+            read_all(inputs.circuit_skipped),
+            read_all(inputs.circuit_overlap),
+            read_all(inputs.circuit_shared_heads),
+            dict(zip(snakemake.params.models, map(Path, inputs.circuit_figures))),
+        )
     path = workflow_report(
         read_all(inputs.universal),
         read_all(inputs.significant),
@@ -45,5 +55,6 @@ with logged(snakemake.log[0]) as log:
         screen,
         read_audits(inputs.precision) if inputs.precision else None,  # none: every model is full precision
         flow,
+        circuits,
     )
     log.info("report written to %s", path)

@@ -6,6 +6,7 @@ circuit and validation against exact single-edge ablation; then, per model, the 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from notice.adapters.base import VLMAdapter
+from notice.adapters.base import HEAD_SITE_PARENT, VLMAdapter
 from notice.circuits.ablation import Pair, record_pair
 from notice.circuits.attribution import METHODS, edge_scores
 from notice.circuits.faithfulness import (
@@ -25,7 +26,7 @@ from notice.circuits.faithfulness import (
     smallest_faithful,
     top_edges,
 )
-from notice.files.tables import stable_seed
+from notice.files.tables import check_columns, stable_seed
 from notice.flow.groups import token_groups
 from notice.patching.corruptions import corrupt_image_fn
 from notice.patching.experiment import pair_inputs
@@ -278,3 +279,50 @@ def shared_heads(circuits: Mapping[str, pd.DataFrame]) -> list[str]:
         {n for n in circuit_nodes(t[t["in_circuit"].astype(bool)]) if ".H" in n} for t in circuits.values() if len(t)
     ]
     return sorted(set.intersection(*sets)) if sets else []
+
+
+def first_pairs(
+    pairs: pd.DataFrame, max_pairs: int | None, labels: Mapping[str, str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The first `max_pairs` pairs in the table's order (every pair when None), and the others as skipped rows
+    (SKIPPED_COLUMNS): each exact curve point runs every pair once, so the config may bound them."""
+    if max_pairs is None or len(pairs) <= max_pairs:
+        return pairs, _labelled([], labels, SKIPPED_COLUMNS)
+    reason = f"beyond circuits.max_pairs = {max_pairs}: only the first {max_pairs} pairs of the table are used"
+    rest = [{"sample_id": str(sample_id), "reason": reason} for sample_id in pairs["sample_id"].iloc[max_pairs:]]
+    return pairs.iloc[:max_pairs].reset_index(drop=True), _labelled(rest, labels, SKIPPED_COLUMNS)
+
+
+SHARED_HEAD_COLUMNS: tuple[str, ...] = ("model", "node", "site", "layer", "head", "n_circuits", "universal", "kind")
+_HEAD_NODE = re.compile(r"^L(?P<layer>\d+)\.(?P<site>\w+)\.H(?P<head>\d+)$")
+
+
+def shared_heads_table(model: str, circuits: Mapping[str, pd.DataFrame], universal: pd.DataFrame) -> pd.DataFrame:
+    """The heads in every circuit of `model` (`shared_heads`), each marked as one of its universal heads or not:
+    `universal` is `universal_heads.csv` (site `self_attn_head` / `cross_attn_head`, layer, head, kind; a head's
+    rows of kind "none" are bootstrap candidates, not universal). Columns SHARED_HEAD_COLUMNS; `kind` the
+    universal kind(s), "" for the others."""
+    check_columns(universal, ["site", "layer", "head", "kind"], "universal heads")
+    universal = universal[universal["kind"] != "none"]
+    kinds: dict[tuple[str, int, int], set[str]] = {}
+    for site, layer, head, kind in zip(universal["site"], universal["layer"], universal["head"], universal["kind"]):
+        kinds.setdefault((HEAD_SITE_PARENT.get(site, site), int(layer), int(head)), set()).add(str(kind))
+    rows = []
+    for node in shared_heads(circuits):
+        match = _HEAD_NODE.match(node)
+        if match is None:
+            raise ValueError(f"circuit node {node!r} is not a head's name (L<layer>.<site>.H<head>)")
+        key = (match["site"], int(match["layer"]), int(match["head"]))
+        rows.append(
+            {
+                "model": model,
+                "node": node,
+                "site": key[0],
+                "layer": key[1],
+                "head": key[2],
+                "n_circuits": sum(1 for table in circuits.values() if len(table)),
+                "universal": key in kinds,
+                "kind": ", ".join(sorted(kinds.get(key, set()))),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(SHARED_HEAD_COLUMNS))

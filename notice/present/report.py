@@ -10,6 +10,7 @@ import pandas as pd
 
 from notice.method.head_functions import HeadFunctionConfig, function_table, universal_head_functions
 from notice.method.heads import universal_heads_by_kind, universal_heads_summary
+from notice.present.circuits import skipped_summary, validation_summary
 from notice.present.findings import grounding_findings, summarise_findings
 from notice.present.page import Figure, Section, Table, build_report
 
@@ -46,6 +47,15 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "flowablation": "Object-token ablation (as Neo et al., ICLR 2025): mean change of the logit difference when the "
     "object's image tokens are replaced by the mean image token, against as many random non-object image tokens "
     "(averaged over the draws), per task; error bars ± one standard error over the samples.",
+    "circuitcurve": "Circuit faithfulness: the exact faithfulness, (m(circuit) − m(corrupt)) / (m(clean) − m(corrupt)) "
+    "summed over the pairs, of the circuits made of the top-n edges by EAP (solid) and EAP-IG (dashed), against n "
+    "on a log scale; one line per dataset and corruption; the dashed grey line is the target faithfulness.",
+    "circuitgraph": "The smallest faithful circuit of one dataset and corruption (edges ranked by EAP-IG): inputs at "
+    "the top, each layer's attention heads and MLPs, the logits at the bottom; token groups (image, question, last "
+    "position, other text) as columns, a node drawn in each column it has an edge in; an edge's width is its "
+    "|EAP-IG score| scaled to the largest, its colour the score's sign.",
+    "circuitoverlap": "Overlap of a model's smallest faithful circuits: the edge intersection over union of every "
+    "pair of (dataset, corruption) circuits.",
     "attention": "Attention patterns (paper Fig. 6/7): per sample (rows), the image with the object's mask outlined "
     "in cyan, the average over all fusion-attention heads from the head-patching position, each "
     "universal head there (with its scored function) and the best object detector (at its own query "
@@ -115,6 +125,7 @@ def workflow_report(
     screen: ScreenResults | None = None,
     precision: pd.DataFrame | None = None,
     flow: FlowResults | None = None,
+    circuits: CircuitResults | None = None,
 ) -> Path:
     """The workflow's report and the paper's Tables 1-3 (`tables_dir`/<TABLE_FILES>.csv and .md).
 
@@ -124,7 +135,7 @@ def workflow_report(
     config's `analysis` section (with `precision_k` where a model is half precision); `screen` the attribution
     screen's tables and figures, when it ran; `precision` the precision audits of the half-precision models
     (`notice.method.precision.AUDIT_COLUMNS`), None when every model is full precision; `flow` the flow stage's
-    summaries and figures, when it ran.
+    summaries and figures, when it ran; `circuits` the circuits' tables and figures, when they ran.
     """
     config = HeadFunctionConfig.from_dict(settings["head_functions"])
     corruptions = settings["universal_corruptions"]
@@ -178,12 +189,16 @@ def workflow_report(
         sections.append(screen_section(screen, grounding))
     if flow is not None:
         sections.append(flow_section(flow))
+    if circuits is not None:
+        sections.append(circuits_section(circuits))
     for model, figure_dir in figure_dirs.items():
         sections += figure_sections(model, Path(figure_dir))
         if screen is not None and model in screen.figure_dirs:
             sections += figure_sections(f"{model} screen", screen.figure_dirs[model])
         if flow is not None and model in flow.figure_dirs:
             sections += figure_sections(f"{model} flow", flow.figure_dirs[model])
+        if circuits is not None and model in circuits.figure_dirs:
+            sections += figure_sections(f"{model} circuits", circuits.figure_dirs[model])
     return build_report(sections, out_html)
 
 
@@ -323,6 +338,79 @@ def flow_section(flow: FlowResults) -> Section:
                 "Skipped: samples whose edge or analysis could not be computed, and why (an edge with an empty token "
                 "group, no object mask, no one-word object name for the logit lens).",
                 "Nothing skipped: every edge and analysis was computed on every sample.",
+            ),
+        ],
+    )
+
+
+@dataclass(frozen=True)
+class CircuitResults:
+    """The circuits' outputs over every model (`notice.method.circuits`), concatenated: each circuit's summary,
+    validation and skipped pairs, each model's overlap and shared heads; the figure directory of each model."""
+
+    summary: pd.DataFrame
+    validation: pd.DataFrame
+    skipped: pd.DataFrame
+    overlap: pd.DataFrame
+    shared_heads: pd.DataFrame
+    figure_dirs: dict[str, Path]
+
+
+SUMMARY_SHOWN: tuple[str, ...] = (
+    "model",
+    "dataset",
+    "corruption",
+    "method",
+    "n_pairs",
+    "n_edges",
+    "cpr",
+    "cmd",
+    "target",
+    "smallest_n",
+    "smallest_faithfulness",
+)
+
+
+def circuits_section(circuits: CircuitResults) -> Section:
+    """Per circuit: CPR, CMD and the smallest faithful circuit, the scores' validation, the pairs skipped; per model:
+    the circuits' overlap and the heads in every circuit next to the universal heads."""
+    return Section(
+        "Circuits",
+        html="<p>Edges between nodes (the image and text inputs, attention heads, MLPs, the logits), over token "
+        "groups, scored by edge attribution patching (EAP) and its integrated-gradients version (EAP-IG); circuits "
+        "of the top-ranked edges are run exactly, every other edge given its corrupt value, to measure their "
+        "faithfulness (docs/method.md, §13). The curves and each smallest faithful circuit are in each model's "
+        "circuit figures below.</p>",
+        tables=[
+            Table(
+                circuits.summary[list(SUMMARY_SHOWN)],
+                "Circuits per dataset, corruption and scoring method: pairs used, edges of the graph, CPR (area under "
+                "the faithfulness curve over the fraction of edges kept; higher is better) and CMD (area between it "
+                "and 1; lower is better), and the smallest top-n circuit reaching the target faithfulness.",
+                "No circuits: no pair could be used (see the skipped pairs).",
+            ),
+            Table(
+                validation_summary(circuits.validation),
+                "Scores against exact single-edge ablation on a seeded sample of each pair's edges: mean Spearman "
+                "correlation over the pairs (pairs where it is undefined counted apart) and mean top-k recall.",
+                "No validation rows: no pair could be used.",
+            ),
+            Table(
+                circuits.overlap,
+                "Overlap of each model's smallest faithful circuits (EAP-IG): intersection over union (iou) and over "
+                "the smaller circuit (overlap), of edges and of nodes.",
+                "No overlap rows: no circuit.",
+            ),
+            Table(
+                circuits.shared_heads,
+                "Heads in every circuit of a model, and whether each is one of its universal heads (of which kind).",
+                "No head is in every circuit of any model.",
+            ),
+            Table(
+                skipped_summary(circuits.skipped),
+                "Pairs skipped per circuit, and why (beyond circuits.max_pairs, a corruption that leaves the logit "
+                "difference unchanged, a graph unlike the first pair's).",
+                "Nothing skipped: every pair was used.",
             ),
         ],
     )
