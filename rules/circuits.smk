@@ -1,6 +1,6 @@
 # Circuits (config `circuits`): EAP and EAP-IG edge scores, exact faithfulness curves, the smallest faithful
 # circuit and the scores' validation per (model, dataset, corruption); then, per model, the circuits' overlap,
-# the heads in every circuit next to the universal heads, and the figures (docs/method.md, §13).
+# the heads in every circuit next to the universal heads, and the figures (docs/method.md, §12).
 
 
 rule circuits:

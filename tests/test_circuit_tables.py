@@ -69,15 +69,18 @@ B = edges(
 )
 
 
-def test_first_pairs_keeps_the_tables_order_and_records_every_other_pair():
-    pairs = pd.DataFrame({"sample_id": ["s3", "s1", "s2", "s1"], "noise_seed": [0, 1, 2, 3]})
-    kept, skipped = first_pairs(pairs, 2, LABELS)
-    assert kept["sample_id"].tolist() == ["s3", "s1"] and kept["noise_seed"].tolist() == [0, 1]
+def test_first_pairs_takes_the_tasks_in_turn_and_records_every_other_pair():
+    pairs = pd.DataFrame(
+        {"sample_id": ["s3", "s1", "s2", "s4", "s5"], "task": ["a", "a", "a", "b", "b"], "noise_seed": [0, 1, 2, 3, 4]}
+    )
+    kept, skipped = first_pairs(pairs, 3, LABELS)
+    # a's first, b's first, a's second; in the table's order
+    assert kept["sample_id"].tolist() == ["s3", "s1", "s4"] and kept["noise_seed"].tolist() == [0, 1, 3]
     assert list(skipped.columns) == list(SKIPPED_COLUMNS)
-    assert skipped["sample_id"].tolist() == ["s2", "s1"]
-    assert set(skipped["reason"]) == {"beyond circuits.max_pairs = 2: only the first 2 pairs of the table are used"}
+    assert skipped["sample_id"].tolist() == ["s2", "s5"]
+    assert all(reason.startswith("beyond circuits.max_pairs = 3") for reason in skipped["reason"])
     assert (skipped[["model", "dataset", "corruption"]] == ["m", "d", "sip"]).all().all()
-    for limit in (None, 4, 9):
+    for limit in (None, 5, 9):
         kept, skipped = first_pairs(pairs, limit, LABELS)
         assert kept.equals(pairs) and skipped.empty and list(skipped.columns) == list(SKIPPED_COLUMNS)
 
@@ -211,6 +214,6 @@ def test_figures_are_written_and_the_report_section_holds_the_tables(tmp_path):
     section = circuits_section(
         CircuitResults(summary, empty, empty, overlap, pd.DataFrame(columns=list(SHARED_HEAD_COLUMNS)), {})
     )
-    assert section.title == "Circuits" and "docs/method.md, §13" in section.html
+    assert section.title == "Circuits" and "docs/method.md, §12" in section.html
     assert "ld_clean" not in section.tables[0].df.columns and section.tables[0].df["smallest_n"].tolist() == [3]
     assert section.tables[1].df.empty and section.tables[4].df.empty and section.tables[2].df.equals(overlap)

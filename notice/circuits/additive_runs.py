@@ -173,5 +173,5 @@ def circuits_logits(pair: Pair, circuits: Sequence[np.ndarray]) -> torch.Tensor:
             stack.enter_context(hooked(adapter.site_module("mlp", layer)[0], "output", mlp_output(layer)))
         stack.enter_context(hooked(adapter.head_input_module(), "input", head_input))
         adapter.answer_logits(pair.inp)
-    answer = int(graph.row_groups.tolist().index(EDGE_GROUPS.index("last")))
-    return adapter.final_logits(final[-1][:, answer])
+        answer = int(graph.row_groups.tolist().index(EDGE_GROUPS.index("last")))
+        return adapter.final_logits(final[-1][:, answer])

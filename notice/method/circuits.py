@@ -284,13 +284,17 @@ def shared_heads(circuits: Mapping[str, pd.DataFrame]) -> list[str]:
 def first_pairs(
     pairs: pd.DataFrame, max_pairs: int | None, labels: Mapping[str, str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The first `max_pairs` pairs in the table's order (every pair when None), and the others as skipped rows
-    (SKIPPED_COLUMNS): each exact curve point runs every pair once, so the config may bound them."""
+    """`max_pairs` pairs taken from the tasks in turn (each task's in the table's order), every pair when None, and
+    the others as skipped rows (SKIPPED_COLUMNS): each exact curve point runs every pair once, so the config may
+    bound them, and every task stays represented."""
     if max_pairs is None or len(pairs) <= max_pairs:
         return pairs, _labelled([], labels, SKIPPED_COLUMNS)
-    reason = f"beyond circuits.max_pairs = {max_pairs}: only the first {max_pairs} pairs of the table are used"
-    rest = [{"sample_id": str(sample_id), "reason": reason} for sample_id in pairs["sample_id"].iloc[max_pairs:]]
-    return pairs.iloc[:max_pairs].reset_index(drop=True), _labelled(rest, labels, SKIPPED_COLUMNS)
+    turn = pairs.groupby("task", sort=False).cumcount()  # a pair's place within its task
+    order = sorted(range(len(pairs)), key=lambda i: (int(turn.iloc[i]), i))
+    taken, rest = order[:max_pairs], sorted(order[max_pairs:])
+    reason = f"beyond circuits.max_pairs = {max_pairs}: pairs are taken from the tasks in turn, table order within each"
+    skipped = [{"sample_id": str(pairs["sample_id"].iloc[i]), "reason": reason} for i in rest]
+    return pairs.iloc[sorted(taken)].reset_index(drop=True), _labelled(skipped, labels, SKIPPED_COLUMNS)
 
 
 SHARED_HEAD_COLUMNS: tuple[str, ...] = ("model", "node", "site", "layer", "head", "n_circuits", "universal", "kind")

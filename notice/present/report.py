@@ -379,7 +379,7 @@ def circuits_section(circuits: CircuitResults) -> Section:
         html="<p>Edges between nodes (the image and text inputs, attention heads, MLPs, the logits), over token "
         "groups, scored by edge attribution patching (EAP) and its integrated-gradients version (EAP-IG); circuits "
         "of the top-ranked edges are run exactly, every other edge given its corrupt value, to measure their "
-        "faithfulness (docs/method.md, §13). The curves and each smallest faithful circuit are in each model's "
+        "faithfulness (docs/method.md, §12). The curves and each smallest faithful circuit are in each model's "
         "circuit figures below.</p>",
         tables=[
             Table(
