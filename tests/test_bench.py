@@ -251,8 +251,8 @@ def test_circuits_are_timed_and_the_batched_curve_checked_against_one_forward_pe
         [dict(name="llava", per_hooked=1.0, per_fast=1.0, err=0.0)], circuits=[{**circuit, "prefix": ""}]
     )
     fields = _bench_line_fields(line)
-    assert fields["eap_ig_forwards"] == pytest.approx(circuit["forwards"], rel=0.05)
-    assert fields["faithfulness_speedup"] == pytest.approx(circuit["speedup"], rel=0.05)
+    assert fields["eap_ig_forwards"] == round(circuit["forwards"], 1)  # one decimal on the line
+    assert fields["faithfulness_speedup"] == round(circuit["speedup"], 1)
     assert cli.circuit_prefixes() == {"llava": ""}
 
 

@@ -173,5 +173,6 @@ def circuits_logits(pair: Pair, circuits: Sequence[np.ndarray]) -> torch.Tensor:
             stack.enter_context(hooked(adapter.site_module("mlp", layer)[0], "output", mlp_output(layer)))
         stack.enter_context(hooked(adapter.head_input_module(), "input", head_input))
         adapter.answer_logits(pair.inp)
-        answer = int(graph.row_groups.tolist().index(EDGE_GROUPS.index("last")))
+    answer = int(graph.row_groups.tolist().index(EDGE_GROUPS.index("last")))
+    with torch.no_grad():  # after the hooks: the score head's norm is one of the hooked modules
         return adapter.final_logits(final[-1][:, answer])
