@@ -215,22 +215,20 @@ def layouts() -> dict[str, ModuleType]:
     return {row.name: row.load("bench") for row in families()}
 
 
+def key_prefixes(attribute: str) -> dict[str, str]:
+    """Family -> bench-line key prefix of the layouts that set `attribute` (e.g. a layout's `SCREEN_KEY_PREFIX = ""`
+    gives the unprefixed `screen_speedup=`)."""
+    return {family: getattr(module, attribute) for family, module in layouts().items() if hasattr(module, attribute)}
+
+
 def screen_prefixes() -> dict[str, str]:
-    """Family -> bench-line key prefix of the layouts whose attribution screen is timed: those that set
-    `SCREEN_KEY_PREFIX` (e.g. "" gives `screen_speedup=`)."""
-    return {
-        family: module.SCREEN_KEY_PREFIX for family, module in layouts().items() if hasattr(module, "SCREEN_KEY_PREFIX")
-    }
+    """The layouts whose attribution screen is timed (`SCREEN_KEY_PREFIX`)."""
+    return key_prefixes("SCREEN_KEY_PREFIX")
 
 
 def knockout_prefixes() -> dict[str, str]:
-    """Family -> bench-line key prefix of the layouts whose attention-knockout sweep is timed: those that set
-    `KNOCKOUT_KEY_PREFIX` (e.g. "" gives `knockout_speedup=`)."""
-    return {
-        family: module.KNOCKOUT_KEY_PREFIX
-        for family, module in layouts().items()
-        if hasattr(module, "KNOCKOUT_KEY_PREFIX")
-    }
+    """The layouts whose attention-knockout sweep is timed (`KNOCKOUT_KEY_PREFIX`: "" gives `knockout_speedup=`)."""
+    return key_prefixes("KNOCKOUT_KEY_PREFIX")
 
 
 def _knockout_line(k: dict) -> str:
@@ -243,13 +241,9 @@ def _knockout_line(k: dict) -> str:
 
 
 def circuit_prefixes() -> dict[str, str]:
-    """Family -> bench-line key prefix of the layouts whose circuits are timed: those that set `CIRCUIT_KEY_PREFIX`
-    (e.g. "" gives `eap_ig_forwards=` and `faithfulness_speedup=`)."""
-    return {
-        family: module.CIRCUIT_KEY_PREFIX
-        for family, module in layouts().items()
-        if hasattr(module, "CIRCUIT_KEY_PREFIX")
-    }
+    """The layouts whose circuits are timed (`CIRCUIT_KEY_PREFIX`: "" gives `eap_ig_forwards=` and
+    `faithfulness_speedup=`)."""
+    return key_prefixes("CIRCUIT_KEY_PREFIX")
 
 
 def _circuit_line(c: dict) -> str:
