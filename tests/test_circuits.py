@@ -244,6 +244,13 @@ def test_half_precision_full_and_empty_circuits(dtype):
     assert circuit_ld(pair, np.zeros(n, dtype=bool)) == pair.ld_corrupt
     scores = edge_scores(pair, "eap_ig", ig_steps=2)
     assert scores.dtype == np.float64 and np.isfinite(scores).all() and np.abs(scores).max() > 0
+    # batched runs: the score head in float32 on every row
+    batched = circuits_logits(pair, [np.ones(n, dtype=bool), np.zeros(n, dtype=bool)])
+    assert batched.dtype == torch.float32 and batched.shape == (2, pair.clean.logits.shape[-1])
+    reference = torch.stack(
+        [circuit_logits(pair, np.ones(n, dtype=bool)), circuit_logits(pair, np.zeros(n, dtype=bool))]
+    )
+    assert (batched - reference).abs().max() <= 0.05 * float(reference.abs().max())  # half precision's rounding
 
 
 # -- a planted path ------------------------------------------------------------------------------------------------

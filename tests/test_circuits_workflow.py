@@ -23,7 +23,7 @@ def dry_run(tmp_path, config: dict, *args: str) -> str:
 
 
 def test_the_demo_has_the_circuits_on_and_small_and_the_paper_config_off():
-    assert DEMO["circuits"] == {"enabled": True, "max_pairs": 2, "curve_points": 4, "validation_edges": 8}
+    assert DEMO["circuits"] == {"enabled": True, "max_pairs": 4, "curve_points": 6, "validation_edges": 24}
     paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
     assert paper["circuits"]["enabled"] is False
 

@@ -27,6 +27,10 @@ from notice.patching.hooks import hooked
 Point = tuple[str, int]  # ("self_attn" | "mlp", layer) or ("logits", -1): where readers read the stream
 
 
+class _HeadReached(Exception):
+    """Raised once the score head's input is known: the batch's logits are computed from it."""
+
+
 def _norm_points(pair: Pair) -> list[tuple[Point, torch.nn.Module]]:
     adapter = pair.adapter
     points: list[tuple[Point, torch.nn.Module]] = []
@@ -155,9 +159,8 @@ def circuits_logits(pair: Pair, circuits: Sequence[np.ndarray]) -> torch.Tensor:
     logits_reader = len(graph.readers) - 1
 
     def head_input(x: torch.Tensor) -> torch.Tensor:
-        x = x + delta(logits_reader, x, ("logits", -1))
-        final.append(x)
-        return x
+        final.append(x + delta(logits_reader, x, ("logits", -1)))
+        raise _HeadReached  # the score head runs below, on every row (the model's own scores one)
 
     with ExitStack() as stack, torch.no_grad():
         stack.enter_context(
@@ -172,7 +175,12 @@ def circuits_logits(pair: Pair, circuits: Sequence[np.ndarray]) -> torch.Tensor:
             stack.enter_context(hooked(mlp_norm, "input", mlp_input(layer)))
             stack.enter_context(hooked(adapter.site_module("mlp", layer)[0], "output", mlp_output(layer)))
         stack.enter_context(hooked(adapter.head_input_module(), "input", head_input))
-        adapter.answer_logits(pair.inp)
+        try:
+            adapter.answer_logits(pair.inp)
+        except _HeadReached:
+            pass
+    if not final:
+        raise RuntimeError(f"{adapter.family}: the score head's input was never computed")
     answer = int(graph.row_groups.tolist().index(EDGE_GROUPS.index("last")))
     with torch.no_grad():  # after the hooks: the score head's norm is one of the hooked modules
-        return adapter.final_logits(final[-1][:, answer])
+        return adapter.final_logits(final[0][:, answer])
